@@ -1,0 +1,105 @@
+"""Cycles: runtime budget and action authority for AI agents.
+
+Reserve before the expensive or dangerous call, commit the actual cost after, release on failure::
+
+    from cycles import Cycles, Subject, Action, usd
+
+    cy = Cycles()  # CYCLES_URL, else the embedded SQLite ledger
+    cy.budgets.set("tenant:acme", usd(50))
+    with cy.guard(Subject(tenant="acme"), Action("llm.completion", "openai:gpt-4o"), estimate=usd(0.05)) as g:
+        g.commit(usd(0.031))
+"""
+
+from cycles.client import AsyncBudgets, AsyncCycles, Budgets, Cycles
+from cycles.errors import (
+    BudgetClosed,
+    BudgetExceeded,
+    BudgetFrozen,
+    CyclesError,
+    DebtOutstanding,
+    Denied,
+    Forbidden,
+    IdempotencyMismatch,
+    InternalError,
+    InvalidRequest,
+    LedgerUnavailable,
+    LimitExceeded,
+    MaxExtensionsExceeded,
+    NotFound,
+    OverdraftLimitExceeded,
+    ReservationExpired,
+    ReservationFinalized,
+    TenantClosed,
+    ToolNotAllowed,
+    Unauthorized,
+    UnitMismatch,
+    UnpricedModel,
+)
+from cycles.guard import AsyncGuard, Guard, ShadowRecord
+from cycles.models import (
+    Action,
+    Amount,
+    Balance,
+    Caps,
+    CommitOveragePolicy,
+    Decision,
+    ReservationStatus,
+    SignedAmount,
+    StandardMetrics,
+    Subject,
+    Unit,
+    credits,
+    risk_points,
+    tokens,
+    usd,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Action",
+    "Amount",
+    "AsyncBudgets",
+    "AsyncCycles",
+    "AsyncGuard",
+    "Balance",
+    "BudgetClosed",
+    "BudgetExceeded",
+    "BudgetFrozen",
+    "Budgets",
+    "Caps",
+    "CommitOveragePolicy",
+    "Cycles",
+    "CyclesError",
+    "DebtOutstanding",
+    "Decision",
+    "Denied",
+    "Forbidden",
+    "Guard",
+    "IdempotencyMismatch",
+    "InternalError",
+    "InvalidRequest",
+    "LedgerUnavailable",
+    "LimitExceeded",
+    "MaxExtensionsExceeded",
+    "NotFound",
+    "OverdraftLimitExceeded",
+    "ReservationExpired",
+    "ReservationFinalized",
+    "ReservationStatus",
+    "ShadowRecord",
+    "SignedAmount",
+    "StandardMetrics",
+    "Subject",
+    "TenantClosed",
+    "ToolNotAllowed",
+    "Unauthorized",
+    "Unit",
+    "UnitMismatch",
+    "UnpricedModel",
+    "__version__",
+    "credits",
+    "risk_points",
+    "tokens",
+    "usd",
+]

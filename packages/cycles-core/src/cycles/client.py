@@ -1,0 +1,707 @@
+"""``Cycles`` and ``AsyncCycles``: the one object users hold.
+
+``_ClientBase`` builds requests and guards and owns the settings (no I/O). ``Cycles`` and
+``AsyncCycles`` only send them to a ledger, synchronously or with ``await``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
+from typing import Any, ParamSpec, TypeVar, cast
+
+from cycles.errors import InvalidRequest
+from cycles.guard import AsyncGuard, Guard, GuardSettings, Mode, ShadowRecord, _GuardCore
+from cycles.ledger.base import (
+    AsyncLedger,
+    BalanceQuery,
+    Ledger,
+    ReservationQuery,
+    ThreadedAsyncLedger,
+    open_async_ledger,
+    open_ledger,
+)
+from cycles.models import (
+    Action,
+    Amount,
+    Balance,
+    Caps,
+    CommitOveragePolicy,
+    CommitRequest,
+    CommitResponse,
+    DecisionRequest,
+    DecisionResponse,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationDetail,
+    ReservationExtendRequest,
+    ReservationExtendResponse,
+    ReservationListResponse,
+    ReservationStatus,
+    StandardMetrics,
+    Subject,
+    Unit,
+)
+
+__all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+EstimateArg = Amount | Callable[..., Amount]
+ActualArg = Callable[[Any], Amount | None] | None
+
+
+def _key(idempotency_key: str | None) -> str:
+    return idempotency_key or "cyc_" + uuid.uuid4().hex
+
+
+def _ms(value: int | datetime | str | None) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    return int(value.timestamp() * 1000)
+
+
+def _metrics(value: StandardMetrics | Mapping[str, Any] | None) -> StandardMetrics | None:
+    if value is None or isinstance(value, StandardMetrics):
+        return value
+    return StandardMetrics.model_validate(dict(value))
+
+
+def _policy(value: CommitOveragePolicy | str | None, default: CommitOveragePolicy) -> CommitOveragePolicy:
+    return default if value is None else CommitOveragePolicy(value)
+
+
+class _ClientBase:
+    """Settings, request building and guard construction. No I/O."""
+
+    def __init__(
+        self,
+        *,
+        mode: Mode,
+        ttl_ms: int,
+        grace_period_ms: int,
+        overage_policy: CommitOveragePolicy | str,
+        heartbeat: bool,
+        shadow_log_size: int,
+    ) -> None:
+        if mode not in ("enforce", "shadow"):
+            raise InvalidRequest("mode must be 'enforce' or 'shadow'")
+        self.mode: Mode = mode
+        self.settings = GuardSettings(
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=CommitOveragePolicy(overage_policy),
+            mode=mode,
+            heartbeat=heartbeat,
+        )
+        #: Decisions enforcement would have made but shadow mode let through (newest last).
+        self.shadow_log: deque[ShadowRecord] = deque(maxlen=shadow_log_size)
+
+    def _guard_core(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None,
+        grace_period_ms: int | None,
+        overage_policy: CommitOveragePolicy | str | None,
+        mode: Mode | None,
+        heartbeat: bool | None,
+        idempotency_key: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> _GuardCore:
+        base = self.settings
+        settings = GuardSettings(
+            ttl_ms=base.ttl_ms if ttl_ms is None else ttl_ms,
+            grace_period_ms=base.grace_period_ms if grace_period_ms is None else grace_period_ms,
+            overage_policy=_policy(overage_policy, base.overage_policy),
+            mode=base.mode if mode is None else mode,
+            heartbeat=base.heartbeat if heartbeat is None else heartbeat,
+            metadata=metadata,
+        )
+        if settings.mode not in ("enforce", "shadow"):
+            raise InvalidRequest("mode must be 'enforce' or 'shadow'")
+        if not 1000 <= settings.ttl_ms <= 86_400_000:
+            raise InvalidRequest("ttl_ms must be between 1000 and 86400000")
+        if not 0 <= settings.grace_period_ms <= 60_000:
+            raise InvalidRequest("grace_period_ms must be between 0 and 60000")
+        if not isinstance(estimate, Amount):
+            raise InvalidRequest(f"estimate must be an Amount (e.g. usd(0.05)), got {type(estimate).__name__}")
+        return _GuardCore(self, subject, action, estimate, settings, idempotency_key, self.shadow_log)
+
+    def _reserve_request(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None,
+        grace_period_ms: int | None,
+        overage_policy: CommitOveragePolicy | str | None,
+        dry_run: bool,
+        idempotency_key: str | None,
+        metadata: dict[str, Any] | None,
+    ) -> ReservationCreateRequest:
+        return ReservationCreateRequest(
+            idempotency_key=_key(idempotency_key),
+            subject=subject,
+            action=action,
+            estimate=estimate,
+            ttl_ms=self.settings.ttl_ms if ttl_ms is None else ttl_ms,
+            grace_period_ms=self.settings.grace_period_ms if grace_period_ms is None else grace_period_ms,
+            overage_policy=_policy(overage_policy, self.settings.overage_policy),
+            dry_run=dry_run,
+            metadata=metadata,
+        )
+
+    @staticmethod
+    def _reservation_query(
+        status: ReservationStatus | str | None,
+        idempotency_key: str | None,
+        limit: int,
+        cursor: str | None,
+        filters: dict[str, Any],
+    ) -> ReservationQuery:
+        levels = {k: filters.pop(k) for k in ("tenant", "workspace", "app", "workflow", "agent", "toolset") if k in filters}
+        times = {
+            "created_from_ms": _ms(filters.pop("created_from", None)),
+            "created_to_ms": _ms(filters.pop("created_to", None)),
+            "expires_from_ms": _ms(filters.pop("expires_from", None)),
+            "expires_to_ms": _ms(filters.pop("expires_to", None)),
+            "finalized_from_ms": _ms(filters.pop("finalized_from", None)),
+            "finalized_to_ms": _ms(filters.pop("finalized_to", None)),
+        }
+        sort_by = filters.pop("sort_by", None)
+        sort_dir = filters.pop("sort_dir", "desc")
+        include = tuple(filters.pop("include", ()))
+        if filters:
+            raise TypeError(f"unknown reservation filters: {sorted(filters)}")
+        return ReservationQuery(
+            **levels,
+            status=ReservationStatus(status) if status is not None else None,
+            idempotency_key=idempotency_key,
+            sort_by=sort_by,
+            sort_dir=sort_dir,
+            include=include,
+            limit=limit,
+            cursor=cursor,
+            **times,
+        )
+
+
+class Budgets:
+    """The operator plane: set, fund, freeze, close, read budgets. ``scope`` is a budget id such
+    as ``"tenant:acme/workflow:run-42"``."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def set(
+        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+    ) -> Balance:
+        return self._ledger.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+
+    def fund(self, scope: str, amount: Amount) -> Balance:
+        return self._ledger.fund_budget(scope, amount)
+
+    def get(self, scope: str, unit: Unit | None = None) -> Balance:
+        return self._ledger.get_budget(scope, unit=unit)
+
+    def list(self, tenant: str | None = None) -> list[Balance]:
+        return self._ledger.list_budgets(tenant=tenant)
+
+    def freeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+        return self._ledger.set_budget_status(scope, "FROZEN", unit=unit)
+
+    def unfreeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+        return self._ledger.set_budget_status(scope, "ACTIVE", unit=unit)
+
+    def close(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+        return self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
+
+
+class AsyncBudgets:
+    def __init__(self, ledger: AsyncLedger) -> None:
+        self._ledger = ledger
+
+    async def set(
+        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+    ) -> Balance:
+        return await self._ledger.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+
+    async def fund(self, scope: str, amount: Amount) -> Balance:
+        return await self._ledger.fund_budget(scope, amount)
+
+    async def get(self, scope: str, unit: Unit | None = None) -> Balance:
+        return await self._ledger.get_budget(scope, unit=unit)
+
+    async def list(self, tenant: str | None = None) -> list[Balance]:
+        return await self._ledger.list_budgets(tenant=tenant)
+
+    async def freeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+        return await self._ledger.set_budget_status(scope, "FROZEN", unit=unit)
+
+    async def unfreeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+        return await self._ledger.set_budget_status(scope, "ACTIVE", unit=unit)
+
+    async def close(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+        return await self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
+
+
+class Cycles(_ClientBase):
+    """Budget authority for one process. ``Cycles()`` uses ``CYCLES_URL`` or the embedded SQLite
+    ledger at the per-user default path; ``Cycles("memory://")``, ``Cycles("sqlite:///x.db")``,
+    ``Cycles("redis://...")``, ``Cycles("http://host:7878", api_key=...)`` pick a backend."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        ledger: Ledger | None = None,
+        mode: Mode = "enforce",
+        ttl_ms: int = 60_000,
+        grace_period_ms: int = 5_000,
+        overage_policy: CommitOveragePolicy | str = CommitOveragePolicy.ALLOW_IF_AVAILABLE,
+        heartbeat: bool = True,
+        shadow_log_size: int = 10_000,
+        **ledger_options: Any,
+    ) -> None:
+        super().__init__(
+            mode=mode,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            heartbeat=heartbeat,
+            shadow_log_size=shadow_log_size,
+        )
+        self.ledger: Ledger = ledger if ledger is not None else open_ledger(url, **ledger_options)
+        self.budgets = Budgets(self.ledger)
+
+    @property
+    def url(self) -> str:
+        return self.ledger.url
+
+    # -- guards ----------------------------------------------------------------------------
+
+    def guard(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None = None,
+        grace_period_ms: int | None = None,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        mode: Mode | None = None,
+        heartbeat: bool | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> Guard:
+        core = self._guard_core(
+            subject,
+            action,
+            estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            mode=mode,
+            heartbeat=heartbeat,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+        return Guard(self, core)
+
+    def guarded(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: EstimateArg,
+        *,
+        actual: ActualArg = None,
+        **guard_options: Any,
+    ) -> Callable[[Callable[P, T]], Callable[P, T]]:
+        """Decorate a function so every call runs inside a guard. ``estimate`` may be a callable of the
+        function's arguments; ``actual`` a callable of its result returning the real cost (or None)."""
+
+        def decorate(fn: Callable[P, T]) -> Callable[P, T]:
+            if inspect.iscoroutinefunction(fn):
+                raise TypeError(f"{fn.__qualname__} is async: decorate it with AsyncCycles.guarded")
+
+            @functools.wraps(fn)
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+                amount = estimate(*args, **kwargs) if callable(estimate) else estimate
+                with self.guard(subject, action, amount, **guard_options) as g:
+                    result = fn(*args, **kwargs)
+                    cost = actual(result) if actual is not None else None
+                    if cost is not None:
+                        g.commit(cost)
+                    return result
+
+            return wrapper
+
+        return decorate
+
+    # -- raw protocol operations -----------------------------------------------------------
+
+    def reserve(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None = None,
+        grace_period_ms: int | None = None,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        dry_run: bool = False,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ReservationCreateResponse:
+        req = self._reserve_request(
+            subject,
+            action,
+            estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            dry_run=dry_run,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+        return self.ledger.reserve(req)
+
+    def commit(
+        self,
+        reservation_id: str,
+        actual: Amount,
+        *,
+        idempotency_key: str | None = None,
+        metrics: StandardMetrics | Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CommitResponse:
+        req = CommitRequest(idempotency_key=_key(idempotency_key), actual=actual, metrics=_metrics(metrics), metadata=metadata)
+        return self.ledger.commit(reservation_id, req)
+
+    def release(
+        self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> ReleaseResponse:
+        return self.ledger.release(reservation_id, ReleaseRequest(idempotency_key=_key(idempotency_key), reason=reason))
+
+    def extend(
+        self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
+    ) -> ReservationExtendResponse:
+        req = ReservationExtendRequest(idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
+        return self.ledger.extend(reservation_id, req)
+
+    def decide(
+        self, subject: Subject, action: Action, estimate: Amount, *, idempotency_key: str | None = None
+    ) -> DecisionResponse:
+        req = DecisionRequest(idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate)
+        return self.ledger.decide(req)
+
+    def event(
+        self,
+        subject: Subject,
+        action: Action,
+        actual: Amount,
+        *,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        idempotency_key: str | None = None,
+        metrics: StandardMetrics | Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> EventCreateResponse:
+        req = EventCreateRequest(
+            idempotency_key=_key(idempotency_key),
+            subject=subject,
+            action=action,
+            actual=actual,
+            overage_policy=_policy(overage_policy, self.settings.overage_policy),
+            metrics=_metrics(metrics),
+            metadata=metadata,
+        )
+        return self.ledger.event(req)
+
+    def balances(
+        self,
+        *,
+        tenant: str | None = None,
+        workspace: str | None = None,
+        app: str | None = None,
+        workflow: str | None = None,
+        agent: str | None = None,
+        toolset: str | None = None,
+    ) -> list[Balance]:
+        """Every balance matching the subject filter (all pages)."""
+        out: list[Balance] = []
+        cursor: str | None = None
+        while True:
+            query = BalanceQuery(tenant, workspace, app, workflow, agent, toolset, limit=200, cursor=cursor)
+            page = self.ledger.balances(query)
+            out.extend(page.balances)
+            cursor = page.next_cursor
+            if not cursor:
+                return out
+
+    def get_reservation(self, reservation_id: str) -> ReservationDetail:
+        return self.ledger.get_reservation(reservation_id)
+
+    def list_reservations(
+        self,
+        *,
+        status: ReservationStatus | str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        **filters: Any,
+    ) -> ReservationListResponse:
+        """One page of reservations; follow ``next_cursor`` for more. Filters: tenant .. toolset,
+        created_from/created_to, expires_from/expires_to, finalized_from/finalized_to, sort_by,
+        sort_dir, include."""
+        query = self._reservation_query(status, idempotency_key, limit, cursor, filters)
+        return self.ledger.list_reservations(query)
+
+    def sweep(self, limit: int = 1000) -> int:
+        """Expire reservations past their deadline now (normally done lazily). Returns how many."""
+        return self.ledger.sweep(limit)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> Cycles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Cycles({self.url!r}, mode={self.mode!r})"
+
+
+class AsyncCycles(_ClientBase):
+    """The asyncio twin of ``Cycles``: same constructor, same methods, awaited."""
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        ledger: AsyncLedger | Ledger | None = None,
+        mode: Mode = "enforce",
+        ttl_ms: int = 60_000,
+        grace_period_ms: int = 5_000,
+        overage_policy: CommitOveragePolicy | str = CommitOveragePolicy.ALLOW_IF_AVAILABLE,
+        heartbeat: bool = True,
+        shadow_log_size: int = 10_000,
+        **ledger_options: Any,
+    ) -> None:
+        super().__init__(
+            mode=mode,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            heartbeat=heartbeat,
+            shadow_log_size=shadow_log_size,
+        )
+        if isinstance(ledger, Ledger):
+            ledger = ThreadedAsyncLedger(ledger)
+        self.ledger: AsyncLedger = ledger if ledger is not None else open_async_ledger(url, **ledger_options)
+        self.budgets = AsyncBudgets(self.ledger)
+
+    @property
+    def url(self) -> str:
+        return self.ledger.url
+
+    def guard(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None = None,
+        grace_period_ms: int | None = None,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        mode: Mode | None = None,
+        heartbeat: bool | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> AsyncGuard:
+        core = self._guard_core(
+            subject,
+            action,
+            estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            mode=mode,
+            heartbeat=heartbeat,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+        return AsyncGuard(self, core)
+
+    def guarded(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: EstimateArg,
+        *,
+        actual: ActualArg = None,
+        **guard_options: Any,
+    ) -> Callable[[Callable[P, Awaitable[T]]], Callable[P, Awaitable[T]]]:
+        def decorate(fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+            if not inspect.iscoroutinefunction(fn):
+                raise TypeError(f"{fn.__qualname__} is not async: decorate it with Cycles.guarded")
+
+            @functools.wraps(fn)
+            async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+                amount = estimate(*args, **kwargs) if callable(estimate) else estimate
+                async with self.guard(subject, action, amount, **guard_options) as g:
+                    result = await fn(*args, **kwargs)
+                    cost = actual(result) if actual is not None else None
+                    if cost is not None:
+                        g.commit(cost)
+                    return result
+
+            return cast(Callable[P, Awaitable[T]], wrapper)
+
+        return decorate
+
+    async def reserve(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None = None,
+        grace_period_ms: int | None = None,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        dry_run: bool = False,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> ReservationCreateResponse:
+        req = self._reserve_request(
+            subject,
+            action,
+            estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            dry_run=dry_run,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+        )
+        return await self.ledger.reserve(req)
+
+    async def commit(
+        self,
+        reservation_id: str,
+        actual: Amount,
+        *,
+        idempotency_key: str | None = None,
+        metrics: StandardMetrics | Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> CommitResponse:
+        req = CommitRequest(idempotency_key=_key(idempotency_key), actual=actual, metrics=_metrics(metrics), metadata=metadata)
+        return await self.ledger.commit(reservation_id, req)
+
+    async def release(
+        self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
+    ) -> ReleaseResponse:
+        req = ReleaseRequest(idempotency_key=_key(idempotency_key), reason=reason)
+        return await self.ledger.release(reservation_id, req)
+
+    async def extend(
+        self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
+    ) -> ReservationExtendResponse:
+        req = ReservationExtendRequest(idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
+        return await self.ledger.extend(reservation_id, req)
+
+    async def decide(
+        self, subject: Subject, action: Action, estimate: Amount, *, idempotency_key: str | None = None
+    ) -> DecisionResponse:
+        req = DecisionRequest(idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate)
+        return await self.ledger.decide(req)
+
+    async def event(
+        self,
+        subject: Subject,
+        action: Action,
+        actual: Amount,
+        *,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        idempotency_key: str | None = None,
+        metrics: StandardMetrics | Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> EventCreateResponse:
+        req = EventCreateRequest(
+            idempotency_key=_key(idempotency_key),
+            subject=subject,
+            action=action,
+            actual=actual,
+            overage_policy=_policy(overage_policy, self.settings.overage_policy),
+            metrics=_metrics(metrics),
+            metadata=metadata,
+        )
+        return await self.ledger.event(req)
+
+    async def balances(
+        self,
+        *,
+        tenant: str | None = None,
+        workspace: str | None = None,
+        app: str | None = None,
+        workflow: str | None = None,
+        agent: str | None = None,
+        toolset: str | None = None,
+    ) -> list[Balance]:
+        out: list[Balance] = []
+        cursor: str | None = None
+        while True:
+            query = BalanceQuery(tenant, workspace, app, workflow, agent, toolset, limit=200, cursor=cursor)
+            page = await self.ledger.balances(query)
+            out.extend(page.balances)
+            cursor = page.next_cursor
+            if not cursor:
+                return out
+
+    async def get_reservation(self, reservation_id: str) -> ReservationDetail:
+        return await self.ledger.get_reservation(reservation_id)
+
+    async def list_reservations(
+        self,
+        *,
+        status: ReservationStatus | str | None = None,
+        idempotency_key: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        **filters: Any,
+    ) -> ReservationListResponse:
+        query = self._reservation_query(status, idempotency_key, limit, cursor, filters)
+        return await self.ledger.list_reservations(query)
+
+    async def sweep(self, limit: int = 1000) -> int:
+        return await self.ledger.sweep(limit)
+
+    async def aclose(self) -> None:
+        await self.ledger.aclose()
+
+    async def __aenter__(self) -> AsyncCycles:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"AsyncCycles({self.url!r}, mode={self.mode!r})"

@@ -1,0 +1,225 @@
+"""One exception per protocol error code, named after it.
+
+``error_for(code, message)`` turns a wire error (or a ledger's own verdict) into the matching class,
+so ``except BudgetExceeded`` works the same on every backend. ``Denied`` marks the outcomes that
+mean "this action must not run"; adapters catch that one base.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BudgetClosed",
+    "BudgetExceeded",
+    "BudgetFrozen",
+    "CyclesError",
+    "DebtOutstanding",
+    "Denied",
+    "Forbidden",
+    "IdempotencyMismatch",
+    "InternalError",
+    "InvalidRequest",
+    "LedgerUnavailable",
+    "LimitExceeded",
+    "MaxExtensionsExceeded",
+    "NotFound",
+    "OverdraftLimitExceeded",
+    "ReservationExpired",
+    "ReservationFinalized",
+    "TenantClosed",
+    "ToolNotAllowed",
+    "Unauthorized",
+    "UnitMismatch",
+    "UnpricedModel",
+    "error_for",
+]
+
+
+class CyclesError(Exception):
+    """Base of every Cycles error. ``code`` is the protocol ErrorCode, ``http_status`` its status."""
+
+    code: ClassVar[str] = "INTERNAL_ERROR"
+    http_status: ClassVar[int] = 500
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        details: dict[str, Any] | None = None,
+        request_id: str | None = None,
+        trace_id: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        self.details: dict[str, Any] = dict(details or {})
+        self.request_id = request_id
+        self.trace_id = trace_id
+        self.retry_after_s = retry_after_s
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.message!r}, details={self.details!r})"
+
+
+class Denied(CyclesError):
+    """The action must not run: a budget or policy said no before it happened."""
+
+    http_status = 409
+
+    @property
+    def reason_code(self) -> str:
+        return self.code
+
+    @property
+    def scope(self) -> str | None:
+        value = self.details.get("scope")
+        return value if isinstance(value, str) else None
+
+
+class InvalidRequest(CyclesError):
+    code = "INVALID_REQUEST"
+    http_status = 400
+
+
+class Unauthorized(CyclesError):
+    code = "UNAUTHORIZED"
+    http_status = 401
+
+
+class Forbidden(CyclesError):
+    code = "FORBIDDEN"
+    http_status = 403
+
+
+class NotFound(CyclesError):
+    code = "NOT_FOUND"
+    http_status = 404
+
+
+class BudgetExceeded(Denied):
+    code = "BUDGET_EXCEEDED"
+
+
+class BudgetFrozen(Denied):
+    code = "BUDGET_FROZEN"
+
+
+class BudgetClosed(Denied):
+    code = "BUDGET_CLOSED"
+
+
+class OverdraftLimitExceeded(Denied):
+    code = "OVERDRAFT_LIMIT_EXCEEDED"
+
+
+class DebtOutstanding(Denied):
+    code = "DEBT_OUTSTANDING"
+
+
+class TenantClosed(Denied):
+    code = "TENANT_CLOSED"
+
+
+class ReservationExpired(CyclesError):
+    code = "RESERVATION_EXPIRED"
+    http_status = 410
+
+
+class ReservationFinalized(CyclesError):
+    code = "RESERVATION_FINALIZED"
+    http_status = 409
+
+
+class IdempotencyMismatch(CyclesError):
+    code = "IDEMPOTENCY_MISMATCH"
+    http_status = 409
+
+
+class UnitMismatch(CyclesError):
+    code = "UNIT_MISMATCH"
+    http_status = 400
+
+
+class MaxExtensionsExceeded(CyclesError):
+    code = "MAX_EXTENSIONS_EXCEEDED"
+    http_status = 409
+
+
+class LimitExceeded(CyclesError):
+    """HTTP 429: the server is throttling; retry after ``retry_after_s``."""
+
+    code = "LIMIT_EXCEEDED"
+    http_status = 429
+    retryable = True
+
+
+class InternalError(CyclesError):
+    code = "INTERNAL_ERROR"
+    http_status = 500
+    retryable = True
+
+
+class LedgerUnavailable(CyclesError):
+    """The ledger could not be reached or did not answer (connection loss, timeout, BUSY/LOADING).
+
+    Not a protocol code: the outcome of the operation is unknown, so it is safe to retry with the
+    same idempotency key and unsafe to assume it did not happen.
+    """
+
+    code = "INTERNAL_ERROR"
+    http_status = 503
+    retryable = True
+
+
+class ToolNotAllowed(Denied):
+    """Client-side enforcement of Caps: the tool is not on the allowlist, or is on the denylist."""
+
+    code = "TOOL_NOT_ALLOWED"
+
+
+class UnpricedModel(CyclesError):
+    """No price is known for a model and no fallback is configured (see ``cycles.pricing``)."""
+
+    code = "INVALID_REQUEST"
+    http_status = 400
+
+
+_BY_CODE: dict[str, type[CyclesError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        BudgetExceeded,
+        BudgetFrozen,
+        BudgetClosed,
+        ReservationExpired,
+        ReservationFinalized,
+        IdempotencyMismatch,
+        UnitMismatch,
+        OverdraftLimitExceeded,
+        DebtOutstanding,
+        MaxExtensionsExceeded,
+        LimitExceeded,
+        TenantClosed,
+        InternalError,
+    )
+}
+
+PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+
+
+def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:
+    """The exception for a protocol error code; unknown codes become a plain ``CyclesError``."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = CyclesError(message, **kwargs)
+        err.code = code  # type: ignore[misc]  # keep an unknown server code visible to the caller
+        return err
+    return cls(message, **kwargs)

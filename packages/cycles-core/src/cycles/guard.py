@@ -1,0 +1,679 @@
+"""The guarded-action lifecycle: reserve -> run -> commit the actual (or release on failure).
+
+The lifecycle is written once, as generator *flows* that yield ledger calls (``_Call``) and pauses
+(``_Sleep``) and receive their results; ``Guard`` drives them synchronously and ``AsyncGuard``
+with ``await``. Only the shells do I/O (the httpx ``auth_flow`` pattern).
+
+Rules the flows keep:
+- A denial raises before the body runs (enforce mode). In shadow mode nothing is blocked: the
+  would-deny is recorded in ``Cycles.shadow_log`` and the spend is accounted with an event.
+- The body raised and no actual was recorded -> release. An actual was recorded (the action
+  happened) -> commit it, even if the body raised afterwards.
+- Settlement is never turned into a release: an ambiguous commit is retried with the same
+  idempotency key; a commit refused because the reservation expired falls back to an event with
+  the same key (``shared/spec/client-recovery-scenarios.yaml`` CR-CORE-001/002).
+- A guard opened inside another guard of the same client, unit and subject (or an ancestor of it)
+  draws from the outer reservation instead of reserving again, so nothing is counted twice; the
+  outer guard then commits what its children spent plus whatever it commits itself.
+- Long bodies keep their reservation alive with ``extend`` (heartbeat); a failing heartbeat is
+  logged and recorded on the guard, never fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import heapq
+import itertools
+import logging
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal, Union
+
+from cycles.errors import (
+    BudgetExceeded,
+    CyclesError,
+    Denied,
+    InternalError,
+    LedgerUnavailable,
+    LimitExceeded,
+    MaxExtensionsExceeded,
+    NotFound,
+    ReservationExpired,
+    ReservationFinalized,
+    TenantClosed,
+    ToolNotAllowed,
+)
+from cycles.models import (
+    Action,
+    Amount,
+    Caps,
+    CommitOveragePolicy,
+    CommitRequest,
+    Decision,
+    EventCreateRequest,
+    ReleaseRequest,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationExtendRequest,
+    StandardMetrics,
+    Subject,
+)
+from cycles.scopes import derive_scopes
+
+if TYPE_CHECKING:
+    from cycles.client import AsyncCycles, Cycles
+
+__all__ = ["AsyncGuard", "Guard", "GuardSettings", "Mode", "ShadowRecord"]
+
+log = logging.getLogger("cycles.guard")
+shadow_log = logging.getLogger("cycles.shadow")
+
+Mode = Literal["enforce", "shadow"]
+_RETRYABLE = (LedgerUnavailable, InternalError, LimitExceeded)
+_SETTLE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class ShadowRecord:
+    """A decision enforcement would have made: what, for whom, and why it would have said no."""
+
+    subject: Subject
+    action: Action
+    estimate: Amount
+    reason_code: str
+    message: str
+    scope: str | None
+    at_ms: int
+
+
+@dataclass(slots=True)
+class GuardSettings:
+    ttl_ms: int = 60_000
+    grace_period_ms: int = 5_000
+    overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
+    mode: Mode = "enforce"
+    heartbeat: bool = True
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class _Call:
+    method: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Sleep:
+    seconds: float
+
+
+_Op = Union[_Call, _Sleep]
+_Flow = Generator[_Op, Any, Any]
+
+_current: contextvars.ContextVar[_GuardCore | None] = contextvars.ContextVar("cycles_guard", default=None)
+
+
+def _metrics(value: StandardMetrics | Mapping[str, Any] | None) -> StandardMetrics | None:
+    if value is None or isinstance(value, StandardMetrics):
+        return value
+    return StandardMetrics.model_validate(dict(value))
+
+
+class _GuardCore:
+    """Everything a guard knows and decides, with no I/O."""
+
+    def __init__(
+        self,
+        owner: object,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        settings: GuardSettings,
+        idempotency_key: str | None,
+        shadow_sink: list[ShadowRecord] | Any,
+    ) -> None:
+        self.owner = owner
+        self.subject = subject
+        self.action = action
+        self.estimate = estimate
+        self.settings = settings
+        self.key = idempotency_key or "cyc_" + uuid.uuid4().hex
+        self._shadow_sink = shadow_sink
+        self.reservation: ReservationCreateResponse | None = None
+        self.shadow: ShadowRecord | None = None
+        self.parent: _GuardCore | None = None
+        self.actual: Amount | None = None
+        self.metrics: StandardMetrics | None = None
+        self.commit_metadata: dict[str, Any] | None = None
+        self.children_spent = 0
+        self.children_held = 0
+        self.has_children = False
+        self.state: Literal["new", "open", "settled", "released", "denied"] = "new"
+        self.heartbeat_errors: list[CyclesError] = []
+        self.extensions = 0
+        self.charged: Amount | None = None
+        self._last_lead_ms: int | None = None
+
+    # -- what the user sees ---------------------------------------------------------------
+
+    @property
+    def reservation_id(self) -> str | None:
+        return self.reservation.reservation_id if self.reservation is not None else None
+
+    @property
+    def caps(self) -> Caps | None:
+        if self.parent is not None:
+            return self.parent.caps
+        return self.reservation.caps if self.reservation is not None else None
+
+    @property
+    def decision(self) -> Decision:
+        if self.shadow is not None:
+            return Decision.DENY
+        if self.parent is not None:
+            return self.parent.decision
+        return self.reservation.decision if self.reservation is not None else Decision.ALLOW
+
+    def record(
+        self,
+        actual: Amount,
+        metrics: StandardMetrics | Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if actual.unit != self.estimate.unit:
+            raise ValueError(f"actual is in {actual.unit.value}, the guard reserved {self.estimate.unit.value}")
+        self.actual = actual
+        self.metrics = _metrics(metrics)
+        self.commit_metadata = metadata
+
+    def final_actual(self) -> Amount:
+        """What to commit: own recorded cost (estimate if none and no children) plus children's spend."""
+        if self.actual is not None:
+            own = self.actual.amount
+        else:
+            own = 0 if self.has_children else self.estimate.amount
+        return Amount.model_construct(unit=self.estimate.unit, amount=own + self.children_spent)
+
+    # -- nesting ---------------------------------------------------------------------------
+
+    def adopt_parent(self) -> bool:
+        """Draw from the enclosing guard when it covers every scope this guard would charge."""
+        parent = _current.get()
+        if parent is None or parent.owner is not self.owner or parent.state != "open":
+            return False
+        if parent.estimate.unit != self.estimate.unit or parent.reservation is None:
+            return False
+        if not set(derive_scopes(self.subject)) <= set(derive_scopes(parent.subject)):
+            return False
+        headroom = parent.estimate.amount - parent.children_spent - parent.children_held
+        if headroom < self.estimate.amount:
+            raise BudgetExceeded(
+                f"{self.action.name} needs {self.estimate} but the enclosing guard "
+                f"({parent.action.name}) has {Amount.model_construct(unit=self.estimate.unit, amount=max(0, headroom))} left",
+                details={"scope": parent.reservation.scope_path, "enclosing_reservation": parent.reservation_id},
+            )
+        self.parent = parent
+        parent.has_children = True
+        parent.children_held += self.estimate.amount
+        self.state = "open"
+        return True
+
+    def settle_child(self, spent: int | None) -> None:
+        parent = self.parent
+        assert parent is not None
+        parent.children_held -= self.estimate.amount
+        if spent is not None:
+            parent.children_spent += spent
+
+    # -- flows -----------------------------------------------------------------------------
+
+    def start_flow(self) -> _Flow:
+        if self.state != "new":
+            raise RuntimeError("a guard can be started once")
+        req = ReservationCreateRequest.model_construct(
+            idempotency_key=self.key + ":reserve",
+            subject=self.subject,
+            action=self.action,
+            estimate=self.estimate,
+            ttl_ms=self.settings.ttl_ms,
+            grace_period_ms=self.settings.grace_period_ms,
+            overage_policy=self.settings.overage_policy,
+            dry_run=False,
+            metadata=self.settings.metadata,
+        )
+        try:
+            self.reservation = yield from _retrying(_Call("reserve", (req,)))
+        except (Denied, NotFound) as denial:
+            if self.settings.mode == "shadow":
+                self._record_shadow(denial)
+                self.state = "open"
+                return None
+            self.state = "denied"
+            raise
+        self.state = "open"
+        caps = self.reservation.caps
+        if caps is not None and self.action.is_tool and not caps.allows_tool(self.action.name):
+            denial = ToolNotAllowed(
+                f"tool {self.action.name!r} is not allowed by the budget's caps",
+                details={"tool": self.action.name, "scope": self.reservation.scope_path},
+            )
+            if self.settings.mode == "shadow":
+                self._record_shadow(denial)
+                return None
+            yield from self.release_flow("tool not allowed by caps")
+            self.state = "denied"
+            raise denial
+        return None
+
+    def _record_shadow(self, denial: CyclesError) -> None:
+        scope = denial.details.get("scope")
+        record = ShadowRecord(
+            subject=self.subject,
+            action=self.action,
+            estimate=self.estimate,
+            reason_code="BUDGET_NOT_FOUND" if isinstance(denial, NotFound) else denial.code,
+            message=denial.message,
+            scope=scope if isinstance(scope, str) else None,
+            at_ms=time.time_ns() // 1_000_000,
+        )
+        self.shadow = record
+        self._shadow_sink.append(record)
+        shadow_log.warning(
+            "shadow mode: would deny %s %s for %s: %s",
+            self.action.kind,
+            self.action.name,
+            derive_scopes(self.subject)[-1],
+            denial,
+        )
+
+    def finish_flow(self) -> _Flow:
+        """Settle: commit the final actual; fall back to an event if the lease expired."""
+        if self.state != "open":
+            return None
+        actual = self.final_actual()
+        if self.parent is not None:
+            self.settle_child(actual.amount)
+            self.state = "settled"
+            return None
+        if self.reservation is None or self.reservation.reservation_id is None:
+            # shadow mode, denied: account what happened without a reservation
+            self.state = "settled"
+            if actual.amount > 0:
+                try:
+                    yield from _retrying(_Call("event", (self._event_request(actual),)))
+                except CyclesError as exc:
+                    shadow_log.warning("shadow mode: could not account %s for %s: %s", actual, self.action.name, exc)
+            return None
+        req = CommitRequest.model_construct(
+            idempotency_key=self.key + ":commit",
+            actual=actual,
+            metrics=self.metrics,
+            metadata=self.commit_metadata,
+        )
+        try:
+            response = yield from _retrying(_Call("commit", (self.reservation.reservation_id, req)))
+            self.charged = response.charged
+        except ReservationExpired:
+            # The lease lapsed before we settled; the spend still happened: record it as an event
+            # under the same idempotency key so a retried fallback cannot charge twice.
+            event = self._event_request(actual, key=req.idempotency_key)
+            response_e = yield from _retrying(_Call("event", (event,)))
+            self.charged = response_e.charged
+        self.state = "settled"
+        return None
+
+    def _event_request(self, actual: Amount, key: str | None = None) -> EventCreateRequest:
+        return EventCreateRequest.model_construct(
+            idempotency_key=key or self.key + ":event",
+            subject=self.subject,
+            action=self.action,
+            actual=actual,
+            overage_policy=self.settings.overage_policy,
+            metrics=self.metrics,
+            client_time_ms=None,
+            metadata=self.commit_metadata,
+        )
+
+    def release_flow(self, reason: str) -> _Flow:
+        if self.state != "open":
+            return None
+        if self.parent is not None:
+            self.settle_child(None)
+            self.state = "released"
+            return None
+        self.state = "released"
+        if self.reservation is None or self.reservation.reservation_id is None:
+            return None
+        req = ReleaseRequest.model_construct(idempotency_key=self.key + ":release", reason=reason[:256])
+        try:
+            yield from _retrying(_Call("release", (self.reservation.reservation_id, req)))
+        except (ReservationExpired, ReservationFinalized):
+            pass  # nothing is held any more
+        except CyclesError as exc:
+            log.warning("could not release %s (it will expire on its own): %s", self.reservation_id, exc)
+        return None
+
+    def fail_flow(self, exc: BaseException | None) -> _Flow:
+        """The body failed. If it had recorded an actual the action happened: settle, don't release."""
+        if self.actual is not None or self.children_spent:
+            yield from self.finish_flow()
+        else:
+            yield from self.release_flow(f"guarded action failed: {type(exc).__name__}" if exc else "failed")
+
+    # -- heartbeat -------------------------------------------------------------------------
+
+    def beat_delay_s(self) -> float | None:
+        """When to extend next, from the last known lead (the spec's HEARTBEAT GUIDANCE, simplified:
+        keep one attempt budget plus a safety margin in reserve)."""
+        if not self.settings.heartbeat or self.reservation is None or self.reservation.reservation_id is None:
+            return None
+        lead = self._last_lead_ms if self._last_lead_ms is not None else self.reservation.remaining_ttl_ms
+        if lead is None:
+            lead = self.settings.ttl_ms
+        # Keep one attempt budget plus margin (3 s) in hand; short leases beat at half their lead.
+        retry_reserve_ms = 3_000
+        return max(lead - retry_reserve_ms, lead / 2, 0) / 1000
+
+    def beat_flow(self) -> _Flow:
+        if self.state != "open" or self.reservation is None or self.reservation.reservation_id is None:
+            return None
+        self.extensions += 1
+        req = ReservationExtendRequest.model_construct(
+            idempotency_key=f"{self.key}:extend:{self.extensions}", extend_by_ms=self.settings.ttl_ms, metadata=None
+        )
+        try:
+            response = yield from _retrying(_Call("extend", (self.reservation.reservation_id, req)), attempts=2)
+            self._last_lead_ms = response.remaining_ttl_ms
+        except (ReservationExpired, ReservationFinalized, MaxExtensionsExceeded, NotFound, TenantClosed) as exc:
+            self.heartbeat_errors.append(exc)
+            self._last_lead_ms = None
+            self.settings.heartbeat = False  # permanent for this reservation: stop beating
+            log.warning("heartbeat for %s stopped: %s", self.reservation_id, exc)
+        except CyclesError as exc:
+            self.heartbeat_errors.append(exc)
+            self._last_lead_ms = 1_000
+            log.warning("heartbeat for %s failed, will retry: %s", self.reservation_id, exc)
+        return None
+
+
+def _retrying(call: _Call, attempts: int = len(_SETTLE_BACKOFF_S) + 1) -> _Flow:
+    """Run a call; on an ambiguous failure retry the *same* request (same idempotency key)."""
+    for attempt in range(attempts):
+        try:
+            return (yield call)
+        except _RETRYABLE as exc:
+            if attempt == attempts - 1:
+                raise
+            delay = _SETTLE_BACKOFF_S[min(attempt, len(_SETTLE_BACKOFF_S) - 1)]
+            if exc.retry_after_s is not None:
+                delay = max(delay, exc.retry_after_s)
+            log.info("retrying %s after %s (attempt %d)", call.method, exc, attempt + 2)
+            yield _Sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ---- heartbeat scheduling -------------------------------------------------------------------
+
+
+class _Heartbeats:
+    """One daemon thread beats every open sync guard of the process (a thread per guard would cost
+    more than the guard). Guards are registered while open and removed when they settle, so the
+    registry holds only in-flight guards."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[Guard, float] = {}
+        self._wake_at = float("inf")
+        self._thread: threading.Thread | None = None
+
+    def add(self, guard: Guard, delay_s: float) -> None:
+        due = time.monotonic() + delay_s
+        with self._cond:
+            self._due[guard] = due
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cycles-heartbeat", daemon=True)
+                self._thread.start()
+            if due < self._wake_at:
+                self._cond.notify()
+
+    def remove(self, guard: Guard) -> None:
+        with self._cond:
+            self._due.pop(guard, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                ready = [g for g, due in self._due.items() if due <= now]
+                for g in ready:
+                    del self._due[g]
+                if not ready:
+                    self._wake_at = min(self._due.values(), default=now + 3600.0)
+                    self._cond.wait(self._wake_at - now)
+                    self._wake_at = float("inf")
+                    continue
+            for guard in ready:
+                try:
+                    guard._beat()
+                except Exception:  # noqa: BLE001 - a heartbeat must never kill the scheduler
+                    log.exception("heartbeat failed")
+
+
+_heartbeats = _Heartbeats()
+
+
+# ---- the shells -----------------------------------------------------------------------------
+
+
+class _GuardFace:
+    """What user code reads on a guard, shared by both shells."""
+
+    _core: _GuardCore
+
+    @property
+    def reservation_id(self) -> str | None:
+        return self._core.reservation_id
+
+    @property
+    def caps(self) -> Caps | None:
+        return self._core.caps
+
+    @property
+    def decision(self) -> Decision:
+        return self._core.decision
+
+    @property
+    def shadow(self) -> ShadowRecord | None:
+        """The would-deny record, when shadow mode let a denied action run."""
+        return self._core.shadow
+
+    @property
+    def estimate(self) -> Amount:
+        return self._core.estimate
+
+    @property
+    def charged(self) -> Amount | None:
+        return self._core.charged
+
+    @property
+    def idempotency_key(self) -> str:
+        return self._core.key
+
+    @property
+    def heartbeat_errors(self) -> list[CyclesError]:
+        return self._core.heartbeat_errors
+
+    def commit(
+        self,
+        actual: Amount,
+        *,
+        metrics: StandardMetrics | Mapping[str, Any] | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        """Record the actual cost. Settlement happens when the guard exits (or ``finish()``)."""
+        self._core.record(actual, metrics, metadata)
+
+
+class Guard(_GuardFace):
+    """``with cy.guard(...) as g:`` -- or ``g.start()`` / ``g.finish()`` / ``g.fail()``."""
+
+    def __init__(self, client: Cycles, core: _GuardCore) -> None:
+        self._client = client
+        self._core = core
+        self._token: contextvars.Token[_GuardCore | None] | None = None
+        self._lock = threading.Lock()
+
+    def _drive(self, flow: _Flow) -> Any:
+        ledger = self._client.ledger
+        try:
+            op = next(flow)
+            while True:
+                if isinstance(op, _Sleep):
+                    time.sleep(op.seconds)
+                    op = flow.send(None)
+                    continue
+                try:
+                    result = getattr(ledger, op.method)(*op.args, **op.kwargs)
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    def start(self) -> Guard:
+        core = self._core
+        if not core.adopt_parent():
+            with self._lock:
+                self._drive(core.start_flow())
+            delay = core.beat_delay_s()
+            if delay is not None:
+                _heartbeats.add(self, delay)
+        return self
+
+    def finish(self, actual: Amount | None = None) -> None:
+        _heartbeats.remove(self)
+        if actual is not None:
+            self._core.record(actual, self._core.metrics, self._core.commit_metadata)
+        with self._lock:
+            self._drive(self._core.finish_flow())
+
+    def fail(self, exc: BaseException | None = None) -> None:
+        _heartbeats.remove(self)
+        with self._lock:
+            self._drive(self._core.fail_flow(exc))
+
+    def _beat(self) -> None:
+        with self._lock:
+            if self._core.state != "open":
+                return
+            self._drive(self._core.beat_flow())
+            delay = self._core.beat_delay_s()
+        if delay is not None:
+            _heartbeats.add(self, delay)
+
+    def __enter__(self) -> Guard:
+        self.start()
+        self._token = _current.set(self._core)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+        if exc is None:
+            self.finish()
+        else:
+            self.fail(exc)
+
+
+class AsyncGuard(_GuardFace):
+    """``async with acy.guard(...) as g:`` -- or ``await g.start()`` / ``finish()`` / ``fail()``."""
+
+    def __init__(self, client: AsyncCycles, core: _GuardCore) -> None:
+        self._client = client
+        self._core = core
+        self._token: contextvars.Token[_GuardCore | None] | None = None
+        self._lock = asyncio.Lock()
+        self._beat_handle: asyncio.TimerHandle | None = None
+
+    async def _drive(self, flow: _Flow) -> Any:
+        ledger = self._client.ledger
+        try:
+            op = next(flow)
+            while True:
+                if isinstance(op, _Sleep):
+                    await asyncio.sleep(op.seconds)
+                    op = flow.send(None)
+                    continue
+                try:
+                    result = await getattr(ledger, op.method)(*op.args, **op.kwargs)
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                    op = flow.throw(exc)
+                else:
+                    op = flow.send(result)
+        except StopIteration as stop:
+            return stop.value
+
+    async def start(self) -> AsyncGuard:
+        core = self._core
+        if not core.adopt_parent():
+            async with self._lock:
+                await self._drive(core.start_flow())
+            self._schedule_beat()
+        return self
+
+    def _schedule_beat(self) -> None:
+        delay = self._core.beat_delay_s()
+        if delay is not None:
+            loop = asyncio.get_running_loop()
+            self._beat_handle = loop.call_later(delay, lambda: loop.create_task(self._beat()))
+
+    async def _beat(self) -> None:
+        async with self._lock:
+            if self._core.state != "open":
+                return
+            await self._drive(self._core.beat_flow())
+        self._schedule_beat()
+
+    def _cancel_beat(self) -> None:
+        if self._beat_handle is not None:
+            self._beat_handle.cancel()
+            self._beat_handle = None
+
+    async def finish(self, actual: Amount | None = None) -> None:
+        self._cancel_beat()
+        if actual is not None:
+            self._core.record(actual, self._core.metrics, self._core.commit_metadata)
+        async with self._lock:
+            await self._drive(self._core.finish_flow())
+
+    async def fail(self, exc: BaseException | None = None) -> None:
+        self._cancel_beat()
+        async with self._lock:
+            await self._drive(self._core.fail_flow(exc))
+
+    async def __aenter__(self) -> AsyncGuard:
+        await self.start()
+        self._token = _current.set(self._core)
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if self._token is not None:
+            try:
+                _current.reset(self._token)
+            except ValueError:  # exited in another context (e.g. a different task): nothing to undo
+                pass
+            self._token = None
+        if exc is None:
+            await self.finish()
+        else:
+            await self.fail(exc)

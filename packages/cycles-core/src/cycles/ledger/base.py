@@ -1,0 +1,405 @@
+"""The ledger interface every backend implements, and the URL-scheme registry.
+
+A ledger speaks the protocol's operations in terms of the wire models. ``tenant`` is the caller's
+effective tenant (the server passes the API key's tenant; an in-process caller passes ``None``,
+meaning trusted). Backends: memory, sqlite (``TransactionalLedger`` over ``rules``), redis (Lua),
+http (a remote Cycles server).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import importlib
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from cycles.errors import CyclesError, InvalidRequest
+from cycles.ledger import rules
+from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
+from cycles.models import (
+    Amount,
+    Balance,
+    BalanceResponse,
+    Caps,
+    CommitRequest,
+    CommitResponse,
+    DecisionRequest,
+    DecisionResponse,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationDetail,
+    ReservationExtendRequest,
+    ReservationExtendResponse,
+    ReservationListResponse,
+    Unit,
+)
+
+__all__ = [
+    "AsyncLedger",
+    "BalanceQuery",
+    "Ledger",
+    "ReservationQuery",
+    "TransactionalLedger",
+    "ThreadedAsyncLedger",
+    "default_ledger_url",
+    "open_async_ledger",
+    "open_ledger",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class Ledger(abc.ABC):
+    """Synchronous ledger. Every method is atomic; mutating ones are idempotent by request key."""
+
+    url: str = ""
+    #: True when calls may block on I/O or locks: the async facade then runs them in a thread.
+    blocking: bool = True
+
+    # runtime plane (protocol v0)
+    @abc.abstractmethod
+    def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse: ...
+    @abc.abstractmethod
+    def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse: ...
+    @abc.abstractmethod
+    def release(self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None) -> ReleaseResponse: ...
+    @abc.abstractmethod
+    def extend(
+        self, reservation_id: str, req: ReservationExtendRequest, *, tenant: str | None = None
+    ) -> ReservationExtendResponse: ...
+    @abc.abstractmethod
+    def decide(self, req: DecisionRequest, *, tenant: str | None = None) -> DecisionResponse: ...
+    @abc.abstractmethod
+    def event(self, req: EventCreateRequest, *, tenant: str | None = None) -> EventCreateResponse: ...
+    @abc.abstractmethod
+    def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse: ...
+    @abc.abstractmethod
+    def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail: ...
+    @abc.abstractmethod
+    def list_reservations(self, query: ReservationQuery, *, tenant: str | None = None) -> ReservationListResponse: ...
+
+    # operator plane
+    @abc.abstractmethod
+    def set_budget(
+        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+    ) -> Balance: ...
+    @abc.abstractmethod
+    def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
+    @abc.abstractmethod
+    def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]: ...
+    @abc.abstractmethod
+    def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance: ...
+    @abc.abstractmethod
+    def list_budgets(self, *, tenant: str | None = None) -> list[Balance]: ...
+    @abc.abstractmethod
+    def sweep(self, limit: int = 1000) -> int:
+        """Expire reservations past their deadline (returning their amounts); purge old idempotency records."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncLedger(abc.ABC):
+    """The same operations, awaitable. Native for redis and http; a thread shell for embedded ledgers."""
+
+    url: str = ""
+
+    @abc.abstractmethod
+    async def reserve(
+        self, req: ReservationCreateRequest, *, tenant: str | None = None
+    ) -> ReservationCreateResponse: ...
+    @abc.abstractmethod
+    async def commit(
+        self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None
+    ) -> CommitResponse: ...
+    @abc.abstractmethod
+    async def release(
+        self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None
+    ) -> ReleaseResponse: ...
+    @abc.abstractmethod
+    async def extend(
+        self, reservation_id: str, req: ReservationExtendRequest, *, tenant: str | None = None
+    ) -> ReservationExtendResponse: ...
+    @abc.abstractmethod
+    async def decide(self, req: DecisionRequest, *, tenant: str | None = None) -> DecisionResponse: ...
+    @abc.abstractmethod
+    async def event(self, req: EventCreateRequest, *, tenant: str | None = None) -> EventCreateResponse: ...
+    @abc.abstractmethod
+    async def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse: ...
+    @abc.abstractmethod
+    async def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail: ...
+    @abc.abstractmethod
+    async def list_reservations(
+        self, query: ReservationQuery, *, tenant: str | None = None
+    ) -> ReservationListResponse: ...
+    @abc.abstractmethod
+    async def set_budget(
+        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+    ) -> Balance: ...
+    @abc.abstractmethod
+    async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
+    @abc.abstractmethod
+    async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]: ...
+    @abc.abstractmethod
+    async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance: ...
+    @abc.abstractmethod
+    async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]: ...
+    @abc.abstractmethod
+    async def sweep(self, limit: int = 1000) -> int: ...
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+# ---- ledgers built on rules + a transactional store -----------------------------------------
+
+
+class TransactionalLedger(Ledger):
+    """Runs each operation of ``rules`` inside one store transaction (memory, sqlite).
+
+    A CyclesError raised by a rule still commits the transaction: rules write nothing before they
+    refuse, except an expiry they discovered, which must persist. Any other exception rolls back.
+    """
+
+    #: Expire overdue reservations at most this often as a side effect of ordinary writes.
+    lazy_sweep_interval_ms = 1000
+
+    def __init__(self, clock: Callable[[], int] | None = None) -> None:
+        self._clock = clock or _wall_clock_ms
+        self._next_sweep_ms = 0
+
+    @abc.abstractmethod
+    def _transaction(self, *, write: bool) -> AbstractContextManager[Txn]: ...
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._transaction(write=True) as txn:
+            if txn.now_ms >= self._next_sweep_ms:
+                self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
+                rules.expire_due(txn, 100)
+            return fn(txn, *args)
+
+    def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
+        return self._write(rules.reserve, req, tenant)
+
+    def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse:
+        return self._write(rules.commit, reservation_id, req, tenant)
+
+    def release(self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None) -> ReleaseResponse:
+        return self._write(rules.release, reservation_id, req, tenant)
+
+    def extend(
+        self, reservation_id: str, req: ReservationExtendRequest, *, tenant: str | None = None
+    ) -> ReservationExtendResponse:
+        return self._write(rules.extend, reservation_id, req, tenant)
+
+    def decide(self, req: DecisionRequest, *, tenant: str | None = None) -> DecisionResponse:
+        return self._write(rules.decide, req, tenant)  # writes only its idempotency record
+
+    def event(self, req: EventCreateRequest, *, tenant: str | None = None) -> EventCreateResponse:
+        return self._write(rules.event, req, tenant)
+
+    def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse:
+        return self._write(rules.balances, query, tenant)
+
+    def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
+        return self._write(rules.get_reservation, reservation_id, tenant)
+
+    def list_reservations(self, query: ReservationQuery, *, tenant: str | None = None) -> ReservationListResponse:
+        return self._write(rules.list_reservations, query, tenant)
+
+    def set_budget(
+        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+    ) -> Balance:
+        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps)
+
+    def fund_budget(self, scope: str, amount: Amount) -> Balance:
+        return self._write(rules.fund_budget, scope, amount)
+
+    def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
+        return self._write(rules.set_budget_status, scope, unit, status)
+
+    def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
+        return self._write(rules.get_budget, scope, unit)
+
+    def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
+        return self._write(rules.list_budgets, tenant)
+
+    def sweep(self, limit: int = 1000) -> int:
+        return self._write(rules.sweep, limit)
+
+
+def _wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class ThreadedAsyncLedger(AsyncLedger):
+    """Async face of a synchronous ledger. Non-blocking ledgers (memory) are called inline:
+    a microsecond operation costs less than a thread hop. Blocking ones run in a worker thread."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.sync = ledger
+        self.url = ledger.url
+
+    async def _call(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        if not self.sync.blocking:
+            return fn(*args, **kwargs)
+        return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+
+    async def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
+        return await self._call(self.sync.reserve, req, tenant=tenant)
+
+    async def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse:
+        return await self._call(self.sync.commit, reservation_id, req, tenant=tenant)
+
+    async def release(
+        self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None
+    ) -> ReleaseResponse:
+        return await self._call(self.sync.release, reservation_id, req, tenant=tenant)
+
+    async def extend(
+        self, reservation_id: str, req: ReservationExtendRequest, *, tenant: str | None = None
+    ) -> ReservationExtendResponse:
+        return await self._call(self.sync.extend, reservation_id, req, tenant=tenant)
+
+    async def decide(self, req: DecisionRequest, *, tenant: str | None = None) -> DecisionResponse:
+        return await self._call(self.sync.decide, req, tenant=tenant)
+
+    async def event(self, req: EventCreateRequest, *, tenant: str | None = None) -> EventCreateResponse:
+        return await self._call(self.sync.event, req, tenant=tenant)
+
+    async def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse:
+        return await self._call(self.sync.balances, query, tenant=tenant)
+
+    async def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
+        return await self._call(self.sync.get_reservation, reservation_id, tenant=tenant)
+
+    async def list_reservations(
+        self, query: ReservationQuery, *, tenant: str | None = None
+    ) -> ReservationListResponse:
+        return await self._call(self.sync.list_reservations, query, tenant=tenant)
+
+    async def set_budget(
+        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+    ) -> Balance:
+        return await self._call(self.sync.set_budget, scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+
+    async def fund_budget(self, scope: str, amount: Amount) -> Balance:
+        return await self._call(self.sync.fund_budget, scope, amount)
+
+    async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
+        return await self._call(self.sync.set_budget_status, scope, status, unit=unit)
+
+    async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
+        return await self._call(self.sync.get_budget, scope, unit=unit)
+
+    async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
+        return await self._call(self.sync.list_budgets, tenant=tenant)
+
+    async def sweep(self, limit: int = 1000) -> int:
+        return await self._call(self.sync.sweep, limit)
+
+    async def aclose(self) -> None:
+        await self._call(self.sync.close)
+
+
+# ---- opening a ledger by URL ----------------------------------------------------------------
+
+# scheme -> "module:factory"; drivers are imported only when their scheme is used.
+_SYNC_SCHEMES = {
+    "memory": "cycles.ledger.memory:open_memory",
+    "sqlite": "cycles.ledger.sqlite:open_sqlite",
+    "redis": "cycles.ledger.redis:open_redis",
+    "rediss": "cycles.ledger.redis:open_redis",
+    "http": "cycles.ledger.http:open_http",
+    "https": "cycles.ledger.http:open_http",
+}
+_ASYNC_SCHEMES = {
+    "redis": "cycles.ledger.redis:open_async_redis",
+    "rediss": "cycles.ledger.redis:open_async_redis",
+    "http": "cycles.ledger.http:open_async_http",
+    "https": "cycles.ledger.http:open_async_http",
+}
+
+
+def default_ledger_url() -> str:
+    """``CYCLES_URL`` if set, else an SQLite file in the per-user data directory.
+
+    The directory is ``$CYCLES_HOME``, else ``$XDG_DATA_HOME/cycles``, else ``~/.local/share/cycles``.
+    """
+    url = os.environ.get("CYCLES_URL")
+    if url:
+        return url
+    home = os.environ.get("CYCLES_HOME")
+    if home:
+        base = Path(home)
+    else:
+        xdg = os.environ.get("XDG_DATA_HOME")
+        base = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "cycles"
+    return f"sqlite:///{base / 'ledger.db'}"
+
+
+def _factory(table: dict[str, str], url: str) -> Callable[..., Any] | None:
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    target = table.get(scheme)
+    if target is None:
+        return None
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        extra = {"redis": "redis", "rediss": "redis", "http": "http", "https": "http"}.get(scheme, "")
+        raise ImportError(
+            f"the {scheme}:// ledger needs an optional dependency: pip install 'cycles-core[{extra}]' ({exc})"
+        ) from exc
+    factory: Callable[..., Any] = getattr(module, attr)
+    return factory
+
+
+def open_ledger(url: str | None = None, **options: Any) -> Ledger:
+    url = url or default_ledger_url()
+    factory = _factory(_SYNC_SCHEMES, url)
+    if factory is None:
+        raise InvalidRequest(
+            f"unsupported ledger URL {url!r}: use memory://, sqlite:///path, redis://host:port/db or http(s)://host"
+        )
+    ledger: Ledger = factory(url, **options)
+    return ledger
+
+
+def open_async_ledger(url: str | None = None, **options: Any) -> AsyncLedger:
+    url = url or default_ledger_url()
+    factory = _factory(_ASYNC_SCHEMES, url)
+    if factory is not None:
+        ledger: AsyncLedger = factory(url, **options)
+        return ledger
+    return ThreadedAsyncLedger(open_ledger(url, **options))
+
+
+def iter_pages(fetch: Callable[[str | None], tuple[list[T], str | None]]) -> Iterator[T]:
+    """Follow ``next_cursor`` until the last page."""
+    cursor: str | None = None
+    while True:
+        items, cursor = fetch(cursor)
+        yield from items
+        if not cursor:
+            return
+
+
+__all__ += ["CyclesError", "iter_pages"]

@@ -1,0 +1,183 @@
+"""``memory://``: one process, dicts under a lock. Fast, and gone when the process exits.
+
+Writes go to a per-transaction buffer and are applied only when the operation returns, so an
+unexpected exception half-way through an operation leaves the store as it was.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+from cycles.errors import CyclesError
+from cycles.ledger.base import TransactionalLedger
+from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
+from cycles.models import ReservationStatus, Unit
+
+__all__ = ["MemoryLedger", "open_memory"]
+
+_IdemKey = tuple[str, str, str]
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.budgets: dict[tuple[str, Unit], BudgetRow] = {}
+        self.units: dict[str, list[Unit]] = {}
+        self.reservations: dict[str, ReservationRow] = {}
+        self.idempotency: dict[_IdemKey, IdempotencyRecord] = {}
+        self.deadlines: list[tuple[int, str]] = []  # heap of (deadline_ms, reservation_id); stale entries skipped
+
+
+class _MemoryTxn:
+    __slots__ = ("_store", "now_ms", "_budgets", "_reservations", "_idem", "_popped")
+
+    def __init__(self, store: _Store, now_ms: int) -> None:
+        self._store = store
+        self.now_ms = now_ms
+        self._budgets: dict[tuple[str, Unit], BudgetRow] = {}
+        self._reservations: dict[str, ReservationRow] = {}
+        self._idem: dict[_IdemKey, IdempotencyRecord] = {}
+        self._popped: list[tuple[int, str]] = []
+
+    # budgets
+    def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None:
+        key = (scope, unit)
+        row = self._budgets.get(key)
+        if row is None:
+            stored = self._store.budgets.get(key)
+            if stored is None:
+                return None
+            row = self._budgets[key] = stored.copy()
+        return row
+
+    def get_budgets(self, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
+        rows = []
+        for scope in scopes:
+            row = self.get_budget(scope, unit)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def budget_units(self, scope: str) -> list[Unit]:
+        units = list(self._store.units.get(scope, ()))
+        units += [u for (s, u) in self._budgets if s == scope and u not in units]
+        return units
+
+    def put_budget(self, row: BudgetRow) -> None:
+        self._budgets[(row.scope, row.unit)] = row
+
+    def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterator[BudgetRow]:
+        merged = {**self._store.budgets, **self._budgets}
+        for row in merged.values():
+            if all_tenants or row.tenant == tenant:
+                yield row
+
+    # reservations
+    def get_reservation(self, reservation_id: str) -> ReservationRow | None:
+        row = self._reservations.get(reservation_id)
+        if row is None:
+            stored = self._store.reservations.get(reservation_id)
+            if stored is None:
+                return None
+            row = self._reservations[reservation_id] = stored.copy()
+        return row
+
+    def put_reservation(self, row: ReservationRow) -> None:
+        self._reservations[row.reservation_id] = row
+
+    def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterator[ReservationRow]:
+        for reservation_id, stored in list(self._store.reservations.items()):
+            if all_tenants or stored.tenant == tenant:
+                row = self.get_reservation(reservation_id)
+                if row is not None:
+                    yield row
+        for reservation_id, row in list(self._reservations.items()):
+            if reservation_id not in self._store.reservations and (all_tenants or row.tenant == tenant):
+                yield row
+
+    def due_reservations(self, now_ms: int, limit: int) -> list[str]:
+        heap = self._store.deadlines
+        due: list[str] = []
+        while heap and heap[0][0] < now_ms and len(due) < limit:
+            entry = heapq.heappop(heap)
+            self._popped.append(entry)
+            row = self._store.reservations.get(entry[1])
+            if row is not None and row.status is ReservationStatus.ACTIVE and row.deadline_ms == entry[0]:
+                due.append(entry[1])
+        return due
+
+    # idempotency
+    def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None:
+        k = (tenant, endpoint, key)
+        return self._idem.get(k) or self._store.idempotency.get(k)
+
+    def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None:
+        self._idem[(tenant, endpoint, key)] = record
+
+    def purge(self, older_than_ms: int, limit: int) -> int:
+        store = self._store
+        old_idem = [k for k, rec in store.idempotency.items() if rec.created_at_ms < older_than_ms][:limit]
+        for k in old_idem:
+            del store.idempotency[k]
+        old_rows = [
+            rid
+            for rid, row in store.reservations.items()
+            if row.status is not ReservationStatus.ACTIVE
+            and (row.finalized_at_ms or row.deadline_ms) < older_than_ms
+            and rid not in self._reservations
+        ][:limit]
+        for rid in old_rows:
+            del store.reservations[rid]
+        return len(old_idem) + len(old_rows)
+
+    # end of transaction
+    def apply(self) -> None:
+        store = self._store
+        for key, budget in self._budgets.items():
+            if key not in store.budgets:
+                store.units.setdefault(key[0], []).append(key[1])
+            store.budgets[key] = budget
+        for reservation_id, row in self._reservations.items():
+            before = store.reservations.get(reservation_id)
+            store.reservations[reservation_id] = row
+            if row.status is ReservationStatus.ACTIVE and (before is None or before.deadline_ms != row.deadline_ms):
+                heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
+        store.idempotency.update(self._idem)
+
+    def undo(self) -> None:
+        for entry in self._popped:
+            heapq.heappush(self._store.deadlines, entry)
+
+
+class MemoryLedger(TransactionalLedger):
+    blocking = False
+
+    def __init__(self, clock: Callable[[], int] | None = None) -> None:
+        super().__init__(clock)
+        self.url = "memory://"
+        self._store = _Store()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[_MemoryTxn]:
+        with self._lock:
+            txn = _MemoryTxn(self._store, self._clock())
+            try:
+                yield txn
+            except BaseException as exc:
+                if isinstance(exc, CyclesError):
+                    txn.apply()  # a refusal still keeps the expiries it discovered
+                else:
+                    txn.undo()
+                raise
+            else:
+                txn.apply()
+
+
+def open_memory(url: str = "memory://", **options: object) -> MemoryLedger:
+    clock = options.pop("clock", None)
+    if options:
+        raise TypeError(f"memory:// takes no options besides clock, got {sorted(options)}")
+    return MemoryLedger(clock=clock)  # type: ignore[arg-type]

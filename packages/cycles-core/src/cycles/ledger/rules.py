@@ -1,0 +1,1020 @@
+"""The accounting rules of the Cycles protocol, written once.
+
+Every operation here runs inside one transaction of a store (``Txn``): memory and SQLite run these
+functions directly; the Redis Lua scripts mirror them line for line and are held to the same
+contract suite. Each operation checks everything first and only then writes, so an operation that
+raises has written nothing -- except expiry, which is applied and then reported (see ``_expire``).
+
+Balances are stored as allocated / spent / reserved / debt; ``remaining`` is always derived, so
+``remaining = allocated - spent - reserved - debt`` holds by construction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from cycles.errors import (
+    BudgetClosed,
+    BudgetExceeded,
+    BudgetFrozen,
+    CyclesError,
+    DebtOutstanding,
+    Forbidden,
+    IdempotencyMismatch,
+    InvalidRequest,
+    MaxExtensionsExceeded,
+    NotFound,
+    OverdraftLimitExceeded,
+    ReservationExpired,
+    ReservationFinalized,
+    UnitMismatch,
+)
+from cycles.models import (
+    Action,
+    Amount,
+    Balance,
+    BalanceResponse,
+    Caps,
+    CommitOveragePolicy,
+    CommitRequest,
+    CommitResponse,
+    Decision,
+    DecisionRequest,
+    DecisionResponse,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationDetail,
+    ReservationExtendRequest,
+    ReservationExtendResponse,
+    ReservationListResponse,
+    ReservationStatus,
+    ReservationSummary,
+    SignedAmount,
+    Subject,
+    Unit,
+)
+from cycles.scopes import LEVELS, derive_scopes, parse_scope, scope_tenant
+
+MAX_EXTENSIONS = 10
+IDEMPOTENCY_RETENTION_MS = 24 * 3600 * 1000
+BUDGET_ACTIVE, BUDGET_FROZEN, BUDGET_CLOSED = "ACTIVE", "FROZEN", "CLOSED"
+BUDGET_STATUSES = (BUDGET_ACTIVE, BUDGET_FROZEN, BUDGET_CLOSED)
+
+R = TypeVar("R", bound=BaseModel)
+
+
+# ---- stored rows ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class BudgetRow:
+    scope: str
+    unit: Unit
+    tenant: str | None
+    allocated: int = 0
+    spent: int = 0
+    reserved: int = 0
+    debt: int = 0
+    overdraft_limit: int = 0
+    is_over_limit: bool = False
+    status: str = BUDGET_ACTIVE
+    caps: Caps | None = None
+
+    @property
+    def remaining(self) -> int:
+        return self.allocated - self.spent - self.reserved - self.debt
+
+    def copy(self) -> BudgetRow:
+        return BudgetRow(
+            self.scope,
+            self.unit,
+            self.tenant,
+            self.allocated,
+            self.spent,
+            self.reserved,
+            self.debt,
+            self.overdraft_limit,
+            self.is_over_limit,
+            self.status,
+            self.caps,
+        )
+
+    def to_balance(self) -> Balance:
+        unit = self.unit
+        mk = Amount.model_construct
+        return Balance.model_construct(
+            scope=self.scope,
+            scope_path=self.scope,
+            remaining=SignedAmount.model_construct(unit=unit, amount=self.remaining),
+            reserved=mk(unit=unit, amount=self.reserved),
+            spent=mk(unit=unit, amount=self.spent),
+            debt=mk(unit=unit, amount=self.debt),
+            allocated=mk(unit=unit, amount=self.allocated),
+            overdraft_limit=mk(unit=unit, amount=self.overdraft_limit),
+            is_over_limit=self.is_over_limit,
+        )
+
+
+@dataclass(slots=True)
+class ReservationRow:
+    reservation_id: str
+    tenant: str | None
+    status: ReservationStatus
+    subject: Subject
+    action: Action
+    unit: Unit
+    amount: int
+    budgeted_scopes: list[str]  # the scopes that had a budget at reserve time: settle exactly those
+    affected_scopes: list[str]
+    created_at_ms: int
+    expires_at_ms: int
+    grace_period_ms: int
+    overage_policy: CommitOveragePolicy
+    idempotency_key: str | None = None
+    committed: int | None = None
+    finalized_at_ms: int | None = None
+    extensions: int = 0
+    metadata: dict[str, Any] | None = None
+    committed_metadata: dict[str, Any] | None = None
+
+    @property
+    def deadline_ms(self) -> int:
+        """After this instant a commit is refused and the reserved amount goes back."""
+        return self.expires_at_ms + self.grace_period_ms
+
+    @property
+    def scope_path(self) -> str:
+        return self.affected_scopes[-1]
+
+    def copy(self) -> ReservationRow:
+        return ReservationRow(
+            self.reservation_id,
+            self.tenant,
+            self.status,
+            self.subject,
+            self.action,
+            self.unit,
+            self.amount,
+            self.budgeted_scopes,
+            self.affected_scopes,
+            self.created_at_ms,
+            self.expires_at_ms,
+            self.grace_period_ms,
+            self.overage_policy,
+            self.idempotency_key,
+            self.committed,
+            self.finalized_at_ms,
+            self.extensions,
+            self.metadata,
+            self.committed_metadata,
+        )
+
+    def to_summary(self, cls: type[ReservationSummary] = ReservationSummary) -> ReservationSummary:
+        mk = Amount.model_construct
+        return cls.model_construct(
+            reservation_id=self.reservation_id,
+            status=self.status,
+            idempotency_key=self.idempotency_key,
+            subject=self.subject,
+            action=self.action,
+            reserved=mk(unit=self.unit, amount=self.amount),
+            created_at_ms=self.created_at_ms,
+            expires_at_ms=self.expires_at_ms,
+            finalized_at_ms=self.finalized_at_ms,
+            scope_path=self.scope_path,
+            affected_scopes=list(self.affected_scopes),
+            committed=mk(unit=self.unit, amount=self.committed) if self.committed is not None else None,
+            metadata=self.metadata,
+            committed_metadata=self.committed_metadata,
+        )
+
+
+@dataclass(slots=True)
+class IdempotencyRecord:
+    fingerprint: str
+    response: dict[str, Any]
+    created_at_ms: int
+
+
+class Txn(Protocol):
+    """One atomic unit of work against a store. Reads see this transaction's own writes."""
+
+    now_ms: int
+
+    def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None: ...
+    def get_budgets(self, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
+        """The budgets that exist among ``scopes`` in ``unit``, in the order of ``scopes``."""
+        ...
+    def budget_units(self, scope: str) -> list[Unit]: ...
+    def put_budget(self, row: BudgetRow) -> None: ...
+    def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterable[BudgetRow]: ...
+    def get_reservation(self, reservation_id: str) -> ReservationRow | None: ...
+    def put_reservation(self, row: ReservationRow) -> None: ...
+    def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterable[ReservationRow]: ...
+    def due_reservations(self, now_ms: int, limit: int) -> list[str]: ...
+    def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None: ...
+    def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None: ...
+    def purge(self, older_than_ms: int, limit: int) -> int:
+        """Drop idempotency records and finished reservations last touched before ``older_than_ms``."""
+        ...
+
+
+# ---- small helpers --------------------------------------------------------------------------
+
+
+def fingerprint(request: BaseModel, *extra: str) -> str:
+    """A stable digest of a request payload (canonical JSON), for IDEMPOTENCY_MISMATCH detection."""
+    body = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
+    if extra:
+        body += "\x1f" + "\x1f".join(extra)
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def new_reservation_id() -> str:
+    return "rsv_" + uuid.uuid4().hex
+
+
+def new_event_id() -> str:
+    return "evt_" + uuid.uuid4().hex
+
+
+def _check_tenant(owner: str | None, tenant: str | None) -> None:
+    """``tenant`` is the caller's effective tenant; ``None`` means a trusted in-process caller."""
+    if tenant is not None and owner != tenant:
+        raise Forbidden("reservation belongs to another tenant")
+
+
+def _check_subject_tenant(subject: Subject, tenant: str | None) -> None:
+    if tenant is not None and subject.tenant is not None and subject.tenant != tenant:
+        raise Forbidden(f"subject.tenant {subject.tenant!r} does not match the authenticated tenant")
+
+
+def _amount(unit: Unit, value: int) -> Amount:
+    return Amount.model_construct(unit=unit, amount=value)
+
+
+def _idem_tenant(tenant: str | None, owner: str | None) -> str:
+    return tenant if tenant is not None else (owner or "")
+
+
+def _replay(
+    txn: Txn, tenant: str, endpoint: str, key: str, digest: str, cls: type[R]
+) -> R | None:
+    record = txn.get_idempotency(tenant, endpoint, key)
+    if record is None:
+        return None
+    if record.fingerprint != digest:
+        raise IdempotencyMismatch(
+            f"idempotency key {key!r} was already used on {endpoint} with a different payload",
+            details={"idempotency_key": key, "endpoint": endpoint},
+        )
+    return cls.model_validate(record.response)
+
+
+def _remember(txn: Txn, tenant: str, endpoint: str, key: str, digest: str, response: BaseModel) -> None:
+    payload = response.model_dump(mode="json", exclude_none=True)
+    txn.put_idempotency(tenant, endpoint, key, IdempotencyRecord(digest, payload, txn.now_ms))
+
+
+def _remaining_ttl(txn: Txn, row: ReservationRow | None, expires_at_ms: int) -> int:
+    if row is None or row.status is not ReservationStatus.ACTIVE:
+        return 0
+    return max(0, expires_at_ms - txn.now_ms)
+
+
+# ---- evaluation (shared by reserve, dry-run and decide) -------------------------------------
+
+
+@dataclass(slots=True)
+class Verdict:
+    scopes: list[str]
+    budgets: list[BudgetRow] = field(default_factory=list)
+    denial: CyclesError | None = None
+    caps: Caps | None = None
+
+    @property
+    def decision(self) -> Decision:
+        if self.denial is not None:
+            return Decision.DENY
+        return Decision.ALLOW_WITH_CAPS if self.caps is not None else Decision.ALLOW
+
+
+def _budgets_for(txn: Txn, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
+    return txn.get_budgets(scopes, unit)
+
+
+def _missing_budget(txn: Txn, scopes: Sequence[str], unit: Unit) -> CyclesError:
+    """NOT_FOUND, or UNIT_MISMATCH when a derived scope has a budget in another unit."""
+    for scope in scopes:
+        units = txn.budget_units(scope)
+        if units:
+            return UnitMismatch(
+                f"no {unit.value} budget for scope {scope}; it has budgets in "
+                + ", ".join(u.value for u in units),
+                details={"scope": scope, "requested_unit": unit.value, "expected_units": [u.value for u in units]},
+            )
+    return NotFound(f"Budget not found for provided scope: {scopes[-1]}", details={"scopes": list(scopes)})
+
+
+def _status_denial(budgets: Sequence[BudgetRow]) -> CyclesError | None:
+    for row in budgets:
+        if row.status == BUDGET_CLOSED:
+            return BudgetClosed(f"budget {row.scope} is closed", details={"scope": row.scope})
+    for row in budgets:
+        if row.status == BUDGET_FROZEN:
+            return BudgetFrozen(f"budget {row.scope} is frozen", details={"scope": row.scope})
+    return None
+
+
+def evaluate(txn: Txn, subject: Subject, estimate: Amount) -> Verdict:
+    """Decide a reservation without writing. Order: budget exists, status, over-limit, debt, remaining."""
+    scopes = derive_scopes(subject)
+    verdict = Verdict(scopes)
+    budgets = _budgets_for(txn, scopes, estimate.unit)
+    verdict.budgets = budgets
+    if not budgets:
+        verdict.denial = _missing_budget(txn, scopes, estimate.unit)
+        return verdict
+    verdict.denial = _status_denial(budgets)
+    if verdict.denial is not None:
+        return verdict
+    for row in budgets:  # is_over_limit takes precedence over DEBT_OUTSTANDING (spec)
+        if row.is_over_limit:
+            verdict.denial = OverdraftLimitExceeded(
+                f"scope {row.scope} is over its overdraft limit until reconciled",
+                details={"scope": row.scope, "debt": row.debt, "overdraft_limit": row.overdraft_limit},
+            )
+            return verdict
+    for row in budgets:
+        if row.debt > 0 and row.overdraft_limit == 0:
+            verdict.denial = DebtOutstanding(
+                f"scope {row.scope} has outstanding debt; fund it before new reservations",
+                details={"scope": row.scope, "debt": row.debt},
+            )
+            return verdict
+    for row in budgets:
+        if row.remaining < estimate.amount:
+            verdict.denial = BudgetExceeded(
+                f"Insufficient remaining budget for scope {row.scope}",
+                details={
+                    "scope": row.scope,
+                    "unit": estimate.unit.value,
+                    "remaining": row.remaining,
+                    "requested": estimate.amount,
+                },
+            )
+            return verdict
+    verdict.caps = merge_caps(row.caps for row in budgets)
+    return verdict
+
+
+def merge_caps(all_caps: Iterable[Caps | None]) -> Caps | None:
+    """The tightest combination: min of limits, intersection of allowlists, union of denylists."""
+    present = [c for c in all_caps if c is not None and not c.is_empty()]
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+
+    def least(values: Iterable[int | None]) -> int | None:
+        nums = [v for v in values if v is not None]
+        return min(nums) if nums else None
+
+    allow: list[str] | None = None
+    for c in present:
+        if c.tool_allowlist:
+            allow = list(c.tool_allowlist) if allow is None else [t for t in allow if t in c.tool_allowlist]
+    deny = sorted({t for c in present for t in (c.tool_denylist or [])}) or None
+    cooldowns = [c.cooldown_ms for c in present if c.cooldown_ms is not None]
+    return Caps(
+        max_tokens=least(c.max_tokens for c in present),
+        max_steps_remaining=least(c.max_steps_remaining for c in present),
+        tool_allowlist=allow,
+        tool_denylist=deny,
+        cooldown_ms=max(cooldowns) if cooldowns else None,
+    )
+
+
+def _deny_reason(denial: CyclesError) -> str:
+    return "BUDGET_NOT_FOUND" if isinstance(denial, NotFound) else denial.code
+
+
+# ---- runtime operations ---------------------------------------------------------------------
+
+
+def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> ReservationCreateResponse:
+    _check_subject_tenant(req.subject, tenant)
+    idem_tenant = _idem_tenant(tenant, req.subject.tenant)
+    endpoint = "reserve"
+    digest = fingerprint(req)
+    replay = _replay(txn, idem_tenant, endpoint, req.idempotency_key, digest, ReservationCreateResponse)
+    if replay is not None:
+        if replay.reservation_id is not None and replay.expires_at_ms is not None:
+            row = txn.get_reservation(replay.reservation_id)
+            replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
+        return replay
+
+    verdict = evaluate(txn, req.subject, req.estimate)
+    if verdict.denial is not None and isinstance(verdict.denial, BudgetExceeded) and not req.dry_run:
+        # Lazy expiry: budget held by dead clients goes back before we say no.
+        if expire_due(txn, limit=1000):
+            verdict = evaluate(txn, req.subject, req.estimate)
+
+    if req.dry_run:
+        if isinstance(verdict.denial, UnitMismatch):
+            raise verdict.denial
+        response = ReservationCreateResponse.model_construct(
+            decision=verdict.decision,
+            affected_scopes=verdict.scopes,
+            scope_path=verdict.scopes[-1],
+            caps=verdict.caps,
+            balances=[b.to_balance() for b in verdict.budgets] or None,
+            reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
+            reserved=req.estimate if verdict.denial is None else None,
+        )
+        _remember(txn, idem_tenant, endpoint, req.idempotency_key, digest, response)
+        return response
+
+    if verdict.denial is not None:
+        raise verdict.denial
+
+    amount = req.estimate.amount
+    for row in verdict.budgets:
+        row.reserved += amount
+        txn.put_budget(row)
+    now = txn.now_ms
+    row_r = ReservationRow(
+        reservation_id=new_reservation_id(),
+        tenant=tenant if tenant is not None else req.subject.tenant,
+        status=ReservationStatus.ACTIVE,
+        subject=req.subject,
+        action=req.action,
+        unit=req.estimate.unit,
+        amount=amount,
+        budgeted_scopes=[b.scope for b in verdict.budgets],
+        affected_scopes=verdict.scopes,
+        created_at_ms=now,
+        expires_at_ms=now + req.ttl_ms,
+        grace_period_ms=req.grace_period_ms,
+        overage_policy=req.overage_policy,
+        idempotency_key=req.idempotency_key,
+        metadata=req.metadata,
+    )
+    txn.put_reservation(row_r)
+    response = ReservationCreateResponse.model_construct(
+        decision=verdict.decision,
+        reservation_id=row_r.reservation_id,
+        reserved=req.estimate,
+        expires_at_ms=row_r.expires_at_ms,
+        remaining_ttl_ms=req.ttl_ms,
+        scope_path=row_r.scope_path,
+        affected_scopes=verdict.scopes,
+        caps=verdict.caps,
+        balances=[b.to_balance() for b in verdict.budgets],
+    )
+    _remember(txn, idem_tenant, endpoint, req.idempotency_key, digest, response)
+    return response
+
+
+def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionResponse:
+    _check_subject_tenant(req.subject, tenant)
+    idem_tenant = _idem_tenant(tenant, req.subject.tenant)
+    digest = fingerprint(req)
+    replay = _replay(txn, idem_tenant, "decide", req.idempotency_key, digest, DecisionResponse)
+    if replay is not None:
+        return replay
+    verdict = evaluate(txn, req.subject, req.estimate)
+    if isinstance(verdict.denial, UnitMismatch):  # request-validity error, not a budget state: 400
+        raise verdict.denial
+    response = DecisionResponse.model_construct(
+        decision=verdict.decision,
+        caps=verdict.caps,
+        reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
+        affected_scopes=verdict.scopes,
+    )
+    _remember(txn, idem_tenant, "decide", req.idempotency_key, digest, response)
+    return response
+
+
+def _load_reservation(txn: Txn, reservation_id: str, tenant: str | None) -> ReservationRow:
+    row = txn.get_reservation(reservation_id)
+    if row is None:
+        raise NotFound(f"reservation {reservation_id} not found", details={"reservation_id": reservation_id})
+    _check_tenant(row.tenant, tenant)
+    return row
+
+
+def _ensure_settleable(txn: Txn, row: ReservationRow) -> None:
+    """Commit and release are accepted until expires_at + grace; after that the lease is gone."""
+    if row.status in (ReservationStatus.COMMITTED, ReservationStatus.RELEASED):
+        raise ReservationFinalized(
+            f"reservation {row.reservation_id} is already {row.status.value}",
+            details={"reservation_id": row.reservation_id, "status": row.status.value},
+        )
+    if row.status is ReservationStatus.EXPIRED:
+        raise _expired(row)
+    if txn.now_ms > row.deadline_ms:
+        _expire(txn, row)
+        raise _expired(row)
+
+
+def _expired(row: ReservationRow) -> ReservationExpired:
+    return ReservationExpired(
+        f"reservation {row.reservation_id} expired at {row.expires_at_ms} (grace {row.grace_period_ms} ms)",
+        details={"reservation_id": row.reservation_id, "expires_at_ms": row.expires_at_ms},
+    )
+
+
+def _expire(txn: Txn, row: ReservationRow) -> None:
+    """Return an abandoned reservation's amount to every scope it held. Written even when the caller
+    goes on to raise RESERVATION_EXPIRED: the expiry is a fact, not part of the refused request."""
+    for scope in row.budgeted_scopes:
+        budget = txn.get_budget(scope, row.unit)
+        if budget is not None:
+            budget.reserved = max(0, budget.reserved - row.amount)
+            txn.put_budget(budget)
+    row.status = ReservationStatus.EXPIRED
+    txn.put_reservation(row)
+
+
+def expire_due(txn: Txn, limit: int) -> int:
+    """Expire up to ``limit`` reservations whose deadline has passed. Returns how many."""
+    count = 0
+    for reservation_id in txn.due_reservations(txn.now_ms, limit):
+        row = txn.get_reservation(reservation_id)
+        if row is not None and row.status is ReservationStatus.ACTIVE and txn.now_ms > row.deadline_ms:
+            _expire(txn, row)
+            count += 1
+    return count
+
+
+def _settle_budgets(
+    txn: Txn, budgets: list[BudgetRow], row: ReservationRow, actual: int, policy: CommitOveragePolicy
+) -> int:
+    """Move a reservation (``row.amount`` held, 0 for events) to spent; returns the amount charged.
+
+    Checks first, writes after, so a refused commit leaves every scope untouched.
+    """
+    held = row.amount
+    delta = actual - held
+    charged = actual
+    if delta > 0:
+        short = [b for b in budgets if b.remaining < delta]
+        if short:
+            worst = min(short, key=lambda b: b.remaining)
+            if policy is CommitOveragePolicy.REJECT:
+                raise BudgetExceeded(
+                    f"actual exceeds reserved and overage_policy=REJECT (scope {worst.scope})",
+                    details={"scope": worst.scope, "remaining": worst.remaining, "requested": delta},
+                )
+            if policy is CommitOveragePolicy.ALLOW_WITH_OVERDRAFT:
+                for b in short:
+                    shortfall = delta - max(0, b.remaining)
+                    if b.debt + shortfall > b.overdraft_limit:
+                        raise OverdraftLimitExceeded(
+                            f"commit would take scope {b.scope} past its overdraft limit",
+                            details={
+                                "scope": b.scope,
+                                "debt": b.debt,
+                                "shortfall": shortfall,
+                                "overdraft_limit": b.overdraft_limit,
+                            },
+                        )
+                for b in budgets:
+                    shortfall = max(0, delta - max(0, b.remaining))
+                    b.reserved = max(0, b.reserved - held)
+                    b.spent += actual - shortfall
+                    b.debt += shortfall
+                    if b.debt > b.overdraft_limit:
+                        b.is_over_limit = True
+                    txn.put_budget(b)
+                return actual
+            # ALLOW_IF_AVAILABLE: charge what every scope can cover; flag the ones that could not.
+            capped = max(0, min(b.remaining for b in budgets))
+            charged = held + min(delta, capped)
+            for b in short:
+                b.is_over_limit = True
+    for b in budgets:
+        b.reserved = max(0, b.reserved - held)
+        b.spent += charged
+        txn.put_budget(b)
+    return charged
+
+
+def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None) -> CommitResponse:
+    row = _load_reservation(txn, reservation_id, tenant)
+    idem_tenant = _idem_tenant(tenant, row.tenant)
+    digest = fingerprint(req, reservation_id)
+    replay = _replay(txn, idem_tenant, "commit", req.idempotency_key, digest, CommitResponse)
+    if replay is not None:
+        return replay
+    _ensure_settleable(txn, row)
+    if req.actual.unit != row.unit:
+        raise UnitMismatch(
+            f"actual is in {req.actual.unit.value} but the reservation is in {row.unit.value}",
+            details={"requested_unit": req.actual.unit.value, "expected_units": [row.unit.value]},
+        )
+    budgets = _budgets_for(txn, row.budgeted_scopes, row.unit)
+    charged = _settle_budgets(txn, budgets, row, req.actual.amount, row.overage_policy)
+    row.status = ReservationStatus.COMMITTED
+    row.committed = charged
+    row.finalized_at_ms = txn.now_ms
+    row.committed_metadata = req.metadata
+    txn.put_reservation(row)
+    released = row.amount - req.actual.amount
+    response = CommitResponse.model_construct(
+        status="COMMITTED",
+        charged=_amount(row.unit, charged),
+        released=_amount(row.unit, released) if released > 0 else None,
+        balances=[b.to_balance() for b in budgets],
+    )
+    _remember(txn, idem_tenant, "commit", req.idempotency_key, digest, response)
+    return response
+
+
+def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | None) -> ReleaseResponse:
+    row = _load_reservation(txn, reservation_id, tenant)
+    idem_tenant = _idem_tenant(tenant, row.tenant)
+    digest = fingerprint(req, reservation_id)
+    replay = _replay(txn, idem_tenant, "release", req.idempotency_key, digest, ReleaseResponse)
+    if replay is not None:
+        return replay
+    _ensure_settleable(txn, row)
+    budgets = _budgets_for(txn, row.budgeted_scopes, row.unit)
+    for b in budgets:
+        b.reserved = max(0, b.reserved - row.amount)
+        txn.put_budget(b)
+    row.status = ReservationStatus.RELEASED
+    row.finalized_at_ms = txn.now_ms
+    txn.put_reservation(row)
+    response = ReleaseResponse.model_construct(
+        status="RELEASED", released=_amount(row.unit, row.amount), balances=[b.to_balance() for b in budgets]
+    )
+    _remember(txn, idem_tenant, "release", req.idempotency_key, digest, response)
+    return response
+
+
+def extend(
+    txn: Txn, reservation_id: str, req: ReservationExtendRequest, tenant: str | None
+) -> ReservationExtendResponse:
+    row = _load_reservation(txn, reservation_id, tenant)
+    idem_tenant = _idem_tenant(tenant, row.tenant)
+    digest = fingerprint(req, reservation_id)
+    replay = _replay(txn, idem_tenant, "extend", req.idempotency_key, digest, ReservationExtendResponse)
+    if replay is not None:
+        replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
+        return replay
+    if row.status in (ReservationStatus.COMMITTED, ReservationStatus.RELEASED):
+        raise ReservationFinalized(
+            f"reservation {row.reservation_id} is already {row.status.value}",
+            details={"reservation_id": row.reservation_id, "status": row.status.value},
+        )
+    if row.status is ReservationStatus.EXPIRED or txn.now_ms > row.expires_at_ms:
+        if row.status is ReservationStatus.ACTIVE and txn.now_ms > row.deadline_ms:
+            _expire(txn, row)
+        raise _expired(row)
+    if row.extensions >= MAX_EXTENSIONS:
+        raise MaxExtensionsExceeded(
+            f"reservation {row.reservation_id} has been extended {row.extensions} times (max {MAX_EXTENSIONS})",
+            details={"reservation_id": row.reservation_id, "max_extensions": MAX_EXTENSIONS},
+        )
+    row.expires_at_ms += req.extend_by_ms
+    row.extensions += 1
+    txn.put_reservation(row)
+    response = ReservationExtendResponse.model_construct(
+        status="ACTIVE", expires_at_ms=row.expires_at_ms, remaining_ttl_ms=row.expires_at_ms - txn.now_ms
+    )
+    _remember(txn, idem_tenant, "extend", req.idempotency_key, digest, response)
+    return response
+
+
+def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateResponse:
+    """Post-only accounting: charge ``actual`` with no reservation, under the event's overage policy."""
+    _check_subject_tenant(req.subject, tenant)
+    idem_tenant = _idem_tenant(tenant, req.subject.tenant)
+    digest = fingerprint(req)
+    replay = _replay(txn, idem_tenant, "event", req.idempotency_key, digest, EventCreateResponse)
+    if replay is not None:
+        return replay
+    scopes = derive_scopes(req.subject)
+    budgets = _budgets_for(txn, scopes, req.actual.unit)
+    if not budgets:
+        raise _missing_budget(txn, scopes, req.actual.unit)
+    denial = _status_denial(budgets)
+    if denial is not None:
+        raise denial
+    pseudo = ReservationRow(
+        reservation_id="",
+        tenant=None,
+        status=ReservationStatus.ACTIVE,
+        subject=req.subject,
+        action=req.action,
+        unit=req.actual.unit,
+        amount=0,
+        budgeted_scopes=[],
+        affected_scopes=scopes,
+        created_at_ms=txn.now_ms,
+        expires_at_ms=txn.now_ms,
+        grace_period_ms=0,
+        overage_policy=req.overage_policy,
+    )
+    charged = _settle_budgets(txn, budgets, pseudo, req.actual.amount, req.overage_policy)
+    response = EventCreateResponse.model_construct(
+        status="APPLIED",
+        event_id=new_event_id(),
+        charged=_amount(req.actual.unit, charged),
+        balances=[b.to_balance() for b in budgets],
+    )
+    _remember(txn, idem_tenant, "event", req.idempotency_key, digest, response)
+    return response
+
+
+# ---- reads ----------------------------------------------------------------------------------
+
+
+def get_reservation(txn: Txn, reservation_id: str, tenant: str | None) -> ReservationDetail:
+    row = _load_reservation(txn, reservation_id, tenant)
+    if row.status is ReservationStatus.ACTIVE and txn.now_ms > row.deadline_ms:
+        _expire(txn, row)
+    if row.status is ReservationStatus.EXPIRED:
+        raise _expired(row)
+    summary = row.to_summary(ReservationDetail)
+    assert isinstance(summary, ReservationDetail)
+    return summary
+
+
+@dataclass(slots=True)
+class SubjectFilter:
+    tenant: str | None = None
+    workspace: str | None = None
+    app: str | None = None
+    workflow: str | None = None
+    agent: str | None = None
+    toolset: str | None = None
+
+    def pairs(self) -> list[tuple[str, str]]:
+        return [(lvl, v) for lvl in LEVELS if (v := getattr(self, lvl)) not in (None, "")]
+
+    def matches_scope(self, scope: str) -> bool:
+        levels = dict(parse_scope(scope))
+        return all(levels.get(lvl) == v for lvl, v in self.pairs())
+
+    def matches_subject(self, subject: Subject) -> bool:
+        return all(getattr(subject, lvl) == v for lvl, v in self.pairs())
+
+
+@dataclass(slots=True)
+class BalanceQuery(SubjectFilter):
+    include_children: bool = False
+    limit: int = 50
+    cursor: str | None = None
+
+
+@dataclass(slots=True)
+class ReservationQuery(SubjectFilter):
+    status: ReservationStatus | None = None
+    idempotency_key: str | None = None
+    created_from_ms: int | None = None
+    created_to_ms: int | None = None
+    expires_from_ms: int | None = None
+    expires_to_ms: int | None = None
+    finalized_from_ms: int | None = None
+    finalized_to_ms: int | None = None
+    sort_by: str | None = None
+    sort_dir: str = "desc"
+    include: tuple[str, ...] = ()
+    limit: int = 50
+    cursor: str | None = None
+
+
+SORT_KEYS: dict[str, Callable[[ReservationRow], Any]] = {
+    "reservation_id": lambda r: r.reservation_id,
+    "tenant": lambda r: r.subject.tenant or "",
+    "scope_path": lambda r: r.scope_path,
+    "status": lambda r: r.status.value,
+    "reserved": lambda r: r.amount,
+    "created_at_ms": lambda r: r.created_at_ms,
+    "expires_at_ms": lambda r: r.expires_at_ms,
+}
+
+
+def _check_limit(limit: int) -> None:
+    if not 1 <= limit <= 200:
+        raise InvalidRequest("limit must be between 1 and 200")
+
+
+def _encode_cursor(offset: int, binding: str) -> str:
+    raw = json.dumps({"o": offset, "f": binding}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str | None, binding: str) -> int:
+    if not cursor:
+        return 0
+    try:
+        data = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        offset, bound = int(data["o"]), str(data["f"])
+    except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise InvalidRequest("cursor is not one this server issued") from exc
+    if bound != binding or offset < 0:
+        raise InvalidRequest("cursor was issued for different filters")
+    return offset
+
+
+def _page(items: list[Any], limit: int, cursor: str | None, binding: str) -> tuple[list[Any], str | None]:
+    _check_limit(limit)
+    start = _decode_cursor(cursor, binding)
+    page = items[start : start + limit]
+    more = start + limit < len(items)
+    return page, (_encode_cursor(start + limit, binding) if more else None)
+
+
+def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceResponse:
+    if not query.pairs():
+        raise InvalidRequest("at least one of tenant, workspace, app, workflow, agent, toolset is required")
+    if tenant is not None and query.tenant not in (None, "", tenant):
+        raise Forbidden("balances can only be queried within the authenticated tenant")
+    effective = tenant if tenant is not None else query.tenant
+    rows = [
+        row
+        for row in txn.iter_budgets(effective, all_tenants=effective is None)
+        if query.matches_scope(row.scope)
+    ]
+    rows.sort(key=lambda r: (r.scope, r.unit.value))
+    binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
+    page, next_cursor = _page(rows, query.limit, query.cursor, binding)
+    return BalanceResponse.model_construct(
+        balances=[r.to_balance() for r in page],
+        next_cursor=next_cursor,
+        has_more=next_cursor is not None,
+    )
+
+
+def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> ReservationListResponse:
+    if tenant is not None and query.tenant not in (None, "", tenant):
+        raise Forbidden("reservations can only be listed within the authenticated tenant")
+    for lo, hi, name in (
+        (query.created_from_ms, query.created_to_ms, "from/to"),
+        (query.expires_from_ms, query.expires_to_ms, "expires_from/expires_to"),
+        (query.finalized_from_ms, query.finalized_to_ms, "finalized_from/finalized_to"),
+    ):
+        if lo is not None and hi is not None and lo > hi:
+            raise InvalidRequest(f"{name}: the lower bound is after the upper bound")
+    if query.sort_dir not in ("asc", "desc"):
+        raise InvalidRequest("sort_dir must be asc or desc")
+    effective = tenant if tenant is not None else (query.tenant or None)
+
+    def keep(r: ReservationRow) -> bool:
+        if r.status is ReservationStatus.ACTIVE and txn.now_ms > r.deadline_ms:
+            _expire(txn, r)
+        if query.status is not None and r.status is not query.status:
+            return False
+        if query.idempotency_key is not None and r.idempotency_key != query.idempotency_key:
+            return False
+        if not query.matches_subject(r.subject):
+            return False
+        for value, lo, hi in (
+            (r.created_at_ms, query.created_from_ms, query.created_to_ms),
+            (r.expires_at_ms, query.expires_from_ms, query.expires_to_ms),
+        ):
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                return False
+        if query.finalized_from_ms is not None or query.finalized_to_ms is not None:
+            f = r.finalized_at_ms
+            if f is None:
+                return False
+            if (query.finalized_from_ms is not None and f < query.finalized_from_ms) or (
+                query.finalized_to_ms is not None and f > query.finalized_to_ms
+            ):
+                return False
+        return True
+
+    rows = [r for r in txn.iter_reservations(effective, all_tenants=effective is None) if keep(r)]
+    key = SORT_KEYS.get(query.sort_by or "created_at_ms", SORT_KEYS["created_at_ms"])
+    rows.sort(key=lambda r: (key(r), r.reservation_id), reverse=query.sort_dir == "desc")
+    binding = hashlib.sha256(
+        repr(
+            (
+                query.pairs(),
+                effective,
+                query.status,
+                query.idempotency_key,
+                query.created_from_ms,
+                query.created_to_ms,
+                query.expires_from_ms,
+                query.expires_to_ms,
+                query.finalized_from_ms,
+                query.finalized_to_ms,
+                query.sort_by,
+                query.sort_dir,
+            )
+        ).encode()
+    ).hexdigest()[:16]
+    page, next_cursor = _page(rows, query.limit, query.cursor, binding)
+    summaries = []
+    for r in page:
+        s = r.to_summary()
+        if "metadata" not in query.include:
+            s.metadata = None
+        if "committed_metadata" not in query.include:
+            s.committed_metadata = None
+        summaries.append(s)
+    return ReservationListResponse.model_construct(
+        reservations=summaries, next_cursor=next_cursor, has_more=next_cursor is not None
+    )
+
+
+# ---- operator plane -------------------------------------------------------------------------
+
+
+def set_budget(
+    txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None
+) -> Balance:
+    """Create a budget or change its allocation. Spent, reserved and debt are kept."""
+    parse_scope(scope)
+    if overdraft_limit is not None and overdraft_limit.unit != amount.unit:
+        raise UnitMismatch("overdraft_limit must be in the budget's unit")
+    row = txn.get_budget(scope, amount.unit) or BudgetRow(scope, amount.unit, scope_tenant(scope))
+    if row.status == BUDGET_CLOSED:
+        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    row.allocated = amount.amount
+    if overdraft_limit is not None:
+        row.overdraft_limit = overdraft_limit.amount
+    if caps is not None:
+        row.caps = None if caps.is_empty() else caps
+    _reconcile_over_limit(row)
+    txn.put_budget(row)
+    return row.to_balance()
+
+
+def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
+    """Add funds. Debt is repaid first (it becomes spent), as the spec's DEBT SEMANTICS require."""
+    parse_scope(scope)
+    row = txn.get_budget(scope, amount.unit)
+    if row is None:
+        raise _missing_budget(txn, [scope], amount.unit)
+    if row.status == BUDGET_CLOSED:
+        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    repay = min(row.debt, amount.amount)
+    row.debt -= repay
+    row.spent += repay
+    row.allocated += amount.amount
+    _reconcile_over_limit(row)
+    txn.put_budget(row)
+    return row.to_balance()
+
+
+def _reconcile_over_limit(row: BudgetRow) -> None:
+    """Over-limit clears once debt is back within the limit and the scope is not short of funds."""
+    if row.is_over_limit and row.debt <= row.overdraft_limit and row.remaining >= 0:
+        row.is_over_limit = False
+
+
+def set_budget_status(txn: Txn, scope: str, unit: Unit | None, status: str) -> list[Balance]:
+    if status not in BUDGET_STATUSES:
+        raise InvalidRequest(f"status must be one of {', '.join(BUDGET_STATUSES)}")
+    parse_scope(scope)
+    units = [unit] if unit is not None else txn.budget_units(scope)
+    rows = [r for u in units if (r := txn.get_budget(scope, u)) is not None]
+    if not rows:
+        raise NotFound(f"Budget not found for provided scope: {scope}")
+    for row in rows:
+        if row.status == BUDGET_CLOSED and status != BUDGET_CLOSED:
+            raise BudgetClosed(f"budget {scope} is closed for good", details={"scope": scope})
+        row.status = status
+        txn.put_budget(row)
+    return [r.to_balance() for r in rows]
+
+
+def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
+    parse_scope(scope)
+    units = [unit] if unit is not None else txn.budget_units(scope)
+    for u in units:
+        row = txn.get_budget(scope, u)
+        if row is not None:
+            return row.to_balance()
+    raise NotFound(f"Budget not found for provided scope: {scope}")
+
+
+def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
+    rows = sorted(txn.iter_budgets(tenant, all_tenants=tenant is None), key=lambda r: (r.scope, r.unit.value))
+    return [r.to_balance() for r in rows]
+
+
+def sweep(txn: Txn, limit: int) -> int:
+    expired = expire_due(txn, limit)
+    txn.purge(txn.now_ms - IDEMPOTENCY_RETENTION_MS, limit)
+    return expired

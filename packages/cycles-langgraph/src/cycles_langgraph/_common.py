@@ -1,0 +1,147 @@
+"""What the three adapters share and that does no I/O: subjects from runs, model ids, usage.
+
+Pricing itself (estimates, actual cost from tokens) is the core's: this module only finds the
+model name and the token counts in LangChain's objects and hands them to ``cycles.pricing``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal, NamedTuple
+
+from cycles import Action, Amount, AsyncCycles, Cycles, Subject, usd
+from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
+from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata, get_buffer_string
+from langchain_core.runnables import RunnableConfig
+
+__all__ = ["SubjectLike", "per_run"]
+
+SubjectLike = Subject | Callable[[RunnableConfig], Subject]
+"""A fixed subject, or a function of the current run's config (see ``per_run``)."""
+
+_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]+")
+_MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "ls_max_tokens")
+
+
+def per_run(
+    base: Subject, *, level: Literal["workspace", "app", "workflow", "agent", "toolset"] = "workflow"
+) -> Callable[[RunnableConfig], Subject]:
+    """A subject per run: ``base`` with ``level`` set to the run's ``thread_id``.
+
+    ``per_run(Subject(tenant="acme"))`` spends a run on thread ``t-1`` against
+    ``tenant:acme/workflow:t-1`` *and* ``tenant:acme``, so each run has its own budget (set it with
+    ``cy.budgets.set("tenant:acme/workflow:t-1", usd(1))``) under its tenant's. A thread id with
+    characters a scope cannot hold has them replaced by ``-``. No ``thread_id``: ``base`` unchanged.
+    """
+
+    def subject_of(config: RunnableConfig) -> Subject:
+        configurable = config.get("configurable") or {}
+        metadata = config.get("metadata") or {}
+        thread = configurable.get("thread_id") or metadata.get("thread_id")
+        if thread is None:
+            return base
+        return base.merged(**{level: _UNSAFE.sub("-", str(thread))[:128]})
+
+    return subject_of
+
+
+def resolve_subject(subject: SubjectLike, config: RunnableConfig) -> Subject:
+    return subject if isinstance(subject, Subject) else subject(config)
+
+
+class Model(NamedTuple):
+    """Which model a call uses, as LangChain's tracing params name it."""
+
+    provider: str | None
+    name: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.provider}:{self.name}" if self.provider else self.name
+
+
+def model_of(*sources: Mapping[str, Any] | None) -> Model:
+    """From LangSmith params (``ls_provider``/``ls_model_name``), else invocation params."""
+    provider = name = None
+    for source in sources:
+        if not source:
+            continue
+        provider = provider or source.get("ls_provider")
+        for key in ("ls_model_name", "model_name", "model", "model_id"):
+            value = source.get(key)
+            if name is None and isinstance(value, str) and value:
+                name = value
+    if name is None:
+        raise ValueError("cannot tell which model is called: no ls_model_name, model_name or model")
+    return Model(provider if isinstance(provider, str) else None, name)
+
+
+def max_output_tokens(default: int, *sources: Mapping[str, Any] | None) -> int:
+    for source in sources:
+        for key in _MAX_TOKEN_KEYS:
+            value = (source or {}).get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return default
+
+
+def estimate_prompt(model: Model, prompt: Sequence[BaseMessage] | Sequence[str], tools: object, cap: int) -> Amount:
+    """Input tokens approximated offline from the prompt (plus tool schemas), output at its cap."""
+    texts = [m if isinstance(m, str) else get_buffer_string([m]) for m in prompt]
+    if tools:
+        texts.append(str(tools))
+    return estimate_cost(
+        model.name, input_tokens=approx_messages_tokens(texts), max_output_tokens=cap, provider=model.provider
+    )
+
+
+def usage_of(messages: Iterable[object]) -> UsageMetadata | None:
+    """The ``usage_metadata`` of the first AIMessage carrying one."""
+    for message in messages:
+        if isinstance(message, AIMessage) and message.usage_metadata:
+            return message.usage_metadata
+    return None
+
+
+def priced(model: Model, usage: UsageMetadata) -> tuple[Amount, dict[str, int]]:
+    """The actual cost of ``usage`` priced by the core, and the metrics to record with it.
+
+    LangChain's ``input_tokens`` counts cached prompt tokens too, as the core expects.
+    """
+    cached = (usage.get("input_token_details") or {}).get("cache_read", 0)
+    actual = price_usage(
+        model.name,
+        input_tokens=usage["input_tokens"],
+        output_tokens=usage["output_tokens"],
+        cached_input_tokens=cached,
+        provider=model.provider,
+    )
+    return actual, {"tokens_input": usage["input_tokens"], "tokens_output": usage["output_tokens"]}
+
+
+def tool_cost(spec: Amount | Mapping[str, Amount], name: str) -> Amount:
+    """A tool call's fixed cost: one amount for every tool, or per name (``"*"`` the default)."""
+    if isinstance(spec, Amount):
+        return spec
+    return spec.get(name, spec.get("*", usd(0)))
+
+
+def sync_cycles(cycles: Cycles | AsyncCycles) -> Cycles:
+    if isinstance(cycles, AsyncCycles):
+        raise TypeError("an AsyncCycles client can only guard async runs (ainvoke/astream); pass a Cycles")
+    return cycles
+
+
+@asynccontextmanager
+async def aguard(
+    cycles: Cycles | AsyncCycles, subject: Subject, action: Action, estimate: Amount
+) -> AsyncIterator[Any]:
+    """The core's guard in an async run, with either client (a sync one does its ledger calls inline)."""
+    if isinstance(cycles, AsyncCycles):
+        async with cycles.guard(subject, action, estimate=estimate) as guard:
+            yield guard
+    else:
+        with cycles.guard(subject, action, estimate=estimate) as guard:
+            yield guard

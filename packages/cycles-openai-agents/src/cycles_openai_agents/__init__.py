@@ -1,0 +1,22 @@
+"""Cycles for the OpenAI Agents SDK: reserve before every model and tool call, commit what it cost.
+
+    hooks = CyclesRunHooks(acy, subject=Subject(tenant="acme", workflow="run-42"))
+    result = await hooks.run(agent, "Plan the launch")   # Runner.run + release on failure
+"""
+
+from __future__ import annotations
+
+try:
+    import agents as _agents
+
+    _agents.RunHooks  # noqa: B018 - a different top-level "agents" package would pass the import
+except (ImportError, AttributeError) as exc:  # pragma: no cover - exercised by a test that hides the SDK
+    raise ImportError(
+        "cycles_openai_agents needs the OpenAI Agents SDK (openai-agents>=0.24); install it with: "
+        'pip install "cycles-openai-agents[openai-agents]"'
+    ) from exc
+
+from cycles_openai_agents.hooks import CyclesRunHooks, OnExhausted, OnToolDenied
+from cycles_openai_agents.model import CyclesModel
+
+__all__ = ["CyclesModel", "CyclesRunHooks", "OnExhausted", "OnToolDenied"]

@@ -1,0 +1,83 @@
+"""Fixtures for the LangChain / LangGraph adapter tests: a Cycles client on every backend.
+
+Prices are registered for the fake models' ``fake-model`` so a reply of 1,000 input and 500
+output tokens costs exactly $0.30, and an estimate at the default 1,024 max output tokens is a
+little over $0.41: a $1 budget pays for two calls, never three.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cycles import Cycles, Subject
+from cycles.pricing import register_price
+
+REDIS_URL = os.environ.get("CYCLES_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+HAS_REDIS_BACKEND = importlib.util.find_spec("cycles.ledger.redis") is not None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "redis: needs a Redis server (CYCLES_TEST_REDIS_URL)")
+
+
+@pytest.fixture(autouse=True)
+def _fake_model_price() -> None:
+    register_price("fake-model", input_per_mtok=100, output_per_mtok=400)
+
+
+def _backend_url(name: str, tmp_path: Path) -> str:
+    return {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/l.db", "redis": REDIS_URL}[name]
+
+
+BACKENDS = [
+    pytest.param("memory", id="memory"),
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param(
+        "redis",
+        id="redis",
+        marks=[
+            pytest.mark.redis,
+            pytest.mark.skipif(not HAS_REDIS_BACKEND, reason="cycles.ledger.redis has not landed yet"),
+        ],
+    ),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    return _backend_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A tenant of its own per test: backends that outlive a test (Redis) need no flushing."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def cy(backend: str) -> Iterator[Cycles]:
+    client = Cycles(backend)
+    yield client
+    assert_invariant(client)
+    client.close()
+
+
+@pytest.fixture
+def subject(tenant: str) -> Subject:
+    return Subject(tenant=tenant)
+
+
+def assert_invariant(client: Cycles) -> None:
+    """The ledger invariant, after every test: remaining = allocated - spent - reserved - debt."""
+    try:
+        from cycles.testing import assert_ledger_invariant
+    except ImportError:
+        for balance in client.budgets.list():
+            assert balance.invariant_holds(), balance
+    else:
+        assert_ledger_invariant(client)
