@@ -16,13 +16,10 @@ from pathlib import Path
 import pytest
 from cycles import Cycles, Subject
 from cycles.pricing import register_price
+from cycles.testing import assert_ledger_invariant
 
 REDIS_URL = os.environ.get("CYCLES_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 HAS_REDIS_BACKEND = importlib.util.find_spec("cycles.ledger.redis") is not None
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "redis: needs a Redis server (CYCLES_TEST_REDIS_URL)")
 
 
 @pytest.fixture(autouse=True)
@@ -59,25 +56,25 @@ def tenant() -> str:
     return f"t{uuid.uuid4().hex[:10]}"
 
 
-@pytest.fixture
-def cy(backend: str) -> Iterator[Cycles]:
-    client = Cycles(backend)
+def _checked(client: Cycles, tenant: str) -> Iterator[Cycles]:
     yield client
-    assert_invariant(client)
+    assert_ledger_invariant(client)
+    assert client.list_reservations(tenant=tenant, status="ACTIVE").reservations == []
     client.close()
+
+
+@pytest.fixture
+def cy(backend: str, tenant: str) -> Iterator[Cycles]:
+    """A client per test; after it the ledger invariant holds and no reservation is left open."""
+    yield from _checked(Cycles(backend), tenant)
+
+
+@pytest.fixture
+def shadow_cy(backend: str, tenant: str) -> Iterator[Cycles]:
+    """The same, in shadow mode: nothing is blocked, would-deny decisions land in ``shadow_log``."""
+    yield from _checked(Cycles(backend, mode="shadow"), tenant)
 
 
 @pytest.fixture
 def subject(tenant: str) -> Subject:
     return Subject(tenant=tenant)
-
-
-def assert_invariant(client: Cycles) -> None:
-    """The ledger invariant, after every test: remaining = allocated - spent - reserved - debt."""
-    try:
-        from cycles.testing import assert_ledger_invariant
-    except ImportError:
-        for balance in client.budgets.list():
-            assert balance.invariant_holds(), balance
-    else:
-        assert_ledger_invariant(client)

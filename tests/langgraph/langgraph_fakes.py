@@ -1,4 +1,4 @@
-"""Fake models and replies for the adapter tests (imported by the tests, next to conftest.py).
+"""Fake models, replies and the ledger check for the adapter tests (imported next to conftest.py).
 
 langchain-core's own ``GenericFakeChatModel`` with ``usage_metadata`` on each reply and a
 ``bind_tools`` (the fake has none) so ``create_agent`` accepts it. ``conftest.py`` registers prices
@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cycles import usd
+from cycles import Cycles, usd
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata
@@ -27,6 +27,7 @@ class FakeChat(GenericFakeChatModel):
     """The fake chat model, plus ``bind_tools`` and a record of what each call was sent."""
 
     model_name: str = "fake-model"
+    max_tokens: int | None = None  # the model's own setting, as real chat models have
     calls: list[dict[str, Any]] = Field(default_factory=list)
 
     def bind_tools(self, tools: Any, *, tool_choice: Any = None, **kwargs: Any) -> Runnable[Any, BaseMessage]:
@@ -49,7 +50,7 @@ def reply(text: str = "", *, tool: str | None = None, **args: Any) -> AIMessage:
     return AIMessage(content=text, tool_calls=calls, usage_metadata=USAGE.copy())
 
 
-def scripted(*messages: AIMessage | Callable[[], AIMessage]) -> FakeChat:
+def scripted(*messages: AIMessage | Callable[[], AIMessage], max_tokens: int | None = None) -> FakeChat:
     """A model answering with ``messages`` in order; a callable as the last one repeats forever."""
 
     def gen() -> Iterator[AIMessage]:
@@ -60,7 +61,7 @@ def scripted(*messages: AIMessage | Callable[[], AIMessage]) -> FakeChat:
                 while True:
                     yield m()
 
-    return FakeChat(messages=gen())
+    return FakeChat(messages=gen(), max_tokens=max_tokens)
 
 
 def runaway(tool: str = "search") -> FakeChat:
@@ -68,3 +69,8 @@ def runaway(tool: str = "search") -> FakeChat:
     return scripted(lambda: reply(tool=tool, q="refund policy"))
 
 
+def spent(cy: Cycles, scope: str) -> int:
+    """What ``scope`` has spent, checking nothing is left reserved there."""
+    balance = cy.budgets.get(scope)
+    assert balance.reserved is None or balance.reserved.amount == 0, f"{scope}: a reservation was left open"
+    return balance.spent.amount if balance.spent else 0

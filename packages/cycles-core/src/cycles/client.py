@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar, cast
 
-from cycles.errors import InvalidRequest
+from pydantic import BaseModel, ValidationError
+
+from cycles.errors import InvalidRequest, describe_validation_error
 from cycles.guard import AsyncGuard, Guard, GuardSettings, Mode, ShadowRecord, _GuardCore
 from cycles.ledger.base import (
     AsyncLedger,
@@ -60,6 +62,19 @@ EstimateArg = Amount | Callable[..., Amount]
 ActualArg = Callable[[Any], Amount | None] | None
 
 
+M = TypeVar("M", bound=BaseModel)
+
+
+def _build(cls: type[M], **fields: Any) -> M:
+    """Validate a request built from user arguments; bad input is an InvalidRequest, like on the wire."""
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        raise InvalidRequest(
+            describe_validation_error(exc), details={"errors": exc.errors(include_url=False, include_context=False)}
+        ) from exc
+
+
 def _key(idempotency_key: str | None) -> str:
     return idempotency_key or "cyc_" + uuid.uuid4().hex
 
@@ -77,7 +92,7 @@ def _ms(value: int | datetime | str | None) -> int | None:
 def _metrics(value: StandardMetrics | Mapping[str, Any] | None) -> StandardMetrics | None:
     if value is None or isinstance(value, StandardMetrics):
         return value
-    return StandardMetrics.model_validate(dict(value))
+    return _build(StandardMetrics, **dict(value))
 
 
 def _policy(value: CommitOveragePolicy | str | None, default: CommitOveragePolicy) -> CommitOveragePolicy:
@@ -156,7 +171,8 @@ class _ClientBase:
         idempotency_key: str | None,
         metadata: dict[str, Any] | None,
     ) -> ReservationCreateRequest:
-        return ReservationCreateRequest(
+        return _build(
+            ReservationCreateRequest,
             idempotency_key=_key(idempotency_key),
             subject=subject,
             action=action,
@@ -176,7 +192,9 @@ class _ClientBase:
         cursor: str | None,
         filters: dict[str, Any],
     ) -> ReservationQuery:
-        levels = {k: filters.pop(k) for k in ("tenant", "workspace", "app", "workflow", "agent", "toolset") if k in filters}
+        levels = {
+            k: filters.pop(k) for k in ("tenant", "workspace", "app", "workflow", "agent", "toolset") if k in filters
+        }
         times = {
             "created_from_ms": _ms(filters.pop("created_from", None)),
             "created_to_ms": _ms(filters.pop("created_to", None)),
@@ -392,24 +410,34 @@ class Cycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> CommitResponse:
-        req = CommitRequest(idempotency_key=_key(idempotency_key), actual=actual, metrics=_metrics(metrics), metadata=metadata)
+        req = _build(
+            CommitRequest,
+            idempotency_key=_key(idempotency_key),
+            actual=actual,
+            metrics=_metrics(metrics),
+            metadata=metadata,
+        )
         return self.ledger.commit(reservation_id, req)
 
     def release(
         self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
     ) -> ReleaseResponse:
-        return self.ledger.release(reservation_id, ReleaseRequest(idempotency_key=_key(idempotency_key), reason=reason))
+        return self.ledger.release(
+            reservation_id, _build(ReleaseRequest, idempotency_key=_key(idempotency_key), reason=reason)
+        )
 
     def extend(
         self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
     ) -> ReservationExtendResponse:
-        req = ReservationExtendRequest(idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
+        req = _build(ReservationExtendRequest, idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
         return self.ledger.extend(reservation_id, req)
 
     def decide(
         self, subject: Subject, action: Action, estimate: Amount, *, idempotency_key: str | None = None
     ) -> DecisionResponse:
-        req = DecisionRequest(idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate)
+        req = _build(
+            DecisionRequest, idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate
+        )
         return self.ledger.decide(req)
 
     def event(
@@ -423,7 +451,8 @@ class Cycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> EventCreateResponse:
-        req = EventCreateRequest(
+        req = _build(
+            EventCreateRequest,
             idempotency_key=_key(idempotency_key),
             subject=subject,
             action=action,
@@ -613,25 +642,33 @@ class AsyncCycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> CommitResponse:
-        req = CommitRequest(idempotency_key=_key(idempotency_key), actual=actual, metrics=_metrics(metrics), metadata=metadata)
+        req = _build(
+            CommitRequest,
+            idempotency_key=_key(idempotency_key),
+            actual=actual,
+            metrics=_metrics(metrics),
+            metadata=metadata,
+        )
         return await self.ledger.commit(reservation_id, req)
 
     async def release(
         self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
     ) -> ReleaseResponse:
-        req = ReleaseRequest(idempotency_key=_key(idempotency_key), reason=reason)
+        req = _build(ReleaseRequest, idempotency_key=_key(idempotency_key), reason=reason)
         return await self.ledger.release(reservation_id, req)
 
     async def extend(
         self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
     ) -> ReservationExtendResponse:
-        req = ReservationExtendRequest(idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
+        req = _build(ReservationExtendRequest, idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
         return await self.ledger.extend(reservation_id, req)
 
     async def decide(
         self, subject: Subject, action: Action, estimate: Amount, *, idempotency_key: str | None = None
     ) -> DecisionResponse:
-        req = DecisionRequest(idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate)
+        req = _build(
+            DecisionRequest, idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate
+        )
         return await self.ledger.decide(req)
 
     async def event(
@@ -645,7 +682,8 @@ class AsyncCycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> EventCreateResponse:
-        req = EventCreateRequest(
+        req = _build(
+            EventCreateRequest,
             idempotency_key=_key(idempotency_key),
             subject=subject,
             action=action,

@@ -32,6 +32,7 @@ __all__ = [
     "Unauthorized",
     "UnitMismatch",
     "UnpricedModel",
+    "describe_validation_error",
     "error_for",
 ]
 
@@ -223,3 +224,22 @@ def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:
         err.code = code  # type: ignore[misc]  # keep an unknown server code visible to the caller
         return err
     return cls(message, **kwargs)
+
+
+def describe_validation_error(exc: Exception, limit: int = 5) -> str:
+    """A one-line, human message for a pydantic ValidationError: ``field.path: problem; ...``.
+
+    Input values are not echoed (they may be huge or sensitive); at most ``limit`` problems are named.
+    """
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return str(exc)
+    parts = []
+    items = errors(include_url=False, include_context=False, include_input=False)
+    for item in items[:limit]:
+        loc = ".".join(str(p) for p in item.get("loc", ())) or "body"
+        parts.append(f"{loc}: {item.get('msg', 'invalid')}")
+    more = len(items) - limit
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "invalid request: " + "; ".join(parts)

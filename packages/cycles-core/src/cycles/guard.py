@@ -664,9 +664,7 @@ class AsyncGuard(_GuardFace):
         self._token = _current.set(self._core)
         return self
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._token is not None:
             try:
                 _current.reset(self._token)

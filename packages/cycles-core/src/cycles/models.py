@@ -173,16 +173,14 @@ class Subject(_Wire):
     workflow: SubjectField | None = None
     agent: SubjectField | None = None
     toolset: SubjectField | None = None
-    dimensions: (
-        Annotated[dict[str, Annotated[str, StringConstraints(max_length=256)]], Field(max_length=16)] | None
-    ) = None
+    dimensions: Annotated[dict[str, Annotated[str, StringConstraints(max_length=256)]], Field(max_length=16)] | None = (
+        None
+    )
 
     @model_validator(mode="after")
     def _needs_a_standard_field(self) -> Subject:
         if not any((self.tenant, self.workspace, self.app, self.workflow, self.agent, self.toolset)):
-            raise ValueError(
-                "subject needs at least one of tenant, workspace, app, workflow, agent, toolset"
-            )
+            raise ValueError("subject needs at least one of tenant, workspace, app, workflow, agent, toolset")
         return self
 
     def merged(self, **levels: str | None) -> Subject:

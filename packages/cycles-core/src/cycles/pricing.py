@@ -117,9 +117,7 @@ def _decimal(value: Rate, what: str) -> Decimal:
 
 
 def _user_price(input_per_mtok: Rate, output_per_mtok: Rate, cached_input_per_mtok: Rate | None) -> _Price:
-    cached = (
-        None if cached_input_per_mtok is None else _decimal(cached_input_per_mtok, "cached_input_per_mtok")
-    )
+    cached = None if cached_input_per_mtok is None else _decimal(cached_input_per_mtok, "cached_input_per_mtok")
     return _Price(
         input=_tiers(_decimal(input_per_mtok, "input_per_mtok")),
         output=_tiers(_decimal(output_per_mtok, "output_per_mtok")),
@@ -212,9 +210,7 @@ class Pricer:
         self, model: str, *, input_tokens: int, max_output_tokens: int, provider: str | None = None
     ) -> Amount:
         """Worst case for a reservation: no cache hits and every one of ``max_output_tokens`` produced."""
-        return self.price_usage(
-            model, input_tokens=input_tokens, output_tokens=max_output_tokens, provider=provider
-        )
+        return self.price_usage(model, input_tokens=input_tokens, output_tokens=max_output_tokens, provider=provider)
 
     def register_price(
         self,
@@ -322,9 +318,7 @@ def price_usage(
     )
 
 
-def estimate_cost(
-    model: str, *, input_tokens: int, max_output_tokens: int, provider: str | None = None
-) -> Amount:
+def estimate_cost(model: str, *, input_tokens: int, max_output_tokens: int, provider: str | None = None) -> Amount:
     """Worst case for a reservation: no cache hits and every one of ``max_output_tokens`` produced."""
     return default_pricer.estimate_cost(
         model, input_tokens=input_tokens, max_output_tokens=max_output_tokens, provider=provider
@@ -352,9 +346,7 @@ def register_price(
 @overload
 def set_fallback(input_per_mtok: None, /) -> None: ...
 @overload
-def set_fallback(
-    input_per_mtok: Rate, output_per_mtok: Rate, *, cached_input_per_mtok: Rate | None = None
-) -> None: ...
+def set_fallback(input_per_mtok: Rate, output_per_mtok: Rate, *, cached_input_per_mtok: Rate | None = None) -> None: ...
 def set_fallback(
     input_per_mtok: Rate | None,
     output_per_mtok: Rate | None = None,
@@ -367,9 +359,7 @@ def set_fallback(
     elif output_per_mtok is None:
         raise TypeError("set_fallback() needs output_per_mtok with input_per_mtok")
     else:
-        default_pricer.set_fallback(
-            input_per_mtok, output_per_mtok, cached_input_per_mtok=cached_input_per_mtok
-        )
+        default_pricer.set_fallback(input_per_mtok, output_per_mtok, cached_input_per_mtok=cached_input_per_mtok)
 
 
 # A token is about 4 characters of English. Counting UTF-8 bytes instead of characters gives the

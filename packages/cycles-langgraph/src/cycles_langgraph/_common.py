@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, NamedTuple
 
-from cycles import Action, Amount, AsyncCycles, Cycles, Subject, usd
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Denied, Guard, Subject, usd
 from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata, get_buffer_string
 from langchain_core.runnables import RunnableConfig
@@ -62,7 +62,7 @@ class Model(NamedTuple):
         return f"{self.provider}:{self.name}" if self.provider else self.name
 
 
-def model_of(*sources: Mapping[str, Any] | None) -> Model:
+def model_of(*sources: Mapping[str, Any] | None) -> Model | None:
     """From LangSmith params (``ls_provider``/``ls_model_name``), else invocation params."""
     provider = name = None
     for source in sources:
@@ -73,9 +73,7 @@ def model_of(*sources: Mapping[str, Any] | None) -> Model:
             value = source.get(key)
             if name is None and isinstance(value, str) and value:
                 name = value
-    if name is None:
-        raise ValueError("cannot tell which model is called: no ls_model_name, model_name or model")
-    return Model(provider if isinstance(provider, str) else None, name)
+    return None if name is None else Model(provider if isinstance(provider, str) else None, name)
 
 
 def max_output_tokens(default: int, *sources: Mapping[str, Any] | None) -> int:
@@ -87,8 +85,12 @@ def max_output_tokens(default: int, *sources: Mapping[str, Any] | None) -> int:
     return default
 
 
-def estimate_prompt(model: Model, prompt: Sequence[BaseMessage] | Sequence[str], tools: object, cap: int) -> Amount:
+def estimate_prompt(
+    model: Model | None, prompt: Sequence[BaseMessage] | Sequence[str], tools: object, cap: int
+) -> Amount:
     """Input tokens approximated offline from the prompt (plus tool schemas), output at its cap."""
+    if model is None:
+        raise ValueError("cannot tell which model is called (no ls_model_name, model_name or model): pass estimate=")
     texts = [m if isinstance(m, str) else get_buffer_string([m]) for m in prompt]
     if tools:
         texts.append(str(tools))
@@ -137,7 +139,7 @@ def sync_cycles(cycles: Cycles | AsyncCycles) -> Cycles:
 @asynccontextmanager
 async def aguard(
     cycles: Cycles | AsyncCycles, subject: Subject, action: Action, estimate: Amount
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[Guard | AsyncGuard]:
     """The core's guard in an async run, with either client (a sync one does its ledger calls inline)."""
     if isinstance(cycles, AsyncCycles):
         async with cycles.guard(subject, action, estimate=estimate) as guard:
@@ -145,3 +147,31 @@ async def aguard(
     else:
         with cycles.guard(subject, action, estimate=estimate) as guard:
             yield guard
+
+
+def not_retried(exc: Denied) -> Denied:
+    """``exc`` as an exception LangGraph's default ``RetryPolicy`` does not retry.
+
+    ``default_retry_on`` retries every exception but a list of programming errors (``ValueError``,
+    ``RuntimeError``...), so a plain ``Denied`` raised in a node would be retried ``max_attempts``
+    times, each attempt denied again. The copy is the same ``Denied`` subclass (``except
+    BudgetExceeded`` still catches it, it pickles as the core's class) and also a ``RuntimeError``.
+    Returns ``exc`` itself when the core's class already is one.
+    """
+    if isinstance(exc, RuntimeError):
+        return exc
+    cls = _NOT_RETRIED.get(type(exc)) or _NOT_RETRIED.setdefault(type(exc), _not_retried_class(type(exc)))
+    copy = cls.__new__(cls, *exc.args)
+    copy.__dict__.update(exc.__dict__)
+    return copy.with_traceback(exc.__traceback__)
+
+
+_NOT_RETRIED: dict[type[Denied], type[Denied]] = {}
+
+
+def _not_retried_class(cls: type[Denied]) -> type[Denied]:
+    def reduce(self: Denied) -> tuple[Any, ...]:
+        return cls, self.args, self.__dict__
+
+    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
+    return type(cls.__name__, (cls, RuntimeError), {**namespace, "__reduce__": reduce})

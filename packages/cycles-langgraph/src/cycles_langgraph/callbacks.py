@@ -14,18 +14,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from cycles import Action, Amount, Cycles, usd
+from cycles import Action, Amount, Cycles, Denied, Guard, usd
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import ensure_config
 
 from cycles_langgraph._common import (
-    SubjectLike,
     Model,
+    SubjectLike,
     estimate_prompt,
     max_output_tokens,
     model_of,
+    not_retried,
     priced,
     resolve_subject,
     tool_cost,
@@ -62,7 +63,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         self.estimate = estimate
         self.max_output_tokens = max_output_tokens
         self.tool_estimate = usd(0) if tool_estimate is None else tool_estimate
-        self._open: dict[UUID, tuple[Any, Model | None]] = {}  # run_id -> (guard, model id or None)
+        self._open: dict[UUID, tuple[Guard, Model | None]] = {}  # by LangChain run_id
         self._lock = threading.Lock()
 
     # -- models --------------------------------------------------------------------------------
@@ -149,7 +150,8 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         model = model_of(metadata, params, serialized.get("kwargs"))
         cap = max_output_tokens(self.max_output_tokens, params, metadata)
         estimate = self.estimate or estimate_prompt(model, messages, params.get("tools"), cap)
-        self._start(run_id, metadata, Action("llm.completion", model.ref), estimate, model)
+        name = model.ref if model else str(serialized.get("name") or "unknown-model")
+        self._start(run_id, metadata, Action("llm.completion", name), estimate, model)
 
     def _start(
         self,
@@ -161,11 +163,14 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     ) -> None:
         config = ensure_config({"metadata": dict(metadata or {})})
         guard = self.cycles.guard(resolve_subject(self.subject, config), action, estimate=estimate)
-        guard.start()  # raises the Denied subclass: with raise_error, LangChain stops the call here
+        try:
+            guard.start()
+        except Denied as exc:  # with raise_error, LangChain stops the call here
+            raise not_retried(exc) from None
         with self._lock:
             self._open[run_id] = (guard, model)
 
-    def _pop(self, run_id: UUID) -> tuple[Any, Model | None]:
+    def _pop(self, run_id: UUID) -> tuple[Guard | None, Model | None]:
         with self._lock:
             return self._open.pop(run_id, (None, None))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from cycles import Action, Amount, AsyncCycles, Caps, Cycles, Denied, usd
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Caps, Cycles, Denied, Guard, Subject, usd
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import ensure_config
@@ -17,9 +17,9 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
 from cycles_langgraph._common import (
+    Model,
     SubjectLike,
     aguard,
-    Model,
     estimate_prompt,
     max_output_tokens,
     model_of,
@@ -71,17 +71,13 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         request: ModelRequest[Any],
         handler: Callable[[ModelRequest[Any]], ModelResponse[Any]],
     ) -> ModelResponse[Any] | AIMessage:
-        model, action, estimate, cap = self._model_plan(request)
-        entered = False
+        model, action, estimate, own_max = self._model_plan(request)
         try:
             with sync_cycles(self.cycles).guard(self._subject(), action, estimate=estimate) as g:
-                entered = True
-                response = handler(self._clamped(request, g.caps, cap))
+                response = handler(self._clamped(request, g.caps, own_max))
                 self._commit(g, model, response)
                 return response
         except Denied as exc:
-            if entered:
-                raise
             return AIMessage(content=self.out_of_budget(exc))
 
     async def awrap_model_call(
@@ -89,70 +85,59 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         request: ModelRequest[Any],
         handler: Callable[[ModelRequest[Any]], Awaitable[ModelResponse[Any]]],
     ) -> ModelResponse[Any] | AIMessage:
-        model, action, estimate, cap = self._model_plan(request)
-        entered = False
+        model, action, estimate, own_max = self._model_plan(request)
         try:
             async with aguard(self.cycles, self._subject(), action, estimate) as g:
-                entered = True
-                response = await handler(self._clamped(request, g.caps, cap))
+                response = await handler(self._clamped(request, g.caps, own_max))
                 self._commit(g, model, response)
                 return response
         except Denied as exc:
-            if entered:
-                raise
             return AIMessage(content=self.out_of_budget(exc))
 
     # -- tools ---------------------------------------------------------------------------------
 
-    def wrap_tool_call(
-        self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], ToolResult]
-    ) -> ToolResult:
+    def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], ToolResult]) -> ToolResult:
         action, estimate = self._tool_plan(request)
-        entered = False
         try:
             with sync_cycles(self.cycles).guard(self._subject(), action, estimate=estimate):
-                entered = True
                 return handler(request)
         except Denied as exc:
-            if entered:
-                raise
             return _denied_tool(request, exc)
 
     async def awrap_tool_call(
         self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], Awaitable[ToolResult]]
     ) -> ToolResult:
         action, estimate = self._tool_plan(request)
-        entered = False
         try:
             async with aguard(self.cycles, self._subject(), action, estimate):
-                entered = True
                 return await handler(request)
         except Denied as exc:
-            if entered:
-                raise
             return _denied_tool(request, exc)
 
     # -- no I/O below --------------------------------------------------------------------------
 
-    def _subject(self) -> Any:
+    def _subject(self) -> Subject:
         return resolve_subject(self.subject, ensure_config())
 
-    def _model_plan(self, request: ModelRequest[Any]) -> tuple[Model, Action, Amount, int]:
+    def _model_plan(self, request: ModelRequest[Any]) -> tuple[Model | None, Action, Amount, int]:
+        """The model, action and estimate of a call, and its own max tokens (0: none set)."""
         ls_params = dict(request.model._get_ls_params())
         model = model_of(request.model_settings, ls_params)
-        cap = max_output_tokens(self.max_output_tokens, request.model_settings, ls_params)
+        own_max = max_output_tokens(0, request.model_settings, ls_params)
+        cap = own_max or self.max_output_tokens
         estimate = self.estimate or estimate_prompt(model, request.messages, request.tools, cap)
-        return model, Action("llm.completion", model.ref), estimate, cap
+        name = model.ref if model else type(request.model).__name__
+        return model, Action("llm.completion", name), estimate, own_max
 
-    def _clamped(self, request: ModelRequest[Any], caps: Caps | None, current: int) -> ModelRequest[Any]:
-        if caps is None or caps.max_tokens is None or caps.max_tokens >= current:
+    def _clamped(self, request: ModelRequest[Any], caps: Caps | None, own_max: int) -> ModelRequest[Any]:
+        if caps is None or caps.max_tokens is None or 0 < own_max <= caps.max_tokens:
             return request
         settings = {**request.model_settings, self.max_tokens_setting: caps.max_tokens}
         return request.override(model_settings=settings)
 
-    def _commit(self, guard: Any, model: Model, response: ModelResponse[Any]) -> None:
+    def _commit(self, guard: Guard | AsyncGuard, model: Model | None, response: ModelResponse[Any]) -> None:
         usage = usage_of(response.result)
-        if usage is not None:  # no usage reported: the estimate is committed
+        if usage is not None and model is not None:  # else the estimate is committed
             actual, metrics = priced(model, usage)
             guard.commit(actual, metrics=metrics)
 

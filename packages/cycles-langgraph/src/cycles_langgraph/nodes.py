@@ -5,13 +5,13 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
-from typing import Any, TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from cycles import Action, Amount, AsyncCycles, Cycles, Denied
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
-from cycles_langgraph._common import SubjectLike, aguard, resolve_subject, sync_cycles
+from cycles_langgraph._common import SubjectLike, aguard, not_retried, resolve_subject, sync_cycles
 
 __all__ = ["guard_node"]
 
@@ -61,9 +61,12 @@ def guard_node(
 
     ``estimate`` is an amount or a function of the node's input state; ``subject`` a ``Subject`` or
     a function of the run's config (``per_run(Subject(tenant="acme"))``: one budget per thread).
-    The node commits the estimate, or less if guarded calls inside it record actual costs.
-    When denied, the node raises the ``cycles.Denied`` subclass (``BudgetExceeded``, ...) before it
-    runs; with ``fallback="name"`` it returns ``Command(goto="name")`` instead. That goto is added
+    The node commits the estimate, or what the guarded calls inside it (callbacks, middleware, with
+    the same client) spent: those draw from the node's reservation, which must cover them.
+    When denied (the node before it runs, or a guarded call inside it), the node raises the
+    ``cycles.Denied`` subclass (``BudgetExceeded``...) as an exception LangGraph's default
+    ``RetryPolicy`` does not retry; with ``fallback="name"`` it returns ``Command(goto="name")``
+    instead. That goto is added
     to the node's own edges (LangGraph still follows them), so a fallback suits nodes whose
     routing reads state or is itself by ``Command``. The node keeps its injected arguments
     (``config``, ``runtime``, ``store``, ``writer``...): the wrapper shows LangGraph the node's own
@@ -82,19 +85,17 @@ def guard_node(
         amount = estimate if isinstance(estimate, Amount) else estimate(state)
         return resolve_subject(subject, config), amount
 
-    wrapper: Callable[..., Any]
+    wrapper: Any  # gets a __signature__ below
     if inspect.iscoroutinefunction(fn):
 
         async def awrapper(state: Any, /, config: RunnableConfig, **kwargs: Any) -> Any:
             who, amount = plan(state, config)
-            entered = False
             try:
                 async with aguard(cycles, who, act, amount):
-                    entered = True
                     return await node(state, **_args(kwargs, config, passes_config))
-            except Denied:
-                if entered or fallback is None:
-                    raise
+            except Denied as exc:
+                if fallback is None:
+                    raise not_retried(exc) from None
                 return Command(goto=fallback)
 
         wrapper = awrapper
@@ -103,21 +104,19 @@ def guard_node(
 
         def swrapper(state: Any, /, config: RunnableConfig, **kwargs: Any) -> Any:
             who, amount = plan(state, config)
-            entered = False
             try:
                 with client.guard(who, act, estimate=amount):
-                    entered = True
                     return node(state, **_args(kwargs, config, passes_config))
-            except Denied:
-                if entered or fallback is None:
-                    raise
+            except Denied as exc:
+                if fallback is None:
+                    raise not_retried(exc) from None
                 return Command(goto=fallback)
 
         wrapper = swrapper
 
     functools.update_wrapper(wrapper, fn)
-    wrapper.__signature__ = _with_config(signature)  # type: ignore[attr-defined]  # read by LangGraph
-    return wrapper  # type: ignore[return-value]  # same call signature as fn
+    wrapper.__signature__ = _with_config(signature)  # what LangGraph reads to inject arguments
+    return cast(F, wrapper)
 
 
 def _args(kwargs: dict[str, Any], config: RunnableConfig, passes_config: bool) -> dict[str, Any]:

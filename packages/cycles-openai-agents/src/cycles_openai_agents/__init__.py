@@ -1,7 +1,7 @@
 """Cycles for the OpenAI Agents SDK: reserve before every model and tool call, commit what it cost.
 
-    hooks = CyclesRunHooks(acy, subject=Subject(tenant="acme", workflow="run-42"))
-    result = await hooks.run(agent, "Plan the launch")   # Runner.run + release on failure
+``CyclesRunHooks`` does the accounting from the SDK's run hooks and supplies the input and tool
+guardrails; ``CyclesModel`` wraps a model for what hooks cannot do (caps, a graceful stop).
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from agents import (
     RunResult,
     RunResultStreaming,
     Tool,
-    ToolContext,
     ToolGuardrailFunctionOutput,
     ToolInputGuardrail,
     ToolInputGuardrailData,
@@ -41,6 +40,7 @@ from agents import (
     Usage,
     UserError,
 )
+from agents.tool_context import ToolContext
 from cycles import Action, Amount, AsyncCycles, Decision, Denied, Subject, usd
 from cycles.guard import AsyncGuard
 from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
@@ -74,10 +74,12 @@ class _Call:
     action: Action
     estimate: Amount
     run: object | None
+    agent: str
     guard: AsyncGuard | None = None
     started: bool = False  # tool: on_tool_start has run (a guardrail may reserve before it)
     denied: Denied | None = None  # model, "finish" mode: the model must not be called
-    actual: Amount | None = None  # model: priced usage the wrapper saw (settles a call whose end hook never ran)
+    # model: the priced usage CyclesModel saw, committed if on_llm_end never comes
+    actual: Amount | None = None
     prompt: object = None  # the input list the SDK hands both on_llm_start and the model
 
 
@@ -124,7 +126,7 @@ class CyclesRunHooks(RunHooks[Any]):
         self.handoffs: list[tuple[str, str]] = []
         """Every handoff seen, as ``(from agent, to agent)`` names, in order."""
         self.stopped: Denied | None = None
-        """The denial that ended a run with ``final_message`` (``on_exhausted="finish"``)."""
+        """The denial that ended the last run with ``final_message`` (``on_exhausted="finish"``)."""
         self._calls: dict[tuple[object, ...], list[_Call]] = {}
         self._by_prompt: dict[int, _Call] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
@@ -145,6 +147,7 @@ class CyclesRunHooks(RunHooks[Any]):
             action=Action("llm.completion", model),
             estimate=self.estimate(agent, system_prompt, input_items),
             run=_RUN.get(),
+            agent=agent.name,
             prompt=input_items,
         )
         try:
@@ -174,7 +177,8 @@ class CyclesRunHooks(RunHooks[Any]):
         # No open reservation (a retried call after CyclesModel released the failed attempt): the
         # tokens were spent all the same, so charge them as an event.
         if actual.amount:
-            await self.cycles.event(self.subject_for(agent), Action("llm.completion", model), actual)
+            subject = self.subject_for(agent)
+            await self.cycles.event(subject, Action("llm.completion", model), actual, metrics=metrics)
 
     # ---- tool calls -------------------------------------------------------------------------
 
@@ -221,9 +225,15 @@ class CyclesRunHooks(RunHooks[Any]):
             )
             need = estimate or self.estimate(agent, await agent.get_system_prompt(context), items)
             subject = self.subject_for(agent)
-            verdict = await self.cycles.decide(subject, Action("llm.completion", self.model_name(agent)), need)
+            verdict = await self.cycles.decide(
+                subject, Action("llm.completion", self.model_name(agent)), need
+            )
             denied = verdict.decision is Decision.DENY
-            info = {"decision": verdict.decision.value, "reason_code": verdict.reason_code, "estimate": str(need)}
+            info = {
+                "decision": verdict.decision.value,
+                "reason_code": verdict.reason_code,
+                "estimate": str(need),
+            }
             return GuardrailFunctionOutput(output_info=info, tripwire_triggered=denied and not self._shadow)
 
         return InputGuardrail(guardrail_function=cycles_budget, name=name, run_in_parallel=run_in_parallel)
@@ -248,7 +258,10 @@ class CyclesRunHooks(RunHooks[Any]):
 
         async def guardrail(data: ToolInputGuardrailData) -> ToolGuardrailFunctionOutput:
             context = data.context
-            call = self._tool_call(self._tool_key(context, context.tool_name), data.agent, context.tool_name, cost)
+            key = self._tool_key(context, context.tool_name)
+            if any(not c.started for c in self._calls.get(key, ())):  # run twice (pre-approval): once
+                return ToolGuardrailFunctionOutput.allow(output_info={"reserved": "already"})
+            call = self._tool_call(key, data.agent, context.tool_name, cost)
             try:
                 await self._reserve(call)
             except Denied as denial:
@@ -270,6 +283,7 @@ class CyclesRunHooks(RunHooks[Any]):
         SDK wraps it in ``UserError``), so ``except cycles.Denied`` works for every call.
         """
         token = _RUN.set(run := object())
+        self.stopped = None
         try:
             return await Runner.run(starting_agent, input, hooks=self, **kwargs)
         except UserError as exc:
@@ -283,6 +297,7 @@ class CyclesRunHooks(RunHooks[Any]):
     def run_streamed(self, starting_agent: Agent[Any], input: Any, **kwargs: Any) -> RunResultStreaming:
         """``Runner.run_streamed`` with these hooks; what the run leaves pending is released when it ends."""
         token = _RUN.set(run := object())
+        self.stopped = None
         try:
             result = Runner.run_streamed(starting_agent, input, hooks=self, **kwargs)
         finally:
@@ -322,7 +337,9 @@ class CyclesRunHooks(RunHooks[Any]):
     def subject_for(self, agent: Agent[Any]) -> Subject:
         return self._subject(agent) if callable(self._subject) else self._subject
 
-    def estimate(self, agent: Agent[Any], system_prompt: str | None, items: list[TResponseInputItem]) -> Amount:
+    def estimate(
+        self, agent: Agent[Any], system_prompt: str | None, items: list[TResponseInputItem]
+    ) -> Amount:
         """Worst case of one model call: the prompt's approximate tokens plus every output token allowed."""
         texts = [system_prompt or "", *(_item_text(item) for item in items)]
         max_tokens = agent.model_settings.max_tokens or self.max_output_tokens
@@ -345,22 +362,34 @@ class CyclesRunHooks(RunHooks[Any]):
 
     @property
     def _shadow(self) -> bool:
-        return getattr(self.cycles, "mode", "enforce") == "shadow"
+        return self.cycles.mode == "shadow"
 
     def _tool_key(self, context: RunContextWrapper[Any], tool_name: str) -> tuple[object, ...]:
         # Parallel calls of one tool differ by call id; other local tools (no ToolContext) by name.
         call_id = context.tool_call_id if isinstance(context, ToolContext) else tool_name
         return ("tool", id(context.usage), call_id)
 
-    def _tool_call(self, key: tuple[object, ...], agent: Agent[Any], tool_name: str, cost: Amount | None) -> _Call:
+    def _tool_call(
+        self, key: tuple[object, ...], agent: Agent[Any], tool_name: str, cost: Amount | None
+    ) -> _Call:
         subject = self.subject_for(agent)
         if self.tool_scopes:
             subject = subject.merged(toolset=_LEVEL_VALUE.sub("_", tool_name)[:128])
         estimate = cost if cost is not None else self.tool_costs.get(tool_name, self.default_tool_cost)
-        return _Call(key=key, subject=subject, action=Action("tool.call", tool_name), estimate=estimate, run=_RUN.get())
+        return _Call(
+            key=key,
+            subject=subject,
+            action=Action("tool.call", tool_name),
+            estimate=estimate,
+            run=_RUN.get(),
+            agent=agent.name,
+        )
 
     async def _reserve(self, call: _Call) -> None:
-        guard = self.cycles.guard(call.subject, call.action, estimate=call.estimate)
+        # The agent's name goes with the reservation: after a handoff the ledger shows who spent.
+        guard = self.cycles.guard(
+            call.subject, call.action, estimate=call.estimate, metadata={"agent": call.agent}
+        )
         await guard.start()  # raises the Denied before anything runs
         call.guard = guard
 

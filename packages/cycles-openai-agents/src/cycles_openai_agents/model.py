@@ -12,7 +12,7 @@ passes the same list object to the hook and to the model.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agents import (
     AgentOutputSchemaBase,
@@ -23,9 +23,9 @@ from agents import (
     ModelTracing,
     Tool,
     TResponseInputItem,
-    TResponseStreamEvent,
     Usage,
 )
+from agents.items import TResponseStreamEvent
 from agents.retry import ModelRetryAdvice, ModelRetryAdviceRequest
 from cycles import Caps
 from openai.types.responses import Response, ResponseCompletedEvent, ResponseOutputMessage, ResponseOutputText
@@ -47,7 +47,9 @@ class CyclesModel(Model):
         self.wrapped = model
         self.hooks = hooks
         inner_name = getattr(model, "model", None)
-        self.name: str | None = name if name is not None else inner_name if isinstance(inner_name, str) else None
+        self.name: str | None = (
+            name if name is not None else inner_name if isinstance(inner_name, str) else None
+        )
 
     async def get_response(
         self,
@@ -124,8 +126,12 @@ class CyclesModel(Model):
             ):
                 if call is not None and isinstance(event, ResponseCompletedEvent) and event.response.usage:
                     u = event.response.usage
-                    usage = Usage(requests=1, input_tokens=u.input_tokens, output_tokens=u.output_tokens)
-                    usage.input_tokens_details.cached_tokens = u.input_tokens_details.cached_tokens
+                    usage = Usage(
+                        requests=1,
+                        input_tokens=u.input_tokens,
+                        output_tokens=u.output_tokens,
+                        input_tokens_details=u.input_tokens_details,
+                    )
                     call.actual = self.hooks.price(call.action.name, usage)
                 yield event
         except BaseException as exc:  # GeneratorExit included: the consumer stopped mid-stream
@@ -171,5 +177,7 @@ def _within_caps(
     if caps.max_tokens is not None and (settings.max_tokens is None or settings.max_tokens > caps.max_tokens):
         settings = settings.resolve(ModelSettings(max_tokens=caps.max_tokens))
     if caps.tool_allowlist or caps.tool_denylist:
-        tools = [t for t in tools if not isinstance(n := getattr(t, "name", None), str) or caps.allows_tool(n)]
+        tools = [
+            t for t in tools if not isinstance(n := getattr(t, "name", None), str) or caps.allows_tool(n)
+        ]
     return settings, tools

@@ -126,9 +126,7 @@ class AsyncLedger(abc.ABC):
         self, req: ReservationCreateRequest, *, tenant: str | None = None
     ) -> ReservationCreateResponse: ...
     @abc.abstractmethod
-    async def commit(
-        self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None
-    ) -> CommitResponse: ...
+    async def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse: ...
     @abc.abstractmethod
     async def release(
         self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None
@@ -190,7 +188,7 @@ class TransactionalLedger(Ledger):
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         with self._transaction(write=True) as txn:
-            if txn.now_ms >= self._next_sweep_ms:
+            if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
                 self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
                 rules.expire_due(txn, 100)
             return fn(txn, *args)
@@ -268,9 +266,7 @@ class ThreadedAsyncLedger(AsyncLedger):
     async def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse:
         return await self._call(self.sync.commit, reservation_id, req, tenant=tenant)
 
-    async def release(
-        self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None
-    ) -> ReleaseResponse:
+    async def release(self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None) -> ReleaseResponse:
         return await self._call(self.sync.release, reservation_id, req, tenant=tenant)
 
     async def extend(
@@ -290,9 +286,7 @@ class ThreadedAsyncLedger(AsyncLedger):
     async def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
         return await self._call(self.sync.get_reservation, reservation_id, tenant=tenant)
 
-    async def list_reservations(
-        self, query: ReservationQuery, *, tenant: str | None = None
-    ) -> ReservationListResponse:
+    async def list_reservations(self, query: ReservationQuery, *, tenant: str | None = None) -> ReservationListResponse:
         return await self._call(self.sync.list_reservations, query, tenant=tenant)
 
     async def set_budget(

@@ -75,6 +75,10 @@ BUDGET_STATUSES = (BUDGET_ACTIVE, BUDGET_FROZEN, BUDGET_CLOSED)
 
 R = TypeVar("R", bound=BaseModel)
 
+# Enum members bound once: attribute access on an Enum class is slow on the hot path (Python 3.11).
+_REJECT = CommitOveragePolicy.REJECT
+_ACTIVE = ReservationStatus.ACTIVE
+
 
 # ---- stored rows ----------------------------------------------------------------------------
 
@@ -218,6 +222,7 @@ class Txn(Protocol):
     def get_budgets(self, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
         """The budgets that exist among ``scopes`` in ``unit``, in the order of ``scopes``."""
         ...
+
     def budget_units(self, scope: str) -> list[Unit]: ...
     def put_budget(self, row: BudgetRow) -> None: ...
     def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterable[BudgetRow]: ...
@@ -270,9 +275,7 @@ def _idem_tenant(tenant: str | None, owner: str | None) -> str:
     return tenant if tenant is not None else (owner or "")
 
 
-def _replay(
-    txn: Txn, tenant: str, endpoint: str, key: str, digest: str, cls: type[R]
-) -> R | None:
+def _replay(txn: Txn, tenant: str, endpoint: str, key: str, digest: str, cls: type[R]) -> R | None:
     record = txn.get_idempotency(tenant, endpoint, key)
     if record is None:
         return None
@@ -322,8 +325,7 @@ def _missing_budget(txn: Txn, scopes: Sequence[str], unit: Unit) -> CyclesError:
         units = txn.budget_units(scope)
         if units:
             return UnitMismatch(
-                f"no {unit.value} budget for scope {scope}; it has budgets in "
-                + ", ".join(u.value for u in units),
+                f"no {unit.value} budget for scope {scope}; it has budgets in " + ", ".join(u.value for u in units),
                 details={"scope": scope, "requested_unit": unit.value, "expected_units": [u.value for u in units]},
             )
     return NotFound(f"Budget not found for provided scope: {scopes[-1]}", details={"scopes": list(scopes)})
@@ -562,7 +564,13 @@ def expire_due(txn: Txn, limit: int) -> int:
 
 
 def _settle_budgets(
-    txn: Txn, budgets: list[BudgetRow], row: ReservationRow, actual: int, policy: CommitOveragePolicy
+    txn: Txn,
+    budgets: list[BudgetRow],
+    row: ReservationRow,
+    actual: int,
+    policy: CommitOveragePolicy,
+    *,
+    is_event: bool = False,
 ) -> int:
     """Move a reservation (``row.amount`` held, 0 for events) to spent; returns the amount charged.
 
@@ -571,13 +579,19 @@ def _settle_budgets(
     held = row.amount
     delta = actual - held
     charged = actual
+    if delta > 0 and policy is _REJECT and not is_event:
+        # REJECT on commit refuses any overage: the client had to reserve a buffer.
+        raise BudgetExceeded(
+            f"actual {actual} exceeds the reserved {held} and overage_policy=REJECT",
+            details={"reserved": held, "actual": actual, "scope": row.scope_path},
+        )
     if delta > 0:
         short = [b for b in budgets if b.remaining < delta]
         if short:
             worst = min(short, key=lambda b: b.remaining)
-            if policy is CommitOveragePolicy.REJECT:
+            if policy is _REJECT:  # events: refuse what does not fit
                 raise BudgetExceeded(
-                    f"actual exceeds reserved and overage_policy=REJECT (scope {worst.scope})",
+                    f"Insufficient remaining budget for scope {worst.scope}",
                     details={"scope": worst.scope, "remaining": worst.remaining, "requested": delta},
                 )
             if policy is CommitOveragePolicy.ALLOW_WITH_OVERDRAFT:
@@ -731,7 +745,7 @@ def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateR
         grace_period_ms=0,
         overage_policy=req.overage_policy,
     )
-    charged = _settle_budgets(txn, budgets, pseudo, req.actual.amount, req.overage_policy)
+    charged = _settle_budgets(txn, budgets, pseudo, req.actual.amount, req.overage_policy, is_event=True)
     response = EventCreateResponse.model_construct(
         status="APPLIED",
         event_id=new_event_id(),
@@ -848,11 +862,7 @@ def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceRespon
     if tenant is not None and query.tenant not in (None, "", tenant):
         raise Forbidden("balances can only be queried within the authenticated tenant")
     effective = tenant if tenant is not None else query.tenant
-    rows = [
-        row
-        for row in txn.iter_budgets(effective, all_tenants=effective is None)
-        if query.matches_scope(row.scope)
-    ]
+    rows = [row for row in txn.iter_budgets(effective, all_tenants=effective is None) if query.matches_scope(row.scope)]
     rows.sort(key=lambda r: (r.scope, r.unit.value))
     binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
     page, next_cursor = _page(rows, query.limit, query.cursor, binding)
@@ -940,9 +950,7 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
 # ---- operator plane -------------------------------------------------------------------------
 
 
-def set_budget(
-    txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None
-) -> Balance:
+def set_budget(txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None) -> Balance:
     """Create a budget or change its allocation. Spent, reserved and debt are kept."""
     parse_scope(scope)
     if overdraft_limit is not None and overdraft_limit.unit != amount.unit:

@@ -1,0 +1,182 @@
+"""The HTTP edge of the server, free of routing: correlation ids, bodies, errors, JSON.
+
+Everything here runs on every request, so it is written to do little: ids come from
+``os.urandom``, JSON is parsed and emitted by pydantic's Rust core straight from and to bytes,
+and error messages are built only when there is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+
+from cycles.errors import PROTOCOL_ERROR_CODES, CyclesError, InvalidRequest
+
+__all__ = [
+    "JSON_HEADERS",
+    "MAX_BODY_BYTES",
+    "error_body",
+    "model_json",
+    "new_request_id",
+    "parse_body",
+    "parse_ms",
+    "read_body",
+    "trace_id_from",
+    "validation_message",
+]
+
+#: The largest request body accepted. Protocol requests are well under 4 KiB; metadata maps make
+#: them grow, and 64 KiB leaves room for those while bounding what one request can make us parse.
+MAX_BODY_BYTES = 64 * 1024
+
+_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
+_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_ERROR_CODES = frozenset(PROTOCOL_ERROR_CODES)
+
+JSON_HEADERS = {"content-type": "application/json"}
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(10).hex()
+
+
+def trace_id_from(headers: Mapping[str, str]) -> str:
+    """The spec's CORRELATION AND TRACING precedence: a valid ``traceparent``, else a valid
+    ``X-Cycles-Trace-Id``, else a fresh id. Malformed headers are ignored, never rejected."""
+    parent = headers.get("traceparent")
+    if parent:
+        m = _TRACEPARENT.match(parent.strip())
+        if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
+            return m.group(1)
+    flat = headers.get("x-cycles-trace-id")
+    if flat:
+        flat = flat.strip()
+        if _TRACE_ID.match(flat) and flat != _ZERO_TRACE:
+            return flat
+    while True:
+        fresh = os.urandom(16).hex()
+        if fresh != _ZERO_TRACE:  # all-zero is invalid in W3C Trace Context: re-roll
+            return fresh
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The request body, refusing one over ``limit`` bytes before reading it when the length is
+    declared and as soon as it passes the limit when it is streamed (chunked)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise InvalidRequest("Content-Length is not a number") from None
+        if size > limit:
+            raise InvalidRequest(f"request body is {size} bytes; the limit is {limit}")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise InvalidRequest(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """Validate a JSON body against a wire model, strictly: ``"5"`` is not an integer here, as it
+    is not in the spec's schema. Any failure is a 400 INVALID_REQUEST naming the fields."""
+    if not body:
+        raise InvalidRequest("request body is required (a JSON object)")
+    try:
+        return model.model_validate_json(body, strict=True)
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc), details={"errors": _error_list(exc)}) from None
+
+
+_MAX_ERRORS = 10
+_MAX_MESSAGE = 600
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = part if len(part) <= 64 else part[:61] + "..."
+            out += f".{text}" if out else text
+    return out or "body"
+
+
+def _error_list(exc: ValidationError) -> list[dict[str, str]]:
+    # Never echo the input: it may be 60 KiB, or a secret pasted into the wrong field.
+    return [
+        {"field": _loc(e["loc"]), "problem": e["msg"][:200]}
+        for e in exc.errors(include_url=False, include_input=False, include_context=False)[:_MAX_ERRORS]
+    ]
+
+
+def validation_message(exc: ValidationError) -> str:
+    errors = _error_list(exc)
+    parts = [f"{e['field']}: {e['problem']}" for e in errors]
+    more = exc.error_count() - len(errors)
+    text = "invalid request: " + "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 3] + "..."
+
+
+def model_json(model: BaseModel) -> bytes:
+    """A response model as JSON bytes, optional fields that are unset left out (the spec's MUST
+    be absent), straight from pydantic's serializer with no dict in between."""
+    return model.__pydantic_serializer__.to_json(model, exclude_none=True)
+
+
+def error_body(
+    code: str, message: str, request_id: str, trace_id: str, details: Mapping[str, Any] | None = None
+) -> bytes:
+    body: dict[str, Any] = {"error": code, "message": message, "request_id": request_id, "trace_id": trace_id}
+    if details:
+        body["details"] = dict(details)
+    return json.dumps(body, separators=(",", ":"), default=str).encode()
+
+
+def error_status(exc: CyclesError) -> tuple[str, int]:
+    """The wire (code, status) of a Cycles error. Codes outside the protocol's ErrorCode enum, and
+    statuses the spec does not declare (503 for an unreachable ledger), become 500 INTERNAL_ERROR,
+    which every operation declares and every client treats as retryable."""
+    if exc.code not in _ERROR_CODES or exc.http_status >= 500:
+        return "INTERNAL_ERROR", 500
+    return exc.code, exc.http_status
+
+
+def parse_ms(value: str | None, name: str) -> int | None:
+    """An ISO 8601 date-time query bound as epoch ms; blank means unset (the spec's NORMATIVE rule).
+
+    A ``+`` in an offset that reached us unencoded arrives as a space; we put it back rather than
+    fail on the client's encoding. A value without an offset is taken as UTC.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if len(text) > 64:
+        raise InvalidRequest(f"{name} is not an ISO 8601 date-time")
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            parsed = datetime.fromisoformat(text.replace(" ", "+"))
+        except ValueError:
+            raise InvalidRequest(f"{name} is not an ISO 8601 date-time: {text!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return int(parsed.timestamp() * 1000)

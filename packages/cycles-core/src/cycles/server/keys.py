@@ -1,0 +1,388 @@
+"""API keys: each maps to one tenant. Stored hashed, next to the ledger, so servers share them.
+
+A key reads ``cyc_<key_id>_<secret>``. ``key_id`` (16 hex) is public: it names the key in lists,
+logs and ``DELETE /admin/keys/{key_id}``, and is how a presented key is looked up. ``secret`` is
+32 random bytes. The store keeps only ``sha256(key)``.
+
+Why SHA-256 and not bcrypt/argon2: slow hashes exist to make guessing *low-entropy* secrets
+(passwords) expensive. These keys carry 256 random bits, so no amount of guessing reverses even a
+fast hash, and a slow one would cost milliseconds on every request for no gain. The digest is
+compared with ``hmac.compare_digest`` so timing reveals nothing about how much of it matched.
+
+Backends, chosen by the ledger's URL (or ``--keys URL``): ``memory://`` (this process only),
+``sqlite:///path`` (an ``api_keys`` table in the ledger's own file), ``redis://`` (plain hashes
+under ``cycles:apikey:``).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import hmac
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from cycles.errors import InvalidRequest, NotFound
+
+__all__ = [
+    "KeyInfo",
+    "KeyStore",
+    "MemoryKeyStore",
+    "NewKey",
+    "RedisKeyStore",
+    "SqliteKeyStore",
+    "key_digest",
+    "open_key_store",
+]
+
+_KEY = re.compile(r"^cyc_([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
+_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+_TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
+
+
+def key_digest(api_key: str) -> str:
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _check_tenant(tenant: str) -> None:
+    if not isinstance(tenant, str) or not _TENANT.match(tenant):
+        raise InvalidRequest("tenant must be 1-128 characters of [a-zA-Z0-9_.-]")
+
+
+def _check_name(name: str | None) -> None:
+    if name is not None and (not isinstance(name, str) or len(name) > 128):
+        raise InvalidRequest("name must be a string of at most 128 characters")
+
+
+def _check_key_id(key_id: str) -> None:
+    if not _KEY_ID.match(key_id):
+        raise NotFound(f"API key {key_id[:32]!r} not found")
+
+
+@dataclass(frozen=True, slots=True)
+class KeyInfo:
+    """What the store knows about a key (never the key itself)."""
+
+    key_id: str
+    tenant: str
+    created_at_ms: int
+    revoked_at_ms: int | None = None
+    name: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at_ms is None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"key_id": self.key_id, "tenant": self.tenant, "created_at_ms": self.created_at_ms}
+        if self.name is not None:
+            out["name"] = self.name
+        out["status"] = "ACTIVE" if self.active else "REVOKED"
+        if self.revoked_at_ms is not None:
+            out["revoked_at_ms"] = self.revoked_at_ms
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A freshly created key. ``api_key`` exists only here: show it once, then it is gone."""
+
+    info: KeyInfo
+    api_key: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**self.info.to_wire(), "api_key": self.api_key}
+
+
+def _mint(tenant: str, name: str | None) -> tuple[KeyInfo, str, str]:
+    _check_tenant(tenant)
+    _check_name(name)
+    key_id = secrets.token_hex(8)
+    api_key = f"cyc_{key_id}_{secrets.token_urlsafe(32)}"
+    return KeyInfo(key_id, tenant, _now_ms(), None, name), api_key, key_digest(api_key)
+
+
+def _key_id_of(api_key: str) -> str | None:
+    m = _KEY.match(api_key)
+    return m.group(1) if m else None
+
+
+def _matches(stored_digest: str, api_key: str) -> bool:
+    return hmac.compare_digest(stored_digest.encode(), key_digest(api_key).encode())
+
+
+class KeyStore(abc.ABC):
+    """Where API keys live. Every method is safe to call from several servers at once."""
+
+    url: str = ""
+
+    async def create(self, tenant: str, *, name: str | None = None) -> NewKey:
+        info, api_key, digest = _mint(tenant, name)
+        await self._insert(info, digest)
+        return NewKey(info, api_key)
+
+    async def verify(self, api_key: str) -> KeyInfo | None:
+        """The key's record if it is one of ours and not revoked, else ``None``."""
+        key_id = _key_id_of(api_key)
+        if key_id is None:
+            return None
+        found = await self._lookup(key_id)
+        if found is None:
+            return None
+        info, digest = found
+        if not _matches(digest, api_key) or not info.active:
+            return None
+        return info
+
+    async def revoke(self, key_id: str) -> KeyInfo:
+        """Revoke a key (idempotent: revoking a revoked key returns it unchanged)."""
+        _check_key_id(key_id)
+        info = await self._revoke(key_id, _now_ms())
+        if info is None:
+            raise NotFound(f"API key {key_id} not found")
+        return info
+
+    async def get(self, key_id: str) -> KeyInfo:
+        _check_key_id(key_id)
+        found = await self._lookup(key_id)
+        if found is None:
+            raise NotFound(f"API key {key_id} not found")
+        return found[0]
+
+    async def list(self, *, tenant: str | None = None) -> list[KeyInfo]:
+        keys = await self._list(tenant)
+        return sorted(keys, key=lambda k: (k.tenant, k.created_at_ms, k.key_id))
+
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached (readiness)."""
+        await self._lookup("0" * 16)
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def _insert(self, info: KeyInfo, digest: str) -> None: ...
+    @abc.abstractmethod
+    async def _lookup(self, key_id: str) -> tuple[KeyInfo, str] | None: ...
+    @abc.abstractmethod
+    async def _revoke(self, key_id: str, now_ms: int) -> KeyInfo | None: ...
+    @abc.abstractmethod
+    async def _list(self, tenant: str | None) -> list[KeyInfo]: ...
+
+
+class MemoryKeyStore(KeyStore):
+    """Keys of one process (pairs with the ``memory://`` ledger, and tests)."""
+
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self._keys: dict[str, tuple[KeyInfo, str]] = {}
+
+    async def _insert(self, info: KeyInfo, digest: str) -> None:
+        self._keys[info.key_id] = (info, digest)
+
+    async def _lookup(self, key_id: str) -> tuple[KeyInfo, str] | None:
+        return self._keys.get(key_id)
+
+    async def _revoke(self, key_id: str, now_ms: int) -> KeyInfo | None:
+        found = self._keys.get(key_id)
+        if found is None:
+            return None
+        info, digest = found
+        if info.active:
+            info = KeyInfo(info.key_id, info.tenant, info.created_at_ms, now_ms, info.name)
+            self._keys[key_id] = (info, digest)
+        return info
+
+    async def _list(self, tenant: str | None) -> list[KeyInfo]:
+        return [info for info, _ in self._keys.values() if tenant is None or info.tenant == tenant]
+
+
+_SQLITE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    name TEXT,
+    created_at_ms INTEGER NOT NULL,
+    revoked_at_ms INTEGER
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
+"""
+_SQLITE_COLS = "key_id, tenant, created_at_ms, revoked_at_ms, name, digest"
+
+
+def _info_from(row: tuple[Any, ...]) -> tuple[KeyInfo, str]:
+    return KeyInfo(row[0], row[1], row[2], row[3], row[4]), row[5]
+
+
+class SqliteKeyStore(KeyStore):
+    """An ``api_keys`` table in the ledger's SQLite file (WAL: lookups never wait for writers).
+
+    Calls run in a worker thread: a write may wait on the ledger's write lock.
+    """
+
+    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        if path != ":memory:":
+            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+        self._db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        self._db.execute("PRAGMA journal_mode=WAL")
+        with self._lock:
+            self._db.executescript(_SQLITE_SCHEMA)
+
+    def _run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    async def _call(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return await asyncio.to_thread(self._run, sql, params)
+
+    async def _insert(self, info: KeyInfo, digest: str) -> None:
+        await self._call(
+            "INSERT INTO api_keys (key_id, tenant, digest, name, created_at_ms, revoked_at_ms) VALUES (?,?,?,?,?,NULL)",
+            (info.key_id, info.tenant, digest, info.name, info.created_at_ms),
+        )
+
+    async def _lookup(self, key_id: str) -> tuple[KeyInfo, str] | None:
+        rows = await self._call(f"SELECT {_SQLITE_COLS} FROM api_keys WHERE key_id=?", (key_id,))
+        return _info_from(rows[0]) if rows else None
+
+    async def _revoke(self, key_id: str, now_ms: int) -> KeyInfo | None:
+        await self._call(
+            "UPDATE api_keys SET revoked_at_ms=? WHERE key_id=? AND revoked_at_ms IS NULL", (now_ms, key_id)
+        )
+        found = await self._lookup(key_id)
+        return found[0] if found else None
+
+    async def _list(self, tenant: str | None) -> list[KeyInfo]:
+        if tenant is None:
+            rows = await self._call(f"SELECT {_SQLITE_COLS} FROM api_keys")
+        else:
+            rows = await self._call(f"SELECT {_SQLITE_COLS} FROM api_keys WHERE tenant=?", (tenant,))
+        return [_info_from(r)[0] for r in rows]
+
+    async def aclose(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class RedisKeyStore(KeyStore):
+    """Keys as Redis hashes ``<prefix>apikey:<key_id>`` plus the set ``<prefix>apikeys`` of ids.
+
+    ``?key_prefix=`` on the URL changes the prefix (default ``cycles:``); other query parameters
+    are passed to redis-py only if it knows them.
+    """
+
+    _REDIS_PARAMS = frozenset(
+        {
+            "db",
+            "username",
+            "password",
+            "socket_timeout",
+            "socket_connect_timeout",
+            "health_check_interval",
+            "client_name",
+            "protocol",
+            "ssl_cert_reqs",
+            "ssl_ca_certs",
+            "ssl_certfile",
+            "ssl_keyfile",
+        }
+    )
+
+    def __init__(self, url: str, *, prefix: str | None = None) -> None:
+        try:
+            import redis.asyncio as aioredis
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ImportError(
+                f"the redis:// key store needs an optional dependency: pip install 'cycles-core[redis]' ({exc})"
+            ) from exc
+        parts = urlsplit(url)
+        query = parse_qsl(parts.query)
+        options = dict(query)
+        self.prefix = prefix if prefix is not None else options.get("key_prefix", "cycles:")
+        kept = urlencode([(k, v) for k, v in query if k in self._REDIS_PARAMS])
+        self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, kept, ""))
+        self._redis: Any = aioredis.from_url(self.url, decode_responses=True)
+
+    def _key(self, key_id: str) -> str:
+        return f"{self.prefix}apikey:{key_id}"
+
+    @staticmethod
+    def _from_hash(key_id: str, h: dict[str, str]) -> tuple[KeyInfo, str]:
+        revoked = h.get("revoked_at_ms")
+        info = KeyInfo(key_id, h["tenant"], int(h["created_at_ms"]), int(revoked) if revoked else None, h.get("name"))
+        return info, h["digest"]
+
+    async def _insert(self, info: KeyInfo, digest: str) -> None:
+        fields = {"tenant": info.tenant, "digest": digest, "created_at_ms": str(info.created_at_ms)}
+        if info.name is not None:
+            fields["name"] = info.name
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.hset(self._key(info.key_id), mapping=fields)
+        pipe.sadd(f"{self.prefix}apikeys", info.key_id)
+        await pipe.execute()
+
+    async def _lookup(self, key_id: str) -> tuple[KeyInfo, str] | None:
+        h = await self._redis.hgetall(self._key(key_id))
+        return self._from_hash(key_id, h) if h else None
+
+    async def _revoke(self, key_id: str, now_ms: int) -> KeyInfo | None:
+        key = self._key(key_id)
+        if not await self._redis.exists(key):
+            return None
+        await self._redis.hsetnx(key, "revoked_at_ms", str(now_ms))  # first revocation wins
+        found = await self._lookup(key_id)
+        return found[0] if found else None
+
+    async def _list(self, tenant: str | None) -> list[KeyInfo]:
+        ids = sorted(await self._redis.smembers(f"{self.prefix}apikeys"))
+        out: list[KeyInfo] = []
+        for i in range(0, len(ids), 500):
+            pipe = self._redis.pipeline(transaction=False)
+            for key_id in ids[i : i + 500]:
+                pipe.hgetall(self._key(key_id))
+            for key_id, h in zip(ids[i : i + 500], await pipe.execute(), strict=True):
+                if h:
+                    info = self._from_hash(key_id, h)[0]
+                    if tenant is None or info.tenant == tenant:
+                        out.append(info)
+        return out
+
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def open_key_store(url: str) -> KeyStore:
+    """The key store for a ledger URL (or a dedicated ``--keys`` URL)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme == "memory":
+        return MemoryKeyStore()
+    if scheme == "sqlite":
+        raw = url[len("sqlite://") :].split("?", 1)[0]
+        if not raw.startswith("/") or len(raw) < 2:
+            raise InvalidRequest(f"sqlite URL needs a path: sqlite:///keys.db or sqlite:////abs/keys.db, got {url!r}")
+        return SqliteKeyStore(unquote(raw[1:]))
+    if scheme in ("redis", "rediss"):
+        return RedisKeyStore(url)
+    raise InvalidRequest(
+        f"cannot keep API keys at {url.split('?', 1)[0]!r}: give --keys memory://, sqlite:///path or redis://host"
+    )

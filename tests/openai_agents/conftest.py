@@ -1,0 +1,39 @@
+"""Offline fixtures for the OpenAI Agents SDK adapter: the SDK's own ScriptedModel, tracing off.
+
+Every test gets a fresh ledger (memory and SQLite) and, after it, the ledger invariant is checked
+and no reservation may be left ACTIVE.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
+
+import agents
+import pytest
+import pytest_asyncio
+from agents_fakes import MODEL
+from cycles import AsyncCycles
+from cycles.pricing import register_price
+from cycles.testing import assert_ledger_invariant_async
+
+agents.set_tracing_disabled(True)
+
+
+@pytest.fixture(autouse=True)
+def _scripted_model_price() -> None:
+    register_price(MODEL, input_per_mtok=2.0, output_per_mtok=8.0)
+
+
+@pytest_asyncio.fixture(params=["memory", "sqlite"])
+async def cy(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncCycles]:
+    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'ledger.db'}"
+    client = AsyncCycles(url)
+    yield client
+    await assert_ledger_invariant_async(client)
+    active = await client.list_reservations(status="ACTIVE", tenant="acme")
+    assert active.reservations == [], f"reservations left open: {active.reservations}"
+    await client.aclose()
