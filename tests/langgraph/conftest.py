@@ -27,10 +27,6 @@ def _fake_model_price() -> None:
     register_price("fake-model", input_per_mtok=100, output_per_mtok=400)
 
 
-def _backend_url(name: str, tmp_path: Path) -> str:
-    return {"memory": "memory://", "sqlite": f"sqlite:///{tmp_path}/l.db", "redis": REDIS_URL}[name]
-
-
 BACKENDS = [
     pytest.param("memory", id="memory"),
     pytest.param("sqlite", id="sqlite"),
@@ -46,13 +42,23 @@ BACKENDS = [
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    return _backend_url(request.param, tmp_path)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL for a fresh, empty ledger; on Redis, under a key prefix of its own, deleted after."""
+    if request.param != "redis":
+        yield "memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/l.db"
+        return
+    import redis
+
+    prefix = f"cycles-lg-{uuid.uuid4().hex[:12]}"
+    yield f"{REDIS_URL}{'&' if '?' in REDIS_URL else '?'}prefix={prefix}"
+    with redis.Redis.from_url(REDIS_URL) as client:
+        for key in client.scan_iter(match=f"{prefix}:*", count=1000):
+            client.delete(key)
 
 
 @pytest.fixture
 def tenant() -> str:
-    """A tenant of its own per test: backends that outlive a test (Redis) need no flushing."""
+    """A tenant of its own per test, for the budgets and the end-of-test checks."""
     return f"t{uuid.uuid4().hex[:10]}"
 
 

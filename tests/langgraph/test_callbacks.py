@@ -9,6 +9,7 @@ import pytest
 from cycles import BudgetExceeded, Caps, Cycles, Subject, ToolNotAllowed, usd
 from cycles.pricing import price_usage
 from cycles_langgraph import CyclesCallbackHandler, per_run
+from langchain_core.language_models import FakeListLLM
 from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
@@ -204,3 +205,22 @@ def test_per_run_makes_any_thread_id_a_valid_scope(tenant: str) -> None:
     assert subject_of({"configurable": {"thread_id": "user 42/ticket#7"}}).workflow == "user-42-ticket-7"
     assert subject_of({}) == Subject(tenant=tenant)
     assert per_run(Subject(tenant=tenant), level="agent")({"metadata": {"thread_id": "t1"}}).agent == "t1"
+
+
+def test_plain_llms_are_budgeted_too(cy: Cycles, subject: Subject, tenant: str) -> None:
+    cy.budgets.set(f"tenant:{tenant}", usd("0.15"))
+    llm = FakeListLLM(responses=["a completion"])
+    config: RunnableConfig = {"callbacks": [CyclesCallbackHandler(cy, subject, estimate=usd("0.10"))]}
+
+    assert llm.invoke("complete this", config=config) == "a completion"
+    with pytest.raises(BudgetExceeded):
+        llm.invoke("and this", config=config)
+
+    assert spent(cy, f"tenant:{tenant}") == usd("0.10").amount  # no usage reported: the estimate
+
+
+def test_a_model_without_a_name_needs_a_fixed_estimate(cy: Cycles, subject: Subject, tenant: str) -> None:
+    cy.budgets.set(f"tenant:{tenant}", usd(1))
+
+    with pytest.raises(ValueError, match="pass estimate="):
+        FakeListLLM(responses=["x"]).invoke("hi", config={"callbacks": [CyclesCallbackHandler(cy, subject)]})

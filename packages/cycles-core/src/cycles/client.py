@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
@@ -27,6 +26,7 @@ from cycles.ledger.base import (
     open_async_ledger,
     open_ledger,
 )
+from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
     Action,
     Amount,
@@ -58,6 +58,9 @@ __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
 P = ParamSpec("P")
 T = TypeVar("T")
 
+_WINDOWS = ("created_from", "created_to", "expires_from", "expires_to", "finalized_from", "finalized_to")
+_List = list  # `list` is shadowed by Budgets.list inside the budget classes
+
 EstimateArg = Amount | Callable[..., Amount]
 ActualArg = Callable[[Any], Amount | None] | None
 
@@ -76,7 +79,7 @@ def _build(cls: type[M], **fields: Any) -> M:
 
 
 def _key(idempotency_key: str | None) -> str:
-    return idempotency_key or "cyc_" + uuid.uuid4().hex
+    return idempotency_key or new_idempotency_key()
 
 
 def _ms(value: int | datetime | str | None) -> int | None:
@@ -140,6 +143,10 @@ class _ClientBase:
         metadata: dict[str, Any] | None,
     ) -> _GuardCore:
         base = self.settings
+        if ttl_ms is grace_period_ms is overage_policy is mode is heartbeat is metadata is None:
+            if not isinstance(estimate, Amount):
+                raise InvalidRequest(f"estimate must be an Amount (e.g. usd(0.05)), got {type(estimate).__name__}")
+            return _GuardCore(self, subject, action, estimate, base, idempotency_key, self.shadow_log)
         settings = GuardSettings(
             ttl_ms=base.ttl_ms if ttl_ms is None else ttl_ms,
             grace_period_ms=base.grace_period_ms if grace_period_ms is None else grace_period_ms,
@@ -195,14 +202,7 @@ class _ClientBase:
         levels = {
             k: filters.pop(k) for k in ("tenant", "workspace", "app", "workflow", "agent", "toolset") if k in filters
         }
-        times = {
-            "created_from_ms": _ms(filters.pop("created_from", None)),
-            "created_to_ms": _ms(filters.pop("created_to", None)),
-            "expires_from_ms": _ms(filters.pop("expires_from", None)),
-            "expires_to_ms": _ms(filters.pop("expires_to", None)),
-            "finalized_from_ms": _ms(filters.pop("finalized_from", None)),
-            "finalized_to_ms": _ms(filters.pop("finalized_to", None)),
-        }
+        window = {name: _ms(filters.pop(name, None)) for name in _WINDOWS}
         sort_by = filters.pop("sort_by", None)
         sort_dir = filters.pop("sort_dir", "desc")
         include = tuple(filters.pop("include", ()))
@@ -217,7 +217,12 @@ class _ClientBase:
             include=include,
             limit=limit,
             cursor=cursor,
-            **times,
+            created_from_ms=window["created_from"],
+            created_to_ms=window["created_to"],
+            expires_from_ms=window["expires_from"],
+            expires_to_ms=window["expires_to"],
+            finalized_from_ms=window["finalized_from"],
+            finalized_to_ms=window["finalized_to"],
         )
 
 
@@ -239,16 +244,16 @@ class Budgets:
     def get(self, scope: str, unit: Unit | None = None) -> Balance:
         return self._ledger.get_budget(scope, unit=unit)
 
-    def list(self, tenant: str | None = None) -> list[Balance]:
+    def list(self, tenant: str | None = None) -> _List[Balance]:
         return self._ledger.list_budgets(tenant=tenant)
 
-    def freeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+    def freeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return self._ledger.set_budget_status(scope, "FROZEN", unit=unit)
 
-    def unfreeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+    def unfreeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return self._ledger.set_budget_status(scope, "ACTIVE", unit=unit)
 
-    def close(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+    def close(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
 
 
@@ -267,16 +272,16 @@ class AsyncBudgets:
     async def get(self, scope: str, unit: Unit | None = None) -> Balance:
         return await self._ledger.get_budget(scope, unit=unit)
 
-    async def list(self, tenant: str | None = None) -> list[Balance]:
+    async def list(self, tenant: str | None = None) -> _List[Balance]:
         return await self._ledger.list_budgets(tenant=tenant)
 
-    async def freeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+    async def freeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return await self._ledger.set_budget_status(scope, "FROZEN", unit=unit)
 
-    async def unfreeze(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+    async def unfreeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return await self._ledger.set_budget_status(scope, "ACTIVE", unit=unit)
 
-    async def close(self, scope: str, unit: Unit | None = None) -> list[Balance]:
+    async def close(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return await self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
 
 

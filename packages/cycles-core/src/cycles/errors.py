@@ -67,8 +67,12 @@ class CyclesError(Exception):
         return f"{type(self).__name__}({self.message!r}, details={self.details!r})"
 
 
-class Denied(CyclesError):
-    """The action must not run: a budget or policy said no before it happened."""
+class Denied(CyclesError, RuntimeError):
+    """The action must not run: a budget or policy said no before it happened.
+
+    Also a RuntimeError, so retry machinery that retries "unknown" errors but not RuntimeError
+    (LangGraph's default RetryPolicy, for one) does not hammer a budget that already said no.
+    """
 
     http_status = 409
 
@@ -82,7 +86,7 @@ class Denied(CyclesError):
         return value if isinstance(value, str) else None
 
 
-class InvalidRequest(CyclesError):
+class InvalidRequest(CyclesError, ValueError):
     code = "INVALID_REQUEST"
     http_status = 400
 

@@ -23,13 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import heapq
-import itertools
 import logging
 import threading
 import time
-import uuid
-import weakref
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -48,6 +44,7 @@ from cycles.errors import (
     TenantClosed,
     ToolNotAllowed,
 )
+from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
     Action,
     Amount,
@@ -62,6 +59,7 @@ from cycles.models import (
     ReservationExtendRequest,
     StandardMetrics,
     Subject,
+    trusted,
 )
 from cycles.scopes import derive_scopes
 
@@ -116,6 +114,7 @@ class _Sleep:
 _Op = Union[_Call, _Sleep]
 _Flow = Generator[_Op, Any, Any]
 
+_children_lock = threading.Lock()
 _current: contextvars.ContextVar[_GuardCore | None] = contextvars.ContextVar("cycles_guard", default=None)
 
 
@@ -143,7 +142,7 @@ class _GuardCore:
         self.action = action
         self.estimate = estimate
         self.settings = settings
-        self.key = idempotency_key or "cyc_" + uuid.uuid4().hex
+        self.key = idempotency_key or new_idempotency_key()
         self._shadow_sink = shadow_sink
         self.reservation: ReservationCreateResponse | None = None
         self.shadow: ShadowRecord | None = None
@@ -158,6 +157,7 @@ class _GuardCore:
         self.heartbeat_errors: list[CyclesError] = []
         self.extensions = 0
         self.charged: Amount | None = None
+        self.heartbeat_on = settings.heartbeat
         self._last_lead_ms: int | None = None
 
     # -- what the user sees ---------------------------------------------------------------
@@ -198,7 +198,7 @@ class _GuardCore:
             own = self.actual.amount
         else:
             own = 0 if self.has_children else self.estimate.amount
-        return Amount.model_construct(unit=self.estimate.unit, amount=own + self.children_spent)
+        return trusted(Amount, unit=self.estimate.unit, amount=own + self.children_spent)
 
     # -- nesting ---------------------------------------------------------------------------
 
@@ -211,11 +211,16 @@ class _GuardCore:
             return False
         if not set(derive_scopes(self.subject)) <= set(derive_scopes(parent.subject)):
             return False
+        with _children_lock:  # parallel children (threads with a copied context) share the headroom
+            return self._take_headroom(parent)
+
+    def _take_headroom(self, parent: _GuardCore) -> bool:
+        assert parent.reservation is not None
         headroom = parent.estimate.amount - parent.children_spent - parent.children_held
         if headroom < self.estimate.amount:
             raise BudgetExceeded(
                 f"{self.action.name} needs {self.estimate} but the enclosing guard "
-                f"({parent.action.name}) has {Amount.model_construct(unit=self.estimate.unit, amount=max(0, headroom))} left",
+                f"({parent.action.name}) has {trusted(Amount, unit=self.estimate.unit, amount=max(0, headroom))} left",
                 details={"scope": parent.reservation.scope_path, "enclosing_reservation": parent.reservation_id},
             )
         self.parent = parent
@@ -227,16 +232,18 @@ class _GuardCore:
     def settle_child(self, spent: int | None) -> None:
         parent = self.parent
         assert parent is not None
-        parent.children_held -= self.estimate.amount
-        if spent is not None:
-            parent.children_spent += spent
+        with _children_lock:
+            parent.children_held -= self.estimate.amount
+            if spent is not None:
+                parent.children_spent += spent
 
     # -- flows -----------------------------------------------------------------------------
 
     def start_flow(self) -> _Flow:
         if self.state != "new":
             raise RuntimeError("a guard can be started once")
-        req = ReservationCreateRequest.model_construct(
+        req = trusted(
+            ReservationCreateRequest,
             idempotency_key=self.key + ":reserve",
             subject=self.subject,
             action=self.action,
@@ -259,16 +266,16 @@ class _GuardCore:
         self.state = "open"
         caps = self.reservation.caps
         if caps is not None and self.action.is_tool and not caps.allows_tool(self.action.name):
-            denial = ToolNotAllowed(
+            refusal = ToolNotAllowed(
                 f"tool {self.action.name!r} is not allowed by the budget's caps",
                 details={"tool": self.action.name, "scope": self.reservation.scope_path},
             )
             if self.settings.mode == "shadow":
-                self._record_shadow(denial)
+                self._record_shadow(refusal)
                 return None
             yield from self.release_flow("tool not allowed by caps")
             self.state = "denied"
-            raise denial
+            raise refusal
         return None
 
     def _record_shadow(self, denial: CyclesError) -> None:
@@ -310,7 +317,8 @@ class _GuardCore:
                 except CyclesError as exc:
                     shadow_log.warning("shadow mode: could not account %s for %s: %s", actual, self.action.name, exc)
             return None
-        req = CommitRequest.model_construct(
+        req = trusted(
+            CommitRequest,
             idempotency_key=self.key + ":commit",
             actual=actual,
             metrics=self.metrics,
@@ -329,7 +337,8 @@ class _GuardCore:
         return None
 
     def _event_request(self, actual: Amount, key: str | None = None) -> EventCreateRequest:
-        return EventCreateRequest.model_construct(
+        return trusted(
+            EventCreateRequest,
             idempotency_key=key or self.key + ":event",
             subject=self.subject,
             action=self.action,
@@ -350,7 +359,7 @@ class _GuardCore:
         self.state = "released"
         if self.reservation is None or self.reservation.reservation_id is None:
             return None
-        req = ReleaseRequest.model_construct(idempotency_key=self.key + ":release", reason=reason[:256])
+        req = trusted(ReleaseRequest, idempotency_key=self.key + ":release", reason=reason[:256])
         try:
             yield from _retrying(_Call("release", (self.reservation.reservation_id, req)))
         except (ReservationExpired, ReservationFinalized):
@@ -371,7 +380,7 @@ class _GuardCore:
     def beat_delay_s(self) -> float | None:
         """When to extend next, from the last known lead (the spec's HEARTBEAT GUIDANCE, simplified:
         keep one attempt budget plus a safety margin in reserve)."""
-        if not self.settings.heartbeat or self.reservation is None or self.reservation.reservation_id is None:
+        if not self.heartbeat_on or self.reservation is None or self.reservation.reservation_id is None:
             return None
         lead = self._last_lead_ms if self._last_lead_ms is not None else self.reservation.remaining_ttl_ms
         if lead is None:
@@ -384,8 +393,11 @@ class _GuardCore:
         if self.state != "open" or self.reservation is None or self.reservation.reservation_id is None:
             return None
         self.extensions += 1
-        req = ReservationExtendRequest.model_construct(
-            idempotency_key=f"{self.key}:extend:{self.extensions}", extend_by_ms=self.settings.ttl_ms, metadata=None
+        req = trusted(
+            ReservationExtendRequest,
+            idempotency_key=f"{self.key}:extend:{self.extensions}",
+            extend_by_ms=self.settings.ttl_ms,
+            metadata=None,
         )
         try:
             response = yield from _retrying(_Call("extend", (self.reservation.reservation_id, req)), attempts=2)
@@ -393,7 +405,7 @@ class _GuardCore:
         except (ReservationExpired, ReservationFinalized, MaxExtensionsExceeded, NotFound, TenantClosed) as exc:
             self.heartbeat_errors.append(exc)
             self._last_lead_ms = None
-            self.settings.heartbeat = False  # permanent for this reservation: stop beating
+            self.heartbeat_on = False  # permanent for this reservation: stop beating
             log.warning("heartbeat for %s stopped: %s", self.reservation_id, exc)
         except CyclesError as exc:
             self.heartbeat_errors.append(exc)
@@ -424,7 +436,8 @@ def _retrying(call: _Call, attempts: int = len(_SETTLE_BACKOFF_S) + 1) -> _Flow:
 class _Heartbeats:
     """One daemon thread beats every open sync guard of the process (a thread per guard would cost
     more than the guard). Guards are registered while open and removed when they settle, so the
-    registry holds only in-flight guards."""
+    registry holds only in-flight guards. Registering is a dict store (atomic under the GIL); the
+    lock is taken only to wake the thread for a beat earlier than the one it sleeps towards."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
@@ -434,29 +447,27 @@ class _Heartbeats:
 
     def add(self, guard: Guard, delay_s: float) -> None:
         due = time.monotonic() + delay_s
-        with self._cond:
-            self._due[guard] = due
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="cycles-heartbeat", daemon=True)
-                self._thread.start()
-            if due < self._wake_at:
+        self._due[guard] = due
+        if due < self._wake_at or self._thread is None:
+            with self._cond:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, name="cycles-heartbeat", daemon=True)
+                    self._thread.start()
                 self._cond.notify()
 
     def remove(self, guard: Guard) -> None:
-        with self._cond:
-            self._due.pop(guard, None)
+        self._due.pop(guard, None)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 now = time.monotonic()
-                ready = [g for g, due in self._due.items() if due <= now]
+                ready = [g for g, due in list(self._due.items()) if due <= now]
                 for g in ready:
-                    del self._due[g]
+                    self._due.pop(g, None)
                 if not ready:
                     self._wake_at = min(self._due.values(), default=now + 3600.0)
-                    self._cond.wait(self._wake_at - now)
-                    self._wake_at = float("inf")
+                    self._cond.wait(max(0.0, self._wake_at - now))
                     continue
             for guard in ready:
                 try:
@@ -527,7 +538,6 @@ class Guard(_GuardFace):
         self._client = client
         self._core = core
         self._token: contextvars.Token[_GuardCore | None] | None = None
-        self._lock = threading.Lock()
 
     def _drive(self, flow: _Flow) -> Any:
         ledger = self._client.ledger
@@ -540,7 +550,7 @@ class Guard(_GuardFace):
                     continue
                 try:
                     result = getattr(ledger, op.method)(*op.args, **op.kwargs)
-                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                except Exception as exc:
                     op = flow.throw(exc)
                 else:
                     op = flow.send(result)
@@ -550,8 +560,7 @@ class Guard(_GuardFace):
     def start(self) -> Guard:
         core = self._core
         if not core.adopt_parent():
-            with self._lock:
-                self._drive(core.start_flow())
+            self._drive(core.start_flow())
             delay = core.beat_delay_s()
             if delay is not None:
                 _heartbeats.add(self, delay)
@@ -561,21 +570,19 @@ class Guard(_GuardFace):
         _heartbeats.remove(self)
         if actual is not None:
             self._core.record(actual, self._core.metrics, self._core.commit_metadata)
-        with self._lock:
-            self._drive(self._core.finish_flow())
+        self._drive(self._core.finish_flow())
 
     def fail(self, exc: BaseException | None = None) -> None:
         _heartbeats.remove(self)
-        with self._lock:
-            self._drive(self._core.fail_flow(exc))
+        self._drive(self._core.fail_flow(exc))
 
     def _beat(self) -> None:
-        with self._lock:
-            if self._core.state != "open":
-                return
-            self._drive(self._core.beat_flow())
-            delay = self._core.beat_delay_s()
-        if delay is not None:
+        # No lock against finish(): a beat that loses the race meets RESERVATION_FINALIZED and stops.
+        if self._core.state != "open":
+            return
+        self._drive(self._core.beat_flow())
+        delay = self._core.beat_delay_s()
+        if delay is not None and self._core.state == "open":
             _heartbeats.add(self, delay)
 
     def __enter__(self) -> Guard:
@@ -600,7 +607,6 @@ class AsyncGuard(_GuardFace):
         self._client = client
         self._core = core
         self._token: contextvars.Token[_GuardCore | None] | None = None
-        self._lock = asyncio.Lock()
         self._beat_handle: asyncio.TimerHandle | None = None
 
     async def _drive(self, flow: _Flow) -> Any:
@@ -614,7 +620,7 @@ class AsyncGuard(_GuardFace):
                     continue
                 try:
                     result = await getattr(ledger, op.method)(*op.args, **op.kwargs)
-                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                except Exception as exc:
                     op = flow.throw(exc)
                 else:
                     op = flow.send(result)
@@ -624,8 +630,7 @@ class AsyncGuard(_GuardFace):
     async def start(self) -> AsyncGuard:
         core = self._core
         if not core.adopt_parent():
-            async with self._lock:
-                await self._drive(core.start_flow())
+            await self._drive(core.start_flow())
             self._schedule_beat()
         return self
 
@@ -636,11 +641,11 @@ class AsyncGuard(_GuardFace):
             self._beat_handle = loop.call_later(delay, lambda: loop.create_task(self._beat()))
 
     async def _beat(self) -> None:
-        async with self._lock:
-            if self._core.state != "open":
-                return
-            await self._drive(self._core.beat_flow())
-        self._schedule_beat()
+        if self._core.state != "open":
+            return
+        await self._drive(self._core.beat_flow())
+        if self._core.state == "open":
+            self._schedule_beat()
 
     def _cancel_beat(self) -> None:
         if self._beat_handle is not None:
@@ -651,13 +656,11 @@ class AsyncGuard(_GuardFace):
         self._cancel_beat()
         if actual is not None:
             self._core.record(actual, self._core.metrics, self._core.commit_metadata)
-        async with self._lock:
-            await self._drive(self._core.finish_flow())
+        await self._drive(self._core.finish_flow())
 
     async def fail(self, exc: BaseException | None = None) -> None:
         self._cancel_beat()
-        async with self._lock:
-            await self._drive(self._core.fail_flow(exc))
+        await self._drive(self._core.fail_flow(exc))
 
     async def __aenter__(self) -> AsyncGuard:
         await self.start()

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, NamedTuple
 
-from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Denied, Guard, Subject, usd
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Guard, Subject, usd
 from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata, get_buffer_string
 from langchain_core.runnables import RunnableConfig
@@ -147,31 +147,3 @@ async def aguard(
     else:
         with cycles.guard(subject, action, estimate=estimate) as guard:
             yield guard
-
-
-def not_retried(exc: Denied) -> Denied:
-    """``exc`` as an exception LangGraph's default ``RetryPolicy`` does not retry.
-
-    ``default_retry_on`` retries every exception but a list of programming errors (``ValueError``,
-    ``RuntimeError``...), so a plain ``Denied`` raised in a node would be retried ``max_attempts``
-    times, each attempt denied again. The copy is the same ``Denied`` subclass (``except
-    BudgetExceeded`` still catches it, it pickles as the core's class) and also a ``RuntimeError``.
-    Returns ``exc`` itself when the core's class already is one.
-    """
-    if isinstance(exc, RuntimeError):
-        return exc
-    cls = _NOT_RETRIED.get(type(exc)) or _NOT_RETRIED.setdefault(type(exc), _not_retried_class(type(exc)))
-    copy = cls.__new__(cls, *exc.args)
-    copy.__dict__.update(exc.__dict__)
-    return copy.with_traceback(exc.__traceback__)
-
-
-_NOT_RETRIED: dict[type[Denied], type[Denied]] = {}
-
-
-def _not_retried_class(cls: type[Denied]) -> type[Denied]:
-    def reduce(self: Denied) -> tuple[Any, ...]:
-        return cls, self.args, self.__dict__
-
-    namespace = {"__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__}
-    return type(cls.__name__, (cls, RuntimeError), {**namespace, "__reduce__": reduce})

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from cycles import Action, Amount, Cycles, Denied, Guard, usd
+from cycles import Action, Amount, Cycles, Guard, usd
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, LLMResult
@@ -26,7 +26,6 @@ from cycles_langgraph._common import (
     estimate_prompt,
     max_output_tokens,
     model_of,
-    not_retried,
     priced,
     resolve_subject,
     tool_cost,
@@ -163,10 +162,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     ) -> None:
         config = ensure_config({"metadata": dict(metadata or {})})
         guard = self.cycles.guard(resolve_subject(self.subject, config), action, estimate=estimate)
-        try:
-            guard.start()
-        except Denied as exc:  # with raise_error, LangChain stops the call here
-            raise not_retried(exc) from None
+        guard.start()  # a Denied raised here stops the call: the handler sets raise_error
         with self._lock:
             self._open[run_id] = (guard, model)
 

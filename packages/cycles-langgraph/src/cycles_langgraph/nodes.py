@@ -7,11 +7,11 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, cast, overload
 
-from cycles import Action, Amount, AsyncCycles, Cycles, Denied
+from cycles import Action, Amount, AsyncCycles, Cycles, Denied, Subject
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
-from cycles_langgraph._common import SubjectLike, aguard, not_retried, resolve_subject, sync_cycles
+from cycles_langgraph._common import SubjectLike, aguard, resolve_subject, sync_cycles
 
 __all__ = ["guard_node"]
 
@@ -66,11 +66,11 @@ def guard_node(
     When denied (the node before it runs, or a guarded call inside it), the node raises the
     ``cycles.Denied`` subclass (``BudgetExceeded``...) as an exception LangGraph's default
     ``RetryPolicy`` does not retry; with ``fallback="name"`` it returns ``Command(goto="name")``
-    instead. That goto is added
-    to the node's own edges (LangGraph still follows them), so a fallback suits nodes whose
-    routing reads state or is itself by ``Command``. The node keeps its injected arguments
-    (``config``, ``runtime``, ``store``, ``writer``...): the wrapper shows LangGraph the node's own
-    signature, plus ``config``.
+    instead. That goto is added to the node's own edges (LangGraph still follows them), so a
+    fallback suits nodes whose routing reads state or is itself by ``Command``. The node keeps its
+    injected arguments (``config``, ``runtime``, ``store``, ``writer``...): the wrapper shows
+    LangGraph the node's own signature, plus ``config``. Functions only (sync or async), not
+    compiled subgraphs: guard the node that invokes one.
     """
     if fn is None:
         return lambda f: guard_node(
@@ -81,7 +81,7 @@ def guard_node(
     signature = inspect.signature(fn)
     passes_config = "config" in signature.parameters
 
-    def plan(state: Any, config: RunnableConfig) -> tuple[Any, Amount]:
+    def plan(state: Any, config: RunnableConfig) -> tuple[Subject, Amount]:
         amount = estimate if isinstance(estimate, Amount) else estimate(state)
         return resolve_subject(subject, config), amount
 
@@ -93,9 +93,10 @@ def guard_node(
             try:
                 async with aguard(cycles, who, act, amount):
                     return await node(state, **_args(kwargs, config, passes_config))
-            except Denied as exc:
+            except Denied:
+                # Denied is a RuntimeError: LangGraph's default RetryPolicy does not retry it.
                 if fallback is None:
-                    raise not_retried(exc) from None
+                    raise
                 return Command(goto=fallback)
 
         wrapper = awrapper
@@ -107,9 +108,10 @@ def guard_node(
             try:
                 with client.guard(who, act, estimate=amount):
                     return node(state, **_args(kwargs, config, passes_config))
-            except Denied as exc:
+            except Denied:
+                # Denied is a RuntimeError: LangGraph's default RetryPolicy does not retry it.
                 if fallback is None:
-                    raise not_retried(exc) from None
+                    raise
                 return Command(goto=fallback)
 
         wrapper = swrapper

@@ -179,9 +179,12 @@ class TransactionalLedger(Ledger):
     #: Expire overdue reservations at most this often as a side effect of ordinary writes.
     lazy_sweep_interval_ms = 1000
 
-    def __init__(self, clock: Callable[[], int] | None = None) -> None:
+    def __init__(self, clock: Callable[[], int] | None = None, include_balances: bool = False) -> None:
         self._clock = clock or _wall_clock_ms
         self._next_sweep_ms = 0
+        #: Put Balance snapshots into reserve/commit/release/event responses (optional in the spec;
+        #: a server wants them, an in-process guard does not pay for them).
+        self.include_balances = include_balances
 
     @abc.abstractmethod
     def _transaction(self, *, write: bool) -> AbstractContextManager[Txn]: ...

@@ -9,14 +9,18 @@ from __future__ import annotations
 import heapq
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 from contextlib import contextmanager
 
 from cycles.errors import CyclesError
+from cycles.ledger import rules
 from cycles.ledger.base import TransactionalLedger
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import ReservationStatus, Unit
 
 __all__ = ["MemoryLedger", "open_memory"]
+
+T = TypeVar("T")
 
 _IdemKey = tuple[str, str, str]
 
@@ -31,11 +35,12 @@ class _Store:
 
 
 class _MemoryTxn:
-    __slots__ = ("_store", "now_ms", "_budgets", "_reservations", "_idem", "_popped")
+    __slots__ = ("_budgets", "_idem", "_popped", "_reservations", "_store", "include_balances", "now_ms")
 
-    def __init__(self, store: _Store, now_ms: int) -> None:
+    def __init__(self, store: _Store, now_ms: int, include_balances: bool) -> None:
         self._store = store
         self.now_ms = now_ms
+        self.include_balances = include_balances
         self._budgets: dict[tuple[str, Unit], BudgetRow] = {}
         self._reservations: dict[str, ReservationRow] = {}
         self._idem: dict[_IdemKey, IdempotencyRecord] = {}
@@ -154,8 +159,8 @@ class _MemoryTxn:
 class MemoryLedger(TransactionalLedger):
     blocking = False
 
-    def __init__(self, clock: Callable[[], int] | None = None) -> None:
-        super().__init__(clock)
+    def __init__(self, clock: Callable[[], int] | None = None, include_balances: bool = False) -> None:
+        super().__init__(clock, include_balances)
         self.url = "memory://"
         self._store = _Store()
         self._lock = threading.Lock()
@@ -163,21 +168,37 @@ class MemoryLedger(TransactionalLedger):
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[_MemoryTxn]:
         with self._lock:
-            txn = _MemoryTxn(self._store, self._clock())
+            txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
             try:
                 yield txn
-            except BaseException as exc:
-                if isinstance(exc, CyclesError):
-                    txn.apply()  # a refusal still keeps the expiries it discovered
-                else:
-                    txn.undo()
+            except CyclesError:
+                txn.apply()  # a refusal still keeps the expiries it discovered
                 raise
-            else:
+            except BaseException:
+                txn.undo()
+                raise
+            txn.apply()
+
+    def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        # The base class's contextmanager costs more than this whole in-memory transaction: inline it.
+        with self._lock:
+            txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
+            try:
+                if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
+                    self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
+                    rules.expire_due(txn, 100)
+                result = fn(txn, *args)
+            except CyclesError:
                 txn.apply()
+                raise
+            except BaseException:
+                txn.undo()
+                raise
+            txn.apply()
+            return result
 
 
-def open_memory(url: str = "memory://", **options: object) -> MemoryLedger:
-    clock = options.pop("clock", None)
-    if options:
-        raise TypeError(f"memory:// takes no options besides clock, got {sorted(options)}")
-    return MemoryLedger(clock=clock)  # type: ignore[arg-type]
+def open_memory(
+    url: str = "memory://", *, clock: Callable[[], int] | None = None, include_balances: bool = False
+) -> MemoryLedger:
+    return MemoryLedger(clock=clock, include_balances=include_balances)

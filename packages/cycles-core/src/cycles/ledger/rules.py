@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
+import itertools
 import json
+import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from pydantic import BaseModel
 
@@ -65,6 +68,7 @@ from cycles.models import (
     SignedAmount,
     Subject,
     Unit,
+    trusted,
 )
 from cycles.scopes import LEVELS, derive_scopes, parse_scope, scope_tenant
 
@@ -118,11 +122,12 @@ class BudgetRow:
 
     def to_balance(self) -> Balance:
         unit = self.unit
-        mk = Amount.model_construct
-        return Balance.model_construct(
+        mk = functools.partial(trusted, Amount)
+        return trusted(
+            Balance,
             scope=self.scope,
             scope_path=self.scope,
-            remaining=SignedAmount.model_construct(unit=unit, amount=self.remaining),
+            remaining=trusted(SignedAmount, unit=unit, amount=self.remaining),
             reserved=mk(unit=unit, amount=self.reserved),
             spent=mk(unit=unit, amount=self.spent),
             debt=mk(unit=unit, amount=self.debt),
@@ -187,8 +192,9 @@ class ReservationRow:
         )
 
     def to_summary(self, cls: type[ReservationSummary] = ReservationSummary) -> ReservationSummary:
-        mk = Amount.model_construct
-        return cls.model_construct(
+        mk = functools.partial(trusted, Amount)
+        return trusted(
+            cls,
             reservation_id=self.reservation_id,
             status=self.status,
             idempotency_key=self.idempotency_key,
@@ -206,10 +212,48 @@ class ReservationRow:
         )
 
 
+class Fingerprint:
+    """The identity of a request payload for IDEMPOTENCY_MISMATCH detection.
+
+    ``digest`` (sha256 of canonical JSON) is computed only when a store needs it: the memory store
+    compares the request objects themselves, which costs nothing unless a key is replayed.
+    """
+
+    __slots__ = ("_digest", "extra", "request")
+
+    def __init__(self, request: BaseModel, *extra: str) -> None:
+        self.request = request
+        self.extra = extra
+        self._digest: str | None = None
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            body = json.dumps(
+                self.request.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":")
+            )
+            if self.extra:
+                body += "\x1f" + "\x1f".join(self.extra)
+            self._digest = hashlib.sha256(body.encode()).hexdigest()
+        return self._digest
+
+    def same_payload(self, other: Fingerprint | str) -> bool:
+        if isinstance(other, str):
+            return other == self.digest
+        if other.extra != self.extra:
+            return False
+        if other.request is self.request:
+            return True
+        return other.digest == self.digest
+
+
 @dataclass(slots=True)
 class IdempotencyRecord:
-    fingerprint: str
-    response: dict[str, Any]
+    """A remembered success. Stores that serialize keep ``fingerprint`` as the digest string and
+    ``response`` as its JSON dict; the memory store keeps the objects."""
+
+    fingerprint: Fingerprint | str
+    response: BaseModel | dict[str, Any]
     created_at_ms: int
 
 
@@ -217,6 +261,7 @@ class Txn(Protocol):
     """One atomic unit of work against a store. Reads see this transaction's own writes."""
 
     now_ms: int
+    include_balances: bool  # put Balance snapshots into reserve/commit/release/event responses
 
     def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None: ...
     def get_budgets(self, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
@@ -242,18 +287,38 @@ class Txn(Protocol):
 
 def fingerprint(request: BaseModel, *extra: str) -> str:
     """A stable digest of a request payload (canonical JSON), for IDEMPOTENCY_MISMATCH detection."""
-    body = json.dumps(request.model_dump(mode="json", exclude_none=True), sort_keys=True, separators=(",", ":"))
-    if extra:
-        body += "\x1f" + "\x1f".join(extra)
-    return hashlib.sha256(body.encode()).hexdigest()
+    return Fingerprint(request, *extra).digest
+
+
+class _Ids:
+    """Unique ids without a syscall per id: a random per-process prefix (renewed after fork) and a
+    counter. Ids are identifiers, not secrets: ownership is checked on every access."""
+
+    def __init__(self) -> None:
+        self._renew()
+        os.register_at_fork(after_in_child=self._renew)
+
+    def _renew(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._counter = itertools.count(1)
+
+    def next(self, kind: str) -> str:
+        return f"{kind}_{self._prefix}{next(self._counter):016x}"
+
+
+_ids = _Ids()
 
 
 def new_reservation_id() -> str:
-    return "rsv_" + uuid.uuid4().hex
+    return _ids.next("rsv")
 
 
 def new_event_id() -> str:
-    return "evt_" + uuid.uuid4().hex
+    return _ids.next("evt")
+
+
+def new_idempotency_key() -> str:
+    return _ids.next("cyc")
 
 
 def _check_tenant(owner: str | None, tenant: str | None) -> None:
@@ -268,28 +333,29 @@ def _check_subject_tenant(subject: Subject, tenant: str | None) -> None:
 
 
 def _amount(unit: Unit, value: int) -> Amount:
-    return Amount.model_construct(unit=unit, amount=value)
+    return trusted(Amount, unit=unit, amount=value)
 
 
 def _idem_tenant(tenant: str | None, owner: str | None) -> str:
     return tenant if tenant is not None else (owner or "")
 
 
-def _replay(txn: Txn, tenant: str, endpoint: str, key: str, digest: str, cls: type[R]) -> R | None:
+def _replay(txn: Txn, tenant: str, endpoint: str, key: str, digest: Fingerprint, cls: type[R]) -> R | None:
     record = txn.get_idempotency(tenant, endpoint, key)
     if record is None:
         return None
-    if record.fingerprint != digest:
+    if not digest.same_payload(record.fingerprint):
         raise IdempotencyMismatch(
             f"idempotency key {key!r} was already used on {endpoint} with a different payload",
             details={"idempotency_key": key, "endpoint": endpoint},
         )
+    if isinstance(record.response, BaseModel):
+        return cast(R, record.response.model_copy())
     return cls.model_validate(record.response)
 
 
-def _remember(txn: Txn, tenant: str, endpoint: str, key: str, digest: str, response: BaseModel) -> None:
-    payload = response.model_dump(mode="json", exclude_none=True)
-    txn.put_idempotency(tenant, endpoint, key, IdempotencyRecord(digest, payload, txn.now_ms))
+def _remember(txn: Txn, tenant: str, endpoint: str, key: str, digest: Fingerprint, response: BaseModel) -> None:
+    txn.put_idempotency(tenant, endpoint, key, IdempotencyRecord(digest, response, txn.now_ms))
 
 
 def _remaining_ttl(txn: Txn, row: ReservationRow | None, expires_at_ms: int) -> int:
@@ -417,11 +483,16 @@ def _deny_reason(denial: CyclesError) -> str:
 # ---- runtime operations ---------------------------------------------------------------------
 
 
+def _snapshot(txn: Txn, budgets: Sequence[BudgetRow]) -> list[Balance] | None:
+    """Balances for a response, when the ledger was asked to include them (the spec makes them optional)."""
+    return [b.to_balance() for b in budgets] if txn.include_balances else None
+
+
 def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> ReservationCreateResponse:
     _check_subject_tenant(req.subject, tenant)
     idem_tenant = _idem_tenant(tenant, req.subject.tenant)
     endpoint = "reserve"
-    digest = fingerprint(req)
+    digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, endpoint, req.idempotency_key, digest, ReservationCreateResponse)
     if replay is not None:
         if replay.reservation_id is not None and replay.expires_at_ms is not None:
@@ -438,12 +509,13 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
     if req.dry_run:
         if isinstance(verdict.denial, UnitMismatch):
             raise verdict.denial
-        response = ReservationCreateResponse.model_construct(
+        response = trusted(
+            ReservationCreateResponse,
             decision=verdict.decision,
             affected_scopes=verdict.scopes,
             scope_path=verdict.scopes[-1],
             caps=verdict.caps,
-            balances=[b.to_balance() for b in verdict.budgets] or None,
+            balances=[b.to_balance() for b in verdict.budgets] or None,  # dry-run: always (cheap, wanted)
             reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
             reserved=req.estimate if verdict.denial is None else None,
         )
@@ -454,9 +526,9 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         raise verdict.denial
 
     amount = req.estimate.amount
-    for row in verdict.budgets:
-        row.reserved += amount
-        txn.put_budget(row)
+    for budget in verdict.budgets:
+        budget.reserved += amount
+        txn.put_budget(budget)
     now = txn.now_ms
     row_r = ReservationRow(
         reservation_id=new_reservation_id(),
@@ -476,7 +548,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         metadata=req.metadata,
     )
     txn.put_reservation(row_r)
-    response = ReservationCreateResponse.model_construct(
+    response = trusted(
+        ReservationCreateResponse,
         decision=verdict.decision,
         reservation_id=row_r.reservation_id,
         reserved=req.estimate,
@@ -485,7 +558,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         scope_path=row_r.scope_path,
         affected_scopes=verdict.scopes,
         caps=verdict.caps,
-        balances=[b.to_balance() for b in verdict.budgets],
+        balances=_snapshot(txn, verdict.budgets),
     )
     _remember(txn, idem_tenant, endpoint, req.idempotency_key, digest, response)
     return response
@@ -494,14 +567,15 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
 def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionResponse:
     _check_subject_tenant(req.subject, tenant)
     idem_tenant = _idem_tenant(tenant, req.subject.tenant)
-    digest = fingerprint(req)
+    digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, "decide", req.idempotency_key, digest, DecisionResponse)
     if replay is not None:
         return replay
     verdict = evaluate(txn, req.subject, req.estimate)
     if isinstance(verdict.denial, UnitMismatch):  # request-validity error, not a budget state: 400
         raise verdict.denial
-    response = DecisionResponse.model_construct(
+    response = trusted(
+        DecisionResponse,
         decision=verdict.decision,
         caps=verdict.caps,
         reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
@@ -557,7 +631,7 @@ def expire_due(txn: Txn, limit: int) -> int:
     count = 0
     for reservation_id in txn.due_reservations(txn.now_ms, limit):
         row = txn.get_reservation(reservation_id)
-        if row is not None and row.status is ReservationStatus.ACTIVE and txn.now_ms > row.deadline_ms:
+        if row is not None and row.status is _ACTIVE and txn.now_ms > row.deadline_ms:
             _expire(txn, row)
             count += 1
     return count
@@ -631,7 +705,7 @@ def _settle_budgets(
 def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None) -> CommitResponse:
     row = _load_reservation(txn, reservation_id, tenant)
     idem_tenant = _idem_tenant(tenant, row.tenant)
-    digest = fingerprint(req, reservation_id)
+    digest = Fingerprint(req, reservation_id)
     replay = _replay(txn, idem_tenant, "commit", req.idempotency_key, digest, CommitResponse)
     if replay is not None:
         return replay
@@ -649,11 +723,12 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
     row.committed_metadata = req.metadata
     txn.put_reservation(row)
     released = row.amount - req.actual.amount
-    response = CommitResponse.model_construct(
+    response = trusted(
+        CommitResponse,
         status="COMMITTED",
-        charged=_amount(row.unit, charged),
+        charged=req.actual if charged == req.actual.amount else _amount(row.unit, charged),
         released=_amount(row.unit, released) if released > 0 else None,
-        balances=[b.to_balance() for b in budgets],
+        balances=_snapshot(txn, budgets),
     )
     _remember(txn, idem_tenant, "commit", req.idempotency_key, digest, response)
     return response
@@ -662,7 +737,7 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
 def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | None) -> ReleaseResponse:
     row = _load_reservation(txn, reservation_id, tenant)
     idem_tenant = _idem_tenant(tenant, row.tenant)
-    digest = fingerprint(req, reservation_id)
+    digest = Fingerprint(req, reservation_id)
     replay = _replay(txn, idem_tenant, "release", req.idempotency_key, digest, ReleaseResponse)
     if replay is not None:
         return replay
@@ -674,8 +749,8 @@ def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | No
     row.status = ReservationStatus.RELEASED
     row.finalized_at_ms = txn.now_ms
     txn.put_reservation(row)
-    response = ReleaseResponse.model_construct(
-        status="RELEASED", released=_amount(row.unit, row.amount), balances=[b.to_balance() for b in budgets]
+    response = trusted(
+        ReleaseResponse, status="RELEASED", released=_amount(row.unit, row.amount), balances=_snapshot(txn, budgets)
     )
     _remember(txn, idem_tenant, "release", req.idempotency_key, digest, response)
     return response
@@ -686,7 +761,7 @@ def extend(
 ) -> ReservationExtendResponse:
     row = _load_reservation(txn, reservation_id, tenant)
     idem_tenant = _idem_tenant(tenant, row.tenant)
-    digest = fingerprint(req, reservation_id)
+    digest = Fingerprint(req, reservation_id)
     replay = _replay(txn, idem_tenant, "extend", req.idempotency_key, digest, ReservationExtendResponse)
     if replay is not None:
         replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
@@ -697,7 +772,7 @@ def extend(
             details={"reservation_id": row.reservation_id, "status": row.status.value},
         )
     if row.status is ReservationStatus.EXPIRED or txn.now_ms > row.expires_at_ms:
-        if row.status is ReservationStatus.ACTIVE and txn.now_ms > row.deadline_ms:
+        if row.status is _ACTIVE and txn.now_ms > row.deadline_ms:
             _expire(txn, row)
         raise _expired(row)
     if row.extensions >= MAX_EXTENSIONS:
@@ -708,8 +783,11 @@ def extend(
     row.expires_at_ms += req.extend_by_ms
     row.extensions += 1
     txn.put_reservation(row)
-    response = ReservationExtendResponse.model_construct(
-        status="ACTIVE", expires_at_ms=row.expires_at_ms, remaining_ttl_ms=row.expires_at_ms - txn.now_ms
+    response = trusted(
+        ReservationExtendResponse,
+        status="ACTIVE",
+        expires_at_ms=row.expires_at_ms,
+        remaining_ttl_ms=row.expires_at_ms - txn.now_ms,
     )
     _remember(txn, idem_tenant, "extend", req.idempotency_key, digest, response)
     return response
@@ -719,7 +797,7 @@ def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateR
     """Post-only accounting: charge ``actual`` with no reservation, under the event's overage policy."""
     _check_subject_tenant(req.subject, tenant)
     idem_tenant = _idem_tenant(tenant, req.subject.tenant)
-    digest = fingerprint(req)
+    digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, "event", req.idempotency_key, digest, EventCreateResponse)
     if replay is not None:
         return replay
@@ -746,11 +824,12 @@ def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateR
         overage_policy=req.overage_policy,
     )
     charged = _settle_budgets(txn, budgets, pseudo, req.actual.amount, req.overage_policy, is_event=True)
-    response = EventCreateResponse.model_construct(
+    response = trusted(
+        EventCreateResponse,
         status="APPLIED",
         event_id=new_event_id(),
         charged=_amount(req.actual.unit, charged),
-        balances=[b.to_balance() for b in budgets],
+        balances=_snapshot(txn, budgets),
     )
     _remember(txn, idem_tenant, "event", req.idempotency_key, digest, response)
     return response
@@ -761,7 +840,7 @@ def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateR
 
 def get_reservation(txn: Txn, reservation_id: str, tenant: str | None) -> ReservationDetail:
     row = _load_reservation(txn, reservation_id, tenant)
-    if row.status is ReservationStatus.ACTIVE and txn.now_ms > row.deadline_ms:
+    if row.status is _ACTIVE and txn.now_ms > row.deadline_ms:
         _expire(txn, row)
     if row.status is ReservationStatus.EXPIRED:
         raise _expired(row)
@@ -866,7 +945,8 @@ def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceRespon
     rows.sort(key=lambda r: (r.scope, r.unit.value))
     binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
     page, next_cursor = _page(rows, query.limit, query.cursor, binding)
-    return BalanceResponse.model_construct(
+    return trusted(
+        BalanceResponse,
         balances=[r.to_balance() for r in page],
         next_cursor=next_cursor,
         has_more=next_cursor is not None,
@@ -942,8 +1022,8 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
         if "committed_metadata" not in query.include:
             s.committed_metadata = None
         summaries.append(s)
-    return ReservationListResponse.model_construct(
-        reservations=summaries, next_cursor=next_cursor, has_more=next_cursor is not None
+    return trusted(
+        ReservationListResponse, reservations=summaries, next_cursor=next_cursor, has_more=next_cursor is not None
     )
 
 

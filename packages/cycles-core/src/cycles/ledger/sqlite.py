@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from pydantic import BaseModel
+
 from cycles.errors import CyclesError, InvalidRequest, LedgerUnavailable
 from cycles.ledger.base import TransactionalLedger
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
@@ -176,11 +178,12 @@ def _reservation_from(row: tuple[Any, ...]) -> ReservationRow:
 
 
 class _SqliteTxn:
-    __slots__ = ("_db", "now_ms", "_budgets", "_reservations", "_new_reservations")
+    __slots__ = ("_budgets", "_db", "_new_reservations", "_reservations", "include_balances", "now_ms")
 
-    def __init__(self, db: sqlite3.Connection, now_ms: int) -> None:
+    def __init__(self, db: sqlite3.Connection, now_ms: int, include_balances: bool) -> None:
         self._db = db
         self.now_ms = now_ms
+        self.include_balances = include_balances
         self._budgets: dict[tuple[str, Unit], BudgetRow | None] = {}
         self._reservations: dict[str, ReservationRow | None] = {}
         self._new_reservations: set[str] = set()
@@ -302,9 +305,12 @@ class _SqliteTxn:
         return IdempotencyRecord(row[0], json.loads(row[1]), row[2]) if row else None
 
     def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None:
+        digest = record.fingerprint if isinstance(record.fingerprint, str) else record.fingerprint.digest
+        response = record.response
+        body = response.model_dump_json(exclude_none=True) if isinstance(response, BaseModel) else _dumps(response)
         self._db.execute(
             "INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?)",
-            (tenant, endpoint, key, record.fingerprint, _dumps(record.response), record.created_at_ms),
+            (tenant, endpoint, key, digest, body, record.created_at_ms),
         )
 
     def purge(self, older_than_ms: int, limit: int) -> int:
@@ -329,8 +335,9 @@ class SqliteLedger(TransactionalLedger):
         synchronous: str = "NORMAL",
         busy_timeout_ms: int = 10_000,
         clock: Callable[[], int] | None = None,
+        include_balances: bool = False,
     ) -> None:
-        super().__init__(clock)
+        super().__init__(clock, include_balances)
         synchronous = synchronous.upper()
         if synchronous not in ("NORMAL", "FULL", "EXTRA"):
             raise InvalidRequest("synchronous must be NORMAL, FULL or EXTRA")
@@ -399,7 +406,7 @@ class SqliteLedger(TransactionalLedger):
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 raise LedgerUnavailable(f"SQLite ledger {self.path} is locked: {exc}") from exc
-            txn = _SqliteTxn(db, self._clock())
+            txn = _SqliteTxn(db, self._clock(), self.include_balances)
             try:
                 yield txn
             except CyclesError:
