@@ -18,7 +18,6 @@ import argparse
 import multiprocessing
 import os
 import sqlite3
-import statistics
 import sys
 import tempfile
 import threading
@@ -97,24 +96,49 @@ class BareSqlite:
         rid, key = f"r{self.pid}-{self.n}", f"k{self.pid}-{self.n}"
         marks = ",".join("?" * len(SCOPES))
         db.execute("BEGIN IMMEDIATE")  # reserve
-        db.execute("SELECT fp, response FROM idempotency WHERE tenant=? AND endpoint=? AND key=?", ("bench", "reserve", key)).fetchone()
+        db.execute(
+            "SELECT fp, response FROM idempotency WHERE tenant=? AND endpoint=? AND key=?", ("bench", "reserve", key)
+        ).fetchone()
         db.execute(f"SELECT * FROM budgets WHERE unit='TOKENS' AND scope IN ({marks})", SCOPES).fetchall()
         for s in SCOPES:
             db.execute("UPDATE budgets SET reserved = reserved + ? WHERE scope=? AND unit='TOKENS'", (COST, s))
         db.execute(
             "INSERT INTO reservations VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (rid, "bench", "ACTIVE", '{"tenant":"bench"}', '{"kind":"llm"}', "TOKENS", COST, "[]", "[]", 1, 2, 3, 5,
-             "ALLOW_IF_AVAILABLE", key, None, None, 0, None, None),
+            (
+                rid,
+                "bench",
+                "ACTIVE",
+                '{"tenant":"bench"}',
+                '{"kind":"llm"}',
+                "TOKENS",
+                COST,
+                "[]",
+                "[]",
+                1,
+                2,
+                3,
+                5,
+                "ALLOW_IF_AVAILABLE",
+                key,
+                None,
+                None,
+                0,
+                None,
+                None,
+            ),
         )
         db.execute("INSERT INTO idempotency VALUES (?,?,?,?,?,?)", ("bench", "reserve", key, "f" * 64, "{}", 1))
         db.execute("COMMIT")
         db.execute("BEGIN IMMEDIATE")  # commit
         db.execute("SELECT * FROM reservations WHERE id=?", (rid,)).fetchone()
-        db.execute("SELECT fp, response FROM idempotency WHERE tenant=? AND endpoint=? AND key=?", ("bench", "commit", key)).fetchone()
+        db.execute(
+            "SELECT fp, response FROM idempotency WHERE tenant=? AND endpoint=? AND key=?", ("bench", "commit", key)
+        ).fetchone()
         db.execute(f"SELECT * FROM budgets WHERE unit='TOKENS' AND scope IN ({marks})", SCOPES).fetchall()
         for s in SCOPES:
             db.execute(
-                "UPDATE budgets SET reserved = reserved - ?, spent = spent + ? WHERE scope=? AND unit='TOKENS'", (COST, COST, s)
+                "UPDATE budgets SET reserved = reserved - ?, spent = spent + ? WHERE scope=? AND unit='TOKENS'",
+                (COST, COST, s),
             )
         db.execute("UPDATE reservations SET status='COMMITTED', committed=?, finalized=? WHERE id=?", (COST, 9, rid))
         db.execute("INSERT INTO idempotency VALUES (?,?,?,?,?,?)", ("bench", "commit", key, "f" * 64, "{}", 1))
@@ -231,7 +255,10 @@ def main() -> None:
     raw = per_op_us(raw_dict_reserve(), n * 5)
     mem = per_op_us(guarded_step(funded("memory://")), n)
     print("in-process                                   per op      baseline     ratio")
-    print(f"  memory guard (reserve+commit)            {mem:8.1f} us   {raw:6.2f} us   {mem / raw:6.1f}x  (raw dict 3-scope reserve under a lock; target <= 15x)")
+    print(
+        f"  memory guard (reserve+commit)            {mem:8.1f} us   {raw:6.2f} us   {mem / raw:6.1f}x  "
+        "(raw dict 3-scope reserve under a lock; target <= 15x)"
+    )
 
     folder = tempfile.mkdtemp(prefix="cycles-bench-")
     for sync in ("NORMAL", "FULL"):
@@ -252,7 +279,8 @@ def main() -> None:
             # Cycles runs get a budget that ends part-way, so denial paths race too.
             s = contention(kind, procs, seconds, allocated=COST * 4_000)
             print(
-                f"  {kind + (' sqlite3' if kind == 'bare' else ''):<14} {procs:5d}  {s['ops_per_s']:8.0f}  {s['p50_ms']:8.2f}  "
+                f"  {kind + (' sqlite3' if kind == 'bare' else ''):<14} {procs:5d}  {s['ops_per_s']:8.0f}  "
+                f"{s['p50_ms']:8.2f}  "
                 f"{s['p99_ms']:8.2f}  {s['max_ms']:8.1f}  {s['stalls_over_100ms']:12d}  "
                 f"{s['oversubscribed'] if kind == 'cycles' else '-':>14}"
             )

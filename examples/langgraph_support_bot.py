@@ -21,9 +21,6 @@ import itertools
 from collections.abc import Iterator
 from typing import Annotated, Any, TypedDict
 
-from cycles import Cycles, Subject, usd
-from cycles.pricing import register_price
-from cycles_langgraph import CyclesCallbackHandler, guard_node, per_run
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.runnables import Runnable
@@ -31,6 +28,10 @@ from langchain_core.tools import tool
 from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.prebuilt import ToolNode, tools_condition
+
+from cycles import Cycles, Subject, usd
+from cycles.pricing import register_price
+from cycles_langgraph import CyclesCallbackHandler, guard_node, per_run
 
 TICKET = "ticket-4521"
 

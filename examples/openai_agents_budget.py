@@ -22,6 +22,7 @@ os.environ.setdefault("OPENAI_AGENTS_DISABLE_TRACING", "1")
 
 from agents import Agent, Usage, function_tool, set_tracing_disabled
 from agents.testing import ModelStep, ScriptedModel, function_call
+
 from cycles import AsyncCycles, Subject, Unit, risk_points, usd
 from cycles.pricing import register_price
 from cycles_openai_agents import CyclesModel, CyclesRunHooks
@@ -38,9 +39,7 @@ def runaway_model() -> ScriptedModel:
         call = function_call(tool, args, call_id=f"call-{next(ids)}")
         return ModelStep(output=[call], usage=Usage(requests=1, input_tokens=2000, output_tokens=300))
 
-    return ScriptedModel(
-        [turn("deploy", service="api")] + [turn("search", query=f"q{i}") for i in range(100)]
-    )
+    return ScriptedModel([turn("deploy", service="api")] + [turn("search", query=f"q{i}") for i in range(100)])
 
 
 async def main() -> None:

@@ -136,6 +136,9 @@ def test_shadow_mode_never_blocks_and_records_why(ledger_url: str) -> None:
     assert cy.shadow_log[0].scope == "tenant:acme/workflow:run-42"
     b = bal(cy, "tenant:acme/workflow:run-42")
     assert b.spent == usd(0.10) and b.is_over_limit  # spend accounted up to what existed, and flagged
+    # ... and the shadow log says how much enforcement would have saved
+    assert [r.actual for r in cy.shadow_log] == [usd(0.05)] * 3
+    assert sum(r.overspend.amount for r in cy.shadow_log if r.overspend) == usd(0.15).amount
     assert_ledger_invariant(cy)
     cy.close()
 

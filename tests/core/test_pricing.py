@@ -16,6 +16,10 @@ from fractions import Fraction
 
 import genai_prices
 import pytest
+from genai_prices.data import providers as bundled_providers
+from hypothesis import given
+from hypothesis import strategies as st
+
 from cycles import pricing
 from cycles.errors import UnpricedModel
 from cycles.models import Amount, Unit, usd
@@ -28,9 +32,6 @@ from cycles.pricing import (
     register_price,
     set_fallback,
 )
-from genai_prices.data import providers as bundled_providers
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def microcents(amount: int) -> Amount:
@@ -144,9 +145,7 @@ def _token_only_cases() -> Iterator[tuple[str, str]]:
             yield provider.id, model.id
 
 
-@pytest.mark.parametrize(
-    ("input_tokens", "cached", "output"), [(1234, 234, 567), (250_001, 50_000, 4321), (7, 0, 0)]
-)
+@pytest.mark.parametrize(("input_tokens", "cached", "output"), [(1234, 234, 567), (250_001, 50_000, 4321), (7, 0, 0)])
 def test_every_bundled_model_agrees_with_genai_prices(
     input_tokens: int, cached: int, output: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -159,9 +158,7 @@ def test_every_bundled_model_agrees_with_genai_prices(
     compared = 0
     for provider_id, model_id in _token_only_cases():
         try:
-            theirs = genai_prices.calc_price(
-                usage, model_id, provider_id=provider_id, genai_request_timestamp=moment
-            )
+            theirs = genai_prices.calc_price(usage, model_id, provider_id=provider_id, genai_request_timestamp=moment)
         except LookupError:
             continue  # an id its own match rules do not accept; nothing to compare
         expected = math.ceil(theirs.total_price * 10**8)
@@ -298,9 +295,7 @@ def test_rounds_up_to_a_whole_microcent(pricer: Pricer) -> None:
     assert pricer.price_usage("tiny", input_tokens=11, output_tokens=0) == microcents(2)
     assert pricer.price_usage("tiny", input_tokens=0, output_tokens=0) == microcents(0)
     # gpt-4o-mini cache reads, $0.075 / Mtok: 7.5 microcents for one token -> 8.
-    assert pricer.price_usage(
-        "gpt-4o-mini", input_tokens=1, output_tokens=0, cached_input_tokens=1
-    ) == microcents(8)
+    assert pricer.price_usage("gpt-4o-mini", input_tokens=1, output_tokens=0, cached_input_tokens=1) == microcents(8)
 
 
 def test_float_rates_are_taken_as_written(pricer: Pricer) -> None:
@@ -417,9 +412,7 @@ def test_first_use_loads_bundled_data_without_network() -> None:
         print(len(set(threading.enumerate()) - before))  # no background updater started
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120
-    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["1050000", "0"]
 

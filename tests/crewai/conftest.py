@@ -32,12 +32,13 @@ os.environ.update(
 )
 
 import pytest  # noqa: E402
+
 from cycles import Cycles, ReservationStatus, Subject  # noqa: E402
 from cycles.pricing import register_price  # noqa: E402
 from cycles.testing import assert_ledger_invariant  # noqa: E402
 
 HERE = Path(__file__).parent
-HAS_CREWAI = importlib.util.find_spec("crewai") is not None and importlib.util.find_spec("cycles_crewai") is not None
+HAS_CREWAI = all(importlib.util.find_spec(name) is not None for name in ("crewai", "cycles_crewai"))
 
 if HAS_CREWAI:
     # Import CrewAI once per session, quietly: its import alone raises ImportWarning/DeprecationWarning,
@@ -64,6 +65,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         if item.path.is_relative_to(HERE):
             for spec in CREWAI_WARNINGS:
                 item.add_marker(pytest.mark.filterwarnings(spec))
+
 
 MODEL = "canned-model"
 TENANT = "acme"
@@ -100,5 +102,6 @@ def _no_hooks_left_behind() -> Iterator[None]:
 
     from cycles_crewai import CyclesHooks
 
-    left = [h for p in InterceptionPoint for h in get_hooks(p) if isinstance(getattr(h, "__self__", None), CyclesHooks)]
+    hooks = [hook for point in InterceptionPoint for hook in get_hooks(point)]
+    left = [hook for hook in hooks if isinstance(getattr(hook, "__self__", None), CyclesHooks)]
     assert left == [], f"Cycles hooks left installed: {left}"

@@ -6,12 +6,15 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from crewai import Agent, Crew, Task
+from crewai import Agent, Crew, CrewOutput, Task
 from crewai.events.types.llm_events import LLMCallType
 from crewai.hooks import HookAborted
 from crewai.llms.base_llm import BaseLLM, llm_call_context
 from crewai.tools import BaseTool, tool
+from crewai.utilities.types import LLMMessage
 from pydantic import Field
+
+from cycles.pricing import approx_tokens
 
 MODEL = "canned-model"
 USAGE = {"prompt_tokens": 1000, "completion_tokens": 500}  # $0.30 at the test price
@@ -19,7 +22,13 @@ USAGE = {"prompt_tokens": 1000, "completion_tokens": 500}  # $0.30 at the test p
 
 def tool_call(name: str, **args: Any) -> list[dict[str, Any]]:
     """A native tool-call reply, as OpenAI-style providers return it."""
-    return [{"id": f"call_{name}", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]
+    function = {"name": name, "arguments": json.dumps(args)}
+    return [{"id": f"call_{name}", "type": "function", "function": function}]
+
+
+def react_call(name: str, **args: Any) -> str:
+    """The same tool call in CrewAI's text (ReAct) format, for models without native tool calling."""
+    return f"Thought: I need {name}.\nAction: {name}\nAction Input: {json.dumps(args)}"
 
 
 class ScriptedLLM(BaseLLM):
@@ -29,6 +38,7 @@ class ScriptedLLM(BaseLLM):
     model: str = MODEL
     script: list[Any] = Field(default_factory=list)
     usage: dict[str, int] | None = Field(default_factory=lambda: dict(USAGE))
+    native: bool = True  # False: CrewAI prompts for, and parses, ReAct text instead
     calls: int = 0
     seen: list[list[dict[str, Any]]] = Field(default_factory=list)
 
@@ -37,9 +47,12 @@ class ScriptedLLM(BaseLLM):
         super().__init__(**data)
 
     def supports_function_calling(self) -> bool:
-        return True
+        return self.native
 
-    def call(  # type: ignore[override]
+    def get_input_tokens_count(self, messages: Any, tools: Any = None, response_model: Any = None) -> int:
+        return approx_tokens(json.dumps(messages, default=str))  # quietly: the base class warns
+
+    def call(
         self,
         messages: Any,
         tools: Any = None,
@@ -49,9 +62,12 @@ class ScriptedLLM(BaseLLM):
         from_agent: Any = None,
         response_model: Any = None,
     ) -> Any:
-        msgs = [{"role": "user", "content": messages}] if isinstance(messages, str) else messages
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        msgs: list[LLMMessage] = messages
         with llm_call_context():
-            self._emit_call_started_event(messages=msgs, tools=tools, from_task=from_task, from_agent=from_agent)
+            who = {"from_task": from_task, "from_agent": from_agent}
+            self._emit_call_started_event(messages=msgs, tools=tools, **who)
             try:
                 self._invoke_before_llm_call_hooks(msgs, from_agent)  # a no-op under an agent executor
             except HookAborted as denial:
@@ -61,18 +77,19 @@ class ScriptedLLM(BaseLLM):
             self.calls += 1
             self.seen.append([dict(m) for m in msgs])
             if isinstance(reply, Exception):
-                self._emit_call_failed_event(error=str(reply), from_task=from_task, from_agent=from_agent)
+                self._emit_call_failed_event(error=str(reply), **who)
                 raise reply
-            call_type = LLMCallType.TOOL_CALL if isinstance(reply, list) else LLMCallType.LLM_CALL
-            self._emit_call_completed_event(
-                response=reply, call_type=call_type, from_task=from_task, from_agent=from_agent,
-                messages=msgs, usage=self.usage,
-            )
+            kind = LLMCallType.TOOL_CALL if isinstance(reply, list) else LLMCallType.LLM_CALL
+            self._emit_call_completed_event(response=reply, call_type=kind, usage=self.usage, **who)
             return reply
 
     def tool_results(self, call: int) -> list[str]:
         """The tool results the model had been shown when it was called the ``call``-th time (from 0)."""
         return [str(m.get("content")) for m in self.seen[call] if m.get("role") == "tool"]
+
+    def transcript(self, call: int) -> str:
+        """Everything the model was shown on its ``call``-th call (tool results, or ReAct observations)."""
+        return "\n".join(str(m.get("content")) for m in self.seen[call])
 
 
 @tool("lookup")
@@ -111,9 +128,27 @@ class CRM:
         return [read_crm, update_crm, deploy]
 
 
-def crew_of(llm: BaseLLM, tools: Sequence[BaseTool] = (), *, role: str = "Support Agent", max_iter: int = 25) -> Crew:
-    agent = Agent(role=role, goal="Resolve the customer's case", backstory="A careful support engineer.",
-                  llm=llm, tools=list(tools), max_iter=max_iter, max_retry_limit=0, verbose=False)
-    task = Task(name="handle-case", description="Handle support case 42.", expected_output="A short resolution note.",
-                agent=agent)
+def answer(output: object) -> str:
+    """The final answer of a (non-streaming) kickoff."""
+    assert isinstance(output, CrewOutput)
+    return output.raw
+
+
+def crew_of(llm: BaseLLM, tools: Sequence[BaseTool] = (), *, max_iter: int = 25) -> Crew:
+    agent = Agent(
+        role="Support Agent",
+        goal="Resolve the customer's case",
+        backstory="A careful support engineer.",
+        llm=llm,
+        tools=list(tools),
+        max_iter=max_iter,
+        max_retry_limit=0,
+        verbose=False,
+    )
+    task = Task(
+        name="handle-case",
+        description="Handle support case 42.",
+        expected_output="A short resolution note.",
+        agent=agent,
+    )
     return Crew(agents=[agent], tasks=[task], verbose=False)

@@ -7,21 +7,23 @@ from typing import Any
 import pytest
 from crewai.tools import BaseTool, tool
 from crewai.tools.tool_failure import ToolExecutionFailedError, ToolFailure
-from crewai_fakes import CRM, ScriptedLLM, crew_of, tool_call
-from cycles import Action, BudgetExceeded, Cycles, ReservationStatus, Subject, Unit, risk_points, usd
+from crewai_fakes import CRM, ScriptedLLM, answer, crew_of, tool_call
 
 import cycles_crewai
+from cycles import Action, BudgetExceeded, Cycles, ReservationStatus, Subject, Unit, risk_points, usd
 from cycles_crewai import BudgetedTool, budgeted, denial_of
 
 CASE = Subject(tenant="acme", workflow="case-42")
 
 
 def _update_twice() -> ScriptedLLM:
-    return ScriptedLLM(script=[
-        tool_call("update_crm", case_id="42", note="first"),
-        tool_call("update_crm", case_id="42", note="second"),
-        "Final Answer: noted.",
-    ])
+    return ScriptedLLM(
+        script=[
+            tool_call("update_crm", case_id="42", note="first"),
+            tool_call("update_crm", case_id="42", note="second"),
+            "Final Answer: noted.",
+        ]
+    )
 
 
 def _statuses(cy: Cycles) -> list[str]:
@@ -39,7 +41,7 @@ def test_a_denied_run_is_reported_to_the_agent(cy: Cycles) -> None:
     out = crew_of(llm, [read, update]).kickoff()  # no enable(): only the tool is under budget
 
     assert crm.ran == ["update_crm"]
-    assert "noted" in out.raw
+    assert "noted" in answer(out)
     assert llm.tool_results(2)[-1].startswith("BLOCKED by Cycles: 'update_crm' was not run (BUDGET_EXCEEDED")
     assert cy.budgets.get("tenant:acme/workflow:case-42").spent == risk_points(25)
     assert _statuses(cy) == ["COMMITTED"]
@@ -57,11 +59,15 @@ def test_hard_mode_stops_the_crew(cy: Cycles) -> None:
 
 
 def test_decorates_tool_functions_and_basetool_subclasses(cy: Cycles) -> None:
-    cy.budgets.set("tenant:acme", usd(1))
+    cy.budgets.set("tenant:acme", usd("1.005"))
     ran: list[str] = []
 
-    @budgeted(estimate=lambda args: usd(0.01 * len(args["query"])), cycles=cy, subject=CASE,
-              actual=lambda result: usd(0.005))
+    @budgeted(
+        estimate=lambda args: usd(0.01 * len(args["query"])),
+        cycles=cy,
+        subject=CASE,
+        actual=lambda result: usd(0.005),
+    )
     @tool("search")
     def search(query: str) -> str:
         """Search the web."""
@@ -82,13 +88,16 @@ def test_decorates_tool_functions_and_basetool_subclasses(cy: Cycles) -> None:
     assert set(email.args_schema.model_json_schema()["properties"]) == {"to", "body"}
     assert email.run(to="bob@example.com", body="hi") == "sent"
     for _ in range(3):
-        email.run(to="bob@example.com", body="again")  # $0.25 each: the fifth would not fit
+        email.run(to="bob@example.com", body="again")  # $0.25 each after the $0.005 search: four fit
     blocked = email.run(to="bob@example.com", body="once more")
     assert isinstance(blocked, ToolFailure) and blocked.code == "BUDGET_EXCEEDED"
     assert ran == ["printer", "bob@example.com", "bob@example.com", "bob@example.com", "bob@example.com"]
     assert cy.budgets.get("tenant:acme").spent == usd(0.005) + usd(1.0)
     committed = cy.list_reservations(tenant="acme", status=ReservationStatus.COMMITTED).reservations
-    assert {(r.action.kind, r.action.name) for r in committed} == {("tool.call", "search"), ("tool.email", "send_email")}
+    assert {(r.action.kind, r.action.name) for r in committed} == {
+        ("tool.call", "search"),
+        ("tool.email", "send_email"),
+    }
 
 
 def test_a_failed_run_is_released(cy: Cycles) -> None:
@@ -130,6 +139,6 @@ def test_without_a_client_it_says_how_to_get_one() -> None:
     with pytest.raises(RuntimeError, match="enable"):
         update.run(case_id="1", note="n")
     with pytest.raises(ValueError, match="on_deny"):
-        budgeted(estimate=risk_points(1), on_deny="maybe")  # type: ignore[arg-type]
+        budgeted(estimate=risk_points(1), on_deny="maybe")  # type: ignore[call-overload]
     with pytest.raises(TypeError, match="BaseTool"):
         budgeted(len, estimate=risk_points(1))  # type: ignore[call-overload]

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from cycles import Cycles, Subject
 from cycles.pricing import register_price
 from cycles.testing import assert_ledger_invariant

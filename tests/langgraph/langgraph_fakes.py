@@ -11,13 +11,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cycles import Cycles, usd
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata
 from langchain_core.outputs import ChatResult
 from langchain_core.runnables import Runnable
 from pydantic import Field
+
+from cycles import Cycles, usd
 
 USAGE = UsageMetadata(input_tokens=1000, output_tokens=500, total_tokens=1500)
 CALL_COST = usd("0.30")  # USAGE at $100 / $400 per million input / output tokens

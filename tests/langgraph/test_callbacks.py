@@ -6,9 +6,6 @@ import operator
 from typing import Annotated, Any, TypedDict
 
 import pytest
-from cycles import BudgetExceeded, Caps, Cycles, Subject, ToolNotAllowed, usd
-from cycles.pricing import price_usage
-from cycles_langgraph import CyclesCallbackHandler, per_run
 from langchain_core.language_models import FakeListLLM
 from langchain_core.messages import AIMessage, AnyMessage
 from langchain_core.runnables import RunnableConfig
@@ -17,6 +14,10 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph.types import RetryPolicy
 from langgraph_fakes import CALL_COST, FakeChat, reply, scripted, spent
+
+from cycles import BudgetExceeded, Caps, Cycles, Subject, ToolNotAllowed, usd
+from cycles.pricing import price_usage
+from cycles_langgraph import CyclesCallbackHandler, per_run
 
 
 def test_a_call_commits_its_usage_priced_by_the_core(cy: Cycles, subject: Subject, tenant: str) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import pytest
-from cycles import AsyncCycles, Caps, Cycles, Subject, usd
-from cycles.pricing import price_usage
-from cycles_langgraph import CyclesMiddleware, per_run
 from langchain.agents import create_agent
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 from langgraph_fakes import CALL_COST, reply, runaway, scripted, spent
+
+from cycles import AsyncCycles, Caps, Cycles, Subject, usd
+from cycles.pricing import price_usage
+from cycles_langgraph import CyclesMiddleware, per_run
 
 refunds: list[str] = []
 

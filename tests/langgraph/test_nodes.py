@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Annotated, Any, TypedDict
 
 import pytest
-from cycles import Action, AsyncCycles, BudgetExceeded, Cycles, Denied, Subject, usd
-from cycles_langgraph import CyclesCallbackHandler, CyclesMiddleware, guard_node, per_run
 from langchain.agents import create_agent
 from langchain_core.messages import HumanMessage
 from langchain_core.runnables import RunnableConfig
@@ -22,6 +20,9 @@ from langgraph.store.base import BaseStore
 from langgraph.store.memory import InMemoryStore
 from langgraph.types import RetryPolicy, Send, StreamWriter
 from langgraph_fakes import CALL_COST, reply, runaway, scripted, spent
+
+from cycles import Action, AsyncCycles, BudgetExceeded, Cycles, Denied, Subject, usd
+from cycles_langgraph import CyclesCallbackHandler, CyclesMiddleware, guard_node, per_run
 
 
 class Work(TypedDict, total=False):

@@ -8,6 +8,7 @@ from typing import Any
 
 from agents import Usage, function_tool
 from agents.testing import ModelStep, ScriptedModel, assistant_message, function_call
+
 from cycles import Amount, AsyncCycles, Balance, Subject, Unit
 from cycles.pricing import price_usage, register_price
 
@@ -56,7 +57,5 @@ def priced(*steps: ModelStep) -> Amount:
     """What the scripted turns cost at the registered price: the amount that must be committed."""
     total = 0
     for step in steps:
-        total += price_usage(
-            MODEL, input_tokens=step.usage.input_tokens, output_tokens=step.usage.output_tokens
-        ).amount
+        total += price_usage(MODEL, input_tokens=step.usage.input_tokens, output_tokens=step.usage.output_tokens).amount
     return Amount(unit=Unit.USD_MICROCENTS, amount=total)

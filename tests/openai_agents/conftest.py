@@ -16,6 +16,7 @@ import agents
 import pytest
 import pytest_asyncio
 from agents_fakes import MODEL
+
 from cycles import AsyncCycles
 from cycles.pricing import register_price
 from cycles.testing import assert_ledger_invariant_async

@@ -10,6 +10,7 @@ from agents import Agent, ModelSettings, Runner, UserError, function_tool
 from agents.retry import ModelRetrySettings, RetryDecision
 from agents.testing import ModelCall, ModelStep
 from agents_fakes import MODEL, SUBJECT, WORKFLOW, answer, balance, priced, scripted, tool_round
+
 from cycles import AsyncCycles, ReservationStatus, usd
 from cycles_openai_agents import CyclesModel, CyclesRunHooks
 
@@ -52,9 +53,7 @@ async def test_release_pending_settles_what_a_plain_runner_run_left_open(cy: Asy
     hooks = CyclesRunHooks(cy, subject=SUBJECT, model=MODEL)
 
     with pytest.raises(ProviderDown):
-        await Runner.run(
-            Agent(name="a", model=scripted([ModelStep.raise_error(ProviderDown())])), "hi", hooks=hooks
-        )
+        await Runner.run(Agent(name="a", model=scripted([ModelStep.raise_error(ProviderDown())])), "hi", hooks=hooks)
     assert await statuses(cy) == ["ACTIVE"]  # the SDK never told the hooks the call failed
 
     await hooks.release_pending()
@@ -101,9 +100,7 @@ async def test_a_cancelled_run_releases_the_call_in_flight(cy: AsyncCycles) -> N
 async def test_a_failed_streamed_run_releases_its_reservation(cy: AsyncCycles) -> None:
     await cy.budgets.set(WORKFLOW, usd(1))
     hooks = CyclesRunHooks(cy, subject=SUBJECT, model=MODEL)
-    result = hooks.run_streamed(
-        Agent(name="a", model=scripted([ModelStep.raise_error(ProviderDown())])), "hi"
-    )
+    result = hooks.run_streamed(Agent(name="a", model=scripted([ModelStep.raise_error(ProviderDown())])), "hi")
 
     with pytest.raises(ProviderDown):
         async for _ in result.stream_events():
@@ -143,7 +140,9 @@ async def test_a_streamed_model_error_releases_through_the_wrapper(cy: AsyncCycl
     assert [r.status for r in reservations] == [ReservationStatus.RELEASED]
 
 
-async def test_a_retried_model_call_is_charged_even_after_its_reservation_was_released(cy: AsyncCycles) -> None:
+async def test_a_retried_model_call_is_charged_even_after_its_reservation_was_released(
+    cy: AsyncCycles,
+) -> None:
     await cy.budgets.set(WORKFLOW, usd(1))
     hooks = CyclesRunHooks(cy, subject=SUBJECT)
     ok = answer("second time lucky")

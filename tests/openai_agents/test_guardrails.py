@@ -15,6 +15,7 @@ from agents import (
     function_tool,
 )
 from agents_fakes import MODEL, SUBJECT, WORKFLOW, answer, balance, priced, scripted, search, tool_round
+
 from cycles import AsyncCycles, Caps, ToolNotAllowed, Unit, risk_points, usd
 from cycles_openai_agents import CyclesRunHooks, OnToolDenied
 
@@ -161,9 +162,7 @@ async def test_parallel_tool_calls_are_reserved_and_committed_one_by_one(cy: Asy
 
     await hooks.run(Agent(name="a", model=scripted(steps), tools=[search]), "two searches at once")
 
-    tools = [
-        r for r in (await cy.list_reservations(tenant="acme")).reservations if r.action.kind == "tool.call"
-    ]
+    tools = [r for r in (await cy.list_reservations(tenant="acme")).reservations if r.action.kind == "tool.call"]
     assert [(r.status.value, r.committed) for r in tools] == [("COMMITTED", usd("0.01"))] * 2
     assert (await balance(cy)).spent == priced(*steps) + usd("0.02")
 

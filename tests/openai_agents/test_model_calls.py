@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from agents import Agent, ModelSettings, Runner
 from agents_fakes import MODEL, SUBJECT, WORKFLOW, answer, balance, priced, scripted, search, tool_round
+
 from cycles import AsyncCycles, BudgetExceeded, Subject, usd
 from cycles.pricing import approx_messages_tokens, estimate_cost
 from cycles.testing import assert_ledger_invariant_async
@@ -19,9 +20,7 @@ async def test_committed_cost_is_the_priced_usage_not_the_estimate(cy: AsyncCycl
     model = scripted(steps)
     hooks = CyclesRunHooks(cy, subject=SUBJECT, model=MODEL)
 
-    result = await Runner.run(
-        Agent(name="researcher", model=model, tools=[search]), "look it up", hooks=hooks
-    )
+    result = await Runner.run(Agent(name="researcher", model=model, tools=[search]), "look it up", hooks=hooks)
 
     assert result.final_output == "found it"
     spent = (await balance(cy)).spent
@@ -32,9 +31,7 @@ async def test_committed_cost_is_the_priced_usage_not_the_estimate(cy: AsyncCycl
     assert llm == sorted(priced(step).amount for step in steps)
     # the estimate reserved the full default max_output_tokens, far above what was used
     assert all(
-        r.reserved.amount > r.committed.amount
-        for r in committed
-        if r.action.kind == "llm.completion" and r.committed
+        r.reserved.amount > r.committed.amount for r in committed if r.action.kind == "llm.completion" and r.committed
     )
 
 

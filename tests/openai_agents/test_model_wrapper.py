@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from agents import Agent, ModelSettings, function_tool
 from agents_fakes import MODEL, SUBJECT, WORKFLOW, answer, balance, priced, scripted, search, tool_round
+
 from cycles import AsyncCycles, BudgetExceeded, Caps, usd
 from cycles_openai_agents import CyclesModel, CyclesRunHooks
 
@@ -18,15 +19,11 @@ def deploy(service: str) -> str:
 
 async def test_an_exhausted_budget_ends_the_run_with_a_final_message(cy: AsyncCycles) -> None:
     await cy.budgets.set(WORKFLOW, usd("0.02"))
-    hooks = CyclesRunHooks(
-        cy, subject=SUBJECT, on_exhausted="finish", final_message="Out of budget, stopping."
-    )
+    hooks = CyclesRunHooks(cy, subject=SUBJECT, on_exhausted="finish", final_message="Out of budget, stopping.")
     loop = [tool_round(("search", {"query": f"attempt {i}"})) for i in range(30)]
     inner = scripted(loop)
 
-    result = await hooks.run(
-        Agent(name="looper", model=CyclesModel(inner, hooks, name=MODEL), tools=[search]), "go"
-    )
+    result = await hooks.run(Agent(name="looper", model=CyclesModel(inner, hooks, name=MODEL), tools=[search]), "go")
 
     assert result.final_output == "Out of budget, stopping."
     assert isinstance(hooks.stopped, BudgetExceeded)
@@ -41,9 +38,7 @@ async def test_an_exhausted_budget_ends_a_streamed_run_with_a_final_message(cy: 
     loop = [tool_round(("search", {"query": f"attempt {i}"})) for i in range(30)]
     inner = scripted(loop)
 
-    result = hooks.run_streamed(
-        Agent(name="looper", model=CyclesModel(inner, hooks, name=MODEL), tools=[search]), "go"
-    )
+    result = hooks.run_streamed(Agent(name="looper", model=CyclesModel(inner, hooks, name=MODEL), tools=[search]), "go")
     kinds = [event.type async for event in result.stream_events()]
     await hooks.wait_settled()
 
@@ -85,9 +80,7 @@ async def test_tools_the_caps_forbid_are_not_offered_to_the_model(cy: AsyncCycle
     hooks = CyclesRunHooks(cy, subject=SUBJECT)
     inner = scripted([answer()])
 
-    await hooks.run(
-        Agent(name="a", model=CyclesModel(inner, hooks, name=MODEL), tools=[search, deploy]), "hi"
-    )
+    await hooks.run(Agent(name="a", model=CyclesModel(inner, hooks, name=MODEL), tools=[search, deploy]), "hi")
 
     assert [tool.name for tool in inner.calls[0].tools] == ["search"]
 
@@ -98,9 +91,7 @@ async def test_a_streamed_run_commits_the_priced_usage(cy: AsyncCycles) -> None:
     steps = [tool_round(("search", {"query": "streams"})), answer("streamed")]
     inner = scripted(steps)
 
-    result = hooks.run_streamed(
-        Agent(name="a", model=CyclesModel(inner, hooks, name=MODEL), tools=[search]), "hi"
-    )
+    result = hooks.run_streamed(Agent(name="a", model=CyclesModel(inner, hooks, name=MODEL), tools=[search]), "hi")
     async for _ in result.stream_events():
         pass
 

@@ -99,7 +99,9 @@ def _print_balances(balances: Sequence[Balance], as_json: bool) -> None:
 def _caps(args: argparse.Namespace) -> Caps | None:
     if args.max_tokens is None and not args.allow_tool and not args.deny_tool:
         return None
-    return Caps(max_tokens=args.max_tokens, tool_allowlist=args.allow_tool or None, tool_denylist=args.deny_tool or None)
+    return Caps(
+        max_tokens=args.max_tokens, tool_allowlist=args.allow_tool or None, tool_denylist=args.deny_tool or None
+    )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -115,11 +117,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_budget(args: argparse.Namespace) -> int:
+    unit = _unit(args.unit) if getattr(args, "unit", None) else None
     with Cycles(args.ledger) as cy:
-        unit = Unit[_unit_name(args.unit)] if getattr(args, "unit", None) else None
         if args.action == "set":
             overdraft = parse_amount(args.overdraft_limit, args.unit) if args.overdraft_limit else None
-            balances = [cy.budgets.set(args.scope, parse_amount(args.amount, args.unit), overdraft_limit=overdraft, caps=_caps(args))]
+            balances = [
+                cy.budgets.set(
+                    args.scope, parse_amount(args.amount, args.unit), overdraft_limit=overdraft, caps=_caps(args)
+                )
+            ]
         elif args.action == "fund":
             balances = [cy.budgets.fund(args.scope, parse_amount(args.amount, args.unit))]
         elif args.action == "show":
@@ -132,10 +138,13 @@ def _cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
-def _unit_name(unit: str) -> str:
-    return {"usd": "USD_MICROCENTS", "tokens": "TOKENS", "credits": "CREDITS", "risk": "RISK_POINTS"}.get(
+def _unit(unit: str) -> Unit:
+    name = {"usd": "USD_MICROCENTS", "tokens": "TOKENS", "credits": "CREDITS", "risk": "RISK_POINTS"}.get(
         unit.lower(), unit.upper()
     )
+    if name not in Unit.__members__:
+        raise InvalidRequest(f"unknown unit {unit!r}: use one of {', '.join(sorted(_UNITS))}")
+    return Unit[name]
 
 
 def _all_units(cy: Cycles, scope: str) -> list[Balance]:
@@ -173,13 +182,20 @@ def _cmd_reservations(args: argparse.Namespace) -> int:
                 render_table(
                     ["reservation", "status", "scope", "action", "reserved", "committed"],
                     [
-                        [r.reservation_id, r.status.value, r.scope_path, f"{r.action.kind} {r.action.name}", r.reserved, r.committed or ""]
+                        [
+                            r.reservation_id,
+                            r.status.value,
+                            r.scope_path,
+                            f"{r.action.kind} {r.action.name}",
+                            r.reserved,
+                            r.committed or "",
+                        ]
                         for r in rows
                     ],
                 )
             )
             if page.has_more:
-                print(f"(more: raise --limit, max 200)")
+                print("(more: raise --limit, max 200)")
     return 0
 
 
@@ -201,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--ledger",
         metavar="URL",
         default=None,
-        help=f"memory://, sqlite:///path, redis://host:port/db or http(s)://host (default: $CYCLES_URL, else {default_ledger_url()})",
+        help="memory://, sqlite:///path, redis://host:port/db or http(s)://host "
+        f"(default: $CYCLES_URL, else {default_ledger_url()})",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -214,7 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     budget = sub.add_parser("budget", help="set, fund, show, list, freeze, unfreeze, close budgets")
     bsub = budget.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help_text in (("set", "create a budget or change its allocation"), ("fund", "add funds (repays debt first)")):
+    for name, help_text in (
+        ("set", "create a budget or change its allocation"),
+        ("fund", "add funds (repays debt first)"),
+    ):
         p = bsub.add_parser(name, help=help_text)
         p.add_argument("scope", help="budget id, e.g. tenant:acme/workflow:run-42")
         p.add_argument("amount", help="e.g. 50 or 1.25 (usd), 10000 (tokens)")

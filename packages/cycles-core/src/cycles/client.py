@@ -143,7 +143,8 @@ class _ClientBase:
         metadata: dict[str, Any] | None,
     ) -> _GuardCore:
         base = self.settings
-        if ttl_ms is grace_period_ms is overage_policy is mode is heartbeat is metadata is None:
+        overrides = (ttl_ms, grace_period_ms, overage_policy, mode, heartbeat, metadata)
+        if all(o is None for o in overrides):  # the common case shares the client's settings object
             if not isinstance(estimate, Amount):
                 raise InvalidRequest(f"estimate must be an Amount (e.g. usd(0.05)), got {type(estimate).__name__}")
             return _GuardCore(self, subject, action, estimate, base, idempotency_key, self.shadow_log)

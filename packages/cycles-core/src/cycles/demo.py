@@ -47,7 +47,7 @@ class SimulatedModel:
         if self.latency_s:
             time.sleep(self.latency_s)
         if role == "writer":
-            return "Draft v%d of the launch post..." % self.calls, _Usage(context_tokens, 620)
+            return f"Draft v{self.calls} of the launch post...", _Usage(context_tokens, 620)
         return "REJECT: needs more detail.", _Usage(context_tokens, 40)
 
 
@@ -198,8 +198,8 @@ def run_demo(
     screen.line(screen.paint("Summary", bold))
     screen.line(f"  without Cycles  {free.calls:4d} calls  {free.spent:>9}  still running when we pulled the plug")
     screen.line(
-        f"  with Cycles     {guarded.calls:4d} calls  {guarded.spent:>9}  of a {format_amount(USD, usd(budget_usd).amount)} "
-        f"budget ({balance.remaining} left, {balance.reserved} held)"
+        f"  with Cycles     {guarded.calls:4d} calls  {guarded.spent:>9}  "
+        f"of a {format_amount(USD, usd(budget_usd).amount)} budget ({balance.remaining} left, {balance.reserved} held)"
     )
     screen.line(f"  stopped by      {screen.paint(guarded.stopped_by or 'nothing (!)', green)}")
     screen.line(f"  why             {guarded.reason}")
@@ -208,4 +208,3 @@ def run_demo(
         "have\n                  overspent was refused before it reached the model."
     )
     return guarded
-

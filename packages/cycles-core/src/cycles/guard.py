@@ -22,13 +22,14 @@ Rules the flows keep:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import threading
 import time
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
 from cycles.errors import (
     BudgetExceeded,
@@ -76,9 +77,14 @@ _RETRYABLE = (LedgerUnavailable, InternalError, LimitExceeded)
 _SETTLE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ShadowRecord:
-    """A decision enforcement would have made: what, for whom, and why it would have said no."""
+    """A decision enforcement would have made: what, for whom, and why it would have said no.
+
+    Once the action has run, ``actual`` is what it cost and ``charged`` what the ledger could
+    account for it (under ALLOW_IF_AVAILABLE a spent-out scope takes only what it has left, and is
+    flagged over-limit); ``overspend`` is the difference enforcement would have prevented.
+    """
 
     subject: Subject
     action: Action
@@ -87,6 +93,15 @@ class ShadowRecord:
     message: str
     scope: str | None
     at_ms: int
+    actual: Amount | None = None
+    charged: Amount | None = None
+
+    @property
+    def overspend(self) -> Amount | None:
+        if self.actual is None:
+            return None
+        charged = self.charged.amount if self.charged is not None else 0
+        return trusted(Amount, unit=self.actual.unit, amount=max(0, self.actual.amount - charged))
 
 
 @dataclass(slots=True)
@@ -111,7 +126,7 @@ class _Sleep:
     seconds: float
 
 
-_Op = Union[_Call, _Sleep]
+_Op = _Call | _Sleep
 _Flow = Generator[_Op, Any, Any]
 
 _children_lock = threading.Lock()
@@ -311,11 +326,18 @@ class _GuardCore:
         if self.reservation is None or self.reservation.reservation_id is None:
             # shadow mode, denied: account what happened without a reservation
             self.state = "settled"
+            record = self.shadow
+            if record is not None:
+                record.actual = actual
             if actual.amount > 0:
                 try:
-                    yield from _retrying(_Call("event", (self._event_request(actual),)))
+                    response = yield from _retrying(_Call("event", (self._event_request(actual),)))
                 except CyclesError as exc:
                     shadow_log.warning("shadow mode: could not account %s for %s: %s", actual, self.action.name, exc)
+                else:
+                    self.charged = response.charged or actual
+                    if record is not None:
+                        record.charged = self.charged
             return None
         req = trusted(
             CommitRequest,
@@ -472,7 +494,7 @@ class _Heartbeats:
             for guard in ready:
                 try:
                     guard._beat()
-                except Exception:  # noqa: BLE001 - a heartbeat must never kill the scheduler
+                except Exception:
                     log.exception("heartbeat failed")
 
 
@@ -669,10 +691,8 @@ class AsyncGuard(_GuardFace):
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._token is not None:
-            try:
+            with contextlib.suppress(ValueError):  # exited in another context (another task): nothing to undo
                 _current.reset(self._token)
-            except ValueError:  # exited in another context (e.g. a different task): nothing to undo
-                pass
             self._token = None
         if exc is None:
             await self.finish()

@@ -10,7 +10,7 @@ Amounts are integers in a unit. ``usd(0.05)`` is 5,000,000 ``USD_MICROCENTS`` (1
 from __future__ import annotations
 
 from decimal import ROUND_HALF_UP, Decimal
-from enum import Enum
+from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -58,26 +58,26 @@ IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 SubjectField = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")]
 
 
-class Unit(str, Enum):
+class Unit(StrEnum):
     USD_MICROCENTS = "USD_MICROCENTS"
     TOKENS = "TOKENS"
     CREDITS = "CREDITS"
     RISK_POINTS = "RISK_POINTS"
 
 
-class Decision(str, Enum):
+class Decision(StrEnum):
     ALLOW = "ALLOW"
     ALLOW_WITH_CAPS = "ALLOW_WITH_CAPS"
     DENY = "DENY"
 
 
-class CommitOveragePolicy(str, Enum):
+class CommitOveragePolicy(StrEnum):
     REJECT = "REJECT"
     ALLOW_IF_AVAILABLE = "ALLOW_IF_AVAILABLE"
     ALLOW_WITH_OVERDRAFT = "ALLOW_WITH_OVERDRAFT"
 
 
-class ReservationStatus(str, Enum):
+class ReservationStatus(StrEnum):
     ACTIVE = "ACTIVE"
     COMMITTED = "COMMITTED"
     RELEASED = "RELEASED"

@@ -15,12 +15,11 @@ global model/tool hooks and event listeners (model spend in USD, tools priced in
 
 try:
     import crewai  # noqa: F401
-except ImportError as exc:  # pragma: no cover - tests/crewai/test_exports.py simulates it
+except ImportError as exc:  # pragma: no cover - tests/crewai/test_crewai_adapter.py simulates it
     if exc.name is not None and exc.name != "crewai" and not exc.name.startswith("crewai."):
         raise
-    raise ImportError(
-        'cycles-crewai needs CrewAI, an optional extra: pip install "cycles-crewai[crewai]"'
-    ) from exc
+    message = 'cycles-crewai needs CrewAI, an optional extra: pip install "cycles-crewai[crewai]"'
+    raise ImportError(message) from exc
 
 from cycles_crewai._common import BudgetStop, OnDeny, denial_of
 from cycles_crewai._hooks import CyclesHooks, enable

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from crewai.hooks import HookAborted
 from crewai.tools.tool_failure import ToolExecutionFailedError, ToolFailure, ToolFailureReason
 
-from cycles import Cycles, CyclesError, Subject, ToolNotAllowed
+from cycles import Cycles, CyclesError, Guard, Subject, ToolNotAllowed
 from cycles.errors import error_for
 
 OnDeny = Literal["soft", "hard"]
@@ -21,7 +21,7 @@ OnDeny = Literal["soft", "hard"]
 BLOCKED_BY_HOOK = "Tool execution blocked by hook"  # CrewAI's own text for a call a hook blocked
 
 
-class BudgetStop(HookAborted):  # noqa: N818 - a HookAborted, the one exception CrewAI lets through
+class BudgetStop(HookAborted):
     """Cycles stopped the crew: ``error`` says why (a ``cycles.Denied``, or the ``CyclesError`` that
     made the call impossible to authorize, e.g. an unpriced model or an unreachable ledger)."""
 
@@ -71,7 +71,7 @@ class ToolCall:
     cycles: Cycles
     subject: Subject
     tool_input: dict[str, Any]
-    guard: Any = None  # cycles.Guard opened by the hook for a priced tool
+    guard: Guard | None = None  # opened by the before-tool hook for a priced tool
     denial: CyclesError | None = None
 
 
@@ -81,6 +81,6 @@ _NOT_SCOPE_CHARS = re.compile(r"[^a-zA-Z0-9_.-]+")
 
 
 def scope_value(text: str, default: str) -> str:
-    """A CrewAI name (an agent role, a crew name) as a subject level: ``Support Agent`` -> ``support-agent``."""
+    """A CrewAI name (agent role, crew name) as a subject level: ``Support Agent`` -> ``support-agent``."""
     value = _NOT_SCOPE_CHARS.sub("-", text.strip().lower()).strip("-.")[:128]
     return value or default

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -11,10 +12,12 @@ from crewai.tools import BaseTool
 from crewai.tools.tool_failure import ToolFailure, ToolFailurePolicy
 from pydantic import PrivateAttr
 
-from cycles import Action, Amount, Cycles, CyclesError, Subject
+from cycles import Action, Amount, Cycles, CyclesError, Denied, Subject
 from cycles_crewai._common import OnDeny, blocked_result, current_tool_call
 
 __all__ = ["BudgetedTool", "budgeted"]
+
+log = logging.getLogger("cycles_crewai")
 
 Estimate = Amount | Callable[[Mapping[str, Any]], Amount]
 """An amount, or a function of the tool's arguments returning one."""
@@ -24,7 +27,7 @@ Actual = Callable[[Any], Amount | None]
 ToolT = TypeVar("ToolT", bound=BaseTool)
 
 
-class _Failed(Exception):  # noqa: N818 - internal signal, never escapes
+class _Failed(Exception):
     """The tool reported a ToolFailure: nothing happened, so the guard must release."""
 
     def __init__(self, failure: ToolFailure) -> None:
@@ -69,6 +72,8 @@ class _Budget:
             if started:
                 raise  # from the tool's own body, not our reservation
             # Denied, caps (ToolNotAllowed), or no budget for this unit: the action does not run.
+            if not isinstance(error, Denied):
+                log.warning("Cycles blocked tool %s: %s", tool_name, error)
             return blocked_result(tool_name, error)
 
 

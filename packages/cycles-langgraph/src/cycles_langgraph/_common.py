@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, NamedTuple
 
-from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Guard, Subject, usd
-from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata, get_buffer_string
 from langchain_core.runnables import RunnableConfig
+
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Guard, Subject, usd
+from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
 
 __all__ = ["SubjectLike", "per_run"]
 

@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 from uuid import UUID
 
-from cycles import Action, Amount, Cycles, Guard, usd
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import ensure_config
 
+from cycles import Action, Amount, Cycles, Guard, usd
 from cycles_langgraph._common import (
     Model,
     SubjectLike,

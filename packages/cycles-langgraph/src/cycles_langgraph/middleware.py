@@ -9,13 +9,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from cycles import Action, Amount, AsyncCycles, AsyncGuard, Caps, Cycles, Denied, Guard, Subject, usd
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
 from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import ensure_config
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Caps, Cycles, Denied, Guard, Subject, usd
 from cycles_langgraph._common import (
     Model,
     SubjectLike,

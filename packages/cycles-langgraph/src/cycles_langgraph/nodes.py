@@ -7,10 +7,10 @@ import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar, cast, overload
 
-from cycles import Action, Amount, AsyncCycles, Cycles, Denied, Subject
 from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
+from cycles import Action, Amount, AsyncCycles, Cycles, Denied, Subject
 from cycles_langgraph._common import SubjectLike, aguard, resolve_subject, sync_cycles
 
 __all__ = ["guard_node"]

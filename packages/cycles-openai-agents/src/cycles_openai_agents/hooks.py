@@ -41,11 +41,11 @@ from agents import (
     UserError,
 )
 from agents.tool_context import ToolContext
+from pydantic import BaseModel
+
 from cycles import Action, Amount, AsyncCycles, Decision, Denied, Subject, usd
 from cycles.guard import AsyncGuard
 from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
-from pydantic import BaseModel
-
 from cycles_openai_agents.model import CyclesModel
 
 __all__ = ["CyclesRunHooks", "OnExhausted", "OnToolDenied"]
@@ -160,9 +160,7 @@ class CyclesRunHooks(RunHooks[Any]):
         self._add(call)
         self._by_prompt[id(input_items)] = call
 
-    async def on_llm_end(
-        self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse
-    ) -> None:
+    async def on_llm_end(self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse) -> None:
         call = self._pop(("llm", id(context.usage), id(agent)))
         if call is not None and call.denied is not None:
             return  # CyclesModel answered; the model was not called
@@ -191,16 +189,12 @@ class CyclesRunHooks(RunHooks[Any]):
             self._add(reserved)
         reserved.started = True
 
-    async def on_tool_end(
-        self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: object
-    ) -> None:
+    async def on_tool_end(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: object) -> None:
         call = self._pop(self._tool_key(context, tool.name), started=True)
         if call is not None and call.guard is not None:
             await call.guard.finish()  # a tool costs what it reserved
 
-    async def on_handoff(
-        self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]
-    ) -> None:
+    async def on_handoff(self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]) -> None:
         self.handoffs.append((from_agent.name, to_agent.name))
         log.info("handoff %s -> %s", from_agent.name, to_agent.name)
 
@@ -225,9 +219,7 @@ class CyclesRunHooks(RunHooks[Any]):
             )
             need = estimate or self.estimate(agent, await agent.get_system_prompt(context), items)
             subject = self.subject_for(agent)
-            verdict = await self.cycles.decide(
-                subject, Action("llm.completion", self.model_name(agent)), need
-            )
+            verdict = await self.cycles.decide(subject, Action("llm.completion", self.model_name(agent)), need)
             denied = verdict.decision is Decision.DENY
             info = {
                 "decision": verdict.decision.value,
@@ -337,9 +329,7 @@ class CyclesRunHooks(RunHooks[Any]):
     def subject_for(self, agent: Agent[Any]) -> Subject:
         return self._subject(agent) if callable(self._subject) else self._subject
 
-    def estimate(
-        self, agent: Agent[Any], system_prompt: str | None, items: list[TResponseInputItem]
-    ) -> Amount:
+    def estimate(self, agent: Agent[Any], system_prompt: str | None, items: list[TResponseInputItem]) -> Amount:
         """Worst case of one model call: the prompt's approximate tokens plus every output token allowed."""
         texts = [system_prompt or "", *(_item_text(item) for item in items)]
         max_tokens = agent.model_settings.max_tokens or self.max_output_tokens
@@ -369,9 +359,7 @@ class CyclesRunHooks(RunHooks[Any]):
         call_id = context.tool_call_id if isinstance(context, ToolContext) else tool_name
         return ("tool", id(context.usage), call_id)
 
-    def _tool_call(
-        self, key: tuple[object, ...], agent: Agent[Any], tool_name: str, cost: Amount | None
-    ) -> _Call:
+    def _tool_call(self, key: tuple[object, ...], agent: Agent[Any], tool_name: str, cost: Amount | None) -> _Call:
         subject = self.subject_for(agent)
         if self.tool_scopes:
             subject = subject.merged(toolset=_LEVEL_VALUE.sub("_", tool_name)[:128])
@@ -387,9 +375,7 @@ class CyclesRunHooks(RunHooks[Any]):
 
     async def _reserve(self, call: _Call) -> None:
         # The agent's name goes with the reservation: after a handoff the ledger shows who spent.
-        guard = self.cycles.guard(
-            call.subject, call.action, estimate=call.estimate, metadata={"agent": call.agent}
-        )
+        guard = self.cycles.guard(call.subject, call.action, estimate=call.estimate, metadata={"agent": call.agent})
         await guard.start()  # raises the Denied before anything runs
         call.guard = guard
 

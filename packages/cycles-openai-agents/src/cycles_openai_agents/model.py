@@ -27,9 +27,10 @@ from agents import (
 )
 from agents.items import TResponseStreamEvent
 from agents.retry import ModelRetryAdvice, ModelRetryAdviceRequest
-from cycles import Caps
 from openai.types.responses import Response, ResponseCompletedEvent, ResponseOutputMessage, ResponseOutputText
 from openai.types.responses.response_prompt_param import ResponsePromptParam
+
+from cycles import Caps
 
 if TYPE_CHECKING:
     from cycles_openai_agents.hooks import CyclesRunHooks, _Call
@@ -47,9 +48,7 @@ class CyclesModel(Model):
         self.wrapped = model
         self.hooks = hooks
         inner_name = getattr(model, "model", None)
-        self.name: str | None = (
-            name if name is not None else inner_name if isinstance(inner_name, str) else None
-        )
+        self.name: str | None = name if name is not None else inner_name if isinstance(inner_name, str) else None
 
     async def get_response(
         self,
@@ -106,9 +105,7 @@ class CyclesModel(Model):
     ) -> AsyncIterator[TResponseStreamEvent]:
         call = self.hooks._call_for_prompt(input)
         if call is not None and call.denied is not None:
-            yield ResponseCompletedEvent(
-                type="response.completed", response=self._final_response(), sequence_number=0
-            )
+            yield ResponseCompletedEvent(type="response.completed", response=self._final_response(), sequence_number=0)
             return
         model_settings, tools = _within_caps(call, model_settings, tools)
         try:
@@ -168,16 +165,12 @@ class CyclesModel(Model):
         )
 
 
-def _within_caps(
-    call: _Call | None, settings: ModelSettings, tools: list[Tool]
-) -> tuple[ModelSettings, list[Tool]]:
+def _within_caps(call: _Call | None, settings: ModelSettings, tools: list[Tool]) -> tuple[ModelSettings, list[Tool]]:
     caps: Caps | None = call.guard.caps if call is not None and call.guard is not None else None
     if caps is None:
         return settings, tools
     if caps.max_tokens is not None and (settings.max_tokens is None or settings.max_tokens > caps.max_tokens):
         settings = settings.resolve(ModelSettings(max_tokens=caps.max_tokens))
     if caps.tool_allowlist or caps.tool_denylist:
-        tools = [
-            t for t in tools if not isinstance(n := getattr(t, "name", None), str) or caps.allows_tool(n)
-        ]
+        tools = [t for t in tools if not isinstance(n := getattr(t, "name", None), str) or caps.allows_tool(n)]
     return settings, tools

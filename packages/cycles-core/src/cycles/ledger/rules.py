@@ -501,10 +501,9 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         return replay
 
     verdict = evaluate(txn, req.subject, req.estimate)
-    if verdict.denial is not None and isinstance(verdict.denial, BudgetExceeded) and not req.dry_run:
-        # Lazy expiry: budget held by dead clients goes back before we say no.
-        if expire_due(txn, limit=1000):
-            verdict = evaluate(txn, req.subject, req.estimate)
+    # Lazy expiry: budget held by dead clients goes back before we say no.
+    if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and expire_due(txn, limit=1000):
+        verdict = evaluate(txn, req.subject, req.estimate)
 
     if req.dry_run:
         if isinstance(verdict.denial, UnitMismatch):

@@ -25,9 +25,7 @@ def test_importing_without_the_sdk_names_the_extra_to_install() -> None:
 
 def test_the_example_runs_offline() -> None:
     env = {"PATH": "", "OPENAI_AGENTS_DISABLE_TRACING": "1", "OPENAI_API_KEY": ""}
-    proc = subprocess.run(
-        [sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=120, env=env
-    )
+    proc = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert "final output:    I ran out of budget" in out
