@@ -209,6 +209,8 @@ class _GuardCore:
 
     def final_actual(self) -> Amount:
         """What to commit: own recorded cost (estimate if none and no children) plus children's spend."""
+        if not self.has_children:  # the common case: no new Amount to build
+            return self.actual if self.actual is not None else self.estimate
         if self.actual is not None:
             own = self.actual.amount
         else:

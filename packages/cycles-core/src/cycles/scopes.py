@@ -30,14 +30,27 @@ def subject_levels(subject: Subject) -> list[tuple[str, str]]:
     return pairs
 
 
+_derived: dict[tuple[str | None, ...], tuple[str, ...]] = {}
+
+
 def derive_scopes(subject: Subject) -> list[str]:
-    """Every scope the subject draws from, outermost first (the spec's affected_scopes order)."""
-    scopes: list[str] = []
-    path = ""
-    for level, value in subject_levels(subject):
-        path = f"{path}/{level}:{value}" if path else f"{level}:{value}"
-        scopes.append(path)
-    return scopes
+    """Every scope the subject draws from, outermost first (the spec's affected_scopes order).
+
+    Agents reuse a handful of subjects for every call, so derivations are memoised by the six level
+    values (read fresh each time: a mutated subject gets its new scopes)."""
+    key = (subject.tenant, subject.workspace, subject.app, subject.workflow, subject.agent, subject.toolset)
+    found = _derived.get(key)
+    if found is None:
+        scopes: list[str] = []
+        path = ""
+        for level, value in zip(LEVELS, key, strict=True):
+            if value is not None:
+                path = f"{path}/{level}:{value}" if path else f"{level}:{value}"
+                scopes.append(path)
+        if len(_derived) >= 4096:  # bounded: a service with endless distinct runs must not grow it forever
+            _derived.clear()
+        found = _derived[key] = tuple(scopes)
+    return list(found)
 
 
 def parse_scope(scope: str) -> list[tuple[str, str]]:

@@ -416,6 +416,12 @@ def evaluate(txn: Txn, subject: Subject, estimate: Amount) -> Verdict:
     if not budgets:
         verdict.denial = _missing_budget(txn, scopes, estimate.unit)
         return verdict
+    needed = estimate.amount
+    if all(
+        b.status == BUDGET_ACTIVE and not b.is_over_limit and b.debt == 0 and b.remaining >= needed for b in budgets
+    ):  # the common case in one pass; the checks below only decide *which* denial it is
+        verdict.caps = merge_caps(b.caps for b in budgets) if any(b.caps for b in budgets) else None
+        return verdict
     verdict.denial = _status_denial(budgets)
     if verdict.denial is not None:
         return verdict
@@ -529,22 +535,25 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         budget.reserved += amount
         txn.put_budget(budget)
     now = txn.now_ms
-    row_r = ReservationRow(
-        reservation_id=new_reservation_id(),
-        tenant=tenant if tenant is not None else req.subject.tenant,
-        status=ReservationStatus.ACTIVE,
-        subject=req.subject,
-        action=req.action,
-        unit=req.estimate.unit,
-        amount=amount,
-        budgeted_scopes=[b.scope for b in verdict.budgets],
-        affected_scopes=verdict.scopes,
-        created_at_ms=now,
-        expires_at_ms=now + req.ttl_ms,
-        grace_period_ms=req.grace_period_ms,
-        overage_policy=req.overage_policy,
-        idempotency_key=req.idempotency_key,
-        metadata=req.metadata,
+    row_r = ReservationRow(  # positional: this runs on every reservation, keyword parsing is not free
+        new_reservation_id(),
+        tenant if tenant is not None else req.subject.tenant,
+        _ACTIVE,
+        req.subject,
+        req.action,
+        req.estimate.unit,
+        amount,
+        [b.scope for b in verdict.budgets],
+        verdict.scopes,
+        now,
+        now + req.ttl_ms,
+        req.grace_period_ms,
+        req.overage_policy,
+        req.idempotency_key,
+        None,
+        None,
+        0,
+        req.metadata,
     )
     txn.put_reservation(row_r)
     response = trusted(
