@@ -11,7 +11,8 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -83,11 +84,19 @@ async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
             raise InvalidRequest(f"request body is {size} bytes; the limit is {limit}")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise InvalidRequest(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise InvalidRequest("the client disconnected before sending the whole body")
+        chunk: bytes = message.get("body", b"")
+        if chunk:
+            total += len(chunk)
+            if total > limit:
+                raise InvalidRequest(f"request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
@@ -97,9 +106,51 @@ def parse_body(model: type[M], body: bytes) -> M:
     if not body:
         raise InvalidRequest("request body is required (a JSON object)")
     try:
-        return model.model_validate_json(body, strict=True)
+        parsed = model.model_validate_json(body, strict=True)
     except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc), details={"errors": _error_list(exc)}) from None
+        integral = None
+        if any(e["type"] == "int_type" and isinstance(e.get("input"), float) for e in exc.errors()):
+            integral = _with_integral_floats(model, body)
+        if integral is None:
+            raise InvalidRequest(validation_message(exc), details={"errors": _error_list(exc)}) from None
+        parsed = integral
+    if b"null" in body:  # cheap pre-check: only a body that mentions null can carry an explicit one
+        _reject_explicit_nulls(parsed, "")
+    return parsed
+
+
+def _reject_explicit_nulls(model: BaseModel, where: str) -> None:
+    """No field of the spec's request schemas is nullable: ``"ttl_ms": null`` is not "default",
+    it is a wrong type. Free-form maps (metadata, custom metrics) may hold nulls; they are skipped
+    because only models are walked."""
+    for name in model.model_fields_set:
+        value = getattr(model, name)
+        path = f"{where}.{name}" if where else name
+        if value is None:
+            raise InvalidRequest(f"invalid request: {path}: null is not allowed (omit the field instead)")
+        if isinstance(value, BaseModel):
+            _reject_explicit_nulls(value, path)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, BaseModel):
+                    _reject_explicit_nulls(item, f"{path}[{i}]")
+
+
+def _integral_float(text: str) -> int | float:
+    value = float(text)
+    if value.is_integer() and abs(value) < 2**63:
+        return int(Decimal(text))
+    return value
+
+
+def _with_integral_floats(model: type[M], body: bytes) -> M | None:
+    """JSON Schema counts ``1.0`` as an integer, so we do too -- only on this slow path, taken when a
+    strict parse met a float where an integer belongs. Strings stay strings: ``"1"`` is still 400."""
+    try:
+        data = json.loads(body, parse_float=_integral_float)
+        return model.model_validate_json(json.dumps(data), strict=True)
+    except (ValueError, RecursionError, ValidationError):
+        return None
 
 
 _MAX_ERRORS = 10
@@ -178,5 +229,5 @@ def parse_ms(value: str | None, name: str) -> int | None:
         except ValueError:
             raise InvalidRequest(f"{name} is not an ISO 8601 date-time: {text!r}") from None
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
+        parsed = parsed.replace(tzinfo=UTC)
     return int(parsed.timestamp() * 1000)

@@ -2,7 +2,7 @@
 
 A key reads ``cyc_<key_id>_<secret>``. ``key_id`` (16 hex) is public: it names the key in lists,
 logs and ``DELETE /admin/keys/{key_id}``, and is how a presented key is looked up. ``secret`` is
-32 random bytes. The store keeps only ``sha256(key)``.
+32 random bytes in hex. The store keeps only ``sha256(key)``.
 
 Why SHA-256 and not bcrypt/argon2: slow hashes exist to make guessing *low-entropy* secrets
 (passwords) expensive. These keys carry 256 random bits, so no amount of guessing reverses even a
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import builtins
 import hashlib
 import hmac
 import re
@@ -43,7 +44,7 @@ __all__ = [
     "open_key_store",
 ]
 
-_KEY = re.compile(r"^cyc_([0-9a-f]{16})_[A-Za-z0-9_-]{43}$")
+_KEY = re.compile(r"^cyc_([0-9a-f]{16})_[0-9a-f]{64}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 _TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
 
@@ -110,7 +111,7 @@ def _mint(tenant: str, name: str | None) -> tuple[KeyInfo, str, str]:
     _check_tenant(tenant)
     _check_name(name)
     key_id = secrets.token_hex(8)
-    api_key = f"cyc_{key_id}_{secrets.token_urlsafe(32)}"
+    api_key = f"cyc_{key_id}_{secrets.token_hex(32)}"
     return KeyInfo(key_id, tenant, _now_ms(), None, name), api_key, key_digest(api_key)
 
 
@@ -179,7 +180,7 @@ class KeyStore(abc.ABC):
     @abc.abstractmethod
     async def _revoke(self, key_id: str, now_ms: int) -> KeyInfo | None: ...
     @abc.abstractmethod
-    async def _list(self, tenant: str | None) -> list[KeyInfo]: ...
+    async def _list(self, tenant: str | None) -> builtins.list[KeyInfo]: ...
 
 
 class MemoryKeyStore(KeyStore):
@@ -282,10 +283,11 @@ class SqliteKeyStore(KeyStore):
 
 
 class RedisKeyStore(KeyStore):
-    """Keys as Redis hashes ``<prefix>apikey:<key_id>`` plus the set ``<prefix>apikeys`` of ids.
+    """Keys as Redis hashes ``<prefix>:{!keys}:apikey:<key_id>`` plus the set ``<prefix>:{!keys}:ids``.
 
-    ``?key_prefix=`` on the URL changes the prefix (default ``cycles:``); other query parameters
-    are passed to redis-py only if it knows them.
+    ``<prefix>`` is the ledger URL's ``?prefix=`` (default ``cycles``), so keys sit beside the
+    ledger they guard; the ``{!keys}`` hash tag keeps them in one cluster slot (``?cluster=true``),
+    apart from every tenant's slot. Other query parameters go to redis-py if it knows them.
     """
 
     _REDIS_PARAMS = frozenset(
@@ -308,6 +310,7 @@ class RedisKeyStore(KeyStore):
     def __init__(self, url: str, *, prefix: str | None = None) -> None:
         try:
             import redis.asyncio as aioredis
+            from redis.asyncio.cluster import RedisCluster
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ImportError(
                 f"the redis:// key store needs an optional dependency: pip install 'cycles-core[redis]' ({exc})"
@@ -315,13 +318,23 @@ class RedisKeyStore(KeyStore):
         parts = urlsplit(url)
         query = parse_qsl(parts.query)
         options = dict(query)
-        self.prefix = prefix if prefix is not None else options.get("key_prefix", "cycles:")
+        base = prefix if prefix is not None else options.get("prefix", "cycles")
+        if not base or "{" in base or "}" in base:
+            raise InvalidRequest(f"invalid Redis key prefix {base!r}: non-empty, without braces")
+        self.prefix = f"{base}:{{!keys}}:"
         kept = urlencode([(k, v) for k, v in query if k in self._REDIS_PARAMS])
         self.url = urlunsplit((parts.scheme, parts.netloc, parts.path, kept, ""))
-        self._redis: Any = aioredis.from_url(self.url, decode_responses=True)
+        if options.get("cluster", "").lower() in ("1", "true", "yes"):
+            self._redis: Any = RedisCluster.from_url(self.url, decode_responses=True)
+        else:
+            self._redis = aioredis.from_url(self.url, decode_responses=True)
 
     def _key(self, key_id: str) -> str:
         return f"{self.prefix}apikey:{key_id}"
+
+    @property
+    def _ids(self) -> str:
+        return f"{self.prefix}ids"
 
     @staticmethod
     def _from_hash(key_id: str, h: dict[str, str]) -> tuple[KeyInfo, str]:
@@ -335,7 +348,7 @@ class RedisKeyStore(KeyStore):
             fields["name"] = info.name
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self._key(info.key_id), mapping=fields)
-        pipe.sadd(f"{self.prefix}apikeys", info.key_id)
+        pipe.sadd(self._ids, info.key_id)
         await pipe.execute()
 
     async def _lookup(self, key_id: str) -> tuple[KeyInfo, str] | None:
@@ -351,7 +364,7 @@ class RedisKeyStore(KeyStore):
         return found[0] if found else None
 
     async def _list(self, tenant: str | None) -> list[KeyInfo]:
-        ids = sorted(await self._redis.smembers(f"{self.prefix}apikeys"))
+        ids = sorted(await self._redis.smembers(self._ids))
         out: list[KeyInfo] = []
         for i in range(0, len(ids), 500):
             pipe = self._redis.pipeline(transaction=False)

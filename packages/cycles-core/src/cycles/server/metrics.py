@@ -78,16 +78,21 @@ class Metrics:
     def __init__(self) -> None:
         self.started = time.time()
         self.requests = Counter(
-            "cycles_http_requests_total", "HTTP requests by route template, method and status.",
+            "cycles_http_requests_total",
+            "HTTP requests by route template, method and status.",
             ("route", "method", "status"),
         )
         self.latency = Histogram(
-            "cycles_http_request_duration_seconds", "Time from request to response, by route template.",
-            ("route",), LATENCY_BUCKETS,
+            "cycles_http_request_duration_seconds",
+            "Time from request to response, by route template.",
+            ("route",),
+            LATENCY_BUCKETS,
         )
         self.ledger_latency = Histogram(
-            "cycles_ledger_operation_duration_seconds", "Time spent in the ledger, by operation.",
-            ("operation",), LATENCY_BUCKETS,
+            "cycles_ledger_operation_duration_seconds",
+            "Time spent in the ledger, by operation.",
+            ("operation",),
+            LATENCY_BUCKETS,
         )
         self.decisions = Counter(
             "cycles_decisions_total",
@@ -96,7 +101,9 @@ class Metrics:
             ("operation", "decision", "reason"),
         )
         self.over_limit = Counter(
-            "cycles_scope_over_limit_total", "Commits and events that left a scope over its overdraft limit.", ()
+            "cycles_scope_over_limit_total",
+            "Scopes reported over their overdraft limit after a commit or event (once per such balance).",
+            (),
         )
         self.auth_failures = Counter("cycles_auth_failures_total", "Requests refused with 401.", ("header",))
         self.active_reservations: int | None = None
@@ -108,8 +115,14 @@ class Metrics:
             "# TYPE cycles_server_start_time_seconds gauge",
             f"cycles_server_start_time_seconds {self.started!r}",
         ]
-        for metric in (self.requests, self.latency, self.ledger_latency, self.decisions, self.over_limit,
-                       self.auth_failures):
+        for metric in (
+            self.requests,
+            self.latency,
+            self.ledger_latency,
+            self.decisions,
+            self.over_limit,
+            self.auth_failures,
+        ):
             lines.extend(metric.render())
         if self.active_reservations is not None:
             lines += [

@@ -51,8 +51,16 @@ Reply = tuple[int, bytes]
 _LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 _EVIDENCE_ID = re.compile(r"^[0-9a-f]{64}$")
 _KNOWN_REASONS = frozenset(
-    {"BUDGET_EXCEEDED", "BUDGET_FROZEN", "BUDGET_CLOSED", "BUDGET_NOT_FOUND", "OVERDRAFT_LIMIT_EXCEEDED",
-     "DEBT_OUTSTANDING", "TENANT_CLOSED", "NOT_FOUND"}
+    {
+        "BUDGET_EXCEEDED",
+        "BUDGET_FROZEN",
+        "BUDGET_CLOSED",
+        "BUDGET_NOT_FOUND",
+        "OVERDRAFT_LIMIT_EXCEEDED",
+        "DEBT_OUTSTANDING",
+        "TENANT_CLOSED",
+        "NOT_FOUND",
+    }
 )
 
 
@@ -62,7 +70,7 @@ _KNOWN_REASONS = frozenset(
 def _check_idempotency_header(request: Request, body_key: str) -> None:
     """IDEMPOTENCY (NORMATIVE): header and body keys, when both are present, MUST match."""
     header = request.headers.get("x-idempotency-key")
-    if header and header != body_key:
+    if header is not None and header != body_key:
         raise InvalidRequest(
             "X-Idempotency-Key header does not match the body's idempotency_key",
             details={"header": header[:256], "body": body_key},
@@ -141,8 +149,14 @@ async def release(s: CyclesServer, request: Request, p: Principal) -> Reply:
     if p.admin:  # AUDIT (NORMATIVE, AdminKeyAuth path): record the operator acting for the tenant
         AUDIT_LOGGER.warning(
             "admin released a reservation",
-            extra={"cycles": {"actor_type": "admin_on_behalf_of", "operation": "releaseReservation",
-                              "reservation_id": reservation_id, "reason": req.reason}},
+            extra={
+                "cycles": {
+                    "actor_type": "admin_on_behalf_of",
+                    "operation": "releaseReservation",
+                    "reservation_id": reservation_id,
+                    "reason": req.reason,
+                }
+            },
         )
     return 200, model_json(res)
 
@@ -182,8 +196,20 @@ def _param(q: QueryParams, name: str) -> str | None:
     return value or None
 
 
+def _typed_param(q: QueryParams, name: str) -> str | None:
+    """A parameter with a type or an enum: absent is unset, but present-and-blank is a bad value
+    (only the window bounds, the subject filters and ``include`` treat blank as unset)."""
+    value = q.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        raise InvalidRequest(f"{name} is empty: give a value or leave the parameter out")
+    return value
+
+
 def _limit(q: QueryParams) -> int:
-    raw = _param(q, "limit")
+    raw = _typed_param(q, "limit")
     if raw is None:
         return 50
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 200:
@@ -220,12 +246,10 @@ async def balances(s: CyclesServer, request: Request, p: Principal) -> Reply:
     if not any(filters.values()):
         raise InvalidRequest("at least one of tenant, workspace, app, workflow, agent, toolset is required")
     _check_tenant_filter(p, filters["tenant"], "balances")
-    raw_children = (_param(q, "include_children") or "false").lower()
+    raw_children = (_typed_param(q, "include_children") or "false").lower()
     if raw_children not in ("true", "false", "1", "0"):
         raise InvalidRequest("include_children must be true or false")
-    query = BalanceQuery(
-        **filters, include_children=raw_children in ("true", "1"), limit=_limit(q), cursor=_cursor(q)
-    )
+    query = BalanceQuery(**filters, include_children=raw_children in ("true", "1"), limit=_limit(q), cursor=_cursor(q))
     res = await s.timed("balances", s.ledger.balances(query, tenant=p.tenant))
     return 200, model_json(res)
 
@@ -235,20 +259,20 @@ async def list_reservations(s: CyclesServer, request: Request, p: Principal) -> 
     filters = _subject_filters(q)
     require_tenant_param(p, filters["tenant"])
     _check_tenant_filter(p, filters["tenant"], "reservations")
-    raw_status = _param(q, "status")
+    raw_status = _typed_param(q, "status")
     status = None
     if raw_status is not None:
         try:
             status = ReservationStatus(raw_status)
         except ValueError:
             raise InvalidRequest("status must be one of ACTIVE, COMMITTED, RELEASED, EXPIRED") from None
-    idempotency_key = _param(q, "idempotency_key")
+    idempotency_key = _typed_param(q, "idempotency_key")
     if idempotency_key is not None and len(idempotency_key) > 256:
         raise InvalidRequest("idempotency_key is longer than 256 characters")
-    sort_by = _param(q, "sort_by")
+    sort_by = _typed_param(q, "sort_by")
     if sort_by is not None and sort_by not in SORT_KEYS:
         raise InvalidRequest(f"sort_by must be one of {', '.join(SORT_KEYS)}")
-    sort_dir = _param(q, "sort_dir") or "desc"
+    sort_dir = _typed_param(q, "sort_dir") or "desc"
     if sort_dir not in ("asc", "desc"):
         raise InvalidRequest("sort_dir must be asc or desc")
     # `include` is a projection (style form, explode false): tokens may also arrive repeated.
