@@ -6,16 +6,17 @@ import asyncio
 
 import pytest
 
-from cycles import AsyncCycles, BudgetExceeded, Subject, usd
+from cycles import BudgetExceeded, Subject, usd
 from cycles.testing import assert_ledger_invariant_async
 
+from .conftest import Backend
 from .helpers import LLM
 
 RUN = Subject(tenant="acme", workflow="run-42")
 
 
-async def test_async_guard_lifecycle(ledger_url: str) -> None:
-    cy = AsyncCycles(ledger_url)
+async def test_async_guard_lifecycle(ledger: Backend) -> None:
+    cy = ledger.open_async()
     await cy.budgets.set("tenant:acme/workflow:run-42", usd(1))
     async with cy.guard(RUN, LLM, estimate=usd(0.05)) as g:
         g.commit(usd(0.02))
@@ -28,8 +29,8 @@ async def test_async_guard_lifecycle(ledger_url: str) -> None:
     await cy.aclose()
 
 
-async def test_concurrent_tasks_never_overspend(ledger_url: str) -> None:
-    cy = AsyncCycles(ledger_url)
+async def test_concurrent_tasks_never_overspend(ledger: Backend) -> None:
+    cy = ledger.open_async()
     await cy.budgets.set("tenant:acme/workflow:run-42", usd(1))
     granted = 0
 
@@ -52,8 +53,8 @@ async def test_concurrent_tasks_never_overspend(ledger_url: str) -> None:
     await cy.aclose()
 
 
-async def test_async_decorator_and_nesting(ledger_url: str) -> None:
-    cy = AsyncCycles(ledger_url)
+async def test_async_decorator_and_nesting(ledger: Backend) -> None:
+    cy = ledger.open_async()
     await cy.budgets.set("tenant:acme/workflow:run-42", usd(1))
 
     @cy.guarded(RUN, LLM, estimate=usd(0.05), actual=lambda r: usd(0.01))

@@ -14,7 +14,7 @@ import pytest
 from cycles import BudgetExceeded, Cycles, ReservationStatus, Subject, tokens
 from cycles.testing import assert_ledger_invariant
 
-from .conftest import MULTI_PROCESS
+from .conftest import MULTI_PROCESS, Backend, open_backend
 from .helpers import LLM, amounts, bal
 
 COST = 7
@@ -41,8 +41,15 @@ def _race(cy: Cycles, threads: int, attempts: int, subject: Subject) -> int:
     return granted
 
 
-def _race_in_child(url: str, threads: int, attempts: int, tenant: str, agent: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
-    with Cycles(url, heartbeat=False) as cy:
+def _race_in_child(
+    spec: tuple[str, str, bool],
+    threads: int,
+    attempts: int,
+    tenant: str,
+    agent: str,
+    out: multiprocessing.Queue,  # type: ignore[type-arg]
+) -> None:
+    with open_backend(spec, heartbeat=False) as cy:
         out.put((agent, _race(cy, threads, attempts, Subject(tenant=tenant, agent=agent))))
 
 
@@ -53,7 +60,7 @@ def test_threads_never_oversubscribe(cy: Cycles) -> None:
     assert amounts(bal(cy, "tenant:race")) == (ALLOCATED, 0, granted * COST, 0, ALLOCATED - granted * COST)
 
 
-def test_processes_never_oversubscribe(cy: Cycles, ledger_url: str, backend: str) -> None:
+def test_processes_never_oversubscribe(cy: Cycles, ledger: Backend, backend: str) -> None:
     if backend not in MULTI_PROCESS:
         pytest.skip(f"{backend} state is private to one process")
     cy.budgets.set("tenant:race", tokens(300))  # fits 42: binding over the four agents' 56
@@ -61,7 +68,7 @@ def test_processes_never_oversubscribe(cy: Cycles, ledger_url: str, backend: str
         cy.budgets.set(f"tenant:race/agent:p{i}", tokens(100))  # independent per-agent budgets too
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_race_in_child, args=(ledger_url, 4, 12, "race", f"p{i}", out)) for i in range(4)]
+    procs = [ctx.Process(target=_race_in_child, args=(ledger.spec, 4, 12, "race", f"p{i}", out)) for i in range(4)]
     for p in procs:
         p.start()
     by_agent = dict(out.get(timeout=120) for _ in procs)
@@ -78,8 +85,8 @@ def test_processes_never_oversubscribe(cy: Cycles, ledger_url: str, backend: str
         assert bal(cy, f"tenant:race/agent:p{i}").reserved == tokens(results[i] * COST)
 
 
-def _reserve_and_die(url: str, ready: multiprocessing.Event) -> None:  # type: ignore[type-arg]
-    cy = Cycles(url, heartbeat=False)
+def _reserve_and_die(spec: tuple[str, str, bool], ready: multiprocessing.Event) -> None:  # type: ignore[type-arg]
+    cy = open_backend(spec, heartbeat=False)
     cy.reserve(Subject(tenant="crash"), LLM, tokens(40), ttl_ms=1000, grace_period_ms=0)
     n = 0
     while True:  # commit in a loop until killed at an arbitrary point
@@ -91,13 +98,13 @@ def _reserve_and_die(url: str, ready: multiprocessing.Event) -> None:  # type: i
             ready.set()
 
 
-def test_a_killed_process_loses_no_commit_and_strands_nothing(cy: Cycles, ledger_url: str, backend: str) -> None:
-    if backend not in MULTI_PROCESS or backend == "http":
+def test_a_killed_process_loses_no_commit_and_strands_nothing(cy: Cycles, ledger: Backend, backend: str) -> None:
+    if backend not in MULTI_PROCESS:
         pytest.skip("needs a store shared with a child process")
     cy.budgets.set("tenant:crash", tokens(10_000))
     ctx = multiprocessing.get_context("spawn")
     ready = ctx.Event()
-    p = ctx.Process(target=_reserve_and_die, args=(ledger_url, ready))
+    p = ctx.Process(target=_reserve_and_die, args=(ledger.spec, ready))
     p.start()
     assert ready.wait(60)
     time.sleep(0.05)

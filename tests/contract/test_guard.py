@@ -21,6 +21,7 @@ from cycles import (
 )
 from cycles.testing import assert_ledger_invariant
 
+from .conftest import Backend
 from .helpers import LLM, amounts, bal
 
 RUN = Subject(tenant="acme", workflow="run-42", agent="writer")
@@ -121,8 +122,8 @@ def test_nested_guard_on_a_deeper_subject_reserves_on_its_own(funded: Cycles) ->
     assert spent(funded) == 3_000_000
 
 
-def test_shadow_mode_never_blocks_and_records_why(ledger_url: str) -> None:
-    cy = Cycles(ledger_url, mode="shadow")
+def test_shadow_mode_never_blocks_and_records_why(ledger: Backend) -> None:
+    cy = ledger.open(mode="shadow")
     cy.budgets.set("tenant:acme/workflow:run-42", usd(0.10))
     ran = 0
     for _ in range(5):

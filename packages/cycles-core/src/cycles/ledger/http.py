@@ -224,6 +224,10 @@ _PARSE_BALANCE = _model_parser(Balance)
 _PARSE_BALANCE_LIST = _list_parser(_BALANCE_LIST)
 
 
+def _parse_sweep(body: bytes) -> int:
+    return int(json.loads(body)["expired"])
+
+
 def _iso(ms: int | None) -> str | None:
     if ms is None:
         return None
@@ -466,6 +470,13 @@ class _HttpCore:
 
     def list_budgets(self, tenant: str | None) -> _Call[list[Balance]]:
         return self._admin_call("GET", "/budgets" + _query([("tenant", tenant)]), None, _PARSE_BALANCE_LIST)
+
+    def sweep(self, limit: int) -> _Call[int] | None:
+        """Our server's operator plane can sweep on demand; without an admin key (or against
+        another server) there is nothing to do from a client: the server expires on its own."""
+        if not self.admin_key:
+            return None
+        return self._admin_call("POST", "/sweep" + _query([("limit", str(limit))]), None, _parse_sweep)
 
     # -- reading responses -----------------------------------------------------------------
 
@@ -926,8 +937,8 @@ class HttpLedger(Ledger):
         return self._run(self._core.list_budgets(tenant))
 
     def sweep(self, limit: int = 1000) -> int:
-        """The server expires reservations itself; there is nothing to do from a client."""
-        return 0
+        call = self._core.sweep(limit)
+        return self._run(call) if call is not None else 0
 
     def close(self) -> None:
         self._transport.close()
@@ -1028,7 +1039,8 @@ class AsyncHttpLedger(AsyncLedger):
         return await self._run(self._core.list_budgets(tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
-        return 0
+        call = self._core.sweep(limit)
+        return await self._run(call) if call is not None else 0
 
     async def aclose(self) -> None:
         await self._transport.close()

@@ -38,6 +38,7 @@ __all__ = [
     "list_budgets",
     "list_keys",
     "revoke_key",
+    "sweep",
     "set_budget",
     "set_budget_status",
 ]
@@ -129,6 +130,15 @@ async def get_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
 async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply:
     rows = await s.timed("list_budgets", s.ledger.list_budgets(tenant=_tenant_param(request)))
     return 200, _json_list("budgets", [model_json(b) for b in rows])
+
+
+async def sweep(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    """Expire reservations past their deadline now (the server also does it every few seconds)."""
+    raw = (request.query_params.get("limit") or "1000").strip()
+    if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
+        raise InvalidRequest("limit must be a whole number from 1 to 100000")
+    expired = await s.timed("sweep", s.ledger.sweep(int(raw)))
+    return 200, s.dumps({"expired": expired})
 
 
 async def create_key(s: CyclesServer, request: Request, p: Principal) -> Reply:

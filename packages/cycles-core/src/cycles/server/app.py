@@ -331,6 +331,7 @@ def _endpoints(server: CyclesServer) -> list[Endpoint]:
         ep("/admin/keys", "GET", a.list_keys, "admin"),
         ep("/admin/keys/{key_id}", "GET", a.get_key, "admin"),
         ep("/admin/keys/{key_id}", "DELETE", a.revoke_key, "admin"),
+        ep("/admin/sweep", "POST", a.sweep, "admin"),
     ]
 
 
