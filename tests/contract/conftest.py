@@ -43,7 +43,7 @@ class Backend:
 
 
 def open_backend(spec: tuple[str, str, bool], **options: Any) -> Cycles:
-    name, url, routed = spec
+    _name, url, routed = spec
     if routed:
         from .http_backend import TenantRoutedLedger
 

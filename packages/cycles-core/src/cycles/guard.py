@@ -574,7 +574,7 @@ class Guard(_GuardFace):
                     continue
                 try:
                     result = getattr(ledger, op.method)(*op.args, **op.kwargs)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
                     op = flow.throw(exc)
                 else:
                     op = flow.send(result)
@@ -644,7 +644,7 @@ class AsyncGuard(_GuardFace):
                     continue
                 try:
                     result = await getattr(ledger, op.method)(*op.args, **op.kwargs)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
                     op = flow.throw(exc)
                 else:
                     op = flow.send(result)

@@ -230,7 +230,7 @@ class CyclesServer:
             except CyclesError:
                 pass  # any protocol answer means the ledger is there
             await self.keys.ping()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - answered as 500 INTERNAL_ERROR, logged
             logger.warning("not ready: %s", type(exc).__name__)
             return Response(b'{"status":"unavailable"}', 503, media_type="application/json")
         return Response(b'{"status":"ready"}', 200, media_type="application/json")
@@ -257,7 +257,7 @@ class CyclesServer:
                 if count >= _ACTIVE_COUNT_CAP:
                     capped = True
                     break
-        except Exception as exc:  # a metric must never fail the scrape
+        except Exception as exc:  # noqa: BLE001 - a metric must never fail the scrape
             logger.warning("could not count active reservations: %s", type(exc).__name__)
             return
         self.metrics.active_reservations = count
@@ -271,7 +271,7 @@ class CyclesServer:
             await asyncio.sleep(self.sweep_interval_s)
             try:
                 await self.ledger.sweep()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the sweeper must outlive a failed sweep
                 logger.warning("sweep failed: %s", type(exc).__name__)
 
     @contextlib.asynccontextmanager
