@@ -193,6 +193,63 @@ class _ClientBase:
         )
 
     @staticmethod
+    def _commit_request(
+        actual: Amount,
+        idempotency_key: str | None,
+        metrics: StandardMetrics | Mapping[str, Any] | None,
+        metadata: dict[str, Any] | None,
+    ) -> CommitRequest:
+        return _build(
+            CommitRequest,
+            idempotency_key=_key(idempotency_key),
+            actual=actual,
+            metrics=_metrics(metrics),
+            metadata=metadata,
+        )
+
+    @staticmethod
+    def _release_request(reason: str | None, idempotency_key: str | None) -> ReleaseRequest:
+        return _build(ReleaseRequest, idempotency_key=_key(idempotency_key), reason=reason)
+
+    @staticmethod
+    def _extend_request(extend_by_ms: int, idempotency_key: str | None) -> ReservationExtendRequest:
+        return _build(ReservationExtendRequest, idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
+
+    @staticmethod
+    def _decide_request(
+        subject: Subject, action: Action, estimate: Amount, idempotency_key: str | None
+    ) -> DecisionRequest:
+        return _build(
+            DecisionRequest, idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate
+        )
+
+    def _event_request(
+        self,
+        subject: Subject,
+        action: Action,
+        actual: Amount,
+        overage_policy: CommitOveragePolicy | str | None,
+        idempotency_key: str | None,
+        metrics: StandardMetrics | Mapping[str, Any] | None,
+        metadata: dict[str, Any] | None,
+    ) -> EventCreateRequest:
+        return _build(
+            EventCreateRequest,
+            idempotency_key=_key(idempotency_key),
+            subject=subject,
+            action=action,
+            actual=actual,
+            overage_policy=_policy(overage_policy, self.settings.overage_policy),
+            metrics=_metrics(metrics),
+            metadata=metadata,
+        )
+
+    @staticmethod
+    def _balance_query(levels: tuple[str | None, ...], cursor: str | None) -> BalanceQuery:
+        tenant, workspace, app, workflow, agent, toolset = levels
+        return BalanceQuery(tenant, workspace, app, workflow, agent, toolset, limit=200, cursor=cursor)
+
+    @staticmethod
     def _reservation_query(
         status: ReservationStatus | str | None,
         idempotency_key: str | None,
@@ -416,35 +473,23 @@ class Cycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> CommitResponse:
-        req = _build(
-            CommitRequest,
-            idempotency_key=_key(idempotency_key),
-            actual=actual,
-            metrics=_metrics(metrics),
-            metadata=metadata,
-        )
+        req = self._commit_request(actual, idempotency_key, metrics, metadata)
         return self.ledger.commit(reservation_id, req)
 
     def release(
         self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
     ) -> ReleaseResponse:
-        return self.ledger.release(
-            reservation_id, _build(ReleaseRequest, idempotency_key=_key(idempotency_key), reason=reason)
-        )
+        return self.ledger.release(reservation_id, self._release_request(reason, idempotency_key))
 
     def extend(
         self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
     ) -> ReservationExtendResponse:
-        req = _build(ReservationExtendRequest, idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
-        return self.ledger.extend(reservation_id, req)
+        return self.ledger.extend(reservation_id, self._extend_request(extend_by_ms, idempotency_key))
 
     def decide(
         self, subject: Subject, action: Action, estimate: Amount, *, idempotency_key: str | None = None
     ) -> DecisionResponse:
-        req = _build(
-            DecisionRequest, idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate
-        )
-        return self.ledger.decide(req)
+        return self.ledger.decide(self._decide_request(subject, action, estimate, idempotency_key))
 
     def event(
         self,
@@ -457,16 +502,7 @@ class Cycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> EventCreateResponse:
-        req = _build(
-            EventCreateRequest,
-            idempotency_key=_key(idempotency_key),
-            subject=subject,
-            action=action,
-            actual=actual,
-            overage_policy=_policy(overage_policy, self.settings.overage_policy),
-            metrics=_metrics(metrics),
-            metadata=metadata,
-        )
+        req = self._event_request(subject, action, actual, overage_policy, idempotency_key, metrics, metadata)
         return self.ledger.event(req)
 
     def balances(
@@ -483,7 +519,7 @@ class Cycles(_ClientBase):
         out: list[Balance] = []
         cursor: str | None = None
         while True:
-            query = BalanceQuery(tenant, workspace, app, workflow, agent, toolset, limit=200, cursor=cursor)
+            query = self._balance_query((tenant, workspace, app, workflow, agent, toolset), cursor)
             page = self.ledger.balances(query)
             out.extend(page.balances)
             cursor = page.next_cursor
@@ -648,34 +684,23 @@ class AsyncCycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> CommitResponse:
-        req = _build(
-            CommitRequest,
-            idempotency_key=_key(idempotency_key),
-            actual=actual,
-            metrics=_metrics(metrics),
-            metadata=metadata,
-        )
+        req = self._commit_request(actual, idempotency_key, metrics, metadata)
         return await self.ledger.commit(reservation_id, req)
 
     async def release(
         self, reservation_id: str, *, reason: str | None = None, idempotency_key: str | None = None
     ) -> ReleaseResponse:
-        req = _build(ReleaseRequest, idempotency_key=_key(idempotency_key), reason=reason)
-        return await self.ledger.release(reservation_id, req)
+        return await self.ledger.release(reservation_id, self._release_request(reason, idempotency_key))
 
     async def extend(
         self, reservation_id: str, extend_by_ms: int, *, idempotency_key: str | None = None
     ) -> ReservationExtendResponse:
-        req = _build(ReservationExtendRequest, idempotency_key=_key(idempotency_key), extend_by_ms=extend_by_ms)
-        return await self.ledger.extend(reservation_id, req)
+        return await self.ledger.extend(reservation_id, self._extend_request(extend_by_ms, idempotency_key))
 
     async def decide(
         self, subject: Subject, action: Action, estimate: Amount, *, idempotency_key: str | None = None
     ) -> DecisionResponse:
-        req = _build(
-            DecisionRequest, idempotency_key=_key(idempotency_key), subject=subject, action=action, estimate=estimate
-        )
-        return await self.ledger.decide(req)
+        return await self.ledger.decide(self._decide_request(subject, action, estimate, idempotency_key))
 
     async def event(
         self,
@@ -688,16 +713,7 @@ class AsyncCycles(_ClientBase):
         metrics: StandardMetrics | Mapping[str, Any] | None = None,
         metadata: dict[str, Any] | None = None,
     ) -> EventCreateResponse:
-        req = _build(
-            EventCreateRequest,
-            idempotency_key=_key(idempotency_key),
-            subject=subject,
-            action=action,
-            actual=actual,
-            overage_policy=_policy(overage_policy, self.settings.overage_policy),
-            metrics=_metrics(metrics),
-            metadata=metadata,
-        )
+        req = self._event_request(subject, action, actual, overage_policy, idempotency_key, metrics, metadata)
         return await self.ledger.event(req)
 
     async def balances(
@@ -713,7 +729,7 @@ class AsyncCycles(_ClientBase):
         out: list[Balance] = []
         cursor: str | None = None
         while True:
-            query = BalanceQuery(tenant, workspace, app, workflow, agent, toolset, limit=200, cursor=cursor)
+            query = self._balance_query((tenant, workspace, app, workflow, agent, toolset), cursor)
             page = await self.ledger.balances(query)
             out.extend(page.balances)
             cursor = page.next_cursor
