@@ -179,9 +179,17 @@ class TransactionalLedger(Ledger):
     #: Expire overdue reservations at most this often as a side effect of ordinary writes.
     lazy_sweep_interval_ms = 1000
 
-    def __init__(self, clock: Callable[[], int] | None = None, include_balances: bool = False) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], int] | None = None,
+        include_balances: bool = False,
+        retention_ms: int = rules.IDEMPOTENCY_RETENTION_MS,
+    ) -> None:
         self._clock = clock or _wall_clock_ms
         self._next_sweep_ms = 0
+        #: How long finished reservations and idempotency records are kept (replays and audits read
+        #: them); older ones are forgotten a little at a time by the lazy sweep.
+        self.retention_ms = retention_ms
         #: Put Balance snapshots into reserve/commit/release/event responses (optional in the spec;
         #: a server wants them, an in-process guard does not pay for them).
         self.include_balances = include_balances
@@ -193,7 +201,7 @@ class TransactionalLedger(Ledger):
         with self._transaction(write=True) as txn:
             if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
                 self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
-                rules.expire_due(txn, 100)
+                rules.sweep(txn, 100, self.retention_ms)
             return fn(txn, *args)
 
     def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
@@ -243,7 +251,7 @@ class TransactionalLedger(Ledger):
         return self._write(rules.list_budgets, tenant)
 
     def sweep(self, limit: int = 1000) -> int:
-        return self._write(rules.sweep, limit)
+        return self._write(rules.sweep, limit, self.retention_ms)
 
 
 def _wall_clock_ms() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ class _Store:
         self.reservations: dict[str, ReservationRow] = {}
         self.idempotency: dict[_IdemKey, IdempotencyRecord] = {}
         self.deadlines: list[tuple[int, str]] = []  # heap of (deadline_ms, reservation_id); stale entries skipped
+        self.finished: deque[tuple[int, str]] = deque()  # (finished_at_ms, reservation_id), oldest first
 
 
 class _MemoryTxn:
@@ -122,20 +124,24 @@ class _MemoryTxn:
         self._idem[(tenant, endpoint, key)] = record
 
     def purge(self, older_than_ms: int, limit: int) -> int:
+        """Forget the oldest records first. Both queues are in time order (dict insertion order for
+        idempotency records), so the work is proportional to what is forgotten, not to the store."""
         store = self._store
-        old_idem = [k for k, rec in store.idempotency.items() if rec.created_at_ms < older_than_ms][:limit]
-        for k in old_idem:
-            del store.idempotency[k]
-        old_rows = [
-            rid
-            for rid, row in store.reservations.items()
-            if row.status is not ReservationStatus.ACTIVE
-            and (row.finalized_at_ms or row.deadline_ms) < older_than_ms
-            and rid not in self._reservations
-        ][:limit]
-        for rid in old_rows:
-            del store.reservations[rid]
-        return len(old_idem) + len(old_rows)
+        purged = 0
+        idem = store.idempotency
+        while idem and purged < limit:
+            key = next(iter(idem))
+            if idem[key].created_at_ms >= older_than_ms:
+                break
+            del idem[key]
+            purged += 1
+        finished = store.finished
+        while finished and purged < limit and finished[0][0] < older_than_ms:
+            _, rid = finished.popleft()
+            if rid not in self._reservations:
+                store.reservations.pop(rid, None)
+            purged += 1
+        return purged
 
     # end of transaction
     def apply(self) -> None:
@@ -147,8 +153,11 @@ class _MemoryTxn:
         for reservation_id, row in self._reservations.items():
             before = store.reservations.get(reservation_id)
             store.reservations[reservation_id] = row
-            if row.status is ReservationStatus.ACTIVE and (before is None or before.deadline_ms != row.deadline_ms):
-                heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
+            if row.status is ReservationStatus.ACTIVE:
+                if before is None or before.deadline_ms != row.deadline_ms:
+                    heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
+            elif before is not None and before.status is ReservationStatus.ACTIVE:
+                store.finished.append((self.now_ms, reservation_id))
         store.idempotency.update(self._idem)
 
     def undo(self) -> None:
@@ -159,8 +168,17 @@ class _MemoryTxn:
 class MemoryLedger(TransactionalLedger):
     blocking = False
 
-    def __init__(self, clock: Callable[[], int] | None = None, include_balances: bool = False) -> None:
-        super().__init__(clock, include_balances)
+    #: memory:// keeps finished reservations and idempotency records for an hour (SQLite and Redis: a
+    #: day): the store lives in the process's heap, where every retained object also costs GC time.
+    DEFAULT_RETENTION_MS = 3600 * 1000
+
+    def __init__(
+        self,
+        clock: Callable[[], int] | None = None,
+        include_balances: bool = False,
+        retention_ms: int = DEFAULT_RETENTION_MS,
+    ) -> None:
+        super().__init__(clock, include_balances, retention_ms)
         self.url = "memory://"
         self._store = _Store()
         self._lock = threading.Lock()
@@ -186,7 +204,7 @@ class MemoryLedger(TransactionalLedger):
             try:
                 if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
                     self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
-                    rules.expire_due(txn, 100)
+                    rules.sweep(txn, 1000, self.retention_ms)
                 result = fn(txn, *args)
             except CyclesError:
                 txn.apply()
@@ -199,6 +217,10 @@ class MemoryLedger(TransactionalLedger):
 
 
 def open_memory(
-    url: str = "memory://", *, clock: Callable[[], int] | None = None, include_balances: bool = False
+    url: str = "memory://",
+    *,
+    clock: Callable[[], int] | None = None,
+    include_balances: bool = False,
+    retention_ms: int = MemoryLedger.DEFAULT_RETENTION_MS,
 ) -> MemoryLedger:
-    return MemoryLedger(clock=clock, include_balances=include_balances)
+    return MemoryLedger(clock=clock, include_balances=include_balances, retention_ms=retention_ms)

@@ -1110,7 +1110,8 @@ def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
     return [r.to_balance() for r in rows]
 
 
-def sweep(txn: Txn, limit: int) -> int:
+def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> int:
+    """Expire overdue reservations; forget finished ones and idempotency records past retention."""
     expired = expire_due(txn, limit)
-    txn.purge(txn.now_ms - IDEMPOTENCY_RETENTION_MS, limit)
+    txn.purge(txn.now_ms - retention_ms, limit)
     return expired
