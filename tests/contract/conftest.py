@@ -70,9 +70,16 @@ def _http(tmp: Path, request: pytest.FixtureRequest) -> Backend:
     return Backend("http", server.url, routed=True)
 
 
+def _redis(tmp: Path, request: pytest.FixtureRequest) -> Backend:
+    from tests.redis.backend import fresh_redis_url
+
+    return Backend("redis", fresh_redis_url(request))  # a fresh key prefix; fails (never skips) without Redis
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "redis": _redis,
     "http": _http,
 }
 

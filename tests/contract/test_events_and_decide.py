@@ -95,3 +95,14 @@ def test_frozen_and_closed_budgets(cy: Cycles) -> None:
         cy.reserve(ACME, LLM, tokens(1))
     with pytest.raises(BudgetClosed):
         cy.budgets.unfreeze("tenant:acme")
+
+
+def test_a_refused_status_change_changes_no_unit(cy: Cycles) -> None:
+    from cycles import BudgetClosed, Unit, credits
+
+    cy.budgets.set("tenant:acme", credits(10))
+    cy.budgets.set("tenant:acme", tokens(10))
+    cy.budgets.close("tenant:acme", Unit.TOKENS)
+    with pytest.raises(BudgetClosed):
+        cy.budgets.freeze("tenant:acme")  # TOKENS is closed for good: the whole change is refused
+    assert cy.reserve(ACME, LLM, credits(1)).reservation_id  # CREDITS was not frozen on the way

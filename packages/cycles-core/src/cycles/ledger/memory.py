@@ -68,9 +68,9 @@ class _MemoryTxn:
         return rows
 
     def budget_units(self, scope: str) -> list[Unit]:
-        units = list(self._store.units.get(scope, ()))
-        units += [u for (s, u) in self._budgets if s == scope and u not in units]
-        return units
+        units = set(self._store.units.get(scope, ()))
+        units.update(u for (s, u) in self._budgets if s == scope)
+        return sorted(units, key=lambda u: u.value)  # the order SQLite and Redis report
 
     def put_budget(self, row: BudgetRow) -> None:
         self._budgets[(row.scope, row.unit)] = row

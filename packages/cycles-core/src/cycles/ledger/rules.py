@@ -327,7 +327,7 @@ def _check_tenant(owner: str | None, tenant: str | None) -> None:
         raise Forbidden("reservation belongs to another tenant")
 
 
-def _check_subject_tenant(subject: Subject, tenant: str | None) -> None:
+def check_subject_tenant(subject: Subject, tenant: str | None) -> None:
     if tenant is not None and subject.tenant is not None and subject.tenant != tenant:
         raise Forbidden(f"subject.tenant {subject.tenant!r} does not match the authenticated tenant")
 
@@ -336,7 +336,7 @@ def _amount(unit: Unit, value: int) -> Amount:
     return trusted(Amount, unit=unit, amount=value)
 
 
-def _idem_tenant(tenant: str | None, owner: str | None) -> str:
+def idempotency_tenant(tenant: str | None, owner: str | None) -> str:
     return tenant if tenant is not None else (owner or "")
 
 
@@ -495,8 +495,8 @@ def _snapshot(txn: Txn, budgets: Sequence[BudgetRow]) -> list[Balance] | None:
 
 
 def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> ReservationCreateResponse:
-    _check_subject_tenant(req.subject, tenant)
-    idem_tenant = _idem_tenant(tenant, req.subject.tenant)
+    check_subject_tenant(req.subject, tenant)
+    idem_tenant = idempotency_tenant(tenant, req.subject.tenant)
     endpoint = "reserve"
     digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, endpoint, req.idempotency_key, digest, ReservationCreateResponse)
@@ -573,8 +573,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
 
 
 def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionResponse:
-    _check_subject_tenant(req.subject, tenant)
-    idem_tenant = _idem_tenant(tenant, req.subject.tenant)
+    check_subject_tenant(req.subject, tenant)
+    idem_tenant = idempotency_tenant(tenant, req.subject.tenant)
     digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, "decide", req.idempotency_key, digest, DecisionResponse)
     if replay is not None:
@@ -712,7 +712,7 @@ def _settle_budgets(
 
 def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None) -> CommitResponse:
     row = _load_reservation(txn, reservation_id, tenant)
-    idem_tenant = _idem_tenant(tenant, row.tenant)
+    idem_tenant = idempotency_tenant(tenant, row.tenant)
     digest = Fingerprint(req, reservation_id)
     replay = _replay(txn, idem_tenant, "commit", req.idempotency_key, digest, CommitResponse)
     if replay is not None:
@@ -744,7 +744,7 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
 
 def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | None) -> ReleaseResponse:
     row = _load_reservation(txn, reservation_id, tenant)
-    idem_tenant = _idem_tenant(tenant, row.tenant)
+    idem_tenant = idempotency_tenant(tenant, row.tenant)
     digest = Fingerprint(req, reservation_id)
     replay = _replay(txn, idem_tenant, "release", req.idempotency_key, digest, ReleaseResponse)
     if replay is not None:
@@ -768,7 +768,7 @@ def extend(
     txn: Txn, reservation_id: str, req: ReservationExtendRequest, tenant: str | None
 ) -> ReservationExtendResponse:
     row = _load_reservation(txn, reservation_id, tenant)
-    idem_tenant = _idem_tenant(tenant, row.tenant)
+    idem_tenant = idempotency_tenant(tenant, row.tenant)
     digest = Fingerprint(req, reservation_id)
     replay = _replay(txn, idem_tenant, "extend", req.idempotency_key, digest, ReservationExtendResponse)
     if replay is not None:
@@ -803,8 +803,8 @@ def extend(
 
 def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateResponse:
     """Post-only accounting: charge ``actual`` with no reservation, under the event's overage policy."""
-    _check_subject_tenant(req.subject, tenant)
-    idem_tenant = _idem_tenant(tenant, req.subject.tenant)
+    check_subject_tenant(req.subject, tenant)
+    idem_tenant = idempotency_tenant(tenant, req.subject.tenant)
     digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, "event", req.idempotency_key, digest, EventCreateResponse)
     if replay is not None:
@@ -1087,9 +1087,10 @@ def set_budget_status(txn: Txn, scope: str, unit: Unit | None, status: str) -> l
     rows = [r for u in units if (r := txn.get_budget(scope, u)) is not None]
     if not rows:
         raise NotFound(f"Budget not found for provided scope: {scope}")
-    for row in rows:
+    for row in rows:  # check every unit before writing any: a refusal must leave all of them as they were
         if row.status == BUDGET_CLOSED and status != BUDGET_CLOSED:
             raise BudgetClosed(f"budget {scope} is closed for good", details={"scope": scope})
+    for row in rows:
         row.status = status
         txn.put_budget(row)
     return [r.to_balance() for r in rows]

@@ -1,0 +1,12 @@
+-- Read one scope's budgets (all units asked for), after lazy expiry.
+-- KEYS: base
+-- ARGV: now, scope, units...
+expire_due(LAZY_EXPIRY)
+local out = {}
+for i = 3, #ARGV do
+  local b = load_budget(ARGV[2], ARGV[i])
+  if b then
+    out[#out + 1] = {b.unit, budget_json(b)}
+  end
+end
+return ok(enc(out))

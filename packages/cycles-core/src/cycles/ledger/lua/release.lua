@@ -1,0 +1,28 @@
+-- rules.release
+-- KEYS: base
+-- ARGV: now, reservation id, tenant ('' | '=tenant'), idempotency key, fingerprint, include balances (0/1)
+local rid, tenant, key, fingerprint = ARGV[2], opt(ARGV[3]), ARGV[4], ARGV[5]
+
+expire_due(LAZY_EXPIRY)
+local row, e = load_checked(rid, tenant)
+if not row then
+  return e
+end
+local ikey = idem_key('release', tenant or row.tenant or '', key)
+local rec = idem_get(ikey, fingerprint)
+if rec then
+  if rec.mismatch then
+    return err('IDEMPOTENCY_MISMATCH')
+  end
+  return replay(rec.payload)
+end
+e = settleable(row)
+if e then
+  return e
+end
+local rows = release_hold(row.budgeted, row.unit, row.amount)
+redis.call('HSET', rkey(rid), 'status', 'RELEASED', 'finalized', now)
+finish(rid, now)
+local payload = enc({row.amount, row.unit, ARGV[6] == '1' and budgets_json(rows) or NULL})
+idem_put(ikey, fingerprint, '', payload)
+return ok(payload)
