@@ -253,7 +253,7 @@ class IdempotencyRecord:
     ``response`` as its JSON dict; the memory store keeps the objects."""
 
     fingerprint: Fingerprint | str
-    response: BaseModel | dict[str, Any]
+    response: BaseModel | dict[str, Any] | bytes
     created_at_ms: int
 
 
@@ -351,6 +351,8 @@ def _replay(txn: Txn, tenant: str, endpoint: str, key: str, digest: Fingerprint,
         )
     if isinstance(record.response, BaseModel):
         return cast(R, record.response.model_copy())
+    if isinstance(record.response, bytes | str):
+        return cls.model_validate_json(record.response)
     return cls.model_validate(record.response)
 
 
