@@ -617,6 +617,20 @@ def _ensure_settleable(txn: Txn, row: ReservationRow) -> None:
         raise _expired(row)
 
 
+def _settle_prologue(
+    txn: Txn, endpoint: str, reservation_id: str, req: CommitRequest | ReleaseRequest, tenant: str | None, cls: type[R]
+) -> tuple[ReservationRow, str, Fingerprint, R | None]:
+    """What commit and release check first: the reservation exists and is the caller's, a replay
+    returns the stored success, and the lease can still be settled."""
+    row = _load_reservation(txn, reservation_id, tenant)
+    idem_tenant = idempotency_tenant(tenant, row.tenant)
+    digest = Fingerprint(req, reservation_id)
+    replay = _replay(txn, idem_tenant, endpoint, req.idempotency_key, digest, cls)
+    if replay is None:
+        _ensure_settleable(txn, row)
+    return row, idem_tenant, digest, replay
+
+
 def _expired(row: ReservationRow) -> ReservationExpired:
     return ReservationExpired(
         f"reservation {row.reservation_id} expired at {row.expires_at_ms} (grace {row.grace_period_ms} ms)",
@@ -713,13 +727,9 @@ def _settle_budgets(
 
 
 def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None) -> CommitResponse:
-    row = _load_reservation(txn, reservation_id, tenant)
-    idem_tenant = idempotency_tenant(tenant, row.tenant)
-    digest = Fingerprint(req, reservation_id)
-    replay = _replay(txn, idem_tenant, "commit", req.idempotency_key, digest, CommitResponse)
+    row, idem_tenant, digest, replay = _settle_prologue(txn, "commit", reservation_id, req, tenant, CommitResponse)
     if replay is not None:
         return replay
-    _ensure_settleable(txn, row)
     if req.actual.unit != row.unit:
         raise UnitMismatch(
             f"actual is in {req.actual.unit.value} but the reservation is in {row.unit.value}",
@@ -745,13 +755,9 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
 
 
 def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | None) -> ReleaseResponse:
-    row = _load_reservation(txn, reservation_id, tenant)
-    idem_tenant = idempotency_tenant(tenant, row.tenant)
-    digest = Fingerprint(req, reservation_id)
-    replay = _replay(txn, idem_tenant, "release", req.idempotency_key, digest, ReleaseResponse)
+    row, idem_tenant, digest, replay = _settle_prologue(txn, "release", reservation_id, req, tenant, ReleaseResponse)
     if replay is not None:
         return replay
-    _ensure_settleable(txn, row)
     budgets = _budgets_for(txn, row.budgeted_scopes, row.unit)
     for b in budgets:
         b.reserved = max(0, b.reserved - row.amount)

@@ -6,21 +6,9 @@ local rid, tenant, key, fingerprint = ARGV[2], opt(ARGV[3]), ARGV[4], ARGV[5]
 local unit, actual = ARGV[6], tonumber(ARGV[7])
 
 expire_due(LAZY_EXPIRY)
-local row, e = load_checked(rid, tenant)
+local row, ikey = settle_prologue('commit', rid, tenant, key, fingerprint)
 if not row then
-  return e
-end
-local ikey = idem_key('commit', tenant or row.tenant or '', key)
-local rec = idem_get(ikey, fingerprint)
-if rec then
-  if rec.mismatch then
-    return err('IDEMPOTENCY_MISMATCH')
-  end
-  return replay(rec.payload)
-end
-e = settleable(row)
-if e then
-  return e
+  return ikey
 end
 if unit ~= row.unit then
   return err('UNIT_MISMATCH_COMMIT', row.unit)

@@ -488,6 +488,28 @@ local function settleable(row)
   return nil
 end
 
+-- rules._settle_prologue: what commit and release check first. Returns the row and its idempotency
+-- key, or nil and the reply to send (an error, or the replay of an earlier success).
+local function settle_prologue(endpoint, rid, tenant, key, fingerprint)
+  local row, e = load_checked(rid, tenant)
+  if not row then
+    return nil, e
+  end
+  local ikey = idem_key(endpoint, tenant or row.tenant or '', key)
+  local rec = idem_get(ikey, fingerprint)
+  if rec then
+    if rec.mismatch then
+      return nil, err('IDEMPOTENCY_MISMATCH')
+    end
+    return nil, replay(rec.payload)
+  end
+  e = settleable(row)
+  if e then
+    return nil, e
+  end
+  return row, ikey
+end
+
 -- ---- the slot's entry in the global sweep index ----------------------------------------------
 -- redis.py keeps "<prefix>:{!}:due", one entry per slot scored at or below the earliest time
 -- something in the slot falls due, so a sweep visits only slots with work. The budgets field

@@ -4,21 +4,9 @@
 local rid, tenant, key, fingerprint = ARGV[2], opt(ARGV[3]), ARGV[4], ARGV[5]
 
 expire_due(LAZY_EXPIRY)
-local row, e = load_checked(rid, tenant)
+local row, ikey = settle_prologue('release', rid, tenant, key, fingerprint)
 if not row then
-  return e
-end
-local ikey = idem_key('release', tenant or row.tenant or '', key)
-local rec = idem_get(ikey, fingerprint)
-if rec then
-  if rec.mismatch then
-    return err('IDEMPOTENCY_MISMATCH')
-  end
-  return replay(rec.payload)
-end
-e = settleable(row)
-if e then
-  return e
+  return ikey
 end
 local rows = release_hold(row.budgeted, row.unit, row.amount)
 redis.call('HSET', rkey(rid), 'status', 'RELEASED', 'finalized', now)
