@@ -85,3 +85,14 @@ def test_keys_are_scoped_per_tenant(cy: Cycles) -> None:
     rb = cy.reserve(Subject(tenant="b"), LLM, tokens(20), idempotency_key="shared")
     assert ra.reservation_id != rb.reservation_id
     assert bal(cy, "tenant:b").reserved == tokens(20)
+
+
+def test_metadata_key_order_does_not_make_a_mismatch(cy: Cycles) -> None:
+    """Payloads compare as canonical JSON: the same metadata in another key order is the same request."""
+    cy.budgets.set("tenant:acme", tokens(100))
+    a = cy.reserve(ACME, LLM, tokens(10), idempotency_key="m", metadata={"a": 1, "b": {"x": 1, "y": 2}})
+    b = cy.reserve(ACME, LLM, tokens(10), idempotency_key="m", metadata={"b": {"y": 2, "x": 1}, "a": 1})
+    assert a.reservation_id == b.reservation_id
+    with pytest.raises(IdempotencyMismatch):
+        cy.reserve(ACME, LLM, tokens(10), idempotency_key="m", metadata={"a": 2, "b": {"x": 1, "y": 2}})
+    assert bal(cy, "tenant:acme").reserved == tokens(10)
