@@ -13,21 +13,11 @@ import re
 from cycles.errors import InvalidRequest
 from cycles.models import Subject
 
-__all__ = ["LEVELS", "derive_scopes", "parse_scope", "scope_tenant", "subject_levels"]
+__all__ = ["LEVELS", "derive_scopes", "parse_scope", "scope_tenant"]
 
 LEVELS: tuple[str, ...] = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 _LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
 _VALUE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
-
-
-def subject_levels(subject: Subject) -> list[tuple[str, str]]:
-    """The subject's (level, value) pairs in canonical order, gaps skipped."""
-    pairs = []
-    for level in LEVELS:
-        value = getattr(subject, level)
-        if value is not None:
-            pairs.append((level, value))
-    return pairs
 
 
 _derived: dict[tuple[str | None, ...], tuple[str, ...]] = {}

@@ -178,6 +178,8 @@ class TransactionalLedger(Ledger):
 
     #: Expire overdue reservations at most this often as a side effect of ordinary writes.
     lazy_sweep_interval_ms = 1000
+    #: How many records one lazy sweep may touch: it runs inside somebody's write transaction.
+    lazy_sweep_limit = 100
 
     def __init__(
         self,
@@ -199,10 +201,15 @@ class TransactionalLedger(Ledger):
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         with self._transaction(write=True) as txn:
-            if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
-                self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
-                rules.sweep(txn, 100, self.retention_ms)
+            self._housekeeping(txn, fn)
             return fn(txn, *args)
+
+    def _housekeeping(self, txn: Txn, fn: Callable[..., Any]) -> None:
+        """At most once per ``lazy_sweep_interval_ms``, as a side effect of an ordinary write: expire
+        overdue reservations and forget records past retention (skipped when the write is a sweep)."""
+        if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
+            self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
+            rules.sweep(txn, self.lazy_sweep_limit, self.retention_ms)
 
     def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
         return self._write(rules.reserve, req, tenant)

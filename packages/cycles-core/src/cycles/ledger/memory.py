@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 
 from cycles.errors import CyclesError
-from cycles.ledger import rules
 from cycles.ledger.base import TransactionalLedger
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import ReservationStatus, Unit
@@ -179,6 +178,9 @@ class MemoryLedger(TransactionalLedger):
     #: memory:// keeps finished reservations and idempotency records for an hour (SQLite and Redis: a
     #: day): the store lives in the process's heap, where every retained object also costs GC time.
     DEFAULT_RETENTION_MS = 3600 * 1000
+    #: Purging here is in-process and proportional to what is forgotten, so a sweep may do more per
+    #: second and keep up with a busy process.
+    lazy_sweep_limit = 1000
 
     def __init__(
         self,
@@ -210,9 +212,7 @@ class MemoryLedger(TransactionalLedger):
         with self._lock:
             txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
             try:
-                if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
-                    self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
-                    rules.sweep(txn, 1000, self.retention_ms)
+                self._housekeeping(txn, fn)
                 result = fn(txn, *args)
             except CyclesError:
                 txn.apply()
