@@ -71,6 +71,7 @@ from cycles.models import (
     Amount,
     Balance,
     BalanceResponse,
+    Budget,
     Caps,
     CommitRequest,
     CommitResponse,
@@ -107,8 +108,8 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: 5xx statuses that say the request can never work; retrying them only delays the error.
 _NOT_RETRIED_5XX = frozenset({501, 505})
 _ADMIN_HINT = (
-    "budget administration is not part of Cycles protocol v0: pass admin_key=... to use this "
-    "server's operator plane (X-Admin-API-Key), or manage budgets on the server"
+    "budget administration is not part of Cycles protocol v0: pass admin_key=... (command line: --admin-key "
+    "or $CYCLES_ADMIN_KEY) to use this server's operator plane (X-Admin-API-Key), or manage budgets on the server"
 )
 
 
@@ -200,17 +201,18 @@ def _model_parser(model: type[M]) -> Callable[[bytes], M]:
     return parse
 
 
-def _list_parser(adapter: TypeAdapter[list[Balance]]) -> Callable[[bytes], list[Balance]]:
+def _list_parser(adapter: TypeAdapter[list[Budget]]) -> Callable[[bytes], list[Balance]]:
     def parse(body: bytes) -> list[Balance]:
         data = json.loads(body)
         if isinstance(data, dict) and isinstance(data.get("budgets"), list):
             data = data["budgets"]
-        return adapter.validate_python(data, extra="ignore")
+        return list(adapter.validate_python(data, extra="ignore"))
 
     return parse
 
 
-_BALANCE_LIST: TypeAdapter[list[Balance]] = TypeAdapter(list[Balance])
+# The operator plane answers with Budgets (a Balance plus status and caps).
+_BUDGET_LIST: TypeAdapter[list[Budget]] = TypeAdapter(list[Budget])
 _PARSE_RESERVE = _model_parser(ReservationCreateResponse)
 _PARSE_COMMIT = _model_parser(CommitResponse)
 _PARSE_RELEASE = _model_parser(ReleaseResponse)
@@ -220,8 +222,8 @@ _PARSE_EVENT = _model_parser(EventCreateResponse)
 _PARSE_BALANCES = _model_parser(BalanceResponse)
 _PARSE_DETAIL = _model_parser(ReservationDetail)
 _PARSE_LIST = _model_parser(ReservationListResponse)
-_PARSE_BALANCE = _model_parser(Balance)
-_PARSE_BALANCE_LIST = _list_parser(_BALANCE_LIST)
+_PARSE_BALANCE = _model_parser(Budget)
+_PARSE_BALANCE_LIST = _list_parser(_BUDGET_LIST)
 
 
 def _parse_sweep(body: bytes) -> int:
@@ -570,10 +572,12 @@ class _HttpCore:
         if verdict.http_status == 429:  # throttled, whatever the body said: the protocol's LIMIT_EXCEEDED
             message = f"{call.method} {url}: rate limited ({verdict.reason})"
             return LimitExceeded(message, details=details, retry_after_s=verdict.retry_after_s)
-        message = (
-            f"{call.method} {url}: {verdict.reason} (gave up after {attempts} attempt{'s' * (attempts > 1)}; "
-            "the outcome is unknown, retry with the same idempotency key)"
-        )
+        tries = f"gave up after {attempts} attempt{'s' * (attempts > 1)}"
+        if call.method == "GET":  # a read changes nothing: there is no outcome to be unsure of
+            advice = f"is the Cycles server at {self.endpoint.origin} running and reachable?"
+        else:
+            advice = "the outcome is unknown, retry with the same idempotency key"
+        message = f"{call.method} {url}: {verdict.reason} ({tries}; {advice})"
         return LedgerUnavailable(message, details=details, retry_after_s=verdict.retry_after_s)
 
 

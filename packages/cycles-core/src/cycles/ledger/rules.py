@@ -46,6 +46,7 @@ from cycles.models import (
     Amount,
     Balance,
     BalanceResponse,
+    Budget,
     Caps,
     CommitOveragePolicy,
     CommitRequest,
@@ -135,6 +136,11 @@ class BudgetRow:
             overdraft_limit=mk(unit=unit, amount=self.overdraft_limit),
             is_over_limit=self.is_over_limit,
         )
+
+    def to_budget(self) -> Budget:
+        """The operator plane's view: the Balance plus status and caps."""
+        balance = self.to_balance()
+        return trusted(Budget, **balance.__dict__, status=self.status, caps=self.caps)
 
 
 @dataclass(slots=True)
@@ -1077,7 +1083,7 @@ def set_budget(txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | N
         row.caps = None if caps.is_empty() else caps
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_balance()
+    return row.to_budget()
 
 
 def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
@@ -1094,7 +1100,7 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     row.allocated += amount.amount
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_balance()
+    return row.to_budget()
 
 
 def _reconcile_over_limit(row: BudgetRow) -> None:
@@ -1117,7 +1123,7 @@ def set_budget_status(txn: Txn, scope: str, unit: Unit | None, status: str) -> l
     for row in rows:
         row.status = status
         txn.put_budget(row)
-    return [r.to_balance() for r in rows]
+    return [r.to_budget() for r in rows]
 
 
 def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
@@ -1126,13 +1132,13 @@ def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
     for u in units:
         row = txn.get_budget(scope, u)
         if row is not None:
-            return row.to_balance()
+            return row.to_budget()
     raise NotFound(f"Budget not found for provided scope: {scope}")
 
 
 def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
     rows = sorted(txn.iter_budgets(tenant, all_tenants=tenant is None), key=lambda r: (r.scope, r.unit.value))
-    return [r.to_balance() for r in rows]
+    return [r.to_budget() for r in rows]
 
 
 def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> int:
