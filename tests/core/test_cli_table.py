@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -279,3 +280,26 @@ def test_serve_announces_the_port_it_listens_on(world: World) -> None:
     finally:
         proc.terminate()
         proc.communicate(timeout=30)
+
+
+def test_json_is_honoured_by_every_command_that_prints(world: World) -> None:
+    import json
+
+    def as_json(*argv: str) -> Any:
+        result = _run(world, [*argv, "--json"])
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    ledger = ("--ledger", "{ledger}")
+    assert as_json("budget", "set", "tenant:acme", "2", *ledger)[0]["status"] == "ACTIVE"
+    assert as_json("budget", "show", "tenant:acme", *ledger)[0]["scope"] == "tenant:acme"
+    assert len(as_json("budget", "list", *ledger)) == 3
+    assert as_json("balances", "--tenant", "acme", *ledger)
+    assert as_json("reservations", *ledger) == []
+    assert as_json("sweep", *ledger) == {"expired": 0}
+    created = as_json("keys", "create", "--tenant", "acme", *ledger)
+    assert created["api_key"].startswith("cyc_")
+    (listed,) = as_json("keys", "list", *ledger)
+    assert as_json("keys", "revoke", listed["key_id"], *ledger)["status"] == "REVOKED"
+    demo = as_json("demo", "--fast")
+    assert demo["with_cycles"]["stopped_by"] == "budget" and demo["without_cycles"]["stopped_by"] == "timer"

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import sys
@@ -304,12 +305,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     budget = parse_amount(args.budget, "usd")
     if budget.amount == 0:
         raise UsageError("cycles demo: --budget must be more than 0")
-    run_demo(
+    as_json = _json_wanted(args)
+    result = run_demo(
         getattr(args, "ledger", None),
         budget=budget,
         simulated_minutes=args.minutes,
-        replay_seconds=0.0 if args.fast else args.seconds,
+        replay_seconds=0.0 if args.fast or as_json else args.seconds,
+        out=io.StringIO() if as_json else None,
     )
+    if as_json:
+        print(json.dumps(result.to_json(), indent=2))
     return EXIT_OK
 
 
@@ -659,15 +664,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def describe_failure(exc: BaseException) -> tuple[int, str]:
     """The exit status and the one line a failure prints."""
-    from cycles.errors import CyclesError, InvalidRequest, LedgerUnavailable, UnitMismatch
+    from cycles.errors import CyclesError, InvalidRequest, UnitMismatch
 
     if isinstance(exc, UsageError):
         return EXIT_USAGE, f"error: {exc}"
-    if isinstance(exc, LedgerUnavailable):
-        return EXIT_FAILURE, f"error: LEDGER_UNAVAILABLE: {_one_line(exc.message)}"
     if isinstance(exc, CyclesError):
         status = EXIT_USAGE if isinstance(exc, (InvalidRequest, UnitMismatch)) else EXIT_FAILURE
-        return status, f"error: {exc.code}: {_one_line(exc.message)}"
+        return status, f"error: {_one_line(str(exc))}"  # CODE: message (LEDGER_UNAVAILABLE: ... for that one)
     if isinstance(exc, CommandFailed):
         return EXIT_FAILURE, f"error: {_one_line(str(exc))}"
     if isinstance(exc, ImportError):
@@ -704,6 +707,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`cycles budget list | head -1`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILURE
     except SystemExit:
         raise
     except BaseException as exc:

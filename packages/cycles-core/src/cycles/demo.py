@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from cycles.client import Cycles
@@ -83,6 +83,15 @@ class DemoResult:
     budget: Amount
     ledger_url: str
 
+    def to_json(self) -> dict[str, object]:
+        """``cycles demo --json``: both phases' figures (amounts in USD micro-cents)."""
+        phases = {"without_cycles": self.unguarded, "with_cycles": self.guarded}
+        return {
+            "model": MODEL,
+            "budget": self.budget.to_wire(),
+            **{name: {**asdict(p), "simulated_s": round(p.simulated_s, 3)} for name, p in phases.items()},
+        }
+
 
 def dollars(microcents: int) -> str:
     """Money for people: cents above a dollar, four decimals below."""
@@ -113,9 +122,9 @@ class _Pacer:
 
 def _status(label: str, stats: PhaseStats) -> str:
     minutes = stats.simulated_s / 60
-    return (
-        f"  {label}  {minutes:5.1f} min  attempt {stats.attempts:4d}  calls {stats.calls:4d}  "
-        f"spent {dollars(stats.spent_microcents):>10}  context {stats.context_tokens:7,} tokens"
+    return (  # fits in 80 columns: a live line wider than the terminal would be cut
+        f"  {label:<8}  {minutes:5.1f} min  {stats.calls:5d} calls  {dollars(stats.spent_microcents):>10}  "
+        f"context {stats.context_tokens:7,} tokens"
     )
 
 
@@ -266,7 +275,7 @@ def _guarded_act(console: Console, url: str, budget: Amount, limit_s: float, rep
 
         denial: Denied | None = None
         try:
-            with _live(console, "cycles  ", stats) as refresh:
+            with _live(console, "cycles", stats) as refresh:
                 _agent_loop(stats, guarded_call, limit_s, _Pacer(limit_s, replay_seconds), refresh)
         except Denied as exc:
             denial = exc

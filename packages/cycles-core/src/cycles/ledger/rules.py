@@ -42,6 +42,7 @@ from cycles.errors import (
     UnitMismatch,
 )
 from cycles.models import (
+    INT64_MAX,
     Action,
     Amount,
     Balance,
@@ -1094,6 +1095,10 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
         raise _missing_budget(txn, [scope], amount.unit)
     if row.status == BUDGET_CLOSED:
         raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    if row.allocated + amount.amount > INT64_MAX:
+        raise InvalidRequest(
+            f"funding {scope} would take its allocation past the largest amount a ledger holds ({INT64_MAX})"
+        )
     repay = min(row.debt, amount.amount)
     row.debt -= repay
     row.spent += repay

@@ -109,11 +109,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise
     os.environ.update(settings)
     host, port = sock.getsockname()[:2]
-    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    scheme = ledger.split("://", 1)[0]
+    if getattr(args, "json", False):  # for scripts, e.g. with --port 0
+        print(json.dumps({"url": url, "ledger": scheme, "admin_api": bool(key), "workers": args.workers}), flush=True)
     print(
-        f"cycles serve: {ledger.split('://', 1)[0]}:// ledger, http://{shown_host}:{port}, "
-        f"admin API {'enabled' if key else 'disabled'}, {args.workers} worker(s)",
+        f"cycles serve: {scheme}:// ledger, {url}, admin API {'enabled' if key else 'disabled'}, "
+        f"{args.workers} worker(s)",
         file=sys.stderr,
+        flush=True,
     )
     config = uvicorn.Config(
         "cycles.server.app:app_from_env",
@@ -190,6 +194,8 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
     info = _run_on_store(args, lambda s: s.revoke(args.key_id), "cycles keys revoke")
+    if getattr(args, "json", False):
+        print(json.dumps(info.to_wire()))
     print(f"revoked {info.key_id} (tenant {info.tenant})", file=sys.stderr)
     return 0
 
