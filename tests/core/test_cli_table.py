@@ -259,24 +259,43 @@ def test_the_demo_leaves_the_users_ledger_alone(world: World) -> None:
     assert all(int(n.replace(",", "")) <= 128_000 for n in re.findall(r"context ([\d,]+) tokens", result.stdout))
 
 
-def test_serve_announces_the_port_it_listens_on(world: World) -> None:
+def test_serve_announces_its_real_port_and_the_admin_key_works_from_flag_and_environment(world: World) -> None:
+    import json
+
     proc = subprocess.Popen(
-        [CYCLES, "serve", "--port", "0", "--ledger", "memory://", "--log-level", "warning"],
+        [
+            CYCLES,
+            "serve",
+            "--port",
+            "0",
+            "--log-level",
+            "warning",
+            "--json",
+            "--ledger",
+            "{ledger}".format(ledger=world.ledger),
+        ],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
-        env=world.env,
+        env={**world.env, "CYCLES_ADMIN_KEY": "admin-secret"},
     )
     try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-        assert match, line
-        port = int(match.group(1))
-        assert port != 0
+        assert proc.stdout is not None
+        announced = json.loads(proc.stdout.readline())
+        url = announced["url"]
+        assert announced["admin_api"] is True and not url.endswith(":0")
+        port = int(url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             conn.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             assert conn.recv(64).startswith(b"HTTP/1.1 200")
+        over_http = ["--ledger", url]
+        frozen = _run(world, ["budget", "freeze", "tenant:acme", *over_http, "--admin-key", "admin-secret"])
+        assert frozen.returncode == 0, frozen.stderr
+        shown = _run(world, ["budget", "show", "tenant:acme", *over_http], {"CYCLES_ADMIN_KEY": "admin-secret"})
+        assert shown.returncode == 0 and re.search(r"tenant:acme\s+usd\s+FROZEN\s+\$50\.00", shown.stdout)
+        wrong = _run(world, ["budget", "show", "tenant:acme", *over_http, "--admin-key", "nope"])
+        assert wrong.returncode == 1 and wrong.stderr.startswith("error: UNAUTHORIZED: ")
+        assert "Traceback" not in wrong.stderr and wrong.stderr.count("\n") == 1
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

@@ -451,8 +451,11 @@ def _server_command(name: str) -> Callable[[argparse.Namespace], int]:
         try:
             module = importlib.import_module("cycles.server.cli")
         except ImportError as exc:
+            root: BaseException = exc
+            while isinstance(root.__cause__, ImportError):
+                root = root.__cause__
             raise ImportError(
-                f"cycles {args.command} needs the server extra: pip install 'cycles-core[server]' ({exc})"
+                f"cycles {args.command} needs the server extra: pip install 'cycles-core[server]' ({root})"
             ) from exc
         handler: Callable[[argparse.Namespace], int] = getattr(module, name)
         return handler(args)
