@@ -272,7 +272,7 @@ def test_serve_announces_its_real_port_and_the_admin_key_works_from_flag_and_env
             "warning",
             "--json",
             "--ledger",
-            "{ledger}".format(ledger=world.ledger),
+            world.ledger,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
