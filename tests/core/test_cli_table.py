@@ -322,3 +322,50 @@ def test_json_is_honoured_by_every_command_that_prints(world: World) -> None:
     assert as_json("keys", "revoke", listed["key_id"], *ledger)["status"] == "REVOKED"
     demo = as_json("demo", "--fast")
     assert demo["with_cycles"]["stopped_by"] == "budget" and demo["without_cycles"]["stopped_by"] == "timer"
+
+
+def _on_a_terminal(world: World, argv: list[str], env: dict[str, str]) -> str:
+    """Run with stdout on a pseudo-terminal, as in an interactive shell; what it drew."""
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [CYCLES, *world.fill(argv)], stdout=follower, stderr=subprocess.DEVNULL, env={**world.env, **env}
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        os.close(leader)
+    return b"".join(chunks).decode()
+
+
+def test_terminals_get_colours_unless_no_color_and_pipes_never_do(world: World) -> None:
+    assert _run(world, ["budget", "freeze", "tenant:acme", "--ledger", "{ledger}"]).returncode == 0
+    argv = ["budget", "list", "--ledger", "{ledger}"]
+    coloured = _on_a_terminal(world, argv, {"NO_COLOR": "", "COLUMNS": "200", "TERM": "xterm-256color"})
+    assert "FROZEN" in coloured and "\x1b[1;31m" in coloured  # a frozen budget stands out
+    plain = _on_a_terminal(world, argv, {"NO_COLOR": "1", "COLUMNS": "200", "TERM": "xterm-256color"})
+    assert "FROZEN" in plain and "\x1b[1;31m" not in plain and "\x1b[31m" not in plain
+    piped = _run(world, argv, {"NO_COLOR": ""})
+    assert "FROZEN" in piped.stdout and "\x1b" not in piped.stdout
+
+
+def test_help_imports_neither_rich_nor_the_server_nor_a_driver() -> None:
+    code = (
+        "import sys\n"
+        "from cycles.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('rich', 'cycles.server', 'redis', 'aiohttp', 'starlette') if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

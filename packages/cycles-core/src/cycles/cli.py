@@ -133,7 +133,7 @@ def _scheme(url: str) -> str:
     return url.split("://", 1)[0].lower() if "://" in url else ""
 
 
-def refuse_memory(args: argparse.Namespace, url: str, what: str) -> None:
+def refuse_memory(url: str, what: str) -> None:
     """A state-changing command on ``memory://`` would report a change that dies with the process."""
     if _scheme(url) == "memory":
         raise UsageError(
@@ -333,7 +333,7 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 
     action = args.action
     if action not in ("show", "list"):
-        refuse_memory(args, ledger_url(args), f"cycles budget {action}")
+        refuse_memory(ledger_url(args), f"cycles budget {action}")
     unit = parse_unit(args.unit) if getattr(args, "unit", None) else None
     amount = parse_amount(args.amount, unit or "usd") if action in ("set", "fund") else None
     overdraft = None
@@ -429,7 +429,7 @@ _MAX_LIST = 200
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    refuse_memory(args, ledger_url(args), "cycles sweep")
+    refuse_memory(ledger_url(args), "cycles sweep")
     with open_cycles(args) as cy:
         total = 0
         while True:

@@ -157,7 +157,7 @@ async def _with_store(url: str, action: Any) -> Any:
 def _run_on_store(args: argparse.Namespace, action: Any, changes: str | None = None) -> Any:
     url = _store_url(args)
     if changes is not None:
-        refuse_memory(args, url, changes)
+        refuse_memory(url, changes)
     if url.split("://", 1)[0].lower() == "sqlite":
         # The keys go into that file: make sure it is a Cycles ledger (or a new one) first.
         from cycles.ledger.base import open_ledger
