@@ -270,6 +270,8 @@ def test_serve_announces_its_real_port_and_the_admin_key_works_from_flag_and_env
             "0",
             "--log-level",
             "warning",
+            "--key-cache-ttl",
+            "0",
             "--json",
             "--ledger",
             world.ledger,
@@ -293,6 +295,18 @@ def test_serve_announces_its_real_port_and_the_admin_key_works_from_flag_and_env
         assert frozen.returncode == 0, frozen.stderr
         shown = _run(world, ["budget", "show", "tenant:acme", *over_http], {"CYCLES_ADMIN_KEY": "admin-secret"})
         assert shown.returncode == 0 and re.search(r"tenant:acme\s+usd\s+FROZEN\s+\$50\.00", shown.stdout)
+        admin = ["--admin-key", "admin-secret"]
+        created = _run(world, ["keys", "create", "--tenant", "acme", "--name", "ci", *over_http, *admin])
+        assert created.returncode == 0, created.stderr
+        api_key = created.stdout.strip()
+        seen = _run(world, ["balances", "--tenant", "acme", *over_http], {"CYCLES_API_KEY": api_key})
+        assert seen.returncode == 0 and "tenant:acme" in seen.stdout, seen.stderr
+        listed = _run(world, ["keys", "list", "--json", *over_http, *admin])
+        (record,) = json.loads(listed.stdout)
+        assert record["tenant"] == "acme" and record["status"] == "ACTIVE" and "api_key" not in record
+        assert _run(world, ["keys", "revoke", record["key_id"], *over_http, *admin]).returncode == 0
+        refused = _run(world, ["balances", "--tenant", "acme", *over_http, "--api-key", api_key])
+        assert refused.returncode == 1 and refused.stderr.startswith("error: UNAUTHORIZED: ")
         wrong = _run(world, ["budget", "show", "tenant:acme", *over_http, "--admin-key", "nope"])
         assert wrong.returncode == 1 and wrong.stderr.startswith("error: UNAUTHORIZED: ")
         assert "Traceback" not in wrong.stderr and wrong.stderr.count("\n") == 1

@@ -51,8 +51,10 @@ def test_keys_errors_are_one_line_with_the_cli_exit_codes(tmp_path: Path, capsys
     assert err.startswith("error: ") and "tenant" in err and err.count("\n") == 1
     assert main(["keys", "--ledger", url, "revoke", "0123456789abcdef"]) == 1
     assert capsys.readouterr().err.startswith("error: NOT_FOUND: ")
-    assert main(["keys", "--ledger", "http://elsewhere", "list"]) == 2
+    assert main(["keys", "--ledger", "ftp://elsewhere", "list"]) == 2
     assert "cannot keep API keys" in capsys.readouterr().err
+    assert main(["keys", "--ledger", "http://elsewhere", "list"]) == 2  # a server's keys need its admin key
+    assert "--admin-key" in capsys.readouterr().err
 
 
 def test_serve_refuses_workers_over_memory(capsys: pytest.CaptureFixture[str]) -> None:

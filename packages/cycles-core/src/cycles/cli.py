@@ -527,14 +527,14 @@ def add_server_commands(subparsers: Any, parents: Sequence[argparse.ArgumentPars
         "keys",
         parents=parents,
         help="create, list and revoke API keys (needs the server extra)",
-        description="Create, list and revoke the API keys cycles serve accepts.",
+        description="Create, list and revoke the API keys cycles serve accepts: in the ledger's own store "
+        "(SQLite file, Redis), or on a running server through its admin API (--ledger http://... --admin-key).",
     )
     keys.set_defaults(handler=lambda args: _usage(keys))
     store = argparse.ArgumentParser(add_help=False)
-    store.add_argument(
-        "--keys", metavar="URL", default=argparse.SUPPRESS, help="key store URL, when not the ledger's own"
-    )
-    keys.add_argument("--keys", metavar="URL", help="key store URL, when not the ledger's own")
+    where = "where the keys live, when not the ledger's own store (an http(s):// server needs --admin-key)"
+    store.add_argument("--keys", metavar="URL", default=argparse.SUPPRESS, help=where)
+    keys.add_argument("--keys", metavar="URL", help=where)
     actions = keys.add_subparsers(dest="keys_command", metavar="ACTION")
     create = actions.add_parser(
         "create", parents=[*parents, store], help="create a key for a tenant and print it (shown once)"

@@ -154,49 +154,67 @@ async def _with_store(url: str, action: Any) -> Any:
         await store.aclose()
 
 
-def _run_on_store(args: argparse.Namespace, action: Any, changes: str | None = None) -> Any:
+def _on_keys(args: argparse.Namespace, local: Any, remote: Any, changes: str | None = None) -> Any:
+    """Run a key operation where the keys live, as wire records (dicts): through the admin API of
+    an http(s):// server (``--admin-key``), else directly on the store (memory, SQLite, Redis)."""
     url = _store_url(args)
     if changes is not None:
         refuse_memory(url, changes)
-    if url.split("://", 1)[0].lower() == "sqlite":
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in ("http", "https"):
+        from cycles.ledger.http import HttpLedger
+
+        with HttpLedger(url, admin_key=admin_key(args)) as server:
+            return remote(server)
+    if scheme == "sqlite":
         # The keys go into that file: make sure it is a Cycles ledger (or a new one) first.
         from cycles.ledger.base import open_ledger
 
         open_ledger(url).close()
-    return asyncio.run(_with_store(url, action))
+    result = asyncio.run(_with_store(url, local))
+    return [k.to_wire() for k in result] if isinstance(result, list) else result.to_wire()
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:
-    new = _run_on_store(args, lambda s: s.create(args.tenant, name=args.name), "cycles keys create")
+    new = _on_keys(
+        args,
+        lambda store: store.create(args.tenant, name=args.name),
+        lambda server: server.create_key(args.tenant, args.name),
+        "cycles keys create",
+    )
     if getattr(args, "json", False):
-        print(json.dumps(new.to_wire()))
+        print(json.dumps(new))
     else:
-        print(new.api_key)
+        print(new["api_key"])
         print(
-            f"key_id {new.info.key_id} for tenant {new.info.tenant}: store the key now, it is not shown again",
+            f"key_id {new['key_id']} for tenant {new['tenant']}: store the key now, it is not shown again",
             file=sys.stderr,
         )
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    keys = _run_on_store(args, lambda s: s.list(tenant=args.tenant))
+    keys = _on_keys(args, lambda store: store.list(tenant=args.tenant), lambda server: server.list_keys(args.tenant))
     if getattr(args, "json", False):
-        print(json.dumps([k.to_wire() for k in keys]))
+        print(json.dumps(keys))
     elif not keys:
         print("no keys")
     else:
         for k in keys:
-            state = "active" if k.active else "revoked"
-            print(f"{k.key_id}  {k.tenant}  {state}  {k.name or ''}".rstrip())
+            print(f"{k['key_id']}  {k['tenant']}  {str(k.get('status', '')).lower()}  {k.get('name') or ''}".rstrip())
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    info = _run_on_store(args, lambda s: s.revoke(args.key_id), "cycles keys revoke")
+    info = _on_keys(
+        args,
+        lambda store: store.revoke(args.key_id),
+        lambda server: server.revoke_key(args.key_id),
+        "cycles keys revoke",
+    )
     if getattr(args, "json", False):
-        print(json.dumps(info.to_wire()))
-    print(f"revoked {info.key_id} (tenant {info.tenant})", file=sys.stderr)
+        print(json.dumps(info))
+    print(f"revoked {info['key_id']} (tenant {info['tenant']})", file=sys.stderr)
     return 0
 
 
