@@ -383,3 +383,22 @@ def test_help_imports_neither_rich_nor_the_server_nor_a_driver() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_serve_says_at_once_when_its_ledger_is_not_answering(world: World) -> None:
+    url = "redis://127.0.0.1:{closed_port}/0".format(**world.files)
+    proc = subprocess.Popen(
+        [CYCLES, "serve", "--port", "0", "--log-level", "error", "--ledger", url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=world.env,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert "is not answering" in first and "/readyz answers 503" in first
+        assert "http://127.0.0.1:" in proc.stderr.readline()  # and it serves
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

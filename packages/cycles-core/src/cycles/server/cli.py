@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import errno
 import json
+import logging
 import os
 import socket
 import sys
@@ -101,12 +102,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings["CYCLES_ADMIN_KEY"] = key
     sock = listen_socket(args.host, args.port)  # first: a taken port fails before anything else starts
     try:
-        # Fail fast, in this process, on a bad URL, a file that is not a ledger, an unreachable store.
+        # Fail fast, in this process, on a bad URL or a file that is not a ledger; say so at once when
+        # the ledger or key store does not answer yet (the server starts anyway: /readyz tells when).
         probe = app_from_env({**os.environ, **settings, "CYCLES_SERVER_LOG_LEVEL": "", "CYCLES_SERVER_TUNE_GC": "0"})
-        asyncio.run(probe.server.aclose())
+        ready = asyncio.run(_probe(probe.server))
     except BaseException:
         sock.close()
         raise
+    if not ready:
+        print(
+            f"cycles serve: warning: the ledger or key store at {ledger.split('?', 1)[0]} is not answering; "
+            "serving anyway, /readyz answers 503 until it does",
+            file=sys.stderr,
+            flush=True,
+        )
     os.environ.update(settings)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
@@ -138,6 +147,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     else:
         uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+async def _probe(server: Any) -> bool:
+    """Whether the ledger and the key store answer now (the server's own readiness check)."""
+    from starlette.requests import Request
+
+    from cycles.server.app import logger
+
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # the verdict is printed as one line by cmd_serve, not logged here
+    try:
+        response = await server.readyz(Request({"type": "http", "method": "GET", "path": "/readyz", "headers": []}))
+        return bool(response.status_code == 200)
+    finally:
+        logger.setLevel(level)
+        await server.aclose()
 
 
 def _store_url(args: argparse.Namespace) -> str:
