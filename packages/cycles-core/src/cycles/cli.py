@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         parents=[common],
-        help="the runaway-agent demo (offline, about 5 s; --fast: about 2 s)",
+        help="the runaway-agent demo (offline; takes about 5 s, 2 s with --fast)",
         description="A writer/evaluator loop that never converges, first without Cycles, then with every "
         "model call guarded. The model is simulated (no network, no key) and priced like gpt-4o; the "
         "unguarded loop runs --minutes of simulated time, replayed in --seconds. Runs on a throw-away "
@@ -613,7 +613,11 @@ def build_parser() -> argparse.ArgumentParser:
                 help="debt a commit may run up under ALLOW_WITH_OVERDRAFT (same unit)",
             )
             p.add_argument(
-                "--max-tokens", type=_non_negative_int, default=None, help="cap: clamp model calls to this many tokens"
+                "--max-tokens",
+                type=_non_negative_int,
+                default=None,
+                metavar="N",
+                help="cap: clamp model calls to this many tokens",
             )
             p.add_argument(
                 "--allow-tool", action="append", default=[], metavar="NAME", help="cap: only these tools (repeatable)"
