@@ -652,7 +652,11 @@ def build_parser() -> argparse.ArgumentParser:
     reservations.add_argument("--workflow", default=None, help="only this workflow's")
     reservations.add_argument("--agent", default=None, help="only this agent's")
     reservations.add_argument(
-        "--status", default=None, choices=["ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"], help="only this status"
+        "--status",
+        default=None,
+        type=str.upper,
+        choices=["ACTIVE", "COMMITTED", "RELEASED", "EXPIRED"],
+        help="only this status (any case)",
     )
     reservations.add_argument(
         "--limit", type=_int_between(1, _MAX_LIST), default=50, help=f"at most this many (1-{_MAX_LIST}, default 50)"
