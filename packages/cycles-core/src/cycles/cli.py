@@ -32,7 +32,7 @@ from cycles.amounts import parse_amount
 
 if TYPE_CHECKING:
     from cycles.client import Cycles
-    from cycles.models import Balance, Caps, Unit
+    from cycles.models import Balance, Caps
 
 __all__ = [
     "EXIT_FAILURE",
@@ -359,9 +359,10 @@ def _cmd_budget(args: argparse.Namespace) -> int:
 
 def _all_units(cy: Cycles, scope: str) -> list[Balance]:
     from cycles.errors import NotFound
+    from cycles.models import Unit
 
     found: list[Balance] = []
-    for unit in _units():
+    for unit in Unit:
         try:
             found.append(cy.budgets.get(scope, unit))
         except NotFound:
@@ -369,12 +370,6 @@ def _all_units(cy: Cycles, scope: str) -> list[Balance]:
     if not found:
         cy.budgets.get(scope)  # raises NotFound with the standard message
     return found
-
-
-def _units() -> list[Unit]:
-    from cycles.models import Unit
-
-    return list(Unit)
 
 
 def _cmd_balances(args: argparse.Namespace) -> int:
