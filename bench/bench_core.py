@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from _targets import Targets
+
 from cycles import Action, BudgetExceeded, Cycles, Subject, tokens
 from cycles.testing import assert_ledger_invariant
 
@@ -254,10 +256,14 @@ def main() -> None:
     print(f"cycles core benchmark  (python {sys.version.split()[0]}, {os.cpu_count()} cores)\n")
     raw = per_op_us(raw_dict_reserve(), n * 5)
     mem = per_op_us(guarded_step(funded("memory://")), n)
+    targets = Targets()
     print("in-process                                   per op      baseline     ratio")
+    mark = targets.check(
+        "memory guard <= 15x a raw dict 3-scope reserve under a lock", f"{mem / raw:.1f}x", mem / raw <= 15
+    )
     print(
         f"  memory guard (reserve+commit)            {mem:8.1f} us   {raw:6.2f} us   {mem / raw:6.1f}x  "
-        "(raw dict 3-scope reserve under a lock; target <= 15x)"
+        f"(raw dict 3-scope reserve under a lock; target <= 15x: {mark})"
     )
 
     folder = tempfile.mkdtemp(prefix="cycles-bench-")
@@ -267,9 +273,10 @@ def main() -> None:
         cy = funded(f"sqlite:///{folder}/cycles-{sync}.db?synchronous={sync}")
         ours = per_op_us(guarded_step(cy), n_sql) / 2
         cy.close()
+        mark = targets.check(f"sqlite {sync} transaction <= 2x bare sqlite3", f"{ours / base:.2f}x", ours / base <= 2)
         print(
             f"  sqlite {sync:<6} per transaction             {ours:8.1f} us   {base:6.1f} us   {ours / base:6.2f}x  "
-            "(bare sqlite3, same statements; target <= 2x)"
+            f"(bare sqlite3, same statements; target <= 2x: {mark})"
         )
 
     print("\ncontention on one SQLite file: every process runs reserve+commit steps flat out")
@@ -286,7 +293,13 @@ def main() -> None:
                 f"  {kind + (' sqlite3' if kind == 'bare' else ''):<14} {procs:5d}  {s['ops_per_s']:8.0f}  "
                 f"{s['p50_ms']:8.2f}  {s['p99_ms']:8.2f}  {s['max_ms']:8.1f}  {s['stalls_over_100ms']:12d}  {over:>14}"
             )
-    print("\ntargets: 4 processes p99 < 2 ms, no stall over 100 ms, 0 oversubscription.")
+            if kind == "cycles" and procs == 4:
+                targets.check("4 processes: p99 < 2 ms", f"{s['p99_ms']:.2f} ms", s["p99_ms"] < 2)
+                stalls = s["stalls_over_100ms"]
+                targets.check("4 processes: no stall over 100 ms", f"{stalls} stall(s)", stalls == 0)
+            if kind == "cycles":
+                targets.check(f"{procs} processes: 0 oversubscription", over, over == "0")
+    targets.report()
 
 
 if __name__ == "__main__":

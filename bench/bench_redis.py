@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 
 import redis
 import redis.asyncio
+from _targets import Targets
 
 from cycles import Action, AsyncCycles, Subject, tokens
 from cycles.ledger.redis import _Multiplexer, _pack
@@ -161,6 +162,7 @@ async def main() -> None:
         f"{'pair p50 ms':>11} {'pair p99 ms':>11} {'mismatches':>10}"
     )
     total_mismatches = 0
+    targets = Targets()
     try:
         for clients in args.clients:
             plain, mux, pairs, latencies, mismatches = [], [], [], [], 0
@@ -177,10 +179,14 @@ async def main() -> None:
                 f"{clients:>7} {r:>13,.0f} {statistics.median(mux):>10,.0f} {p:>8,.0f} {p / r:>9.0%} "
                 f"{ms(latencies, 50):>11.2f} {ms(latencies, 99):>11.2f} {mismatches:>10}"
             )
+            if clients == 32:
+                targets.check("32 clients: pairs/s >= 50% of raw EVALSHA/s", f"{p / r:.0%}", p / r >= 0.5)
+            targets.check(f"{clients} clients: 0 ledger mismatches", str(mismatches), mismatches == 0)
     finally:
         drop(args.redis_url, prefix)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"load after: {load:.2f}. A pair is two scripts: ledger operations/s = 2 x pairs/s.")
+    targets.report()
     if total_mismatches:
         raise SystemExit(f"{total_mismatches} ledger mismatches")
 

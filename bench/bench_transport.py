@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _targets import Targets
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -495,15 +496,18 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(diagnose_httpx(target, args.requests))
         return 0
     failed = False
+    targets = Targets()
     for kind in [k.strip() for k in args.server.split(",") if k.strip()]:
         if kind == "cycles" and not _have_cycles_server():
             print("\n== cycles serve: not available (install cycles-core[server]); skipped")
             continue
         with _server(kind) as target:
             ratio = bench_target(target, args)
-        if args.min_ratio is not None and ratio < args.min_ratio:
-            print(f"  FAIL: AsyncCycles reached {ratio:.0%} of aiohttp, below {args.min_ratio:.0%}")
-            failed = True
+        if args.min_ratio is not None:
+            ok = ratio >= args.min_ratio
+            targets.check(f"{kind}: AsyncCycles >= {args.min_ratio:.0%} of aiohttp req/s", f"{ratio:.0%}", ok)
+            failed = failed or not ok
+    targets.report()
     return 1 if failed else 0
 
 

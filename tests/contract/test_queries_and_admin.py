@@ -126,3 +126,23 @@ def test_bad_client_input_is_a_typed_error_and_changes_nothing(cy: Cycles) -> No
         with pytest.raises(InvalidRequest):
             bad()
     assert amounts(cy.budgets.get("tenant:acme")) == (100, 0, 10, 0, 90)
+
+
+def test_every_budget_view_carries_status_and_caps(cy: Cycles) -> None:
+    from cycles import Budget, Caps
+
+    caps = Caps(max_tokens=500, tool_denylist=["deploy"])
+    made = cy.budgets.set("tenant:acme", usd(5), overdraft_limit=usd(1), caps=caps)
+    assert isinstance(made, Budget) and (made.status, made.caps) == ("ACTIVE", caps)
+    funded = cy.budgets.fund("tenant:acme", usd(1))
+    assert isinstance(funded, Budget) and funded.status == "ACTIVE" and funded.caps == caps
+    (frozen,) = cy.budgets.freeze("tenant:acme")
+    assert isinstance(frozen, Budget) and frozen.status == "FROZEN"
+    for view in (cy.budgets.get("tenant:acme"), *cy.budgets.list(), *cy.budgets.list(tenant="acme")):
+        assert isinstance(view, Budget) and (view.status, view.caps) == ("FROZEN", caps)
+        assert view.overdraft_limit == usd(1) and view.to_wire()["status"] == "FROZEN"
+    (closed,) = cy.budgets.close("tenant:acme")
+    assert isinstance(closed, Budget) and closed.status == "CLOSED"
+    # The runtime plane's Balance stays the protocol's shape: no status, no caps on the wire.
+    (runtime,) = cy.balances(tenant="acme")
+    assert "status" not in runtime.to_wire() and "caps" not in runtime.to_wire()

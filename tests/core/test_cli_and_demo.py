@@ -1,19 +1,21 @@
-"""The ``cycles`` command and the runaway-agent demo, run as a user would."""
+"""The ``cycles`` command in process (fast) and the runaway-agent demo. The subprocess table of bad
+inputs, run through the real entry point, is ``test_cli_table.py``."""
 
 from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
+import re
 from pathlib import Path
 
 import pytest
 
-from cycles import Cycles, usd
-from cycles.cli import main, parse_amount, render_table
-from cycles.demo import run_demo
+from cycles import Action, Cycles, Subject, tokens, usd
+from cycles.amounts import format_amount_exact, parse_amount, parse_unit, unit_name
+from cycles.cli import build_parser, main, render_table
+from cycles.demo import CONTEXT_WINDOW, run_demo
 from cycles.errors import InvalidRequest
+from cycles.models import INT64_MAX, Unit
 
 
 @pytest.fixture
@@ -30,95 +32,167 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
 def test_budget_lifecycle_on_the_command_line(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(capsys, "--ledger", ledger, "budget", "set", "tenant:acme", "50")[0] == 0
     code, out, _ = run(
-        capsys, "--ledger", ledger, "budget", "set", "tenant:acme/workflow:w", "1.5", "--deny-tool", "deploy"
+        capsys, "budget", "set", "tenant:acme/workflow:w", "1.5", "--deny-tool", "deploy", "--ledger", ledger
     )
-    assert code == 0 and "tenant:acme/workflow:w" in out and "$1.5000" in out
-    assert run(capsys, "--ledger", ledger, "budget", "fund", "tenant:acme", "$2.50")[0] == 0
-    code, out, _ = run(capsys, "--ledger", ledger, "--json", "budget", "show", "tenant:acme")
-    assert json.loads(out)[0]["allocated"] == {"unit": "USD_MICROCENTS", "amount": 5_250_000_000}
-    code, out, _ = run(capsys, "--ledger", ledger, "budget", "list", "--tenant", "acme")
-    assert out.count("tenant:acme") == 2 and "remaining" in out.splitlines()[0]
-    code, out, _ = run(capsys, "--ledger", ledger, "balances", "--tenant", "acme", "--workflow", "w")
-    assert "tenant:acme/workflow:w" in out and "tenant:acme " not in out
+    assert code == 0 and "tenant:acme/workflow:w" in out and "$1.50" in out and "deny=deploy" in out
+    assert run(capsys, "budget", "--ledger", ledger, "fund", "tenant:acme", "$2.50")[0] == 0
+    code, out, _ = run(capsys, "--ledger", ledger, "budget", "show", "tenant:acme", "--json")
+    (shown,) = json.loads(out)
+    assert shown["allocated"] == {"unit": "USD_MICROCENTS", "amount": 5_250_000_000} and shown["status"] == "ACTIVE"
+    code, out, _ = run(capsys, "budget", "list", "--tenant", "acme", "--ledger", ledger)
+    assert out.count("tenant:acme") == 2 and out.splitlines()[0].split()[:3] == ["scope", "unit", "status"]
+    code, out, _ = run(capsys, "balances", "--tenant", "acme", "--workflow", "w", "--ledger", ledger)
+    assert "tenant:acme/workflow:w" in out and "deny=deploy" in out
     code, out, _ = run(capsys, "--ledger", ledger, "budget", "set", "tenant:acme", "100", "--unit", "risk")
-    assert "RISK_POINTS" in out
+    assert re.search(r"tenant:acme\s+risk\s+ACTIVE\s+100\b", out)
 
 
-def test_reservations_and_sweep(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
-    from cycles import Action, Subject
-
-    with Cycles(ledger) as cy:
-        cy.budgets.set("tenant:acme", usd(1))
-        cy.reserve(Subject(tenant="acme"), Action("llm.completion", "m"), usd(0.1))
-    code, out, _ = run(capsys, "--ledger", ledger, "reservations", "--tenant", "acme", "--status", "ACTIVE")
-    assert code == 0 and "ACTIVE" in out and "llm.completion m" in out
-    code, out, _ = run(capsys, "--ledger", ledger, "sweep")
-    assert code == 0 and "expired 0" in out
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["budget", "set", "tenant:a", "-5"], "non-negative"),
-        (["budget", "set", "tenant:a", "abc"], "not a number"),
-        (["budget", "set", "tenant:a", "1.5", "--unit", "tokens"], "whole numbers"),
-        (["budget", "set", "tenant:a", "1", "--unit", "yen"], "unknown unit"),
-        (["budget", "set", "not-a-scope", "1"], "INVALID_REQUEST"),
-        (["budget", "show", "tenant:nobody"], "NOT_FOUND"),
-        (["balances"], "INVALID_REQUEST"),
-    ],
-)
-def test_bad_input_is_one_clear_line_and_exit_2(
-    ledger: str, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+def test_every_budget_view_shows_status_caps_overdraft_and_debt(
+    ledger: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out, err = run(capsys, "--ledger", ledger, *argv)
-    assert code == 2 and out == ""
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    with Cycles(ledger) as cy:
+        cy.budgets.set("tenant:acme", tokens(100), overdraft_limit=tokens(50))
+        r = cy.reserve(
+            Subject(tenant="acme"), Action("llm.completion", "m"), tokens(100), overage_policy="ALLOW_WITH_OVERDRAFT"
+        )
+        assert r.reservation_id is not None
+        cy.commit(r.reservation_id, tokens(130))  # 30 tokens of debt
+    assert run(capsys, "--ledger", ledger, "budget", "freeze", "tenant:acme")[0] == 0
+    views = [
+        ["budget", "show", "tenant:acme"],
+        ["budget", "list"],
+        ["budget", "list", "--tenant", "acme"],
+        ["balances", "--tenant", "acme"],
+    ]
+    for argv in views:
+        code, out, _ = run(capsys, *argv, "--ledger", ledger)
+        assert code == 0
+        assert re.search(r"tenant:acme\s+tokens\s+FROZEN\s+100\s+100\s+0\s+30\s+-30\s+50", out), (argv, out)
+        code, out, _ = run(capsys, *argv, "--ledger", ledger, "--json")
+        (view,) = json.loads(out)
+        assert view["status"] == "FROZEN" and view["debt"]["amount"] == 30
+        assert view["overdraft_limit"]["amount"] == 50 and view["remaining"]["amount"] == -30
 
 
-def test_bad_ledger_url(capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run(capsys, "--ledger", "ftp://x", "budget", "list")
-    assert code == 2 and "unsupported ledger URL" in err
+def test_caps_show_in_every_view(ledger: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["budget", "set", "tenant:acme", "5", "--max-tokens", "2000", "--allow-tool", "search", "--ledger", ledger]
+    assert run(capsys, *args)[0] == 0
+    for argv in (["budget", "show", "tenant:acme"], ["budget", "list"], ["balances", "--tenant", "acme"]):
+        _, out, _ = run(capsys, *argv, "--ledger", ledger)
+        assert "max_tokens=2000 allow=search" in out
+        _, out, _ = run(capsys, *argv, "--ledger", ledger, "--json")
+        assert json.loads(out)[0]["caps"] == {"max_tokens": 2000, "tool_allowlist": ["search"]}
 
 
-def test_parse_amount_and_table() -> None:
-    assert parse_amount("1,000", "tokens").amount == 1000
-    assert parse_amount("$0.05", "usd") == usd(0.05)
-    with pytest.raises(InvalidRequest):
-        parse_amount("nan", "usd")
+def test_options_are_accepted_before_or_after_the_command(tmp_path: Path) -> None:
+    parser = build_parser()
+    url = f"sqlite:///{tmp_path}/x.db"
+    for argv in (
+        ["--ledger", url, "--json", "budget", "list"],
+        ["budget", "--ledger", url, "--json", "list"],
+        ["budget", "list", "--ledger", url, "--json"],
+        ["--json", "budget", "list", "--ledger", url],
+    ):
+        args = parser.parse_args(argv)
+        assert (args.ledger, args.json) == (url, True), argv
+    for command in (["serve"], ["keys", "create", "--tenant", "a"], ["sweep"], ["reservations"], ["demo"]):
+        args = parser.parse_args([*command, "--ledger", url, "--admin-key", "k"])
+        assert (args.ledger, args.admin_key) == (url, "k"), command
+        args = parser.parse_args(["--ledger", url, "--admin-key", "k", *command])
+        assert (args.ledger, args.admin_key) == (url, "k"), command
+
+
+def test_every_option_has_help_text() -> None:
+    import argparse
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        missing = [
+            f"{path} {'/'.join(a.option_strings) or a.dest}"
+            for a in parser._actions
+            if not a.help and not isinstance(a, argparse._SubParsersAction)
+        ]
+        for a in parser._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                for name, sub in a.choices.items():
+                    missing += walk(sub, f"{path} {name}")
+        return missing
+
+    assert walk(build_parser(), "cycles") == []
+
+
+def test_amounts_are_parsed_exactly_or_refused() -> None:
+    assert parse_amount("$0.05", "usd") == usd("0.05")
+    assert parse_amount("0.00005", "usd").amount == 5_000
+    assert parse_amount("0.00000001", "usd").amount == 1
+    assert parse_amount("12.", "usd") == usd(12) and parse_amount(".5", "usd") == usd("0.5")
+    assert parse_amount("1000", "tokens") == tokens(1000)
+    assert parse_amount("7", "RISK_POINTS").unit is Unit.RISK_POINTS
+    assert parse_amount("92233720368.54775807", "usd").amount == INT64_MAX
+    for text, unit, why in [
+        ("0,50", "usd", "thousands separators"),
+        ("1,000", "tokens", "thousands separators"),
+        ("1e11", "usd", "exponent"),
+        ("1E3", "tokens", "exponent"),
+        ("-5", "usd", "never negative"),
+        ("1.2.3", "usd", "more than one decimal point"),
+        ("nan", "usd", "not an amount"),
+        ("inf", "usd", "not an amount"),
+        ("", "usd", "not an amount"),
+        ("0.000000001", "usd", "one micro-cent"),
+        ("1.5", "tokens", "whole numbers"),
+        ("92233720368.54775808", "usd", "largest amount"),
+        ("9223372036854775808", "tokens", "largest amount"),
+        ("1", "yen", "unknown unit"),
+    ]:
+        with pytest.raises(InvalidRequest, match=why):
+            parse_amount(text, unit)
+
+
+def test_amounts_display_with_the_precision_they_have() -> None:
+    usd_ = Unit.USD_MICROCENTS
+    assert format_amount_exact(usd_, 5_000) == "$0.00005"
+    assert format_amount_exact(usd_, 150_000_000) == "$1.50"
+    assert format_amount_exact(usd_, 1) == "$0.00000001"
+    assert format_amount_exact(usd_, -200_000_000) == "-$2.00"
+    assert format_amount_exact(usd_, 123_456_789_000_000) == "$1,234,567.89"
+    assert format_amount_exact(Unit.TOKENS, 1200) == "1,200"
+    for unit in Unit:  # the names tables show are the names --unit accepts
+        assert parse_unit(unit_name(unit)) is unit
+
+
+def test_plain_table() -> None:
     table = render_table(["a", "n"], [["x", "10"], ["yy", "2"]])
     assert table.splitlines()[2] == "x   10"
 
 
 def test_the_demo_stops_the_runaway_loop_at_the_budget(tmp_path: Path) -> None:
     out = io.StringIO()
-    stats = run_demo(f"sqlite:///{tmp_path}/demo.db", budget_usd=1.0, unguarded_seconds=0.3, latency_s=0.0, out=out)
+    url = f"sqlite:///{tmp_path}/demo.db"
+    result = run_demo(url, budget=usd(1), simulated_minutes=60, replay_seconds=0, out=out)
     text = out.getvalue()
-    assert stats.stopped_by == "Cycles (BUDGET_EXCEEDED)"
-    assert 0 < stats.spent_microcents <= 100_000_000
+    guarded, free = result.guarded, result.unguarded
+    assert guarded.stopped_by == "budget" and free.stopped_by == "timer"
+    assert 0 < guarded.spent_microcents <= 100_000_000
     assert "DENIED before call" in text and "Summary" in text
-    with Cycles(f"sqlite:///{tmp_path}/demo.db") as cy:
+    assert "Stopped by the demo's timer" in text and "by hand" not in text
+    # Sane figures: an hour of simulated calls, the context capped at the model's window.
+    assert 59 * 60 <= free.simulated_s <= 61 * 60 and free.context_tokens <= CONTEXT_WINDOW
+    assert usd(50).amount < free.spent_microcents < usd(1000).amount
+    with Cycles(url) as cy:
         wf = next(b for b in cy.budgets.list(tenant="demo") if "workflow:" in b.scope)
-        assert wf.spent is not None and wf.spent.amount == stats.spent_microcents  # ledger agrees with the loop
+        assert wf.spent is not None and wf.spent.amount == guarded.spent_microcents  # ledger agrees with the loop
         assert wf.reserved is not None and wf.reserved.amount == 0
 
 
-def test_the_console_script_runs_the_demo(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cycles.cli",
-            "--ledger",
-            f"sqlite:///{tmp_path}/d.db",
-            "demo",
-            "--fast",
-            "--seconds",
-            "0.2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "stopped by      Cycles (BUDGET_EXCEEDED)" in result.stdout
+def test_the_demo_reports_a_timer_stop_when_the_budget_is_never_reached(tmp_path: Path) -> None:
+    out = io.StringIO()
+    result = run_demo(f"sqlite:///{tmp_path}/d.db", budget=usd(10_000), simulated_minutes=5, replay_seconds=0, out=out)
+    assert result.guarded.stopped_by == "timer"
+    assert "the demo's timer (the budget was never reached)" in out.getvalue()
+
+
+def test_the_demo_figures_do_not_depend_on_the_pace(tmp_path: Path) -> None:
+    fast = run_demo(f"sqlite:///{tmp_path}/a.db", simulated_minutes=10, replay_seconds=0, out=io.StringIO())
+    paced = run_demo(f"sqlite:///{tmp_path}/b.db", simulated_minutes=10, replay_seconds=0.3, out=io.StringIO())
+    assert fast.unguarded.spent_microcents == paced.unguarded.spent_microcents
+    assert fast.guarded.calls == paced.guarded.calls

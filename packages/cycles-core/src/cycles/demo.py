@@ -1,31 +1,47 @@
 """The runaway-agent demo: a writer drafts, an evaluator never approves, the writer retries forever.
 
-Act 1 runs the loop with no guard for a few seconds and shows the spend climbing. Act 2 runs the
-same loop with every model call guarded by Cycles under a $1 workflow budget: Cycles says no
-before the call that would overspend, and the loop ends with a clear denial.
+Act 1 runs the loop with no guard for an hour of simulated time and shows the spend climbing. Act 2
+runs the same loop with every model call guarded by Cycles under a small workflow budget: Cycles
+says no before the call that would overspend, and the loop ends with a clear denial.
 
 The model is simulated (no network, no API key) but priced like the real one through
-``cycles.pricing``: each call's cost is its token usage at the model's published prices.
+``cycles.pricing``: each call's cost is its token usage at the model's published prices, and each
+call takes the time a real one would (time to first token plus decoding), on a simulated clock.
+So every figure is the same whatever the machine and whether the demo is replayed over a few real
+seconds or printed at once (``--fast``). The history is capped at the model's context window, as
+a real agent framework would trim it.
+
+Without ``--ledger`` the demo runs on a throw-away SQLite file: nothing is written to your ledger.
 """
 
 from __future__ import annotations
 
-import os
-import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TextIO
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, TextIO
 
 from cycles.client import Cycles
 from cycles.errors import Denied
-from cycles.models import Action, Amount, Subject, Unit, format_amount, usd
+from cycles.models import MICROCENTS_PER_USD, Action, Amount, Subject, usd
 from cycles.pricing import estimate_cost, price_usage
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+__all__ = ["DemoResult", "PhaseStats", "run_demo"]
+
 MODEL = "openai:gpt-4o"
-USD = Unit.USD_MICROCENTS
+CONTEXT_WINDOW = 128_000  # gpt-4o's
 MAX_OUTPUT_TOKENS = 700
+SYSTEM_PROMPT_TOKENS = 1_800
+WRITER_OUTPUT_TOKENS = 620
+EVALUATOR_OUTPUT_TOKENS = 40
+FIRST_TOKEN_S = 0.6  # simulated latency: time to first token ...
+TOKENS_PER_S = 80.0  # ... then decoding speed
 
 
 @dataclass
@@ -33,178 +49,257 @@ class _Usage:
     input_tokens: int
     output_tokens: int
 
+    @property
+    def seconds(self) -> float:
+        return FIRST_TOKEN_S + self.output_tokens / TOKENS_PER_S
+
 
 class SimulatedModel:
-    """Answers like a chat model would, with token counts a real one would report. The writer's
-    context grows with every rejected draft: that is what makes runaway loops expensive."""
+    """Answers like a chat model would, with the token counts a real one would report."""
 
-    def __init__(self, latency_s: float) -> None:
-        self.latency_s = latency_s
-        self.calls = 0
-
-    def complete(self, role: str, context_tokens: int) -> tuple[str, _Usage]:
-        self.calls += 1
-        if self.latency_s:
-            time.sleep(self.latency_s)
-        if role == "writer":
-            return f"Draft v{self.calls} of the launch post...", _Usage(context_tokens, 620)
-        return "REJECT: needs more detail.", _Usage(context_tokens, 40)
+    def complete(self, role: str, context_tokens: int) -> _Usage:
+        output = WRITER_OUTPUT_TOKENS if role == "writer" else EVALUATOR_OUTPUT_TOKENS
+        return _Usage(context_tokens, output)
 
 
 @dataclass
-class RunStats:
+class PhaseStats:
     calls: int = 0
+    attempts: int = 0
     spent_microcents: int = 0
-    started: float = field(default_factory=time.monotonic)
-    stopped_by: str = ""
+    simulated_s: float = 0.0
+    context_tokens: int = SYSTEM_PROMPT_TOKENS
+    stopped_by: str = ""  # "timer", "budget" or "hand"
     reason: str = ""
 
-    @property
-    def spent(self) -> str:
-        return format_amount(USD, self.spent_microcents)
+    def per_hour_microcents(self) -> int:
+        return int(self.spent_microcents * 3600 / self.simulated_s) if self.simulated_s else 0
 
-    def rate_per_hour(self) -> str:
-        elapsed = max(time.monotonic() - self.started, 1e-6)
-        return format_amount(USD, int(self.spent_microcents / elapsed * 3600))
+
+@dataclass
+class DemoResult:
+    unguarded: PhaseStats
+    guarded: PhaseStats
+    budget: Amount
+    ledger_url: str
+
+    def to_json(self) -> dict[str, object]:
+        """``cycles demo --json``: both phases' figures (amounts in USD micro-cents)."""
+        phases = {"without_cycles": self.unguarded, "with_cycles": self.guarded}
+        return {
+            "model": MODEL,
+            "budget": self.budget.to_wire(),
+            **{name: {**asdict(p), "simulated_s": round(p.simulated_s, 3)} for name, p in phases.items()},
+        }
+
+
+def dollars(microcents: int) -> str:
+    """Money for people: cents above a dollar, four decimals below."""
+    value = microcents / MICROCENTS_PER_USD
+    if abs(value) >= 1 or value == 0:
+        return f"${value:,.2f}"
+    whole, _, cents = f"{value:.4f}".partition(".")
+    return f"${whole}.{cents.rstrip('0').ljust(2, '0')}"
 
 
 def _cost(usage: _Usage) -> Amount:
     return price_usage(MODEL, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
 
 
-class _Screen:
-    def __init__(self, out: TextIO) -> None:
-        self.out = out
-        self.live = out.isatty() and os.environ.get("TERM") != "dumb"
-        self.color = self.live and "NO_COLOR" not in os.environ
-        self._last_print = 0.0
+class _Pacer:
+    """Replays simulated time over ``replay_seconds`` real seconds (0: no pauses at all)."""
 
-    def paint(self, text: str, code: str) -> str:
-        return f"\033[{code}m{text}\033[0m" if self.color else text
+    def __init__(self, simulated_limit_s: float, replay_seconds: float) -> None:
+        self.ratio = replay_seconds / simulated_limit_s if simulated_limit_s else 0.0
+        self.started = time.monotonic()
 
-    def line(self, text: str = "") -> None:
-        print(text, file=self.out, flush=True)
+    def wait_for(self, simulated_s: float) -> None:
+        if self.ratio:
+            delay = self.started + simulated_s * self.ratio - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
 
-    def status(self, text: str, force: bool = False) -> None:
-        """A progress line: redrawn in place on a terminal, printed twice a second otherwise."""
-        if self.live:
-            self.out.write("\r\033[K" + text)
-            self.out.flush()
-        elif force or time.monotonic() - self._last_print >= 0.5:
-            self._last_print = time.monotonic()
-            self.line(text)
 
-    def end_status(self) -> None:
-        if self.live:
-            self.out.write("\n")
+def _status(label: str, stats: PhaseStats) -> str:
+    minutes = stats.simulated_s / 60
+    return (  # fits in 80 columns: a live line wider than the terminal would be cut
+        f"  {label:<8}  {minutes:5.1f} min  {stats.calls:5d} calls  {dollars(stats.spent_microcents):>10}  "
+        f"context {stats.context_tokens:7,} tokens"
+    )
+
+
+@contextmanager
+def _live(console: Console, label: str, stats: PhaseStats) -> Iterator[Callable[[], None]]:
+    """A status line redrawn in place on a terminal; on anything else only its final state."""
+    from rich.live import Live
+    from rich.text import Text
+
+    if not console.is_terminal:
+        yield lambda: None
+        console.print(_status(label, stats), highlight=False)
+        return
+    with Live(Text(_status(label, stats)), console=console, refresh_per_second=12) as live:
+        yield lambda: live.update(Text(_status(label, stats)))
 
 
 def _agent_loop(
-    model: SimulatedModel,
-    stats: RunStats,
+    stats: PhaseStats,
     call: Callable[[str, int], _Usage],
-    screen: _Screen,
-    label: str,
-    keep_going: Callable[[], bool],
+    limit_s: float,
+    pacer: _Pacer,
+    refresh: Callable[[], None],
 ) -> None:
-    context = 1_800  # system prompt + brief
-    attempt = 0
-    while keep_going():
-        attempt += 1
-        draft = call("writer", context)
-        context += draft.output_tokens
-        call("evaluator", context)
-        context += 40  # the rejection is fed back to the writer
-        screen.status(
-            f"  {label}  attempt {attempt:3d}  calls {stats.calls:4d}  spent {stats.spent:>9}"
-            f"  context {context:6,} tokens"
-        )
+    """Write, get rejected, retry with the whole history, until the simulated time is up."""
+    while stats.simulated_s < limit_s:
+        stats.attempts += 1
+        draft = call("writer", stats.context_tokens)
+        review = call("evaluator", stats.context_tokens + draft.output_tokens)
+        # The draft and the rejection join the history, trimmed to what the model can take.
+        grown = stats.context_tokens + draft.output_tokens + review.output_tokens
+        stats.context_tokens = min(grown, CONTEXT_WINDOW - MAX_OUTPUT_TOKENS)
+        pacer.wait_for(stats.simulated_s)
+        refresh()
+    stats.stopped_by = stats.stopped_by or "timer"
 
 
 def run_demo(
     ledger_url: str | None = None,
     *,
-    budget_usd: float = 1.0,
-    unguarded_seconds: float = 3.0,
-    latency_s: float = 0.02,
+    budget: Amount | None = None,
+    simulated_minutes: int = 60,
+    replay_seconds: float = 3.0,
     out: TextIO | None = None,
-) -> RunStats:
-    screen = _Screen(out or sys.stdout)
-    bold, dim, red, green = "1", "2", "31", "32"
-    screen.line(screen.paint("Cycles demo: a runaway agent loop", bold))
-    screen.line("A writer drafts, an evaluator never approves, the writer retries with the whole history.")
-    screen.line(f"Model: {MODEL} (simulated, priced from genai-prices data). No network, no API key.\n")
+) -> DemoResult:
+    """Both acts and the summary. ``ledger_url=None``: a throw-away SQLite ledger, deleted after."""
+    from rich.console import Console
 
-    # Act 1 ---------------------------------------------------------------------------------
-    screen.line(screen.paint(f"1) Without Cycles, for {unguarded_seconds:g} seconds:", bold))
-    free = RunStats()
-    model = SimulatedModel(latency_s)
-
-    def unguarded_call(role: str, context: int) -> _Usage:
-        _, usage = model.complete(role, context)
-        free.calls += 1
-        free.spent_microcents += _cost(usage).amount
-        return usage
-
-    deadline = time.monotonic() + unguarded_seconds
-    _agent_loop(model, free, unguarded_call, screen, "no guard", lambda: time.monotonic() < deadline)
-    screen.end_status()
-    screen.line(
-        f"   {free.calls} calls, {screen.paint(free.spent, red)} in {unguarded_seconds:g} s and still going "
-        f"({free.rate_per_hour()}/hour if nobody notices). Stopped by hand.\n"
+    console = Console(file=out, highlight=False, soft_wrap=True)  # long lines are not cut at 80 columns
+    budget = budget if budget is not None else usd(1)
+    limit_s = simulated_minutes * 60.0
+    console.print("[bold]Cycles demo: a runaway agent loop[/]")
+    console.print("A writer drafts, an evaluator never approves, the writer retries with the whole history.")
+    console.print(
+        f"Model: {MODEL} (simulated: priced from genai-prices data, {FIRST_TOKEN_S:g} s to first token, "
+        f"{TOKENS_PER_S:g} tokens/s). No network, no API key.\n"
     )
 
-    # Act 2 ---------------------------------------------------------------------------------
-    cy = Cycles(ledger_url)
-    run_id = "run-" + uuid.uuid4().hex[:8]
-    subject = Subject(tenant="demo", workflow=run_id, agent="writer")
-    cy.budgets.set("tenant:demo", usd(1_000))
-    cy.budgets.set(f"tenant:demo/workflow:{run_id}", usd(budget_usd))
-    screen.line(screen.paint(f"2) With Cycles: ${budget_usd:.2f} budget on workflow {run_id}", bold))
-    screen.line(screen.paint(f"   ledger {cy.url}", dim))
-    guarded = RunStats()
-    model = SimulatedModel(latency_s)
+    # Act 1 ---------------------------------------------------------------------------------
+    console.print(f"[bold]1) Without Cycles, for {simulated_minutes} simulated minutes:[/]")
+    free = PhaseStats()
 
-    def guarded_call(role: str, context: int) -> _Usage:
-        action = Action("llm.completion", MODEL, tags=[role])
-        estimate = estimate_cost(MODEL, input_tokens=context, max_output_tokens=MAX_OUTPUT_TOKENS)
-        with cy.guard(subject.merged(agent=role), action, estimate=estimate) as g:
-            _, usage = model.complete(role, context)
-            actual = _cost(usage)
-            g.commit(actual, metrics={"tokens_input": usage.input_tokens, "tokens_output": usage.output_tokens})
-        guarded.calls += 1
-        guarded.spent_microcents += actual.amount
+    def unguarded_call(role: str, context: int) -> _Usage:
+        usage = SimulatedModel().complete(role, context)
+        free.calls += 1
+        free.spent_microcents += _cost(usage).amount
+        free.simulated_s += usage.seconds
         return usage
 
     try:
-        _agent_loop(model, guarded, guarded_call, screen, "cycles  ", lambda: True)
-    except Denied as denial:
-        screen.end_status()
-        guarded.stopped_by = f"Cycles ({denial.code})"
-        remaining = denial.details.get("remaining")
-        requested = denial.details.get("requested")
-        guarded.reason = (
-            f"{denial.scope or 'a scope'} had {format_amount(USD, int(remaining))} left, "
-            f"the next call needed up to {format_amount(USD, int(requested))}"
-            if isinstance(remaining, int) and isinstance(requested, int)
-            else denial.message
-        )
-        screen.line(screen.paint(f"   DENIED before call {guarded.calls + 1}: {denial}", red))
-    balance = cy.budgets.get(f"tenant:demo/workflow:{run_id}")
-    cy.close()
+        with _live(console, "no guard", free) as refresh:
+            _agent_loop(free, unguarded_call, limit_s, _Pacer(limit_s, replay_seconds), refresh)
+    except KeyboardInterrupt:
+        free.stopped_by = "hand"
+    console.print(
+        f"   {free.calls} calls, [red]{dollars(free.spent_microcents)}[/] in {free.simulated_s / 60:.0f} simulated "
+        f"minutes: {dollars(free.per_hour_microcents() * 24)} a day if nobody notices."
+    )
+    console.print(
+        "   Stopped by the demo's timer: nothing in the loop itself would ever stop it.\n"
+        if free.stopped_by == "timer"
+        else "   Stopped by hand (Ctrl-C).\n"
+    )
+
+    # Act 2 ---------------------------------------------------------------------------------
+    with _ledger(ledger_url) as url:
+        guarded = _guarded_act(console, url, budget, limit_s, replay_seconds)
 
     # Summary -------------------------------------------------------------------------------
-    screen.line()
-    screen.line(screen.paint("Summary", bold))
-    screen.line(f"  without Cycles  {free.calls:4d} calls  {free.spent:>9}  still running when we pulled the plug")
-    screen.line(
-        f"  with Cycles     {guarded.calls:4d} calls  {guarded.spent:>9}  "
-        f"of a {format_amount(USD, usd(budget_usd).amount)} budget ({balance.remaining} left, {balance.reserved} held)"
+    stopped = {
+        "budget": "[green]Cycles[/], before the call that could overspend",
+        "timer": "the demo's timer (the budget was never reached)",
+        "hand": "hand (Ctrl-C)",
+    }
+    console.print("\n[bold]Summary[/] (simulated time, real prices)")
+    console.print(
+        f"  without Cycles  {free.calls:5d} calls  {dollars(free.spent_microcents):>10}  "
+        f"in {free.simulated_s / 60:.0f} min, and still going"
     )
-    screen.line(f"  stopped by      {screen.paint(guarded.stopped_by or 'nothing (!)', green)}")
-    screen.line(f"  why             {guarded.reason}")
-    screen.line(
-        "  how             every model call reserved its worst-case cost first; the call that could "
-        "have\n                  overspent was refused before it reached the model."
+    console.print(
+        f"  with Cycles     {guarded.calls:5d} calls  {dollars(guarded.spent_microcents):>10}  "
+        f"of a {dollars(budget.amount)} budget, in {guarded.simulated_s / 60:.1f} min"
     )
-    return guarded
+    console.print(f"  stopped by      {stopped.get(guarded.stopped_by, guarded.stopped_by)}")
+    if guarded.reason:
+        console.print(f"  why             {guarded.reason}")
+    console.print(
+        "  how             every model call reserved its worst-case cost first; the call that could have\n"
+        "                  overspent was refused before it reached the model."
+    )
+    return DemoResult(free, guarded, budget, url)
+
+
+@contextmanager
+def _ledger(url: str | None) -> Iterator[str]:
+    if url is not None:
+        yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="cycles-demo-") as tmp:
+        yield f"sqlite:///{tmp}/demo.db"
+
+
+def _guarded_act(console: Console, url: str, budget: Amount, limit_s: float, replay_seconds: float) -> PhaseStats:
+    stats = PhaseStats()
+    run_id = "run-" + uuid.uuid4().hex[:8]
+    scope = f"tenant:demo/workflow:{run_id}"
+    subject = Subject(tenant="demo", workflow=run_id, agent="writer")
+    with Cycles(url) as cy:
+        cy.budgets.set("tenant:demo", usd(1_000))
+        cy.budgets.set(scope, budget)
+        console.print(f"[bold]2) With Cycles: {dollars(budget.amount)} budget on workflow {run_id}:[/]")
+        where = url if url.startswith(("memory:", "redis", "http")) else url.removeprefix("sqlite:///")
+        console.print(
+            f"[dim]   ledger {where}{' (throw-away: pass --ledger to keep it)' if 'cycles-demo-' in url else ''}[/]"
+        )
+
+        def guarded_call(role: str, context: int) -> _Usage:
+            action = Action("llm.completion", MODEL, tags=[role])
+            estimate = estimate_cost(MODEL, input_tokens=context, max_output_tokens=MAX_OUTPUT_TOKENS)
+            with cy.guard(subject.merged(agent=role), action, estimate=estimate) as g:
+                usage = SimulatedModel().complete(role, context)
+                actual = _cost(usage)
+                g.commit(actual, metrics={"tokens_input": usage.input_tokens, "tokens_output": usage.output_tokens})
+            stats.calls += 1
+            stats.spent_microcents += actual.amount
+            stats.simulated_s += usage.seconds
+            return usage
+
+        denial: Denied | None = None
+        try:
+            with _live(console, "cycles", stats) as refresh:
+                _agent_loop(stats, guarded_call, limit_s, _Pacer(limit_s, replay_seconds), refresh)
+        except Denied as exc:
+            denial = exc
+        except KeyboardInterrupt:
+            stats.stopped_by = "hand"
+        if denial is not None:
+            stats.stopped_by = "budget"
+            stats.reason = _why(denial)
+            console.print(f"[red]   DENIED before call {stats.calls + 1}: {denial}[/]")
+        balance = cy.budgets.get(scope, budget.unit)
+        console.print(
+            f"   ledger: {dollars(balance.spent.amount if balance.spent else 0)} spent, "
+            f"{dollars(balance.remaining.amount)} left, {dollars(balance.reserved.amount if balance.reserved else 0)}"
+            " held by unfinished calls"
+        )
+    return stats
+
+
+def _why(denial: Denied) -> str:
+    remaining = denial.details.get("remaining")
+    requested = denial.details.get("requested")
+    if isinstance(remaining, int) and isinstance(requested, int):
+        return (
+            f"{denial.scope or 'a scope'} had {dollars(remaining)} left, "
+            f"the next call needed up to {dollars(requested)}"
+        )
+    return denial.message

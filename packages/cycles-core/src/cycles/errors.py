@@ -180,6 +180,10 @@ class LedgerUnavailable(CyclesError):
     http_status = 503
     retryable = True
 
+    def __str__(self) -> str:
+        # The wire says INTERNAL_ERROR (protocol v0 has no code for this); people read what happened.
+        return f"LEDGER_UNAVAILABLE: {self.message}"
+
 
 class ToolNotAllowed(Denied):
     """Client-side enforcement of Caps: the tool is not on the allowlist, or is on the denylist."""

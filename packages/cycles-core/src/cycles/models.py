@@ -20,6 +20,7 @@ __all__ = [
     "Amount",
     "Balance",
     "BalanceResponse",
+    "Budget",
     "Caps",
     "CommitOveragePolicy",
     "CommitRequest",
@@ -320,6 +321,17 @@ class Balance(_Wire):
             return True
         a, s, r, d = (p.amount for p in parts if p is not None)
         return self.remaining.amount == a - s - r - d
+
+
+class Budget(Balance):
+    """A budget as the operator plane shows it: its Balance plus its status and caps.
+
+    Not a protocol v0 schema (v0 leaves administration out): ``budgets.get/list/set/fund/freeze``
+    return it, the runtime plane's Balance snapshots never carry these two fields.
+    """
+
+    status: Literal["ACTIVE", "FROZEN", "CLOSED"] | None = None
+    caps: Caps | None = None
 
 
 class DecisionResponse(_Wire):

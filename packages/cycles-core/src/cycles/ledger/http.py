@@ -71,6 +71,7 @@ from cycles.models import (
     Amount,
     Balance,
     BalanceResponse,
+    Budget,
     Caps,
     CommitRequest,
     CommitResponse,
@@ -107,8 +108,8 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 #: 5xx statuses that say the request can never work; retrying them only delays the error.
 _NOT_RETRIED_5XX = frozenset({501, 505})
 _ADMIN_HINT = (
-    "budget administration is not part of Cycles protocol v0: pass admin_key=... to use this "
-    "server's operator plane (X-Admin-API-Key), or manage budgets on the server"
+    "administration (budgets, API keys) is not part of Cycles protocol v0: pass admin_key=... (command line: "
+    "--admin-key or $CYCLES_ADMIN_KEY) to use this server's operator plane (X-Admin-API-Key)"
 )
 
 
@@ -200,17 +201,18 @@ def _model_parser(model: type[M]) -> Callable[[bytes], M]:
     return parse
 
 
-def _list_parser(adapter: TypeAdapter[list[Balance]]) -> Callable[[bytes], list[Balance]]:
+def _list_parser(adapter: TypeAdapter[list[Budget]]) -> Callable[[bytes], list[Balance]]:
     def parse(body: bytes) -> list[Balance]:
         data = json.loads(body)
         if isinstance(data, dict) and isinstance(data.get("budgets"), list):
             data = data["budgets"]
-        return adapter.validate_python(data, extra="ignore")
+        return list(adapter.validate_python(data, extra="ignore"))
 
     return parse
 
 
-_BALANCE_LIST: TypeAdapter[list[Balance]] = TypeAdapter(list[Balance])
+# The operator plane answers with Budgets (a Balance plus status and caps).
+_BUDGET_LIST: TypeAdapter[list[Budget]] = TypeAdapter(list[Budget])
 _PARSE_RESERVE = _model_parser(ReservationCreateResponse)
 _PARSE_COMMIT = _model_parser(CommitResponse)
 _PARSE_RELEASE = _model_parser(ReleaseResponse)
@@ -220,12 +222,27 @@ _PARSE_EVENT = _model_parser(EventCreateResponse)
 _PARSE_BALANCES = _model_parser(BalanceResponse)
 _PARSE_DETAIL = _model_parser(ReservationDetail)
 _PARSE_LIST = _model_parser(ReservationListResponse)
-_PARSE_BALANCE = _model_parser(Balance)
-_PARSE_BALANCE_LIST = _list_parser(_BALANCE_LIST)
+_PARSE_BALANCE = _model_parser(Budget)
+_PARSE_BALANCE_LIST = _list_parser(_BUDGET_LIST)
 
 
 def _parse_sweep(body: bytes) -> int:
     return int(json.loads(body)["expired"])
+
+
+def _parse_key(body: bytes) -> dict[str, Any]:
+    data = json.loads(body)
+    if not isinstance(data, dict) or not isinstance(data.get("key_id"), str):
+        raise ValueError("not an API key record")
+    return data
+
+
+def _parse_keys(body: bytes) -> list[dict[str, Any]]:
+    data = json.loads(body)
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, list) or not all(isinstance(k, dict) and "key_id" in k for k in keys):
+        raise ValueError("not a list of API key records")
+    return keys
 
 
 def _iso(ms: int | None) -> str | None:
@@ -478,6 +495,16 @@ class _HttpCore:
             return None
         return self._admin_call("POST", "/sweep" + _query([("limit", str(limit))]), None, _parse_sweep)
 
+    def create_key(self, tenant: str, name: str | None) -> _Call[dict[str, Any]]:
+        payload = {"tenant": tenant, **({"name": name} if name is not None else {})}
+        return self._admin_call("POST", "/keys", payload, _parse_key)
+
+    def list_keys(self, tenant: str | None) -> _Call[list[dict[str, Any]]]:
+        return self._admin_call("GET", "/keys" + _query([("tenant", tenant)]), None, _parse_keys)
+
+    def revoke_key(self, key_id: str) -> _Call[dict[str, Any]]:
+        return self._admin_call("DELETE", "/keys/" + quote(key_id, safe=""), None, _parse_key)
+
     # -- reading responses -----------------------------------------------------------------
 
     def flow(self, call: _Call[T]) -> _Flow[T]:
@@ -570,10 +597,12 @@ class _HttpCore:
         if verdict.http_status == 429:  # throttled, whatever the body said: the protocol's LIMIT_EXCEEDED
             message = f"{call.method} {url}: rate limited ({verdict.reason})"
             return LimitExceeded(message, details=details, retry_after_s=verdict.retry_after_s)
-        message = (
-            f"{call.method} {url}: {verdict.reason} (gave up after {attempts} attempt{'s' * (attempts > 1)}; "
-            "the outcome is unknown, retry with the same idempotency key)"
-        )
+        tries = f"gave up after {attempts} attempt{'s' * (attempts > 1)}"
+        if call.method == "GET":  # a read changes nothing: there is no outcome to be unsure of
+            advice = f"is the Cycles server at {self.endpoint.origin} running and reachable?"
+        else:
+            advice = "the outcome is unknown, retry with the same idempotency key"
+        message = f"{call.method} {url}: {verdict.reason} ({tries}; {advice})"
         return LedgerUnavailable(message, details=details, retry_after_s=verdict.retry_after_s)
 
 
@@ -939,6 +968,18 @@ class HttpLedger(Ledger):
     def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)
         return self._run(call) if call is not None else 0
+
+    # API keys, through our server's operator plane (needs admin_key): what ``cycles keys`` uses
+    # against an http(s):// ledger. Records are the server's JSON (``api_key`` only on creation).
+
+    def create_key(self, tenant: str, name: str | None = None) -> dict[str, Any]:
+        return self._run(self._core.create_key(tenant, name))
+
+    def list_keys(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        return self._run(self._core.list_keys(tenant))
+
+    def revoke_key(self, key_id: str) -> dict[str, Any]:
+        return self._run(self._core.revoke_key(key_id))
 
     def close(self) -> None:
         self._transport.close()

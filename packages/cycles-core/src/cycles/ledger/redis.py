@@ -925,14 +925,14 @@ class _RedisCore:
             ),
         ]
         reply = _open(raw, lambda: _Context(scope=scope))
-        return _budget(reply.payload, amount.unit).to_balance()
+        return _budget(reply.payload, amount.unit).to_budget()
 
     def _fund_budget(self, scope: str, amount: Amount) -> _Flow[Balance]:
         parse_scope(scope)
         _check_amount(amount)
         raw = yield self._call("fund", scope_tenant(scope) or NO_TENANT_TAG, scope, amount.unit.value, amount.amount)
         reply = _open(raw, lambda: _Context([scope], amount.unit, scope=scope))
-        return _budget(reply.payload, amount.unit).to_balance()
+        return _budget(reply.payload, amount.unit).to_budget()
 
     def _set_budget_status(self, scope: str, status: str, unit: Unit | None) -> _Flow[list[Balance]]:
         if status not in rules.BUDGET_STATUSES:
@@ -943,7 +943,7 @@ class _RedisCore:
             "set_status", scope_tenant(scope) or NO_TENANT_TAG, scope, status, *(u.value for u in units)
         )
         reply = _open(raw, lambda: _Context(scope=scope))
-        return [_budget(row, Unit(u)).to_balance() for u, row in reply.payload]
+        return [_budget(row, Unit(u)).to_budget() for u, row in reply.payload]
 
     def _get_budget(self, scope: str, unit: Unit | None) -> _Flow[Balance]:
         parse_scope(scope)

@@ -42,10 +42,12 @@ from cycles.errors import (
     UnitMismatch,
 )
 from cycles.models import (
+    INT64_MAX,
     Action,
     Amount,
     Balance,
     BalanceResponse,
+    Budget,
     Caps,
     CommitOveragePolicy,
     CommitRequest,
@@ -135,6 +137,11 @@ class BudgetRow:
             overdraft_limit=mk(unit=unit, amount=self.overdraft_limit),
             is_over_limit=self.is_over_limit,
         )
+
+    def to_budget(self) -> Budget:
+        """The operator plane's view: the Balance plus status and caps."""
+        balance = self.to_balance()
+        return trusted(Budget, **balance.__dict__, status=self.status, caps=self.caps)
 
 
 @dataclass(slots=True)
@@ -1077,7 +1084,7 @@ def set_budget(txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | N
         row.caps = None if caps.is_empty() else caps
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_balance()
+    return row.to_budget()
 
 
 def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
@@ -1088,13 +1095,17 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
         raise _missing_budget(txn, [scope], amount.unit)
     if row.status == BUDGET_CLOSED:
         raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    if row.allocated + amount.amount > INT64_MAX:
+        raise InvalidRequest(
+            f"funding {scope} would take its allocation past the largest amount a ledger holds ({INT64_MAX})"
+        )
     repay = min(row.debt, amount.amount)
     row.debt -= repay
     row.spent += repay
     row.allocated += amount.amount
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_balance()
+    return row.to_budget()
 
 
 def _reconcile_over_limit(row: BudgetRow) -> None:
@@ -1117,7 +1128,7 @@ def set_budget_status(txn: Txn, scope: str, unit: Unit | None, status: str) -> l
     for row in rows:
         row.status = status
         txn.put_budget(row)
-    return [r.to_balance() for r in rows]
+    return [r.to_budget() for r in rows]
 
 
 def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
@@ -1126,13 +1137,13 @@ def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
     for u in units:
         row = txn.get_budget(scope, u)
         if row is not None:
-            return row.to_balance()
+            return row.to_budget()
     raise NotFound(f"Budget not found for provided scope: {scope}")
 
 
 def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
     rows = sorted(txn.iter_budgets(tenant, all_tenants=tenant is None), key=lambda r: (r.scope, r.unit.value))
-    return [r.to_balance() for r in rows]
+    return [r.to_budget() for r in rows]
 
 
 def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> int:

@@ -42,7 +42,15 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["SqliteLedger", "open_sqlite"]
 
+#: ``PRAGMA application_id`` of every Cycles ledger ("CYCL"): how a file is recognised as one, and
+#: another program's SQLite database is refused instead of getting our tables added to it.
+APPLICATION_ID = 0x4359434C
+#: ``PRAGMA user_version`` (and ``meta.schema_version``): the layout of the tables below.
 SCHEMA_VERSION = 1
+#: version N -> the statements that take a ledger from version N to N + 1, run in order at open.
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_OUR_TABLES = frozenset({"meta", "budgets", "reservations", "idempotency"})
+_KEY_STORE_TABLES = frozenset({"api_keys"})  # cycles.server.keys keeps API keys in the same file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -354,8 +362,21 @@ class SqliteLedger(TransactionalLedger):
         self._db: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         if path != ":memory:":
-            Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        self._connect()
+            _prepare_path(path)
+        try:
+            self._connect()
+        except sqlite3.Error as exc:
+            self.close()
+            raise _open_failure(path, exc) from exc
+        except OSError as exc:
+            self.close()
+            raise LedgerUnavailable(
+                f"cannot write next to the SQLite ledger ({exc.filename or path}: {exc.strerror or exc}): "
+                "use a directory you can write to"
+            ) from exc
+        except BaseException:
+            self.close()
+            raise
 
     def _connect(self) -> sqlite3.Connection:
         """(Re)open the connection; also after a fork, where an inherited connection is unsafe."""
@@ -365,25 +386,17 @@ class SqliteLedger(TransactionalLedger):
         db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000
         )
+        self._db = db
         db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
+        _schema_version(db, self.path)  # refuses another program's database before writing anything
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self.synchronous}")
-        self._db = db
         if fcntl is not None and self.path != ":memory:":
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         with self._locked():
             db.execute("BEGIN IMMEDIATE")
             try:
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                found = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                if found is None:
-                    db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                elif int(found[0]) > SCHEMA_VERSION:
-                    raise InvalidRequest(
-                        f"{self.path} was written by a newer Cycles (schema {found[0]}); upgrade cycles-core"
-                    )
+                _install_schema(db, self.path)
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
@@ -434,6 +447,78 @@ class SqliteLedger(TransactionalLedger):
             if self._lock_fd is not None:
                 os.close(self._lock_fd)
                 self._lock_fd = None
+
+
+def _prepare_path(path: str) -> None:
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise InvalidRequest(f"{path} is a directory: name the ledger file, e.g. sqlite:///{target / 'ledger.db'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LedgerUnavailable(
+            f"cannot create the directory {target.parent} for the SQLite ledger ({exc.strerror or exc}): set "
+            "CYCLES_HOME to a directory you can write to, or pass --ledger sqlite:///writable/path.db"
+        ) from exc
+
+
+def _open_failure(path: str, exc: sqlite3.Error) -> CyclesError:
+    """What a failure to open ``path`` means for the person who named it."""
+    text = str(exc)
+    if "readonly" in text or "read-only" in text:
+        return LedgerUnavailable(
+            f"SQLite ledger {path} is read-only ({text}): Cycles writes to its ledger; make the file and its "
+            "directory writable, or use another ledger"
+        )
+    if "not a database" in text or "malformed" in text:
+        return LedgerUnavailable(
+            f"{path} is not a readable SQLite database ({text}): it is corrupt or another kind of file; "
+            "point --ledger at a Cycles ledger (or a new file), or restore it from a backup"
+        )
+    return LedgerUnavailable(f"cannot open SQLite ledger {path}: {text}")
+
+
+def _schema_version(db: sqlite3.Connection, path: str) -> int:
+    """The file's schema version: 0 for a new (empty) file, N for a Cycles ledger; raises for any
+    other database. Ledgers written before the marker existed (our tables, no application_id) are
+    recognised by their tables and ``meta.schema_version``."""
+    app_id = db.execute("PRAGMA application_id").fetchone()[0]
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if app_id == APPLICATION_ID:
+        found = version
+    elif app_id == 0 and tables <= _KEY_STORE_TABLES:
+        return 0
+    elif app_id == 0 and tables >= _OUR_TABLES:
+        row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        found = int(row[0]) if row else 1
+    else:
+        owner = f"application_id {app_id:#x}" if app_id else f"tables {', '.join(sorted(tables)[:5])}"
+        raise InvalidRequest(
+            f"{path} is another program's SQLite database ({owner}), not a Cycles ledger: Cycles leaves it "
+            "untouched; give --ledger a new file or an existing Cycles ledger"
+        )
+    if found > SCHEMA_VERSION:
+        raise InvalidRequest(
+            f"{path} was written by a newer Cycles (schema {found}, this one knows {SCHEMA_VERSION}): "
+            "upgrade cycles-core"
+        )
+    return int(found)
+
+
+def _install_schema(db: sqlite3.Connection, path: str) -> None:
+    """Inside the open transaction: create a new ledger, or migrate an older one, and stamp it."""
+    version = _schema_version(db, path)  # again: another process may have set the file up meanwhile
+    for statement in SCHEMA.split(";"):  # IF NOT EXISTS: new tables and indexes of any version
+        if statement.strip():
+            db.execute(statement)
+    if version:
+        for step in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS.get(step, ()):
+                db.execute(statement)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+    db.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 def open_sqlite(url: str, **options: Any) -> SqliteLedger:
