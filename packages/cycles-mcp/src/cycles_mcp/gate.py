@@ -1,0 +1,212 @@
+"""The gate: one tool call admitted against the policy, then settled by the core guard.
+
+``admit`` decides (deny list, cost by glob, one reservation per unit of the cost, in the session's
+run); ``settle`` hands each reservation back to the guard, which commits when the tool ran and
+releases when it failed (the core's failed-step rule). The proxy and the Claude Code hooks share it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import anyio
+
+from cycles import (
+    Action,
+    Amount,
+    AsyncCycles,
+    AsyncGuard,
+    BudgetExceeded,
+    CyclesError,
+    Denied,
+    NotFound,
+    ShadowRecord,
+    risk_points,
+)
+from cycles.models import Unit, format_amount
+from cycles_mcp.policy import Match, Policy
+from cycles_mcp.session import SessionRun
+
+__all__ = ["Admission", "Gate"]
+
+log = logging.getLogger("cycles.mcp")
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Admission:
+    """The gate's verdict on one call; ``guards`` are the open reservations to settle afterwards."""
+
+    match: Match
+    allowed: bool
+    refusal: str | None = None
+    guards: list[AsyncGuard] = field(default_factory=list)
+    shadow_denied: bool = False
+    unchecked: bool = False  #: forwarded without a check because the ledger failed and fail_open is on
+
+
+class Gate:
+    def __init__(
+        self,
+        policy: Policy,
+        cycles: AsyncCycles,
+        *,
+        shadow: bool = False,
+        fail_open: bool = False,
+        ttl_ms: int = 60_000,
+        heartbeat: bool = True,
+    ) -> None:
+        self.policy = policy
+        self.cycles = cycles
+        self.shadow = shadow or policy.shadow
+        self.fail_open = fail_open or policy.fail_open
+        self.ttl_ms = policy.ttl_ms or ttl_ms
+        self.heartbeat = heartbeat
+
+    def new_run(self, run_id: str | None = None) -> SessionRun:
+        return SessionRun(
+            self.cycles,
+            self.policy.subject,
+            self.policy.session_budget,
+            run_id=run_id,
+            keep_budgets=self.policy.keep_session_budgets,
+        )
+
+    async def admit(self, run: SessionRun, tool: str, *, idempotency_key: str | None = None) -> Admission:
+        match = self.policy.match(tool)
+        if match.denied:
+            text = (
+                f"Cycles refused the tool call {tool!r}: the policy denies it ({match.rule}). "
+                "It was not run. Do not retry it; use another tool or ask the user to change the policy."
+            )
+            if self.shadow:
+                self._record_shadow(run, match, "TOOL_DENIED", text)
+                return Admission(match, True, shadow_denied=True)
+            return Admission(match, False, refusal=text)
+        if not match.cost:
+            return Admission(match, True)
+        admission = Admission(match, True)
+        action = Action(match.kind, tool)
+        mode = "shadow" if self.shadow else "enforce"
+        try:
+            if not run.started:
+                await run.start()
+            for amount in match.cost:
+                key = None if idempotency_key is None else f"{idempotency_key}:{amount.unit.value.lower()}"
+                guard = run.guard(
+                    action,
+                    estimate=amount,
+                    ttl_ms=self.ttl_ms,
+                    overage_policy=self.policy.overage_policy,
+                    mode=mode,
+                    heartbeat=self.heartbeat,
+                    idempotency_key=key,
+                )
+                await guard.start()
+                admission.guards.append(guard)
+                if guard.shadow is not None:
+                    admission.shadow_denied = True
+        except (Denied, NotFound) as denial:
+            await self._release(admission, "another unit of the cost was refused")
+            return Admission(match, False, refusal=self.refusal_text(run, match, denial))
+        except CyclesError as error:
+            await self._release(admission, "the ledger failed")
+            if self.fail_open:
+                log.warning("cycles ledger error, forwarding %s unchecked (fail_open): %s", tool, error)
+                return Admission(match, True, unchecked=True)
+            return Admission(
+                match,
+                False,
+                refusal=(
+                    f"Cycles could not check the budget for the tool call {tool!r} ({error}), so it was not run "
+                    "(the proxy fails closed). Retry later, or ask the user to check the Cycles ledger."
+                ),
+            )
+        return admission
+
+    async def settle(self, admission: Admission, *, ran: bool, error: BaseException | None = None) -> None:
+        """Commit each reservation when the tool ran, release it when it failed (shielded from cancel)."""
+        with anyio.CancelScope(shield=True):
+            for guard in admission.guards:
+                try:
+                    if ran:
+                        await guard.finish()
+                    else:
+                        await guard.fail(error)
+                except CyclesError as exc:  # the call already happened: report, never mask its result
+                    log.warning("cycles could not settle %s: %s", guard.reservation_id, exc)
+            admission.guards.clear()
+
+    async def call(
+        self, run: SessionRun, tool: str, forward: Callable[[], Awaitable[T]], failed: Callable[[T], bool]
+    ) -> T | Admission:
+        """Admit, forward, settle. Returns the refused ``Admission`` instead of calling ``forward``."""
+        admission = await self.admit(run, tool)
+        if not admission.allowed:
+            return admission
+        try:
+            result = await forward()
+        except BaseException as exc:
+            await self.settle(admission, ran=False, error=exc)
+            raise
+        await self.settle(admission, ran=not failed(result))
+        return result
+
+    async def _release(self, admission: Admission, reason: str) -> None:
+        with anyio.CancelScope(shield=True):
+            for guard in admission.guards:
+                await guard.fail(RuntimeError(reason))
+            admission.guards.clear()
+
+    def _record_shadow(self, run: SessionRun, match: Match, code: str, message: str) -> None:
+        record = ShadowRecord(
+            subject=run.subject,
+            action=Action(match.kind, match.tool),
+            estimate=match.cost[0] if match.cost else risk_points(0),
+            reason_code=code,
+            message=message,
+            scope=None,
+            at_ms=time.time_ns() // 1_000_000,
+        )
+        self.cycles.shadow_log.append(record)
+        logging.getLogger("cycles.shadow").warning("shadow mode: would deny %s: %s", match.tool, message)
+
+    @staticmethod
+    def refusal_text(run: SessionRun, match: Match, denial: CyclesError) -> str:
+        """Which budget refused, what remains, what to do: the text the agent reads."""
+        tool = match.tool
+        cost = " + ".join(str(a) for a in match.cost)
+        scope = denial.details.get("scope") if isinstance(denial.details, dict) else None
+        head = f"Cycles refused the tool call {tool!r} (cost {cost}, {match.rule}); it was not run."
+        if isinstance(denial, BudgetExceeded) and isinstance(scope, str):
+            unit = _unit(denial.details.get("unit"), match.cost)
+            remaining = denial.details.get("remaining")
+            left = format_amount(unit, max(0, remaining)) if isinstance(remaining, int) and unit else "not enough"
+            if scope == run.scope:
+                return (
+                    f"{head} This session's budget ({scope}) has {left} left. "
+                    "Do not retry it in this session: finish with what the budget allows, "
+                    "or ask the user to raise the session budget or start a new session."
+                )
+            return (
+                f"{head} The budget {scope} has {left} left. Do not retry it now: "
+                f"ask the user to fund it (cycles budget fund {scope} ...) or wait for the budget to be reset."
+            )
+        if isinstance(denial, NotFound):
+            return (
+                f"{head} No budget covers it ({denial.message}). "
+                "Ask the user to set one (cycles budget set ...) for the policy's subject."
+            )
+        where = f" at {scope}" if isinstance(scope, str) else ""
+        return f"{head} {denial.code}{where}: {denial.message}. Do not retry it; ask the user to review the budget."
+
+
+def _unit(value: Any, cost: tuple[Amount, ...]) -> Unit | None:
+    try:
+        return Unit(value)
+    except ValueError:
+        return cost[0].unit if cost else None

@@ -1,0 +1,171 @@
+"""``cycles-mcp proxy``: a gating MCP proxy.
+
+The client sees the upstream server's tools, resources, prompts, name and instructions unchanged.
+Every ``tools/call`` goes through the ``Gate`` first: a refused call never reaches the upstream and
+comes back as a tool result with ``isError: true`` that says which budget refused it, what remains
+and what to do; an allowed call is forwarded, then committed (released when the upstream reported
+an error or failed). Each MCP session is one run with its own session budgets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import mcp_types as types
+from mcp import Client, StdioServerParameters
+from mcp.server import Server, ServerRequestContext
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel
+
+from cycles import AsyncCycles
+from cycles_mcp.gate import Admission, Gate
+from cycles_mcp.policy import Policy
+from cycles_mcp.session import SessionRun
+
+__all__ = ["ProxyServer", "connect_upstream", "open_proxy", "refusal_result"]
+
+log = logging.getLogger("cycles.mcp")
+R = TypeVar("R", bound=BaseModel)
+_RUN_KEY = "cycles_mcp.run"
+
+
+def refusal_result(admission: Admission) -> types.CallToolResult:
+    return types.CallToolResult(
+        content=[types.TextContent(text=admission.refusal or "refused by Cycles")],
+        is_error=True,
+    )
+
+
+@contextlib.asynccontextmanager
+async def connect_upstream(
+    command: Sequence[str] | None = None, url: str | None = None, *, env: dict[str, str] | None = None
+) -> AsyncIterator[Client]:
+    """A client session to the upstream server: a command over stdio, or a streamable-HTTP URL."""
+    if (command is None) == (url is None):
+        raise ValueError("give the upstream as a command or as a URL, not both")
+    target: StdioServerParameters | str
+    if command is not None:
+        if not command:
+            raise ValueError("the upstream command is empty")
+        target = StdioServerParameters(command=command[0], args=list(command[1:]), env=env)
+    else:
+        assert url is not None
+        target = url
+    # The handshake era: every upstream written before 2026 speaks it, and so do newer ones.
+    async with Client(target, mode="legacy") as client:
+        yield client
+
+
+class ProxyServer:
+    """A low-level MCP ``Server`` mirroring ``upstream`` with every tool call gated."""
+
+    def __init__(self, upstream: Client, gate: Gate) -> None:
+        self.upstream = upstream
+        self.gate = gate
+        #: the run of clients without a session (2026-07-28 sessionless requests): the proxy's lifetime
+        self.shared_run: SessionRun | None = None
+        self.runs_started = 0
+        caps = upstream.server_capabilities
+        info = upstream.server_info
+        handlers: dict[str, Any] = {}
+        if caps.tools is not None:
+            handlers["on_list_tools"] = self._forward(types.ListToolsRequest, types.ListToolsResult)
+            handlers["on_call_tool"] = self._call_tool
+        if caps.resources is not None:
+            handlers["on_list_resources"] = self._forward(types.ListResourcesRequest, types.ListResourcesResult)
+            handlers["on_list_resource_templates"] = self._forward(
+                types.ListResourceTemplatesRequest, types.ListResourceTemplatesResult
+            )
+            handlers["on_read_resource"] = self._forward(types.ReadResourceRequest, types.ReadResourceResult)
+        if caps.prompts is not None:
+            handlers["on_list_prompts"] = self._forward(types.ListPromptsRequest, types.ListPromptsResult)
+            handlers["on_get_prompt"] = self._forward(types.GetPromptRequest, types.GetPromptResult)
+        if caps.completions is not None:
+            handlers["on_completion"] = self._forward(types.CompleteRequest, types.CompleteResult)
+        self.server: Server[Any] = Server(
+            info.name if info is not None else "cycles-mcp-proxy",
+            version=(info.version if info is not None else "") or "",
+            title=info.title if info is not None else None,
+            instructions=upstream.instructions,
+            **handlers,
+        )
+
+    def _forward(
+        self, request_type: type[Any], result_type: type[R]
+    ) -> Callable[[ServerRequestContext[Any], Any], Awaitable[R]]:
+        async def forward(ctx: ServerRequestContext[Any], params: Any) -> R:
+            request = request_type(params=_without_progress(params))
+            result: R = await self.upstream.session.send_request(request, result_type)
+            return result
+
+        return forward
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> Any:
+        run = self.run_for(ctx)
+
+        async def forward() -> types.CallToolResult:
+            request = types.CallToolRequest(params=_without_progress(params))
+            return await self.upstream.session.send_request(request, types.CallToolResult)
+
+        result = await self.gate.call(run, params.name, forward, failed=lambda r: bool(r.is_error))
+        if isinstance(result, Admission):
+            return refusal_result(result)
+        return result
+
+    def run_for(self, ctx: ServerRequestContext[Any]) -> SessionRun:
+        """The session's run: one per handshake connection (ended when it closes); sessionless
+        (2026-07-28) requests share the proxy-lifetime run."""
+        connection = getattr(ctx.session, "_connection", None)  # the SDK's per-connection state
+        if connection is None or ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+            if self.shared_run is None:
+                self.shared_run = self._new_run()
+            return self.shared_run
+        run: SessionRun | None = connection.state.get(_RUN_KEY)
+        if run is None:
+            run = self._new_run()
+            connection.state[_RUN_KEY] = run
+            connection.exit_stack.push_async_callback(run.end)
+        return run
+
+    def _new_run(self) -> SessionRun:
+        self.runs_started += 1
+        return self.gate.new_run()
+
+    async def aclose(self) -> None:
+        if self.shared_run is not None:
+            await self.shared_run.end()
+
+
+def _without_progress(params: Any) -> Any:
+    """The client's progress token means nothing to the upstream (progress is not relayed)."""
+    meta = getattr(params, "meta", None)
+    if params is None or meta is None:
+        return params
+    data = meta.model_dump(by_alias=True, exclude_none=True) if isinstance(meta, BaseModel) else dict(meta)
+    data.pop("progressToken", None)
+    return params.model_copy(update={"meta": data or None})
+
+
+@contextlib.asynccontextmanager
+async def open_proxy(
+    policy: Policy,
+    *,
+    command: Sequence[str] | None = None,
+    url: str | None = None,
+    ledger: str | None = None,
+    shadow: bool = False,
+    fail_open: bool = False,
+) -> AsyncIterator[ProxyServer]:
+    """The ledger, the upstream session and the proxy server, closed in order on exit."""
+    async with (
+        AsyncCycles(ledger or policy.ledger) as cycles,
+        connect_upstream(command, url) as upstream,
+    ):
+        proxy = ProxyServer(upstream, Gate(policy, cycles, shadow=shadow, fail_open=fail_open))
+        try:
+            yield proxy
+        finally:
+            await proxy.aclose()
