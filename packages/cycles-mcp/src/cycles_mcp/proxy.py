@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -50,7 +51,10 @@ async def connect_upstream(
     if command is not None:
         if not command:
             raise ValueError("the upstream command is empty")
-        target = StdioServerParameters(command=command[0], args=list(command[1:]), env=env)
+        # The upstream inherits the proxy's whole environment: the MCP config's "env" for this entry
+        # (API tokens and the like) was written for the upstream.
+        environ = dict(os.environ) if env is None else env
+        target = StdioServerParameters(command=command[0], args=list(command[1:]), env=environ)
     else:
         assert url is not None
         target = url
