@@ -43,7 +43,9 @@ def _balance(cy: Cycles, scope: str, unit: Unit) -> tuple[int, int]:
 
 async def test_the_client_sees_the_upstream_unchanged(env: Env) -> None:
     policy = env.policy(POLICY)
-    direct = StdioServerParameters(command=env.upstream_command()[0], args=env.upstream_command()[1:], env=env.environ())
+    direct = StdioServerParameters(
+        command=env.upstream_command()[0], args=env.upstream_command()[1:], env=env.environ()
+    )
     async with Client(direct, mode="legacy") as upstream, env.stdio_client(env.proxy_args(policy)) as proxied:
         assert (await proxied.list_tools()).model_dump() == (await upstream.list_tools()).model_dump()
         assert (await proxied.list_resources()).model_dump() == (await upstream.list_resources()).model_dump()
@@ -105,7 +107,9 @@ async def test_session_budget_exhausted_mid_session(env: Env) -> None:
         assert _balance(cy, session, Unit.RISK_POINTS) == (50, 0)
         # the session ended: its budgets are closed, nothing more can be charged to them
         with pytest.raises(BudgetClosed):
-            cy.reserve(Subject(tenant="acme", workflow=session.rsplit(":", 1)[1]), Action("tool.mcp", "x"), risk_points(1))
+            cy.reserve(
+                Subject(tenant="acme", workflow=session.rsplit(":", 1)[1]), Action("tool.mcp", "x"), risk_points(1)
+            )
         assert_ledger_invariant(cy)
 
 
@@ -143,17 +147,16 @@ async def test_concurrent_http_sessions_have_their_own_budgets_and_share_the_ten
     with env.http_server(env.proxy_args(policy)) as url:
 
         async def session(n: int) -> None:
-            async with Client(url, mode="legacy") as client:
-                async with anyio.create_task_group() as tg:
+            async with Client(url, mode="legacy") as client, anyio.create_task_group() as tg:
 
-                    async def deploy() -> None:
-                        result = await client.call_tool("deploy", {"service": f"s{n}"})
-                        outcomes[n].append(not result.is_error)
-                        if result.is_error:
-                            texts.append(_text(result))
+                async def deploy() -> None:
+                    result = await client.call_tool("deploy", {"service": f"s{n}"})
+                    outcomes[n].append(not result.is_error)
+                    if result.is_error:
+                        texts.append(_text(result))
 
-                    tg.start_soon(deploy)
-                    tg.start_soon(deploy)
+                tg.start_soon(deploy)
+                tg.start_soon(deploy)
 
         async with anyio.create_task_group() as tg:
             for n in range(3):

@@ -87,9 +87,9 @@ def _proxy(args: argparse.Namespace) -> int:
         return 0
     if not args.policy:
         raise PolicyError("proxy needs --policy POLICY.toml (or --check POLICY.toml)")
+    policy = load_policy(args.policy)
     if bool(args.upstream) == bool(args.upstream_url):
         raise PolicyError("proxy needs the upstream: -- UPSTREAM_COMMAND [ARGS...] or --upstream-url URL (one)")
-    policy = load_policy(args.policy)
     from cycles_mcp.proxy import open_proxy
     from cycles_mcp.transport import serve_http, serve_stdio
 
@@ -112,9 +112,15 @@ def _proxy(args: argparse.Namespace) -> int:
 
 
 def _hook(args: argparse.Namespace) -> int:
+    """Any failure of ``pre`` exits 2, which makes Claude Code block the tool (fail closed) and show
+    the one-line error; the other events exit 1 (a non-blocking hook error)."""
     from cycles_mcp.hook import run_hook
 
-    out, code = run_hook(args.event, load_policy(args.policy), sys.stdin.read(), ledger=args.ledger)
+    try:
+        out, code = run_hook(args.event, load_policy(args.policy), sys.stdin.read(), ledger=args.ledger)
+    except (CyclesError, OSError, ValueError, BaseExceptionGroup) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if args.event == "pre" else 1
     if out:
         print(out)
     return code
@@ -147,7 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PolicyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CyclesError, OSError, ValueError, BaseExceptionGroup) as exc:
+    except CyclesError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2 if exc.http_status in (400, 404, 409) else 1
+    except (OSError, ValueError, BaseExceptionGroup) as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
 

@@ -252,7 +252,7 @@ def create_server(cycles: AsyncCycles, *, environ: Mapping[str, str] | None = No
         limit: Annotated[int, Field(ge=1, le=200)] = 50,
         cursor: str | None = None,
     ) -> CallToolResult:
-        levels = {**defaults, **_given(tenant, workspace, app, workflow, agent, toolset)}
+        levels = _given(tenant, workspace, app, workflow, agent, toolset) or dict(defaults)
         query = BalanceQuery(**levels, include_children=includeChildren, limit=limit, cursor=cursor)
         return await _answer(cycles.ledger.balances(query))
 
@@ -269,7 +269,7 @@ def create_server(cycles: AsyncCycles, *, environ: Mapping[str, str] | None = No
         limit: Annotated[int, Field(ge=1, le=200)] = 50,
         cursor: str | None = None,
     ) -> CallToolResult:
-        levels = {**defaults, **_given(tenant, workspace, app, workflow, agent, toolset)}
+        levels = _given(tenant, workspace, app, workflow, agent, toolset) or dict(defaults)
         return await _answer(
             cycles.list_reservations(
                 status=ReservationStatus(status) if status else None,
@@ -322,6 +322,7 @@ def create_server(cycles: AsyncCycles, *, environ: Mapping[str, str] | None = No
 
 
 def _given(*values: str | None) -> dict[str, str]:
+    """The filter levels given; the server's defaults apply only when none is."""
     return {level: v for level, v in zip(_LEVELS, values, strict=True) if v}
 
 
