@@ -53,6 +53,7 @@ from cycles.models import (
     tokens,
     usd,
 )
+from cycles.run import AsyncRun, BatchResult, Run, afor_each, current_run, for_each
 
 __version__ = "0.1.0"
 
@@ -62,7 +63,9 @@ __all__ = [
     "AsyncBudgets",
     "AsyncCycles",
     "AsyncGuard",
+    "AsyncRun",
     "Balance",
+    "BatchResult",
     "BudgetClosed",
     "BudgetExceeded",
     "BudgetFrozen",
@@ -87,6 +90,7 @@ __all__ = [
     "ReservationExpired",
     "ReservationFinalized",
     "ReservationStatus",
+    "Run",
     "ShadowRecord",
     "SignedAmount",
     "StandardMetrics",
@@ -98,7 +102,10 @@ __all__ = [
     "UnitMismatch",
     "UnpricedModel",
     "__version__",
+    "afor_each",
     "credits",
+    "current_run",
+    "for_each",
     "risk_points",
     "tokens",
     "usd",
