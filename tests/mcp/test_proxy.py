@@ -105,6 +105,10 @@ async def test_session_budget_exhausted_mid_session(env: Env) -> None:
     with Cycles(env.ledger) as cy:
         (session,) = _session_scopes(cy)
         assert _balance(cy, session, Unit.RISK_POINTS) == (50, 0)
+        run_id = session.rsplit(":", 1)[1]  # the session is one core run: its id is the workflow level
+        for reservation in cy.list_reservations(tenant="acme").reservations:
+            assert reservation.subject.workflow == run_id
+            assert reservation.subject.dimensions == {"run_id": run_id}
         # the session ended: its budgets are closed, nothing more can be charged to them
         with pytest.raises(BudgetClosed):
             cy.reserve(

@@ -5,11 +5,10 @@
 - ``cycles-mcp hook pre|post|failure|session-start|session-end``: the same policy from Claude Code hooks
 """
 
-from cycles_mcp.gate import Admission, Gate
+from cycles_mcp.gate import Admission, Gate, ToolFailed
 from cycles_mcp.policy import Match, Policy, PolicyError, ToolRule, load_policy, parse_policy
 from cycles_mcp.proxy import ProxyServer, connect_upstream, open_proxy
 from cycles_mcp.server import TOOL_NAMES, create_server
-from cycles_mcp.session import SessionRun
 
 __version__ = "0.1.0"
 
@@ -21,7 +20,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "ProxyServer",
-    "SessionRun",
+    "ToolFailed",
     "ToolRule",
     "__version__",
     "connect_upstream",

@@ -1,8 +1,10 @@
-"""The gate: one tool call admitted against the policy, then settled by the core guard.
+"""The gate: one tool call admitted against the policy, then settled by the core's rule.
 
-``admit`` decides (deny list, cost by glob, one reservation per unit of the cost, in the session's
-run); ``settle`` hands each reservation back to the guard, which commits when the tool ran and
-releases when it failed (the core's failed-step rule). The proxy and the Claude Code hooks share it.
+Each MCP session is one core run (``acy.run``): its workflow scope carries the policy's session
+budgets, set when the run starts and closed when it ends. ``admit`` decides a call (deny list, cost
+by glob, one step of the run per unit of the cost); ``settle`` ends each step through the core
+guard, which commits when the tool ran and releases when it failed (the core's failed-step rule;
+an interrupted call is never released). The proxy and the Claude Code hooks share it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from cycles import (
     Amount,
     AsyncCycles,
     AsyncGuard,
+    AsyncRun,
     BudgetExceeded,
     CyclesError,
     Denied,
@@ -29,12 +32,15 @@ from cycles import (
 )
 from cycles.models import Unit, format_amount
 from cycles_mcp.policy import Match, Policy
-from cycles_mcp.session import SessionRun
 
-__all__ = ["Admission", "Gate"]
+__all__ = ["Admission", "Gate", "ToolFailed"]
 
 log = logging.getLogger("cycles.mcp")
 T = TypeVar("T")
+
+
+class ToolFailed(Exception):
+    """The upstream answered the call with a tool error (``isError: true``): the step failed."""
 
 
 @dataclass(slots=True)
@@ -66,17 +72,45 @@ class Gate:
         self.fail_open = fail_open or policy.fail_open
         self.ttl_ms = policy.ttl_ms or ttl_ms
         self.heartbeat = heartbeat
+        self._starting = anyio.Lock()
 
-    def new_run(self, run_id: str | None = None) -> SessionRun:
-        return SessionRun(
-            self.cycles,
+    def new_run(self, run_id: str | None = None) -> AsyncRun:
+        """One session's run (not started: it starts at the session's first gated call)."""
+        return self.cycles.run(
             self.policy.subject,
-            self.policy.session_budget,
+            budgets=self.policy.session_budget,
             run_id=run_id,
+            name="mcp",
             keep_budgets=self.policy.keep_session_budgets,
         )
 
-    async def admit(self, run: SessionRun, tool: str, *, idempotency_key: str | None = None) -> Admission:
+    async def start_run(self, run: AsyncRun) -> None:
+        async with self._starting:  # concurrent first calls of one session start its run once
+            if run.state == "new":
+                await run.start()
+
+    @staticmethod
+    async def end_run(run: AsyncRun) -> None:
+        """End a session's run: the core settles any step still open and closes its budgets."""
+        if run.state == "open":
+            with anyio.CancelScope(shield=True):
+                await run.end()
+
+    def step(self, run: AsyncRun, action: Action, amount: Amount, key: str | None) -> AsyncGuard:
+        """One unit of a call's cost, as a step of the session's run."""
+        return run.guard(
+            action,
+            amount,
+            ttl_ms=self.ttl_ms,
+            overage_policy=self.policy.overage_policy,
+            mode="shadow" if self.shadow else "enforce",
+            heartbeat=self.heartbeat,
+            idempotency_key=key,
+        )
+
+    async def admit(self, run: AsyncRun, tool: str, *, idempotency_key: str | None = None) -> Admission:
+        """Reserve every unit of the tool's cost as steps of ``run`` (all or none), ahead of the call:
+        a step is begun only when the call is forwarded, so one that never was is released."""
         match = self.policy.match(tool)
         if match.denied:
             text = (
@@ -90,23 +124,12 @@ class Gate:
         if not match.cost:
             return Admission(match, True)
         admission = Admission(match, True)
-        action = Action(match.kind, tool)
-        mode = "shadow" if self.shadow else "enforce"
         try:
-            if not run.started:
-                await run.start()
+            await self.start_run(run)
             for amount in match.cost:
                 key = None if idempotency_key is None else f"{idempotency_key}:{amount.unit.value.lower()}"
-                guard = run.guard(
-                    action,
-                    estimate=amount,
-                    ttl_ms=self.ttl_ms,
-                    overage_policy=self.policy.overage_policy,
-                    mode=mode,
-                    heartbeat=self.heartbeat,
-                    idempotency_key=key,
-                )
-                await guard.start()
+                guard = self.step(run, Action(match.kind, tool), amount, key)
+                await guard.start(begin=False)
                 admission.guards.append(guard)
                 if guard.shadow is not None:
                     admission.shadow_denied = True
@@ -129,10 +152,12 @@ class Gate:
         return admission
 
     async def settle(self, admission: Admission, *, ran: bool, error: BaseException | None = None) -> None:
-        """Commit each reservation when the tool ran, release it when it failed (shielded from cancel)."""
+        """End each step by the core's rule: ``ran`` commits; otherwise ``error`` says how the call
+        failed (a tool error or exception releases, an interruption commits). Shielded from cancel."""
         with anyio.CancelScope(shield=True):
             for guard in admission.guards:
                 try:
+                    guard.begin()  # the call happened (a hook reports it after the fact)
                     if ran:
                         await guard.finish()
                     else:
@@ -142,27 +167,31 @@ class Gate:
             admission.guards.clear()
 
     async def call(
-        self, run: SessionRun, tool: str, forward: Callable[[], Awaitable[T]], failed: Callable[[T], bool]
+        self, run: AsyncRun, tool: str, forward: Callable[[], Awaitable[T]], failed: Callable[[T], bool]
     ) -> T | Admission:
         """Admit, forward, settle. Returns the refused ``Admission`` instead of calling ``forward``."""
         admission = await self.admit(run, tool)
         if not admission.allowed:
             return admission
+        for guard in admission.guards:
+            guard.begin()
         try:
             result = await forward()
         except BaseException as exc:
             await self.settle(admission, ran=False, error=exc)
             raise
-        await self.settle(admission, ran=not failed(result))
+        failure = failed(result)
+        await self.settle(admission, ran=not failure, error=ToolFailed(tool) if failure else None)
         return result
 
     async def _release(self, admission: Admission, reason: str) -> None:
+        """The call will not be made: its steps never began, so the core releases them."""
         with anyio.CancelScope(shield=True):
             for guard in admission.guards:
                 await guard.fail(RuntimeError(reason))
             admission.guards.clear()
 
-    def _record_shadow(self, run: SessionRun, match: Match, code: str, message: str) -> None:
+    def _record_shadow(self, run: AsyncRun, match: Match, code: str, message: str) -> None:
         record = ShadowRecord(
             subject=run.subject,
             action=Action(match.kind, match.tool),
@@ -176,7 +205,7 @@ class Gate:
         logging.getLogger("cycles.shadow").warning("shadow mode: would deny %s: %s", match.tool, message)
 
     @staticmethod
-    def refusal_text(run: SessionRun, match: Match, denial: CyclesError) -> str:
+    def refusal_text(run: AsyncRun, match: Match, denial: CyclesError) -> str:
         """Which budget refused, what remains, what to do: the text the agent reads."""
         tool = match.tool
         cost = " + ".join(str(a) for a in match.cost)

@@ -1,9 +1,10 @@
 """``cycles-mcp hook EVENT --policy POLICY.toml``: the proxy's policy enforced from Claude Code hooks,
 so built-in tools (Bash, Write, ...) are gated as well as MCP tools (named ``mcp__server__tool``).
 
-Each hook is its own process; the ledger ties them together. The tool-use id is the idempotency
-key, so ``post`` and ``failure`` find the reservation ``pre`` made by replaying the same reserve,
-then the core guard settles it. The Claude Code session is the run (``workflow=cc-<session id>``).
+Each hook is its own process; the ledger ties them together. The Claude Code session is one core
+run (``workflow=cc-<session id>``). The tool-use id is the idempotency key: ``pre`` reserves the
+call as a step of the run, ahead of the action; ``post`` and ``failure`` find that reservation by
+replaying the same reserve and end the step through the core guard (commit / release).
 
 =============  =====================  ==================================================================
 event          Claude Code hook       what it does
@@ -13,7 +14,8 @@ pre            PreToolUse             reserve; a refusal denies the tool with th
 post           PostToolUse            commit the reservation (the tool ran)
 failure        PostToolUseFailure     release it (the tool failed)
 session-start  SessionStart           set the session budgets
-session-end    SessionEnd             release what no post/failure hook reported, close the session budgets
+session-end    SessionEnd             end the run: steps no post/failure hook reported never began, so
+                                      the core releases them; the session budgets are closed
 =============  =====================  ==================================================================
 """
 
@@ -26,11 +28,10 @@ from typing import Any
 
 import anyio
 
-from cycles import AsyncCycles, CyclesError, InvalidRequest
+from cycles import AsyncCycles, AsyncRun, CyclesError, InvalidRequest
 from cycles.models import ReservationStatus
 from cycles_mcp.gate import Gate
 from cycles_mcp.policy import Policy
-from cycles_mcp.session import SessionRun
 
 __all__ = ["HOOK_TTL_MS", "run_hook", "session_run_id"]
 
@@ -85,14 +86,12 @@ def run_hook(event: str, policy: Policy, stdin: str, *, ledger: str | None = Non
     return result
 
 
-async def _handle(event: str, gate: Gate, run: SessionRun, data: dict[str, Any]) -> tuple[str, int]:
+async def _handle(event: str, gate: Gate, run: AsyncRun, data: dict[str, Any]) -> tuple[str, int]:
     if event == "session-start":
-        await run.start()
+        await gate.start_run(run)
         return "", 0
     if event == "session-end":
-        await _release_unreported(gate.cycles, run)
-        run.started = True  # the budgets exist from earlier hooks: close them
-        await run.end()
+        await _end_session(gate, run)
         return "", 0
     tool = _field(data, "tool_name")
     key = "cc:" + _field(data, "tool_use_id")
@@ -109,24 +108,32 @@ async def _handle(event: str, gate: Gate, run: SessionRun, data: dict[str, Any])
         }
         return json.dumps(output), 0
     # post / failure: the replayed reserve returned the reservation pre made; the guard settles it
-    await gate.settle(admission, ran=event == "post")
+    error = None if event == "post" else HookReportedFailure(str(data.get("error") or "the tool failed"))
+    await gate.settle(admission, ran=event == "post", error=error)
     return "", 0
 
 
-async def _release_unreported(cycles: AsyncCycles, run: SessionRun) -> None:
-    """Reservations of this session that no post/failure hook reported: the tool never completed
-    (permission refused, session interrupted), so they are released."""
+class HookReportedFailure(Exception):
+    """PostToolUseFailure: Claude Code reported that the tool failed."""
+
+
+async def _end_session(gate: Gate, run: AsyncRun) -> None:
+    """End the session's run. Its steps still open were reserved by ``pre`` hooks that no ``post``
+    or ``failure`` hook reported (permission refused, session interrupted): each is taken back into
+    this process's run by replaying its reserve, and the core's rule releases it (never begun)."""
+    await gate.start_run(run)
     levels = run.subject.model_dump(exclude_none=True, exclude={"dimensions"})
     cursor: str | None = None
     while True:
-        page = await cycles.list_reservations(status=ReservationStatus.ACTIVE, limit=200, cursor=cursor, **levels)
+        page = await gate.cycles.list_reservations(status=ReservationStatus.ACTIVE, limit=200, cursor=cursor, **levels)
         for item in page.reservations:
+            key = item.idempotency_key or ""
+            if not key.endswith(":reserve"):
+                continue  # not a step of this gate's (reserved some other way): not ours to settle
+            guard = gate.step(run, item.action, item.reserved, key.removesuffix(":reserve"))
             with contextlib.suppress(CyclesError):  # settled or expired meanwhile: nothing is held
-                await cycles.release(
-                    item.reservation_id,
-                    reason="Claude Code session ended before the tool reported back",
-                    idempotency_key=f"{item.reservation_id}:session-end",
-                )
+                await guard.start(begin=False)
         cursor = page.next_cursor
         if not cursor:
-            return
+            break
+    await gate.end_run(run)

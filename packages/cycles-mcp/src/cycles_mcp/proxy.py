@@ -21,10 +21,9 @@ from mcp.server import Server, ServerRequestContext
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
-from cycles import AsyncCycles
+from cycles import AsyncCycles, AsyncRun
 from cycles_mcp.gate import Admission, Gate
 from cycles_mcp.policy import Policy
-from cycles_mcp.session import SessionRun
 
 __all__ = ["ProxyServer", "connect_upstream", "open_proxy", "refusal_result"]
 
@@ -70,7 +69,7 @@ class ProxyServer:
         self.upstream = upstream
         self.gate = gate
         #: the run of clients without a session (2026-07-28 sessionless requests): the proxy's lifetime
-        self.shared_run: SessionRun | None = None
+        self.shared_run: AsyncRun | None = None
         self.runs_started = 0
         caps = upstream.server_capabilities
         info = upstream.server_info
@@ -119,7 +118,7 @@ class ProxyServer:
             return refusal_result(result)
         return result
 
-    def run_for(self, ctx: ServerRequestContext[Any]) -> SessionRun:
+    def run_for(self, ctx: ServerRequestContext[Any]) -> AsyncRun:
         """The session's run: one per handshake connection (ended when it closes); sessionless
         (2026-07-28) requests share the proxy-lifetime run."""
         connection = getattr(ctx.session, "_connection", None)  # the SDK's per-connection state
@@ -127,20 +126,20 @@ class ProxyServer:
             if self.shared_run is None:
                 self.shared_run = self._new_run()
             return self.shared_run
-        run: SessionRun | None = connection.state.get(_RUN_KEY)
+        run: AsyncRun | None = connection.state.get(_RUN_KEY)
         if run is None:
             run = self._new_run()
             connection.state[_RUN_KEY] = run
-            connection.exit_stack.push_async_callback(run.end)
+            connection.exit_stack.push_async_callback(self.gate.end_run, run)
         return run
 
-    def _new_run(self) -> SessionRun:
+    def _new_run(self) -> AsyncRun:
         self.runs_started += 1
         return self.gate.new_run()
 
     async def aclose(self) -> None:
         if self.shared_run is not None:
-            await self.shared_run.end()
+            await self.gate.end_run(self.shared_run)
 
 
 def _without_progress(params: Any) -> Any:
