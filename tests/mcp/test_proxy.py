@@ -207,3 +207,28 @@ async def test_ledger_errors_fail_closed_unless_fail_open(env: Env) -> None:
         forwarded = await client.call_tool("deploy", {"service": "a"})
     assert not forwarded.is_error
     assert [c["tool"] for c in env.upstream_calls()] == ["deploy"]
+
+
+async def test_a_call_cancelled_in_flight_is_committed_not_released(env: Env) -> None:
+    """The client gives up on a call the upstream already started: it may have had its effect, so
+    the core's rule commits it (a begun step is never released)."""
+    async with env.stdio_client(env.proxy_args(env.policy(POLICY))) as client:
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def cancel_once_started() -> None:
+                    while not env.upstream_calls():  # readiness probe: the upstream logged the call
+                        await anyio.sleep(0.05)
+                    scope.cancel()
+
+                tg.start_soon(cancel_once_started)
+                await client.call_tool("slow", {"seconds": 60})
+        assert scope.cancelled_caught
+        ok = await client.call_tool("deploy", {"service": "after"})  # the session goes on
+        assert not ok.is_error
+    with Cycles(env.ledger) as cy:
+        statuses = {r.action.name: r.status for r in cy.list_reservations(tenant="acme").reservations}
+        assert statuses == {"slow": ReservationStatus.COMMITTED, "deploy": ReservationStatus.COMMITTED}
+        (session,) = _session_scopes(cy)
+        assert _balance(cy, session, Unit.RISK_POINTS) == (51, 0)
+        assert_ledger_invariant(cy)

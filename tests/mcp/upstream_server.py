@@ -48,6 +48,15 @@ def fail(reason: str = "boom") -> str:
     raise ToolError(f"upstream failure: {reason}")
 
 
+@app.tool(description="Takes its time (logs when it starts).")
+async def slow(seconds: float = 30.0) -> str:
+    import anyio
+
+    _log("slow", seconds=seconds)
+    await anyio.sleep(seconds)
+    return "done"
+
+
 @app.tool(description="Kills the upstream process mid-call.")
 def crash() -> str:
     _log("crash")
