@@ -97,6 +97,8 @@ def test_no_default_cost_leaves_unmatched_tools_ungated_and_allow_lists_restrict
         ('tenant = "a"\n[tools."x"]\n', 'tools."x": needs cost'),
         ('tenant = "a"\ndeny = "drop_*"\nttl_ms = 5\n', "ttl_ms: must be an integer"),
         ('tenant = "a"\noverage_policy = "SOMETIMES"\n', "overage_policy: must be one of"),
+        ('tenant = "a"\non_failure = "sometimes"\n', "on_failure: must be"),
+        ('tenant = "a"\n[tools."x"]\ncost = { credits = 1 }\non_failure = 1\n', 'tools."x".on_failure: must be'),
         ("tenant = \n", "not valid TOML"),
     ],
 )

@@ -11,7 +11,7 @@ from mcp.shared.exceptions import MCPError
 
 from cycles import Action, BudgetClosed, Cycles, ReservationStatus, Subject, Unit, risk_points, usd
 from cycles.testing import assert_ledger_invariant
-from tests.mcp.conftest import Env
+from tests.mcp.conftest import UPSTREAM, Env
 
 POLICY = """
 tenant = "acme"
@@ -232,3 +232,17 @@ async def test_a_call_cancelled_in_flight_is_committed_not_released(env: Env) ->
         (session,) = _session_scopes(cy)
         assert _balance(cy, session, Unit.RISK_POINTS) == (51, 0)
         assert_ledger_invariant(cy)
+
+
+async def test_streamable_http_upstream(env: Env) -> None:
+    """--upstream-url: the upstream is a streamable-HTTP server; the client still talks stdio."""
+    policy = env.policy(POLICY)
+    with env.http_server([str(UPSTREAM)]) as upstream_url:
+        args = ["-m", "cycles_mcp.cli", "proxy", "--policy", str(policy), "--upstream-url", upstream_url]
+        async with env.stdio_client(args) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            first = await client.call_tool("deploy", {"service": "api"})
+            second = await client.call_tool("deploy", {"service": "api"})
+    assert "deploy" in names and "drop_table" in names
+    assert not first.is_error and second.is_error and "10 risk points left" in _text(second)
+    assert [c["tool"] for c in env.upstream_calls()] == ["deploy"]

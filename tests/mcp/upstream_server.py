@@ -1,6 +1,6 @@
 """A real MCP server for the proxy tests: tools with side effects it logs, a resource, a prompt.
 
-Run as ``python upstream_server.py [--http PORT]``. Every tool call it receives is appended as one
+Run as ``python upstream_server.py [--transport http --port PORT]``. Every tool call it receives is appended as one
 JSON line to the file named by ``UPSTREAM_LOG`` (so a test can prove a refused call never arrived).
 ``crash`` kills the process mid-call; ``fail`` returns a tool error.
 """
@@ -74,12 +74,11 @@ def deploy_prompt(service: str) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--http":
+    if "--transport" in sys.argv:  # --transport http --port N, as the test fixture starts servers
         import anyio
 
-        sys.path.insert(0, os.path.dirname(__file__))
         from cycles_mcp.transport import serve_http
 
-        anyio.run(lambda: serve_http(app, port=int(sys.argv[2])))
+        anyio.run(lambda: serve_http(app, port=int(sys.argv[sys.argv.index("--port") + 1])))
     else:
         app.run("stdio")

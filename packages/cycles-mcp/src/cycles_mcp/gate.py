@@ -96,7 +96,9 @@ class Gate:
             with anyio.CancelScope(shield=True):
                 await run.end()
 
-    def step(self, run: AsyncRun, action: Action, amount: Amount, key: str | None) -> AsyncGuard:
+    def step(
+        self, run: AsyncRun, action: Action, amount: Amount, key: str | None, on_failure: str = "release"
+    ) -> AsyncGuard:
         """One unit of a call's cost, as a step of the session's run."""
         return run.guard(
             action,
@@ -106,6 +108,7 @@ class Gate:
             mode="shadow" if self.shadow else "enforce",
             heartbeat=self.heartbeat,
             idempotency_key=key,
+            on_failure=on_failure,
         )
 
     async def admit(self, run: AsyncRun, tool: str, *, idempotency_key: str | None = None) -> Admission:
@@ -128,7 +131,7 @@ class Gate:
             await self.start_run(run)
             for amount in match.cost:
                 key = None if idempotency_key is None else f"{idempotency_key}:{amount.unit.value.lower()}"
-                guard = self.step(run, Action(match.kind, tool), amount, key)
+                guard = self.step(run, Action(match.kind, tool), amount, key, match.on_failure)
                 await guard.start(begin=False)
                 admission.guards.append(guard)
                 if guard.shadow is not None:

@@ -47,8 +47,10 @@ _TOP_KEYS = {
     "overage_policy",
     "shadow",
     "fail_open",
+    "on_failure",
 }
-_TOOL_KEYS = {"cost", "gate", "deny", "kind"}
+_TOOL_KEYS = {"cost", "gate", "deny", "kind", "on_failure"}
+_ON_FAILURE = ("release", "charge")
 
 
 class PolicyError(InvalidRequest):
@@ -61,6 +63,7 @@ class ToolRule:
     cost: tuple[Amount, ...]  #: empty: the tool is forwarded ungated
     denied: bool = False
     kind: str | None = None
+    on_failure: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +75,7 @@ class Match:
     cost: tuple[Amount, ...]
     rule: str  #: the deny glob, tool table, or "default_cost" that decided; "" when nothing matched
     kind: str
+    on_failure: str = "release"  #: a failed call: "release" its reservation, or "charge" it (tools that bill anyway)
 
     @property
     def gated(self) -> bool:
@@ -100,6 +104,7 @@ class Policy:
     overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
     shadow: bool = False
     fail_open: bool = False
+    on_failure: str = "release"
     source: str = "<policy>"
     _exact: dict[str, ToolRule] = field(default_factory=dict, compare=False, repr=False)
 
@@ -119,9 +124,10 @@ class Policy:
             where = f'[tools."{rule.pattern}"]'
             if rule.denied:
                 return Match(tool, True, (), where, rule.kind or self.action_kind)
-            return Match(tool, False, rule.cost, where, rule.kind or self.action_kind)
+            on_failure = rule.on_failure or self.on_failure
+            return Match(tool, False, rule.cost, where, rule.kind or self.action_kind, on_failure)
         if self.default_cost:
-            return Match(tool, False, self.default_cost, "default_cost", self.action_kind)
+            return Match(tool, False, self.default_cost, "default_cost", self.action_kind, self.on_failure)
         return Match(tool, False, (), "", self.action_kind)
 
 
@@ -214,6 +220,7 @@ class _Parser:
             overage_policy=overage_policy,
             shadow=self.flag(data, "shadow"),
             fail_open=self.flag(data, "fail_open"),
+            on_failure=self.on_failure(data.get("on_failure", "release"), "on_failure"),
             source=self.source,
         )
 
@@ -233,6 +240,11 @@ class _Parser:
         if not isinstance(value, str) or not 1 <= len(value) <= 64:
             raise self.fail(where, "must be an action kind string of 1 to 64 characters, e.g. tool.mcp")
         return value
+
+    def on_failure(self, value: Any, where: str) -> str:
+        if value not in _ON_FAILURE:
+            raise self.fail(where, 'must be "release" (a failed call is not charged) or "charge"')
+        return str(value)
 
     def globs(self, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
         value = data.get(key, [])
@@ -288,7 +300,8 @@ class _Parser:
         if gate and "cost" not in spec and not self.flag(spec, "deny"):
             raise self.fail(where, "needs cost = { ... } (or gate = false to forward it ungated, deny = true)")
         kind = self.kind(spec["kind"], f"{where}.kind") if "kind" in spec else None
-        return ToolRule(name, cost, denied=self.flag(spec, "deny"), kind=kind)
+        on_failure = self.on_failure(spec["on_failure"], f"{where}.on_failure") if "on_failure" in spec else None
+        return ToolRule(name, cost, denied=self.flag(spec, "deny"), kind=kind, on_failure=on_failure)
 
 
 def _first_line(exc: BaseException) -> str:
