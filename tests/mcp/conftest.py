@@ -56,9 +56,11 @@ class Env:
         return ["-m", "cycles_mcp.cli", "proxy", "--policy", str(policy), *extra, "--", *self.upstream_command()]
 
     @asynccontextmanager
-    async def stdio_client(self, args: Sequence[str], **env: str) -> AsyncIterator[Client]:
+    async def stdio_client(self, args: Sequence[str], mode: str = "legacy", **env: str) -> AsyncIterator[Client]:
+        """A client over stdio; ``mode="legacy"`` is the handshake era Claude Desktop, Claude Code and
+        Cursor speak, ``"auto"`` lets the SDK pick the 2026-07-28 protocol."""
         params = StdioServerParameters(command=sys.executable, args=list(args), env=self.environ(**env))
-        async with Client(params, mode="legacy", read_timeout_seconds=60) as client:
+        async with Client(params, mode=mode, read_timeout_seconds=60) as client:
             yield client
 
     @contextmanager

@@ -246,3 +246,16 @@ async def test_streamable_http_upstream(env: Env) -> None:
     assert "deploy" in names and "drop_table" in names
     assert not first.is_error and second.is_error and "10 risk points left" in _text(second)
     assert [c["tool"] for c in env.upstream_calls()] == ["deploy"]
+
+
+async def test_a_2026_protocol_client_is_gated_too(env: Env) -> None:
+    """A client that opens with the 2026-07-28 protocol (no handshake, no session): its stdio
+    connection to the proxy is one run, and its per-request envelope is not passed upstream."""
+    async with env.stdio_client(env.proxy_args(env.policy(POLICY)), mode="auto") as client:
+        assert client.protocol_version == "2026-07-28"
+        names = [t.name for t in (await client.list_tools()).tools]
+        first = await client.call_tool("deploy", {"service": "api"})
+        second = await client.call_tool("deploy", {"service": "api"})
+    assert "deploy" in names
+    assert not first.is_error and second.is_error and "10 risk points left" in _text(second)
+    assert [c["tool"] for c in env.upstream_calls()] == ["deploy"]

@@ -30,6 +30,7 @@ __all__ = ["ProxyServer", "connect_upstream", "open_proxy", "refusal_result"]
 log = logging.getLogger("cycles.mcp")
 R = TypeVar("R", bound=BaseModel)
 _RUN_KEY = "cycles_mcp.run"
+_RESERVED_META = "io.modelcontextprotocol/"
 
 
 def refusal_result(admission: Admission) -> types.CallToolResult:
@@ -100,7 +101,7 @@ class ProxyServer:
         self, request_type: type[Any], result_type: type[R]
     ) -> Callable[[ServerRequestContext[Any], Any], Awaitable[R]]:
         async def forward(ctx: ServerRequestContext[Any], params: Any) -> R:
-            request = request_type(params=_without_progress(params))
+            request = request_type(params=_for_upstream(params))
             result: R = await self.upstream.session.send_request(request, result_type)
             return result
 
@@ -110,7 +111,7 @@ class ProxyServer:
         run = self.run_for(ctx)
 
         async def forward() -> types.CallToolResult:
-            request = types.CallToolRequest(params=_without_progress(params))
+            request = types.CallToolRequest(params=_for_upstream(params))
             return await self.upstream.session.send_request(request, types.CallToolResult)
 
         result = await self.gate.call(run, params.name, forward, failed=lambda r: bool(r.is_error))
@@ -142,14 +143,17 @@ class ProxyServer:
             await self.gate.end_run(self.shared_run)
 
 
-def _without_progress(params: Any) -> Any:
-    """The client's progress token means nothing to the upstream (progress is not relayed)."""
+def _for_upstream(params: Any) -> Any:
+    """The request's params as the upstream should get them: ``_meta`` without what belongs to the
+    client's hop (its progress token, which is not relayed, and the protocol's reserved
+    ``io.modelcontextprotocol/`` keys, e.g. a 2026-07-28 client's per-request envelope: the upstream
+    connection negotiated its own version)."""
     meta = getattr(params, "meta", None)
     if params is None or meta is None:
         return params
     data = meta.model_dump(by_alias=True, exclude_none=True) if isinstance(meta, BaseModel) else dict(meta)
-    data.pop("progressToken", None)
-    return params.model_copy(update={"meta": data or None})
+    kept = {k: v for k, v in data.items() if k != "progressToken" and not k.startswith(_RESERVED_META)}
+    return params.model_copy(update={"meta": kept or None})
 
 
 @contextlib.asynccontextmanager
