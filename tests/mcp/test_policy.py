@@ -146,3 +146,12 @@ def test_command_line_errors_are_one_line(tmp_path: Path) -> None:
         assert done.returncode == 2, done.stderr
         assert done.stderr.startswith("error: ") and expected in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_relative_sqlite_ledger_is_relative_to_the_policy_file(tmp_path: Path) -> None:
+    (tmp_path / "conf").mkdir()
+    policy = tmp_path / "conf" / "p.toml"
+    policy.write_text('ledger = "sqlite:///data/ledger.db"\ntenant = "a"\n', encoding="utf-8")
+    assert load_policy(policy).ledger == f"sqlite:///{(tmp_path / 'conf' / 'data' / 'ledger.db').as_posix()}"
+    policy.write_text('ledger = "sqlite:////abs/ledger.db"\ntenant = "a"\n', encoding="utf-8")
+    assert load_policy(policy).ledger == "sqlite:////abs/ledger.db"

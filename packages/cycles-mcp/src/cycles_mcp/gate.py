@@ -174,6 +174,9 @@ class Gate:
     ) -> T | Admission:
         """Admit, forward, settle. Returns the refused ``Admission`` instead of calling ``forward``."""
         admission = await self.admit(run, tool)
+        log.info(
+            "%s %s in %s: %s", "forward" if admission.allowed else "refuse", tool, run.id, admission.match.describe()
+        )
         if not admission.allowed:
             return admission
         for guard in admission.guards:

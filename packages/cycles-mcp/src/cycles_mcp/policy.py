@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -150,13 +150,21 @@ def _most_specific(tool: str, rules: Iterable[ToolRule]) -> ToolRule | None:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and validate a policy file; any problem is one ``PolicyError`` naming the file and key."""
+    """Read and validate a policy file; any problem is one ``PolicyError`` naming the file and key.
+
+    A relative SQLite ledger path (``sqlite:///ledger.db``) is relative to the policy file, not to
+    whatever directory the MCP client starts the proxy in."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise PolicyError(f"{p}: cannot read the policy file ({exc.strerror or exc})") from None
-    return parse_policy(text, source=str(p))
+    policy = parse_policy(text, source=str(p))
+    ledger = policy.ledger
+    if ledger is not None and ledger.startswith("sqlite:///") and not ledger.startswith("sqlite:////"):
+        where = (p.resolve().parent / ledger[len("sqlite:///") :]).as_posix()
+        policy = replace(policy, ledger=f"sqlite:///{where}")
+    return policy
 
 
 def parse_policy(text: str, source: str = "<policy>") -> Policy:
