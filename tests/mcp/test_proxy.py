@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.shared.exceptions import MCPError
+from mcp_types import ToolListChangedNotification
 
 from cycles import Action, BudgetClosed, Cycles, ReservationStatus, Subject, Unit, risk_points, usd
 from cycles.testing import assert_ledger_invariant
@@ -259,3 +261,22 @@ async def test_a_2026_protocol_client_is_gated_too(env: Env) -> None:
     assert "deploy" in names
     assert not first.is_error and second.is_error and "10 risk points left" in _text(second)
     assert [c["tool"] for c in env.upstream_calls()] == ["deploy"]
+
+
+async def test_upstream_list_changed_notifications_reach_the_client(env: Env) -> None:
+    changed = anyio.Event()
+
+    async def on_message(message: Any) -> None:
+        if isinstance(message, ToolListChangedNotification):
+            changed.set()
+
+    params = StdioServerParameters(command=sys.executable, args=env.proxy_args(env.policy(POLICY)), env=env.environ())
+    async with Client(params, mode="legacy", message_handler=on_message) as client:
+        before = {t.name for t in (await client.list_tools()).tools}
+        grown = await client.call_tool("grow", {"name": "brand_new"})
+        with anyio.fail_after(30):  # a bound on a hang, not a timing assertion
+            await changed.wait()
+        after = {t.name for t in (await client.list_tools(cache_mode="refresh")).tools}
+        used = await client.call_tool("brand_new", {"text": "hi"})  # gated by default_cost like any tool
+    assert not grown.is_error and "brand_new" not in before and after == before | {"brand_new"}
+    assert not used.is_error and _text(used) == "brand_new: hi"

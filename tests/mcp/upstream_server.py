@@ -12,6 +12,7 @@ import os
 import sys
 
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
 
 app = MCPServer("upstream-demo", instructions="A demo upstream: deploys, searches and drops tables.", version="1.2.3")
@@ -55,6 +56,18 @@ async def slow(seconds: float = 30.0) -> str:
     _log("slow", seconds=seconds)
     await anyio.sleep(seconds)
     return "done"
+
+
+@app.tool(description="Adds a tool named NAME and tells the client its tool list changed.")
+async def grow(name: str, ctx: Context) -> str:
+    _log("grow", name=name)
+
+    def added(text: str = "") -> str:
+        return f"{name}: {text}"
+
+    app.add_tool(added, name=name, description="A tool added at run time.")
+    await ctx.session.send_tool_list_changed()
+    return f"added {name}"
 
 
 @app.tool(description="Kills the upstream process mid-call.")

@@ -1,6 +1,8 @@
 """``cycles-mcp proxy``: a gating MCP proxy.
 
-The client sees the upstream server's tools, resources, prompts, name and instructions unchanged.
+The client sees the upstream server's tools, resources, prompts, name and instructions unchanged,
+and the upstream's change notifications (tools/prompts/resources list changed, resource updated,
+log messages) are relayed to every connected client.
 Every ``tools/call`` goes through the ``Gate`` first: a refused call never reaches the upstream and
 comes back as a tool result with ``isError: true`` that says which budget refused it, what remains
 and what to do; an allowed call is forwarded, then committed (released when the upstream reported
@@ -12,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import mcp_types as types
 from mcp import Client, StdioServerParameters
-from mcp.server import Server, ServerRequestContext
+from mcp.server import InitializationOptions, NotificationOptions, Server, ServerRequestContext
+from mcp.server.context import CallNext, HandlerResult
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
@@ -25,7 +29,7 @@ from cycles import AsyncCycles, AsyncRun
 from cycles_mcp.gate import Admission, Gate
 from cycles_mcp.policy import Policy
 
-__all__ = ["ProxyServer", "connect_upstream", "open_proxy", "refusal_result"]
+__all__ = ["NotificationRelay", "ProxyServer", "connect_upstream", "open_proxy", "refusal_result"]
 
 log = logging.getLogger("cycles.mcp")
 R = TypeVar("R", bound=BaseModel)
@@ -40,9 +44,65 @@ def refusal_result(admission: Admission) -> types.CallToolResult:
     )
 
 
+_RELAYED = frozenset(
+    {
+        "notifications/tools/list_changed",
+        "notifications/prompts/list_changed",
+        "notifications/resources/list_changed",
+        "notifications/resources/updated",
+        "notifications/message",
+    }
+)
+
+
+class NotificationRelay:
+    """Upstream notifications, re-sent to every downstream connection that is still open."""
+
+    def __init__(self) -> None:
+        self.connections: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    async def __call__(self, message: types.ServerNotification | Exception) -> None:
+        if isinstance(message, Exception):
+            log.warning("upstream transport error: %s", message)
+            return
+        data = message.model_dump(by_alias=True, mode="json", exclude_none=True)
+        method = data.get("method")
+        if method not in _RELAYED:
+            return  # progress and cancellation belong to the upstream hop
+        for connection in list(self.connections):
+            await connection.notify(method, data.get("params"))  # best effort: never raises
+
+    async def middleware(self, ctx: ServerRequestContext[Any], call_next: CallNext) -> HandlerResult:
+        """Every inbound message (``initialize`` first) makes its connection known to the relay."""
+        connection = getattr(ctx.session, "_connection", None)  # the SDK's per-connection state
+        if connection is not None and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            self.connections.add(connection)
+        return await call_next(ctx)
+
+
+class _Server(Server[Any]):
+    """The low-level server, advertising the upstream's list-changed notifications on every transport."""
+
+    notification_options: NotificationOptions | None = None
+
+    def create_initialization_options(
+        self,
+        notification_options: NotificationOptions | None = None,
+        experimental_capabilities: dict[str, dict[str, Any]] | None = None,
+        extensions: dict[str, dict[str, Any]] | None = None,
+    ) -> InitializationOptions:
+        return super().create_initialization_options(
+            notification_options or self.notification_options, experimental_capabilities, extensions
+        )
+
+
 @contextlib.asynccontextmanager
 async def connect_upstream(
-    command: Sequence[str] | None = None, url: str | None = None, *, env: dict[str, str] | None = None
+    command: Sequence[str] | None = None,
+    url: str | None = None,
+    *,
+    env: dict[str, str] | None = None,
+    message_handler: NotificationRelay | None = None,
 ) -> AsyncIterator[Client]:
     """A client session to the upstream server: a command over stdio, or a streamable-HTTP URL."""
     if (command is None) == (url is None):
@@ -59,16 +119,17 @@ async def connect_upstream(
         assert url is not None
         target = url
     # The handshake era: every upstream written before 2026 speaks it, and so do newer ones.
-    async with Client(target, mode="legacy") as client:
+    async with Client(target, mode="legacy", message_handler=message_handler) as client:
         yield client
 
 
 class ProxyServer:
     """A low-level MCP ``Server`` mirroring ``upstream`` with every tool call gated."""
 
-    def __init__(self, upstream: Client, gate: Gate) -> None:
+    def __init__(self, upstream: Client, gate: Gate, relay: NotificationRelay | None = None) -> None:
         self.upstream = upstream
         self.gate = gate
+        self.relay = relay
         #: the run of clients without a session (2026-07-28 sessionless requests): the proxy's lifetime
         self.shared_run: AsyncRun | None = None
         self.runs_started = 0
@@ -89,13 +150,20 @@ class ProxyServer:
             handlers["on_get_prompt"] = self._forward(types.GetPromptRequest, types.GetPromptResult)
         if caps.completions is not None:
             handlers["on_completion"] = self._forward(types.CompleteRequest, types.CompleteResult)
-        self.server: Server[Any] = Server(
+        self.server = _Server(
             info.name if info is not None else "cycles-mcp-proxy",
             version=(info.version if info is not None else "") or "",
             title=info.title if info is not None else None,
             instructions=upstream.instructions,
             **handlers,
         )
+        if relay is not None:
+            self.server.middleware.append(relay.middleware)
+            self.server.notification_options = NotificationOptions(
+                prompts_changed=bool(caps.prompts and caps.prompts.list_changed),
+                resources_changed=bool(caps.resources and caps.resources.list_changed),
+                tools_changed=bool(caps.tools and caps.tools.list_changed),
+            )
 
     def _forward(
         self, request_type: type[Any], result_type: type[R]
@@ -167,11 +235,12 @@ async def open_proxy(
     fail_open: bool = False,
 ) -> AsyncIterator[ProxyServer]:
     """The ledger, the upstream session and the proxy server, closed in order on exit."""
+    relay = NotificationRelay()
     async with (
         AsyncCycles(ledger or policy.ledger) as cycles,
-        connect_upstream(command, url) as upstream,
+        connect_upstream(command, url, message_handler=relay) as upstream,
     ):
-        proxy = ProxyServer(upstream, Gate(policy, cycles, shadow=shadow, fail_open=fail_open))
+        proxy = ProxyServer(upstream, Gate(policy, cycles, shadow=shadow, fail_open=fail_open), relay)
         try:
             yield proxy
         finally:
