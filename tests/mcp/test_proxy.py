@@ -12,7 +12,7 @@ from mcp.shared.exceptions import MCPError
 from mcp_types import ToolListChangedNotification
 
 from cycles import Action, BudgetClosed, Cycles, ReservationStatus, Subject, Unit, risk_points, usd
-from cycles.testing import assert_ledger_invariant
+from cycles.testing import assert_settled
 from tests.mcp.conftest import UPSTREAM, Env
 
 POLICY = """
@@ -89,7 +89,7 @@ async def test_cost_per_glob_is_charged_to_the_session_and_the_tenant(env: Env) 
         assert _balance(cy, session, Unit.USD_MICROCENTS) == (usd(0.03).amount, 0)
         assert _balance(cy, "tenant:acme", Unit.RISK_POINTS) == (50, 0)  # fail's 1 point was released
         assert _balance(cy, session, Unit.RISK_POINTS) == (50, 0)
-        assert_ledger_invariant(cy)
+        assert_settled(cy, session, [usd(0.03), risk_points(50)])
 
 
 async def test_session_budget_exhausted_mid_session(env: Env) -> None:
@@ -116,7 +116,7 @@ async def test_session_budget_exhausted_mid_session(env: Env) -> None:
             cy.reserve(
                 Subject(tenant="acme", workflow=session.rsplit(":", 1)[1]), Action("tool.mcp", "x"), risk_points(1)
             )
-        assert_ledger_invariant(cy)
+        assert_settled(cy, session, [risk_points(50), usd(0.01)])
 
 
 async def test_upstream_tool_error_is_passed_through_and_released(env: Env) -> None:
@@ -139,7 +139,7 @@ async def test_upstream_crash_mid_call_releases_and_reports_an_error(env: Env) -
         (session,) = _session_scopes(cy)
         assert _balance(cy, session, Unit.RISK_POINTS) == (0, 0)
         assert all(r.status is ReservationStatus.RELEASED for r in cy.list_reservations(tenant="acme").reservations)
-        assert_ledger_invariant(cy)
+        assert_settled(cy, session, risk_points(0))
 
 
 async def test_concurrent_http_sessions_have_their_own_budgets_and_share_the_tenant(env: Env) -> None:
@@ -179,7 +179,7 @@ async def test_concurrent_http_sessions_have_their_own_budgets_and_share_the_ten
             assert _balance(cy, scope, Unit.RISK_POINTS)[0] in (0, 50)
             with pytest.raises(BudgetClosed):
                 cy.reserve(Subject(tenant="acme", workflow=scope.rsplit(":", 1)[1]), Action("t", "x"), risk_points(1))
-        assert_ledger_invariant(cy)
+        assert_settled(cy, "tenant:acme", risk_points(100))
 
 
 async def test_shadow_mode_forwards_everything_and_records_would_deny(env: Env) -> None:
@@ -233,7 +233,7 @@ async def test_a_call_cancelled_in_flight_is_committed_not_released(env: Env) ->
         assert statuses == {"slow": ReservationStatus.COMMITTED, "deploy": ReservationStatus.COMMITTED}
         (session,) = _session_scopes(cy)
         assert _balance(cy, session, Unit.RISK_POINTS) == (51, 0)
-        assert_ledger_invariant(cy)
+        assert_settled(cy, session, risk_points(51))
 
 
 async def test_streamable_http_upstream(env: Env) -> None:
