@@ -280,3 +280,15 @@ async def test_upstream_list_changed_notifications_reach_the_client(env: Env) ->
         used = await client.call_tool("brand_new", {"text": "hi"})  # gated by default_cost like any tool
     assert not grown.is_error and "brand_new" not in before and after == before | {"brand_new"}
     assert not used.is_error and _text(used) == "brand_new: hi"
+
+
+async def test_upstream_progress_reaches_the_client_that_asked(env: Env) -> None:
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        seen.append((progress, total, message))
+
+    async with env.stdio_client(env.proxy_args(env.policy(POLICY))) as client:
+        result = await client.call_tool("steps", {"n": 3}, progress_callback=on_progress)
+    assert not result.is_error and _text(result) == "3 steps"
+    assert seen == [(1, 3, "step 1"), (2, 3, "step 2"), (3, 3, "step 3")]

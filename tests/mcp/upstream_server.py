@@ -70,6 +70,14 @@ async def grow(name: str, ctx: Context) -> str:
     return f"added {name}"
 
 
+@app.tool(description="Works in N steps, reporting progress after each.")
+async def steps(n: int, ctx: Context) -> str:
+    _log("steps", n=n)
+    for i in range(1, n + 1):
+        await ctx.report_progress(i, n, f"step {i}")
+    return f"{n} steps"
+
+
 @app.tool(description="Kills the upstream process mid-call.")
 def crash() -> str:
     _log("crash")

@@ -1,8 +1,9 @@
 """``cycles-mcp proxy``: a gating MCP proxy.
 
 The client sees the upstream server's tools, resources, prompts, name and instructions unchanged,
-and the upstream's change notifications (tools/prompts/resources list changed, resource updated,
-log messages) are relayed to every connected client.
+the upstream's change notifications (tools/prompts/resources list changed, resource updated, log
+messages) are relayed to every connected client, and its progress on a request to that request's
+client.
 Every ``tools/call`` goes through the ``Gate`` first: a refused call never reaches the upstream and
 comes back as a tool result with ``isError: true`` that says which budget refused it, what remains
 and what to do; an allowed call is forwarded, then committed (released when the upstream reported
@@ -22,6 +23,7 @@ import mcp_types as types
 from mcp import Client, StdioServerParameters
 from mcp.server import InitializationOptions, NotificationOptions, Server, ServerRequestContext
 from mcp.server.context import CallNext, HandlerResult
+from mcp.shared.dispatcher import ProgressFnT
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import BaseModel
 
@@ -170,7 +172,9 @@ class ProxyServer:
     ) -> Callable[[ServerRequestContext[Any], Any], Awaitable[R]]:
         async def forward(ctx: ServerRequestContext[Any], params: Any) -> R:
             request = request_type(params=_for_upstream(params))
-            result: R = await self.upstream.session.send_request(request, result_type)
+            result: R = await self.upstream.session.send_request(
+                request, result_type, progress_callback=_progress_to(ctx)
+            )
             return result
 
         return forward
@@ -180,7 +184,9 @@ class ProxyServer:
 
         async def forward() -> types.CallToolResult:
             request = types.CallToolRequest(params=_for_upstream(params))
-            return await self.upstream.session.send_request(request, types.CallToolResult)
+            return await self.upstream.session.send_request(
+                request, types.CallToolResult, progress_callback=_progress_to(ctx)
+            )
 
         result = await self.gate.call(run, params.name, forward, failed=lambda r: bool(r.is_error))
         if isinstance(result, Admission):
@@ -211,6 +217,15 @@ class ProxyServer:
             await self.gate.end_run(self.shared_run)
 
 
+def _progress_to(ctx: ServerRequestContext[Any]) -> ProgressFnT | None:
+    """Relay the upstream's progress on a request to the client, if the client asked for progress
+    (the upstream hop gets a progress token of its own)."""
+    meta: dict[str, Any] = dict(ctx.meta or {})
+    if meta.get("progressToken", meta.get("progress_token")) is None:  # the SDK hands it over by either name
+        return None
+    return ctx.session.report_progress
+
+
 def _for_upstream(params: Any) -> Any:
     """The request's params as the upstream should get them: ``_meta`` without what belongs to the
     client's hop (its progress token, which is not relayed, and the protocol's reserved
@@ -220,7 +235,8 @@ def _for_upstream(params: Any) -> Any:
     if params is None or meta is None:
         return params
     data = meta.model_dump(by_alias=True, exclude_none=True) if isinstance(meta, BaseModel) else dict(meta)
-    kept = {k: v for k, v in data.items() if k != "progressToken" and not k.startswith(_RESERVED_META)}
+    hop = ("progressToken", "progress_token")
+    kept = {k: v for k, v in data.items() if k not in hop and not k.startswith(_RESERVED_META)}
     return params.model_copy(update={"meta": kept or None})
 
 
