@@ -134,7 +134,6 @@ class ProxyServer:
         self.relay = relay
         #: the run of clients without a session (2026-07-28 sessionless requests): the proxy's lifetime
         self.shared_run: AsyncRun | None = None
-        self.runs_started = 0
         caps = upstream.server_capabilities
         info = upstream.server_info
         handlers: dict[str, Any] = {}
@@ -199,18 +198,14 @@ class ProxyServer:
         connection = getattr(ctx.session, "_connection", None)  # the SDK's per-connection state
         if connection is None or ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
             if self.shared_run is None:
-                self.shared_run = self._new_run()
+                self.shared_run = self.gate.new_run()
             return self.shared_run
         run: AsyncRun | None = connection.state.get(_RUN_KEY)
         if run is None:
-            run = self._new_run()
+            run = self.gate.new_run()
             connection.state[_RUN_KEY] = run
             connection.exit_stack.push_async_callback(self.gate.end_run, run)
         return run
-
-    def _new_run(self) -> AsyncRun:
-        self.runs_started += 1
-        return self.gate.new_run()
 
     async def aclose(self) -> None:
         if self.shared_run is not None:
