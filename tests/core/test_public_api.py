@@ -39,3 +39,10 @@ def test_denials_are_runtime_errors_and_bad_input_is_a_value_error() -> None:
 def test_unknown_server_codes_stay_visible() -> None:
     exc = errors.error_for("SOMETHING_NEW", "from a newer server")
     assert type(exc) is errors.CyclesError and exc.code == "SOMETHING_NEW"
+
+
+def test_the_run_is_public() -> None:
+    for name in ("Run", "AsyncRun", "BatchResult", "current_run", "for_each", "afor_each"):
+        assert name in cycles.__all__, name
+    assert cycles.current_run() is None
+    assert callable(cycles.Cycles.run) and callable(cycles.AsyncCycles.run)

@@ -54,6 +54,7 @@ from cycles.models import (
     tokens,
     usd,
 )
+from cycles.run import AsyncRun, BatchResult, Run, afor_each, current_run, for_each
 
 __version__ = "0.1.0"
 
@@ -63,7 +64,9 @@ __all__ = [
     "AsyncBudgets",
     "AsyncCycles",
     "AsyncGuard",
+    "AsyncRun",
     "Balance",
+    "BatchResult",
     "Budget",
     "BudgetClosed",
     "BudgetExceeded",
@@ -89,6 +92,7 @@ __all__ = [
     "ReservationExpired",
     "ReservationFinalized",
     "ReservationStatus",
+    "Run",
     "ShadowRecord",
     "SignedAmount",
     "StandardMetrics",
@@ -100,7 +104,10 @@ __all__ = [
     "UnitMismatch",
     "UnpricedModel",
     "__version__",
+    "afor_each",
     "credits",
+    "current_run",
+    "for_each",
     "risk_points",
     "tokens",
     "usd",

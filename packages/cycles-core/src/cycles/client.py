@@ -9,14 +9,23 @@ from __future__ import annotations
 import functools
 import inspect
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
 from cycles.errors import InvalidRequest, describe_validation_error
-from cycles.guard import AsyncGuard, Guard, GuardSettings, Mode, ShadowRecord, _GuardCore
+from cycles.guard import (
+    AsyncGuard,
+    Guard,
+    GuardSettings,
+    Mode,
+    OnFailure,
+    OnMissingActual,
+    ShadowRecord,
+    _GuardCore,
+)
 from cycles.ledger.base import (
     AsyncLedger,
     BalanceQuery,
@@ -52,6 +61,7 @@ from cycles.models import (
     Subject,
     Unit,
 )
+from cycles.run import AsyncRun, Run, _RunCore
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
 
@@ -141,9 +151,13 @@ class _ClientBase:
         heartbeat: bool | None,
         idempotency_key: str | None,
         metadata: dict[str, Any] | None,
+        **step: Any,
     ) -> _GuardCore:
+        """``step``: the step options of ``GuardSettings`` (max_lease_ms, on_failure,
+        on_missing_actual, expect_actual); None leaves the default."""
         base = self.settings
-        overrides = (ttl_ms, grace_period_ms, overage_policy, mode, heartbeat, metadata)
+        step = {k: v for k, v in step.items() if v is not None}
+        overrides = (ttl_ms, grace_period_ms, overage_policy, mode, heartbeat, metadata, *step.values())
         if all(o is None for o in overrides):  # the common case shares the client's settings object
             if not isinstance(estimate, Amount):
                 raise InvalidRequest(f"estimate must be an Amount (e.g. usd(0.05)), got {type(estimate).__name__}")
@@ -155,9 +169,16 @@ class _ClientBase:
             mode=base.mode if mode is None else mode,
             heartbeat=base.heartbeat if heartbeat is None else heartbeat,
             metadata=metadata,
+            **step,
         )
         if settings.mode not in ("enforce", "shadow"):
             raise InvalidRequest("mode must be 'enforce' or 'shadow'")
+        if settings.on_failure not in ("release", "charge"):
+            raise InvalidRequest("on_failure must be 'release' or 'charge'")
+        if settings.on_missing_actual not in ("estimate", "release", "leave"):
+            raise InvalidRequest("on_missing_actual must be 'estimate', 'release' or 'leave'")
+        if settings.max_lease_ms is not None and 0 < settings.max_lease_ms < 1000:
+            raise InvalidRequest("max_lease_ms must be at least 1000 (or 0: no bound)")
         if not 1000 <= settings.ttl_ms <= 86_400_000:
             raise InvalidRequest("ttl_ms must be between 1000 and 86400000")
         if not 0 <= settings.grace_period_ms <= 60_000:
@@ -391,7 +412,16 @@ class Cycles(_ClientBase):
         heartbeat: bool | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        on_failure: OnFailure | None = None,
+        on_missing_actual: OnMissingActual | None = None,
+        expect_actual: bool | None = None,
+        max_lease_ms: int | None = None,
     ) -> Guard:
+        """Reserve before an action, settle after (see ``cycles.guard``). ``on_failure``: a body that
+        raised releases (default) or, ``"charge"``, commits its estimate. ``on_missing_actual``: how a
+        step expected to report an actual (model calls by default, or ``expect_actual=True``) that
+        did not is settled. ``max_lease_ms``: the heartbeat stops extending after this long (default
+        10 minutes; 0: no bound)."""
         core = self._guard_core(
             subject,
             action,
@@ -403,8 +433,35 @@ class Cycles(_ClientBase):
             heartbeat=heartbeat,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            on_failure=on_failure,
+            on_missing_actual=on_missing_actual,
+            expect_actual=expect_actual,
+            max_lease_ms=max_lease_ms,
         )
         return Guard(self, core)
+
+    def run(
+        self,
+        subject: Subject,
+        *,
+        budgets: Sequence[Amount] = (),
+        run_id: str | None = None,
+        name: str | None = None,
+        keep_budgets: bool = False,
+        **step_options: Any,
+    ) -> Run:
+        """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
+        one rule when it ends (see ``cycles.run``). ``step_options`` are defaults for its guards."""
+        core = _RunCore(
+            self,
+            subject,
+            budgets=budgets,
+            run_id=run_id,
+            name=name,
+            keep_budgets=keep_budgets,
+            step_options=step_options,
+        )
+        return Run(self, core)
 
     def guarded(
         self,
@@ -607,7 +664,16 @@ class AsyncCycles(_ClientBase):
         heartbeat: bool | None = None,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        on_failure: OnFailure | None = None,
+        on_missing_actual: OnMissingActual | None = None,
+        expect_actual: bool | None = None,
+        max_lease_ms: int | None = None,
     ) -> AsyncGuard:
+        """Reserve before an action, settle after (see ``cycles.guard``). ``on_failure``: a body that
+        raised releases (default) or, ``"charge"``, commits its estimate. ``on_missing_actual``: how a
+        step expected to report an actual (model calls by default, or ``expect_actual=True``) that
+        did not is settled. ``max_lease_ms``: the heartbeat stops extending after this long (default
+        10 minutes; 0: no bound)."""
         core = self._guard_core(
             subject,
             action,
@@ -619,8 +685,35 @@ class AsyncCycles(_ClientBase):
             heartbeat=heartbeat,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            on_failure=on_failure,
+            on_missing_actual=on_missing_actual,
+            expect_actual=expect_actual,
+            max_lease_ms=max_lease_ms,
         )
         return AsyncGuard(self, core)
+
+    def run(
+        self,
+        subject: Subject,
+        *,
+        budgets: Sequence[Amount] = (),
+        run_id: str | None = None,
+        name: str | None = None,
+        keep_budgets: bool = False,
+        **step_options: Any,
+    ) -> AsyncRun:
+        """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
+        one rule when it ends (see ``cycles.run``). ``step_options`` are defaults for its guards."""
+        core = _RunCore(
+            self,
+            subject,
+            budgets=budgets,
+            run_id=run_id,
+            name=name,
+            keep_budgets=keep_budgets,
+            step_options=step_options,
+        )
+        return AsyncRun(self, core)
 
     def guarded(
         self,

@@ -7,8 +7,22 @@ with ``await``. Only the shells do I/O (the httpx ``auth_flow`` pattern).
 Rules the flows keep:
 - A denial raises before the body runs (enforce mode). In shadow mode nothing is blocked: the
   would-deny is recorded in ``Cycles.shadow_log`` and the spend is accounted with an event.
-- The body raised and no actual was recorded -> release. An actual was recorded (the action
-  happened) -> commit it, even if the body raised afterwards.
+- One settlement rule for a step (a guard): an actual was recorded (the action happened) -> commit
+  it, even if the body raised afterwards. The step never started (``begin=False`` and no
+  ``begin()``) -> release. The body raised an ordinary exception -> the step *failed*: release by
+  default, commit the estimate with ``on_failure="charge"`` (tools that bill even when they fail).
+  The step was interrupted after it started (``CancelledError``, ``KeyboardInterrupt``,
+  ``GeneratorExit``, or the run it belongs to ended first) -> it may have been billed, so it is
+  never released: it ends *without an actual* (below).
+- A step that ends without an actual when one was expected (``expect_actual``; by default model
+  calls, kind ``llm.*``, whose cost is measured from usage) is surfaced: a warning names it, the
+  guard's ``actual_missing`` flag is set, and ``on_missing_actual`` settles it: ``"estimate"``
+  (default: commit the estimate), ``"release"``, or ``"leave"`` (no request at all; the
+  reservation expires on its own, as CR-BOUNDARY-001 describes). Other steps (tools, nodes) are
+  priced by their estimate: committing it is their normal settlement.
+- A commit the ledger caps (ALLOW_IF_AVAILABLE on a spent-out scope) is never silent: the
+  uncharged part is recorded on the guard (``uncharged``), logged and counted on its run. Record
+  true spend as debt with ``overage_policy=ALLOW_WITH_OVERDRAFT`` and an overdraft limit.
 - Settlement is never turned into a release: an ambiguous commit is retried with the same
   idempotency key; a commit refused because the reservation expired falls back to an event with
   the same key (``shared/spec/client-recovery-scenarios.yaml`` CR-CORE-001/002).
@@ -16,7 +30,10 @@ Rules the flows keep:
   draws from the outer reservation instead of reserving again, so nothing is counted twice; the
   outer guard then commits what its children spent plus whatever it commits itself.
 - Long bodies keep their reservation alive with ``extend`` (heartbeat); a failing heartbeat is
-  logged and recorded on the guard, never fatal.
+  logged and recorded on the guard, never fatal. Leases are bounded: the heartbeat stops once the
+  reservation has been held ``max_lease_ms`` (default 10 minutes), when its guard is garbage
+  collected, or (async) when the task that started it is gone; a warning names the reservation,
+  which then expires on its own.
 """
 
 from __future__ import annotations
@@ -27,7 +44,8 @@ import contextvars
 import logging
 import threading
 import time
-from collections.abc import Generator, Mapping
+import weakref
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -67,12 +85,18 @@ from cycles.scopes import derive_scopes
 if TYPE_CHECKING:
     from cycles.client import AsyncCycles, Cycles
 
-__all__ = ["AsyncGuard", "Guard", "GuardSettings", "Mode", "ShadowRecord"]
+__all__ = ["AsyncGuard", "Guard", "GuardSettings", "Mode", "OnFailure", "OnMissingActual", "ShadowRecord"]
 
 log = logging.getLogger("cycles.guard")
 shadow_log = logging.getLogger("cycles.shadow")
 
 Mode = Literal["enforce", "shadow"]
+OnFailure = Literal["release", "charge"]
+"""A step whose action raised: release its reservation (default), or commit its estimate."""
+OnMissingActual = Literal["estimate", "release", "leave"]
+"""A step that ended without an actual: commit the estimate, release, or leave it to expire."""
+DEFAULT_MAX_LEASE_MS = 600_000
+_INTERRUPTIONS = (asyncio.CancelledError, KeyboardInterrupt, GeneratorExit, SystemExit)
 _RETRYABLE = (LedgerUnavailable, InternalError, LimitExceeded)
 _SETTLE_BACKOFF_S = (0.05, 0.2, 0.5, 1.0)
 
@@ -112,6 +136,10 @@ class GuardSettings:
     mode: Mode = "enforce"
     heartbeat: bool = True
     metadata: dict[str, Any] | None = None
+    max_lease_ms: int | None = DEFAULT_MAX_LEASE_MS
+    on_failure: OnFailure = "release"
+    on_missing_actual: OnMissingActual = "estimate"
+    expect_actual: bool | None = None  # None: True for model calls (kind "llm.*")
 
 
 @dataclass(slots=True)
@@ -168,12 +196,26 @@ class _GuardCore:
         self.children_spent = 0
         self.children_held = 0
         self.has_children = False
-        self.state: Literal["new", "open", "settled", "released", "denied"] = "new"
+        self.state: Literal["new", "open", "settled", "released", "denied", "left"] = "new"
         self.heartbeat_errors: list[CyclesError] = []
         self.extensions = 0
         self.charged: Amount | None = None
         self.heartbeat_on = settings.heartbeat
         self._last_lead_ms: int | None = None
+        self.begun = True  # the action has started (guards that reserve ahead start with begin=False)
+        self.failed = False  # the action raised
+        self.interrupted = False  # cancelled / interrupted / its run ended while it was open
+        self.actual_missing = False  # settled without an actual although one was expected
+        self.lease_exceeded = False  # the heartbeat stopped at max_lease_ms
+        self.uncharged: Amount | None = None  # what a capped commit did not record
+        self.reserved_at = 0.0  # time.monotonic() when the reservation was granted
+        self.run: Any = None  # the _RunCore this step belongs to
+        self.on_settled: Callable[[_GuardCore], None] | None = None
+
+    @property
+    def expects_actual(self) -> bool:
+        expect = self.settings.expect_actual
+        return self.action.kind.startswith("llm") if expect is None else expect
 
     # -- what the user sees ---------------------------------------------------------------
 
@@ -273,6 +315,7 @@ class _GuardCore:
         )
         try:
             self.reservation = yield from _retrying(_Call("reserve", (req,)))
+            self.reserved_at = time.monotonic()
         except (Denied, NotFound) as denial:
             if self.settings.mode == "shadow":
                 self._record_shadow(denial)
@@ -317,7 +360,57 @@ class _GuardCore:
         )
 
     def finish_flow(self) -> _Flow:
-        """Settle: commit the final actual; fall back to an event if the lease expired."""
+        """The step ended normally. Commit its actual (an expected but missing one is surfaced)."""
+        if self.state != "open":
+            return None
+        if self.actual is None and not self.has_children and self.expects_actual:
+            yield from self._settle_without_actual("it ended without one")
+            return None
+        yield from self._commit_flow()
+        return None
+
+    def _settle_without_actual(self, why: str) -> _Flow:
+        """CR-BOUNDARY-001: a missing actual is surfaced, then settled as ``on_missing_actual`` says."""
+        self.actual_missing = True
+        how = self.settings.on_missing_actual
+        log.warning(
+            "%s %s (reservation %s) has no actual cost: %s; %s",
+            self.action.kind,
+            self.action.name,
+            self.reservation_id or self.key,
+            why,
+            {"estimate": f"committing its estimate {self.estimate}", "release": "releasing it"}.get(
+                how, "leaving it to expire"
+            ),
+        )
+        if how == "estimate":
+            yield from self._commit_flow()
+        elif how == "release":
+            yield from self.release_flow(f"no actual cost: {why}")
+        else:
+            self.heartbeat_on = False
+            if self.parent is not None:
+                self.settle_child(None)
+            self.state = "left"
+        return None
+
+    def _note_charged(self, actual: Amount, charged: Amount | None) -> None:
+        self.charged = charged
+        if charged is not None and charged.amount < actual.amount:
+            self.uncharged = trusted(Amount, unit=actual.unit, amount=actual.amount - charged.amount)
+            log.warning(
+                "%s %s cost %s but the ledger charged %s (overage policy %s): %s went unrecorded; "
+                "use overage_policy=ALLOW_WITH_OVERDRAFT with an overdraft limit to record it as debt",
+                self.action.kind,
+                self.action.name,
+                actual,
+                charged,
+                self.settings.overage_policy.value,
+                self.uncharged,
+            )
+
+    def _commit_flow(self) -> _Flow:
+        """Commit the final actual; fall back to an event if the lease expired."""
         if self.state != "open":
             return None
         actual = self.final_actual()
@@ -337,7 +430,7 @@ class _GuardCore:
                 except CyclesError as exc:
                     shadow_log.warning("shadow mode: could not account %s for %s: %s", actual, self.action.name, exc)
                 else:
-                    self.charged = response.charged or actual
+                    self._note_charged(actual, response.charged or actual)
                     if record is not None:
                         record.charged = self.charged
             return None
@@ -350,13 +443,13 @@ class _GuardCore:
         )
         try:
             response = yield from _retrying(_Call("commit", (self.reservation.reservation_id, req)))
-            self.charged = response.charged
+            self._note_charged(actual, response.charged)
         except ReservationExpired:
             # The lease lapsed before we settled; the spend still happened: record it as an event
             # under the same idempotency key so a retried fallback cannot charge twice.
             event = self._event_request(actual, key=req.idempotency_key)
             response_e = yield from _retrying(_Call("event", (event,)))
-            self.charged = response_e.charged
+            self._note_charged(actual, response_e.charged or actual)
         self.state = "settled"
         return None
 
@@ -393,11 +486,43 @@ class _GuardCore:
         return None
 
     def fail_flow(self, exc: BaseException | None) -> _Flow:
-        """The body failed. If it had recorded an actual the action happened: settle, don't release."""
+        """The step did not end normally: settle it by the rule in the module docstring."""
+        if self.state != "open":
+            return None
         if self.actual is not None or self.children_spent:
-            yield from self.finish_flow()
+            yield from self._commit_flow()  # the action happened and said what it cost
+        elif not self.begun:
+            yield from self.release_flow("the action never started")
+        elif isinstance(exc, _INTERRUPTIONS):
+            yield from self._interrupted_flow(f"interrupted by {type(exc).__name__} after it started")
         else:
-            yield from self.release_flow(f"guarded action failed: {type(exc).__name__}" if exc else "failed")
+            self.failed = True
+            if self.settings.on_failure == "charge":
+                yield from self._commit_flow()
+            else:
+                yield from self.release_flow(f"guarded action failed: {type(exc).__name__}" if exc else "failed")
+        return None
+
+    def abandon_flow(self, why: str) -> _Flow:
+        """Its run ended while the step was still open: the same rule, as an interruption."""
+        if self.state != "open":
+            return None
+        if self.actual is not None or self.children_spent:
+            yield from self._commit_flow()
+        elif not self.begun:
+            yield from self.release_flow("the action never started")
+        else:
+            yield from self._interrupted_flow(why)
+        return None
+
+    def _interrupted_flow(self, why: str) -> _Flow:
+        """Interrupted after it started: it may have been billed, so it is never released."""
+        self.interrupted = True
+        if self.expects_actual:
+            yield from self._settle_without_actual(why)
+        else:
+            yield from self._commit_flow()  # its estimate is its price
+        return None
 
     # -- heartbeat -------------------------------------------------------------------------
 
@@ -413,8 +538,30 @@ class _GuardCore:
         retry_reserve_ms = 3_000
         return max(lead - retry_reserve_ms, lead / 2, 0) / 1000
 
+    def lease_over(self) -> bool:
+        """Held for ``max_lease_ms`` already: stop extending (once, with a warning naming it)."""
+        limit = self.settings.max_lease_ms
+        if not limit or (time.monotonic() - self.reserved_at) * 1000 < limit:
+            return False
+        self.stop_heartbeat(f"it has been held for max_lease_ms={limit}", lease=True)
+        return True
+
+    def stop_heartbeat(self, why: str, *, lease: bool = False) -> None:
+        if self.heartbeat_on and self.state == "open":
+            log.warning(
+                "heartbeat for reservation %s (%s %s) stopped: %s; it will expire on its own",
+                self.reservation_id,
+                self.action.kind,
+                self.action.name,
+                why,
+            )
+        self.heartbeat_on = False
+        self.lease_exceeded = self.lease_exceeded or lease
+
     def beat_flow(self) -> _Flow:
         if self.state != "open" or self.reservation is None or self.reservation.reservation_id is None:
+            return None
+        if not self.heartbeat_on or self.lease_over():
             return None
         self.extensions += 1
         req = trusted(
@@ -460,18 +607,20 @@ def _retrying(call: _Call, attempts: int = len(_SETTLE_BACKOFF_S) + 1) -> _Flow:
 class _Heartbeats:
     """One daemon thread beats every open sync guard of the process (a thread per guard would cost
     more than the guard). Guards are registered while open and removed when they settle, so the
-    registry holds only in-flight guards. Registering is a dict store (atomic under the GIL); the
-    lock is taken only to wake the thread for a beat earlier than the one it sleeps towards."""
+    registry holds only in-flight guards, and only weakly: a guard its owner dropped without
+    settling stops beating (its reservation expires). Registering is a dict store (atomic under
+    the GIL); the lock is taken only to wake the thread for a beat earlier than the one it sleeps
+    towards."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._due: dict[Guard, float] = {}
+        self._due: dict[weakref.ref[Guard], tuple[float, str | None]] = {}
         self._wake_at = float("inf")
         self._thread: threading.Thread | None = None
 
     def add(self, guard: Guard, delay_s: float) -> None:
         due = time.monotonic() + delay_s
-        self._due[guard] = due
+        self._due[weakref.ref(guard)] = (due, guard.reservation_id)
         if due < self._wake_at or self._thread is None:
             with self._cond:
                 if self._thread is None or not self._thread.is_alive():
@@ -480,20 +629,26 @@ class _Heartbeats:
                 self._cond.notify()
 
     def remove(self, guard: Guard) -> None:
-        self._due.pop(guard, None)
+        self._due.pop(weakref.ref(guard), None)
 
     def _run(self) -> None:
         while True:
             with self._cond:
                 now = time.monotonic()
-                ready = [g for g, due in list(self._due.items()) if due <= now]
-                for g in ready:
-                    self._due.pop(g, None)
+                ready = [(ref, rid) for ref, (due, rid) in list(self._due.items()) if due <= now]
+                for ref, _ in ready:
+                    self._due.pop(ref, None)
                 if not ready:
-                    self._wake_at = min(self._due.values(), default=now + 3600.0)
+                    self._wake_at = min((due for due, _ in self._due.values()), default=now + 3600.0)
                     self._cond.wait(max(0.0, self._wake_at - now))
                     continue
-            for guard in ready:
+            for ref, rid in ready:
+                guard = ref()
+                if guard is None:
+                    log.warning(
+                        "heartbeat for reservation %s stopped: its guard is gone; it will expire on its own", rid
+                    )
+                    continue
                 try:
                     guard._beat()
                 except Exception:
@@ -501,6 +656,44 @@ class _Heartbeats:
 
 
 _heartbeats = _Heartbeats()
+
+
+def drive(ledger: Any, flow: _Flow) -> Any:
+    """Run a flow against a synchronous ledger."""
+    try:
+        op = next(flow)
+        while True:
+            if isinstance(op, _Sleep):
+                time.sleep(op.seconds)
+                op = flow.send(None)
+                continue
+            try:
+                result = getattr(ledger, op.method)(*op.args, **op.kwargs)
+            except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                op = flow.throw(exc)
+            else:
+                op = flow.send(result)
+    except StopIteration as stop:
+        return stop.value
+
+
+async def adrive(ledger: Any, flow: _Flow) -> Any:
+    """Run a flow against an asynchronous ledger."""
+    try:
+        op = next(flow)
+        while True:
+            if isinstance(op, _Sleep):
+                await asyncio.sleep(op.seconds)
+                op = flow.send(None)
+                continue
+            try:
+                result = await getattr(ledger, op.method)(*op.args, **op.kwargs)
+            except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
+                op = flow.throw(exc)
+            else:
+                op = flow.send(result)
+    except StopIteration as stop:
+        return stop.value
 
 
 # ---- the shells -----------------------------------------------------------------------------
@@ -529,12 +722,59 @@ class _GuardFace:
         return self._core.shadow
 
     @property
+    def subject(self) -> Subject:
+        return self._core.subject
+
+    @property
+    def action(self) -> Action:
+        return self._core.action
+
+    @property
     def estimate(self) -> Amount:
         return self._core.estimate
 
     @property
+    def actual(self) -> Amount | None:
+        """The actual cost recorded with ``commit()`` (None: none yet)."""
+        return self._core.actual
+
+    @property
     def charged(self) -> Amount | None:
         return self._core.charged
+
+    @property
+    def uncharged(self) -> Amount | None:
+        """What the ledger did not charge of the committed actual (a capped commit), else None."""
+        return self._core.uncharged
+
+    @property
+    def state(self) -> str:
+        """``new``, ``open``, ``settled`` (committed), ``released``, ``denied`` or ``left`` (to expire)."""
+        return self._core.state
+
+    @property
+    def begun(self) -> bool:
+        return self._core.begun
+
+    @property
+    def failed(self) -> bool:
+        """The action raised (settled by ``on_failure``)."""
+        return self._core.failed
+
+    @property
+    def interrupted(self) -> bool:
+        """Cancelled, interrupted, or its run ended while it was open."""
+        return self._core.interrupted
+
+    @property
+    def actual_missing(self) -> bool:
+        """It ended without the actual it was expected to report (settled by ``on_missing_actual``)."""
+        return self._core.actual_missing
+
+    @property
+    def lease_exceeded(self) -> bool:
+        """Its heartbeat stopped at ``max_lease_ms``."""
+        return self._core.lease_exceeded
 
     @property
     def idempotency_key(self) -> str:
@@ -543,6 +783,15 @@ class _GuardFace:
     @property
     def heartbeat_errors(self) -> list[CyclesError]:
         return self._core.heartbeat_errors
+
+    def allows_tool(self, name: str) -> bool:
+        """Whether the caps this reservation was granted with let the model call tool ``name``."""
+        caps = self._core.caps
+        return caps is None or caps.allows_tool(name)
+
+    def max_tokens(self, requested: int | None) -> int | None:
+        """``requested`` clamped to the caps' ``max_tokens`` (None: no limit either way)."""
+        return clamp_max_tokens(self._core.caps, requested)
 
     def commit(
         self,
@@ -554,6 +803,27 @@ class _GuardFace:
         """Record the actual cost. Settlement happens when the guard exits (or ``finish()``)."""
         self._core.record(actual, metrics, metadata)
 
+    def begin(self) -> None:
+        """The action starts now (for a guard started with ``begin=False``, e.g. reserved ahead)."""
+        self._core.begun = True
+
+    def _settled(self) -> None:
+        core = self._core
+        if core.state != "open" and core.on_settled is not None:
+            notify, core.on_settled = core.on_settled, None
+            notify(core)
+
+    def __repr__(self) -> str:
+        core = self._core
+        return f"<{type(self).__name__} {core.action.kind} {core.action.name} {core.state} {core.reservation_id}>"
+
+
+def clamp_max_tokens(caps: Caps | None, requested: int | None) -> int | None:
+    """A request's max output tokens within the caps' ``max_tokens`` (None: no limit either way)."""
+    if caps is None or caps.max_tokens is None:
+        return requested
+    return caps.max_tokens if requested is None else min(requested, caps.max_tokens)
+
 
 class Guard(_GuardFace):
     """``with cy.guard(...) as g:`` -- or ``g.start()`` / ``g.finish()`` / ``g.fail()``."""
@@ -564,27 +834,17 @@ class Guard(_GuardFace):
         self._token: contextvars.Token[_GuardCore | None] | None = None
 
     def _drive(self, flow: _Flow) -> Any:
-        ledger = self._client.ledger
-        try:
-            op = next(flow)
-            while True:
-                if isinstance(op, _Sleep):
-                    time.sleep(op.seconds)
-                    op = flow.send(None)
-                    continue
-                try:
-                    result = getattr(ledger, op.method)(*op.args, **op.kwargs)
-                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value
+        return drive(self._client.ledger, flow)
 
-    def start(self) -> Guard:
+    def start(self, *, begin: bool = True) -> Guard:
+        """Reserve (raises the ``Denied``). ``begin=False``: reserved ahead, the action starts at ``begin()``."""
         core = self._core
+        core.begun = begin
         if not core.adopt_parent():
-            self._drive(core.start_flow())
+            try:
+                self._drive(core.start_flow())
+            finally:
+                self._settled()  # a denial settles it (a run forgets it)
             delay = core.beat_delay_s()
             if delay is not None:
                 _heartbeats.add(self, delay)
@@ -594,11 +854,24 @@ class Guard(_GuardFace):
         _heartbeats.remove(self)
         if actual is not None:
             self._core.record(actual, self._core.metrics, self._core.commit_metadata)
-        self._drive(self._core.finish_flow())
+        try:
+            self._drive(self._core.finish_flow())
+        finally:
+            self._settled()
 
     def fail(self, exc: BaseException | None = None) -> None:
         _heartbeats.remove(self)
-        self._drive(self._core.fail_flow(exc))
+        try:
+            self._drive(self._core.fail_flow(exc))
+        finally:
+            self._settled()
+
+    def _abandon(self, why: str) -> None:
+        _heartbeats.remove(self)
+        try:
+            self._drive(self._core.abandon_flow(why))
+        finally:
+            self._settled()
 
     def _beat(self) -> None:
         # No lock against finish(): a beat that loses the race meets RESERVATION_FINALIZED and stops.
@@ -624,6 +897,19 @@ class Guard(_GuardFace):
             self.fail(exc)
 
 
+_beat_tasks: set[asyncio.Task[None]] = set()
+
+
+def _spawn_beat(ref: weakref.ref[AsyncGuard], rid: str | None) -> None:
+    guard = ref()
+    if guard is None:
+        log.warning("heartbeat for reservation %s stopped: its guard is gone; it will expire", rid)
+        return
+    task = asyncio.get_running_loop().create_task(guard._beat())
+    _beat_tasks.add(task)  # the loop keeps only weak references to tasks
+    task.add_done_callback(_beat_tasks.discard)
+
+
 class AsyncGuard(_GuardFace):
     """``async with acy.guard(...) as g:`` -- or ``await g.start()`` / ``finish()`` / ``fail()``."""
 
@@ -632,29 +918,21 @@ class AsyncGuard(_GuardFace):
         self._core = core
         self._token: contextvars.Token[_GuardCore | None] | None = None
         self._beat_handle: asyncio.TimerHandle | None = None
+        self._owner: asyncio.Task[Any] | None = None
 
     async def _drive(self, flow: _Flow) -> Any:
-        ledger = self._client.ledger
-        try:
-            op = next(flow)
-            while True:
-                if isinstance(op, _Sleep):
-                    await asyncio.sleep(op.seconds)
-                    op = flow.send(None)
-                    continue
-                try:
-                    result = await getattr(ledger, op.method)(*op.args, **op.kwargs)
-                except Exception as exc:  # noqa: BLE001 - handed to the flow, which decides
-                    op = flow.throw(exc)
-                else:
-                    op = flow.send(result)
-        except StopIteration as stop:
-            return stop.value
+        return await adrive(self._client.ledger, flow)
 
-    async def start(self) -> AsyncGuard:
+    async def start(self, *, begin: bool = True) -> AsyncGuard:
+        """Reserve (raises the ``Denied``). ``begin=False``: reserved ahead, the action starts at ``begin()``."""
         core = self._core
+        core.begun = begin
         if not core.adopt_parent():
-            await self._drive(core.start_flow())
+            try:
+                await self._drive(core.start_flow())
+            finally:
+                self._settled()
+            self._owner = asyncio.current_task()
             self._schedule_beat()
         return self
 
@@ -662,13 +940,17 @@ class AsyncGuard(_GuardFace):
         delay = self._core.beat_delay_s()
         if delay is not None:
             loop = asyncio.get_running_loop()
-            self._beat_handle = loop.call_later(delay, lambda: loop.create_task(self._beat()))
+            self._beat_handle = loop.call_later(delay, _spawn_beat, weakref.ref(self), self._core.reservation_id)
 
     async def _beat(self) -> None:
-        if self._core.state != "open":
+        core = self._core
+        if core.state != "open":
             return
-        await self._drive(self._core.beat_flow())
-        if self._core.state == "open":
+        if core.run is None and self._owner is not None and self._owner.done():
+            core.stop_heartbeat("the task that started it has ended")
+            return
+        await self._drive(core.beat_flow())
+        if core.state == "open":
             self._schedule_beat()
 
     def _cancel_beat(self) -> None:
@@ -680,11 +962,24 @@ class AsyncGuard(_GuardFace):
         self._cancel_beat()
         if actual is not None:
             self._core.record(actual, self._core.metrics, self._core.commit_metadata)
-        await self._drive(self._core.finish_flow())
+        try:
+            await self._drive(self._core.finish_flow())
+        finally:
+            self._settled()
 
     async def fail(self, exc: BaseException | None = None) -> None:
         self._cancel_beat()
-        await self._drive(self._core.fail_flow(exc))
+        try:
+            await self._drive(self._core.fail_flow(exc))
+        finally:
+            self._settled()
+
+    async def _abandon(self, why: str) -> None:
+        self._cancel_beat()
+        try:
+            await self._drive(self._core.abandon_flow(why))
+        finally:
+            self._settled()
 
     async def __aenter__(self) -> AsyncGuard:
         await self.start()
