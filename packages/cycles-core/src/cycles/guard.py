@@ -361,6 +361,13 @@ class _GuardCore:
 
     def finish_flow(self) -> _Flow:
         """The step ended normally. Commit its actual (an expected but missing one is surfaced)."""
+        if self.state == "released" and self.actual is not None and self.parent is None:
+            # The action happened after its step was released (a call retried after its failure):
+            # nothing is released once its action happened, so the actual is charged as an event.
+            self.state = "settled"
+            response = yield from _retrying(_Call("event", (self._event_request(self.actual, self.key + ":late"),)))
+            self._note_charged(self.actual, response.charged or self.actual)
+            return None
         if self.state != "open":
             return None
         if self.actual is None and not self.has_children and self.expects_actual:
