@@ -33,9 +33,9 @@ os.environ.update(
 
 import pytest  # noqa: E402
 
-from cycles import Cycles, ReservationStatus, Subject  # noqa: E402
+from cycles import Cycles, Subject  # noqa: E402
 from cycles.pricing import register_price  # noqa: E402
-from cycles.testing import assert_ledger_invariant  # noqa: E402
+from cycles.testing import assert_settled  # noqa: E402
 
 HERE = Path(__file__).parent
 HAS_CREWAI = all(importlib.util.find_spec(name) is not None for name in ("crewai", "cycles_crewai"))
@@ -90,9 +90,7 @@ def ledger_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str
 def cy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cycles]:
     client = Cycles(ledger_url(request.param, tmp_path, request))
     yield client
-    assert_ledger_invariant(client)
-    active = client.list_reservations(tenant=TENANT, status=ReservationStatus.ACTIVE)
-    assert active.reservations == [], f"reservations left open: {active.reservations}"
+    assert_settled(client, f"tenant:{TENANT}")  # the shared end-of-test check (spend: in each test)
     client.close()
 
 

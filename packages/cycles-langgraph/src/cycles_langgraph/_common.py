@@ -6,7 +6,6 @@ model name and the token counts in LangChain's objects and hands them to ``cycle
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -26,15 +25,12 @@ from cycles import (
     Guard,
     Run,
     Subject,
-    UnpricedModel,
     current_run,
     usd,
 )
-from cycles.pricing import approx_messages_tokens, approx_tokens, estimate_cost, price_usage
+from cycles.pricing import approx_messages_tokens, approx_tokens, estimate_cost, price_answer, price_usage
 
 __all__ = ["SubjectLike", "per_run"]
-
-log = logging.getLogger("cycles_langgraph")
 
 covered: ContextVar[bool] = ContextVar("cycles_langgraph_covered", default=False)
 """True while CyclesMiddleware runs a call it reserved: the callback handler leaves it alone."""
@@ -148,18 +144,11 @@ def answered_by(requested: Model | None, messages: Iterable[object]) -> Model | 
 def actual_cost(
     requested: Model | None, messages: Sequence[object], usage: UsageMetadata | None
 ) -> tuple[Amount, dict[str, int]] | None:
-    """What a response cost, priced by the model that answered (None: no usage to price). A model
-    the pricing data does not know is priced as the one requested, with a warning."""
+    """What a response cost, priced by the model that answered (None: no usage to price)."""
     answered = answered_by(requested, messages)
     if usage is None or answered is None:
         return None
-    try:
-        return priced(answered, usage)
-    except UnpricedModel:
-        if requested is None or answered == requested:
-            raise
-        log.warning("%s answered a call to %s but has no price: priced as the latter", answered.ref, requested.ref)
-        return priced(requested, usage)
+    return priced(answered, usage, requested)
 
 
 def partial_cost(model: Model | None, prompt_tokens: int, text: str) -> tuple[Amount, dict[str, int]] | None:
@@ -171,14 +160,13 @@ def partial_cost(model: Model | None, prompt_tokens: int, text: str) -> tuple[Am
     return actual, {"tokens_input": prompt_tokens, "tokens_output": out}
 
 
-def priced(model: Model, usage: UsageMetadata) -> tuple[Amount, dict[str, int]]:
-    """The actual cost of ``usage`` priced by the core, and the metrics to record with it.
-
-    LangChain's ``input_tokens`` counts cached prompt tokens too, as the core expects.
-    """
+def priced(model: Model, usage: UsageMetadata, requested: Model | None = None) -> tuple[Amount, dict[str, int]]:
+    """The actual cost of ``usage`` priced by the core (by ``model``, the one that answered), and
+    the metrics to record with it. LangChain's ``input_tokens`` counts cached prompt tokens too."""
     cached = (usage.get("input_token_details") or {}).get("cache_read", 0)
-    actual = price_usage(
+    actual = price_answer(
         model.name,
+        requested=(requested or model).name,
         input_tokens=usage["input_tokens"],
         output_tokens=usage["output_tokens"],
         cached_input_tokens=cached,

@@ -13,7 +13,6 @@ passes the same list object to the hook and to the model.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -33,15 +32,13 @@ from agents.retry import ModelRetryAdvice, ModelRetryAdviceRequest
 from openai.types.responses import Response, ResponseCompletedEvent, ResponseOutputMessage, ResponseOutputText
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
-from cycles import Amount, Caps, UnpricedModel
-from cycles.pricing import approx_tokens, price_usage
+from cycles import Amount, Caps
+from cycles.pricing import approx_tokens, price_answer, price_usage
 
 if TYPE_CHECKING:
     from cycles_openai_agents.hooks import CyclesRunHooks, _Call
 
-__all__ = ["CyclesModel", "price_answer", "usage_price"]
-
-log = logging.getLogger("cycles.openai_agents")
+__all__ = ["CyclesModel", "usage_price"]
 
 
 class CyclesModel(Model):
@@ -136,7 +133,8 @@ class CyclesModel(Model):
                             input_tokens_details=u.input_tokens_details,
                         )
                         metrics = {"tokens_input": u.input_tokens, "tokens_output": u.output_tokens}
-                        call.guard.commit(price_answer(call.model, event.response.model, usage), metrics=metrics)
+                        answered = event.response.model or call.model
+                        call.guard.commit(usage_price(answered, usage, call.model), metrics=metrics)
                     elif isinstance(delta := getattr(event, "delta", None), str):
                         seen.append(delta)
                 yield event
@@ -193,22 +191,14 @@ def _within_caps(call: _Call | None, settings: ModelSettings, tools: list[Tool])
     return settings, tools
 
 
-def usage_price(model: str, usage: Usage) -> Amount:
-    """What a response's usage costs at ``model``'s price."""
+def usage_price(model: str, usage: Usage, requested: str | None = None) -> Amount:
+    """What a response's usage costs at ``model``'s price (the model that answered; ``requested``
+    is the fallback price when the data does not know it)."""
     cached = usage.input_tokens_details.cached_tokens or 0
-    return price_usage(
+    return price_answer(
         model,
+        requested=requested or model,
         input_tokens=usage.input_tokens,
         output_tokens=usage.output_tokens,
         cached_input_tokens=min(cached, usage.input_tokens),
     )
-
-
-def price_answer(requested: str, answered: str | None, usage: Usage) -> Amount:
-    """Price by the model that answered (a response's ``model``), else by the one requested."""
-    if answered and answered != requested:
-        try:
-            return usage_price(answered, usage)
-        except UnpricedModel:
-            log.warning("%s answered a call to %s but has no price: priced as %s", answered, requested, requested)
-    return usage_price(requested, usage)
