@@ -143,3 +143,36 @@ def test_calls_other_middleware_makes_are_covered_by_the_callbacks(cy: Cycles, s
     reservations = cy.list_reservations(tenant=tenant).reservations
     assert len(reservations) == 2  # the agent's call (middleware) and the summary (callbacks), once each
     assert_settled(cy, f"tenant:{tenant}", [CALL_COST, CALL_COST])
+
+
+def test_one_compiled_agent_invoked_from_two_threads_runs_two_runs(cy: Cycles, subject: Subject, tenant: str) -> None:
+    import threading
+
+    from langgraph_fakes import runaway
+
+    @tool
+    def search(q: str) -> str:
+        """Search the knowledge base."""
+        return "nothing new"
+
+    cy.budgets.set(f"tenant:{tenant}", usd(10))
+    agent = create_agent(runaway(), tools=[search], middleware=[CyclesMiddleware(cy, subject)])
+    runs: list[Any] = []
+    barrier = threading.Barrier(2)
+
+    def invoke() -> None:
+        with cy.run(subject, budgets=[usd("0.5")]) as run:  # $0.50 a run: one $0.30 call, not two
+            runs.append(run)
+            barrier.wait()
+            agent.invoke({"messages": [HumanMessage("loop")]}, config={"recursion_limit": 50})
+
+    threads = [threading.Thread(target=invoke) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({r.id for r in runs}) == 2
+    for run in runs:  # each run stopped at its own cap; no step landed outside a run
+        assert cy.budgets.get(run.scope).spent == CALL_COST
+        assert {g.subject.dimensions["run_id"] for g in run.steps} == {run.id}
+    assert_settled(cy, f"tenant:{tenant}", [CALL_COST, CALL_COST])
