@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
+from typing import Any
 
 import pytest
 from agents import Agent, Runner, UserError, function_tool
@@ -118,3 +119,49 @@ async def test_each_run_is_its_own_run_with_its_own_budget(cy: AsyncCycles) -> N
     runs = {r.subject.workflow for r in (await cy.list_reservations(tenant="acme")).reservations}
     assert len(runs) == 2 and all(w and w.startswith("a-") for w in runs)
     await assert_settled_async(cy, "tenant:acme", [priced(step), priced(step)])
+
+
+async def test_a_stream_cancelled_mid_answer_is_charged_for_what_it_generated(cy: AsyncCycles) -> None:
+    from openai.types.responses import ResponseTextDeltaEvent
+
+    from cycles.pricing import approx_tokens, price_usage
+    from cycles_openai_agents import CyclesModel
+
+    await cy.budgets.set(WORKFLOW, usd(1))
+    hooks = CyclesRunHooks(cy, subject=SUBJECT)
+    words = ["Budgets ", "keep ", "agents ", "honest "]
+    generating = asyncio.Event()
+
+    async def stream(call: object) -> Any:
+        for i, word in enumerate(words):
+            yield ResponseTextDeltaEvent(
+                type="response.output_text.delta",
+                item_id="msg-1",
+                output_index=0,
+                content_index=0,
+                delta=word,
+                logprobs=[],
+                sequence_number=i,
+            )
+        generating.set()
+        await asyncio.Event().wait()  # the provider keeps going until the consumer stops it
+
+    model = CyclesModel(scripted([ModelStep.stream(stream)]), hooks, name=MODEL)
+    result = hooks.run_streamed(Agent(name="a", model=model), "hi")
+
+    async def consume() -> None:
+        async for _ in result.stream_events():
+            pass
+
+    consumer = asyncio.create_task(consume())
+    await generating.wait()
+    result.cancel()
+    await consumer
+    await hooks.wait_settled()
+
+    (r,) = (await cy.list_reservations(tenant="acme")).reservations
+    assert r.status is ReservationStatus.COMMITTED and r.committed is not None
+    output = approx_tokens("".join(words))
+    assert r.committed.amount >= price_usage(MODEL, input_tokens=0, output_tokens=output).amount  # not $0
+    assert r.committed.amount < price_usage(MODEL, input_tokens=0, output_tokens=1024).amount  # not the estimate
+    await assert_settled_async(cy, WORKFLOW, r.committed)
