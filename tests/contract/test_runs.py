@@ -94,7 +94,7 @@ def test_a_run_budget_caps_the_run(cy: Cycles) -> None:
 
 def test_when_the_run_ends_every_open_step_is_settled_by_the_rule(cy: Cycles) -> None:
     cy.budgets.set("tenant:acme", tokens(10_000))
-    with pytest.raises(RuntimeError, match="agent crashed"), cy.run(ACME) as run:
+    with pytest.raises(BudgetExceeded), cy.run(ACME) as run:
         measured = run.guard(LLM, tokens(100)).start()
         measured.commit(tokens(42))  # the action happened and said what it cost
         unmeasured = run.guard(LLM, tokens(100)).start()  # started, no actual: may have been billed
@@ -102,14 +102,25 @@ def test_when_the_run_ends_every_open_step_is_settled_by_the_rule(cy: Cycles) ->
         started_tool = run.guard(TOOL, tokens(7)).start(begin=False)
         started_tool.begin()
         assert len(run.open_steps) == 4
-        raise RuntimeError("agent crashed")
-    assert run.open_steps == [] and isinstance(run.error, RuntimeError)
+        with run.guard(TOOL, tokens(100_000)):  # a denial ends the run: it cut the others short
+            pass
+    assert run.open_steps == [] and isinstance(run.error, BudgetExceeded)
     assert (measured.state, measured.charged) == ("settled", tokens(42))
     assert (unmeasured.state, unmeasured.charged, unmeasured.actual_missing) == ("settled", tokens(100), True)
     assert unmeasured.interrupted and run.missing_actuals == [unmeasured]
     assert ahead.state == "released"
     assert (started_tool.state, started_tool.charged, started_tool.actual_missing) == ("settled", tokens(7), False)
     assert_settled(cy, "tenant:acme", tokens(149))
+
+
+def test_a_run_that_dies_of_an_error_fails_the_step_that_raised_it(cy: Cycles) -> None:
+    cy.budgets.set("tenant:acme", tokens(1000))
+    with pytest.raises(ConnectionError), cy.run(ACME) as run:
+        call = run.guard(LLM, tokens(100)).start()  # a callback framework: no end callback came
+        ahead = run.guard(TOOL, tokens(10)).start(begin=False)
+        raise ConnectionError("provider down")
+    assert (call.state, call.failed, ahead.state) == ("released", True, "released")
+    assert_settled(cy, "tenant:acme", tokens(0))
 
 
 def test_a_failed_step_is_released_unless_its_policy_charges_it(cy: Cycles) -> None:

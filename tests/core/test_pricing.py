@@ -424,7 +424,19 @@ def test_public_names() -> None:
         "approx_tokens",
         "default_pricer",
         "estimate_cost",
+        "price_answer",
         "price_usage",
         "register_price",
         "set_fallback",
     }
+
+
+def test_a_response_is_priced_by_the_model_that_answered(caplog: pytest.LogCaptureFixture) -> None:
+    pricing.register_price("answer-cheap", input_per_mtok=1, output_per_mtok=2)
+    pricing.register_price("answer-big", input_per_mtok=10, output_per_mtok=20)
+    big = pricing.price_answer("answer-big", requested="answer-cheap", input_tokens=1000, output_tokens=100)
+    assert big == pricing.price_usage("answer-big", input_tokens=1000, output_tokens=100)
+    with caplog.at_level("WARNING", logger="cycles.pricing"):
+        unknown = pricing.price_answer("nobody-knows-me", requested="answer-cheap", input_tokens=1000, output_tokens=9)
+    assert unknown == pricing.price_usage("answer-cheap", input_tokens=1000, output_tokens=9)
+    assert "nobody-knows-me" in caplog.text

@@ -2,7 +2,7 @@
 
 CrewAI phones home (telemetry, tracing, a version check) and writes under ``$HOME`` unless told
 otherwise, so the environment is set here, before anything imports crewai. Every test gets a fresh
-ledger (memory and SQLite); after it the ledger invariant must hold, no reservation may be left
+ledger (memory, SQLite and Redis); after it the ledger invariant must hold, no reservation may be left
 ACTIVE, and no Cycles hook may be left installed in CrewAI's global registries.
 """
 
@@ -33,9 +33,9 @@ os.environ.update(
 
 import pytest  # noqa: E402
 
-from cycles import Cycles, ReservationStatus, Subject  # noqa: E402
+from cycles import Cycles, Subject  # noqa: E402
 from cycles.pricing import register_price  # noqa: E402
-from cycles.testing import assert_ledger_invariant  # noqa: E402
+from cycles.testing import assert_settled  # noqa: E402
 
 HERE = Path(__file__).parent
 HAS_CREWAI = all(importlib.util.find_spec(name) is not None for name in ("crewai", "cycles_crewai"))
@@ -78,13 +78,19 @@ def _canned_model_price() -> None:
     register_price(MODEL, input_per_mtok=100, output_per_mtok=400)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+def ledger_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "redis":
+        from tests.redis.backend import fresh_redis_url
+
+        return fresh_redis_url(request)  # a fresh key prefix; fails (never skips) without Redis
+    return "memory://" if kind == "memory" else f"sqlite:///{tmp_path}/l.db"
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def cy(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Cycles]:
-    client = Cycles("memory://" if request.param == "memory" else f"sqlite:///{tmp_path}/l.db")
+    client = Cycles(ledger_url(request.param, tmp_path, request))
     yield client
-    assert_ledger_invariant(client)
-    active = client.list_reservations(tenant=TENANT, status=ReservationStatus.ACTIVE)
-    assert active.reservations == [], f"reservations left open: {active.reservations}"
+    assert_settled(client, f"tenant:{TENANT}")  # the shared end-of-test check (spend: in each test)
     client.close()
 
 

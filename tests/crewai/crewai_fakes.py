@@ -31,6 +31,11 @@ def react_call(name: str, **args: Any) -> str:
     return f"Thought: I need {name}.\nAction: {name}\nAction Input: {json.dumps(args)}"
 
 
+class BilledFailure(ValueError):
+    """A response the provider returned and billed, which then failed (e.g. structured output that
+    did not validate): CrewAI's providers count its tokens on the LLM, then emit a failed event."""
+
+
 class ScriptedLLM(BaseLLM):
     """Replies from a script: a string is a text answer, a list is native tool calls, an exception is
     raised as a provider failure. The last entry repeats. Emits CrewAI's LLM events like a provider."""
@@ -74,8 +79,12 @@ class ScriptedLLM(BaseLLM):
                 self._emit_call_denied_event(denial, from_task, from_agent)
                 raise
             reply = self.script[min(self.calls, len(self.script) - 1)]
+            if callable(reply) and not isinstance(reply, type):  # a reply chosen from the prompt
+                reply = reply(msgs)
             self.calls += 1
             self.seen.append([dict(m) for m in msgs])
+            if isinstance(reply, BilledFailure):  # the provider answered (and billed), parsing failed
+                self._track_token_usage_internal(dict(self.usage or {}))
             if isinstance(reply, Exception):
                 self._emit_call_failed_event(error=str(reply), **who)
                 raise reply
@@ -134,7 +143,9 @@ def answer(output: object) -> str:
     return output.raw
 
 
-def crew_of(llm: BaseLLM, tools: Sequence[BaseTool] = (), *, max_iter: int = 25) -> Crew:
+def crew_of(
+    llm: BaseLLM, tools: Sequence[BaseTool] = (), *, max_iter: int = 25, description: str = "Handle support case 42."
+) -> Crew:
     agent = Agent(
         role="Support Agent",
         goal="Resolve the customer's case",
@@ -147,7 +158,7 @@ def crew_of(llm: BaseLLM, tools: Sequence[BaseTool] = (), *, max_iter: int = 25)
     )
     task = Task(
         name="handle-case",
-        description="Handle support case 42.",
+        description=description,
         expected_output="A short resolution note.",
         agent=agent,
     )

@@ -42,7 +42,7 @@ def test_actual_usage_is_committed_per_agent_and_run(cy: Cycles, subject: Subjec
     assert r.committed == CALL_COST
     assert r.action.kind == "llm.completion" and r.action.name == "canned-model"
     assert r.subject.workflow == run and r.subject.agent == "support-agent"
-    assert r.subject.dimensions == {"task": "handle-case"}
+    assert r.subject.dimensions == {"run_id": run, "task": "handle-case"}
     assert r.scope_path == f"tenant:acme/workflow:{run}/agent:support-agent"
     assert cy.budgets.get("tenant:acme").spent == CALL_COST
 

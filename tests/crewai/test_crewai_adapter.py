@@ -12,7 +12,7 @@ from crewai.hooks import InterceptionPoint, get_hooks
 from crewai_fakes import ScriptedLLM, crew_of
 
 import cycles_crewai
-from cycles import Cycles, Subject, risk_points, usd
+from cycles import Cycles, InvalidRequest, Subject, risk_points, usd
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "crewai_action_authority.py"
 
@@ -60,15 +60,10 @@ def test_a_bad_option_fails_at_once(cy: Cycles, subject: Subject) -> None:
         cycles_crewai.enable(cy, subject, on_tool_deny="sometimes")  # type: ignore[arg-type]
 
 
-def test_a_run_budget_that_cannot_be_set_stops_the_kickoff(cy: Cycles) -> None:
-    cy.budgets.set("tenant:acme/workflow:case-7", risk_points(5))
-    cy.budgets.close("tenant:acme/workflow:case-7")
-    llm = ScriptedLLM(script=["Done."])
+def test_run_budgets_need_a_workflow_per_run(cy: Cycles) -> None:
     fixed_run = Subject(tenant="acme", workflow="case-7")
-    stop = pytest.raises(cycles_crewai.BudgetStop, match="run budget tenant:acme/workflow:case-7")
-    with cycles_crewai.enable(cy, fixed_run, run_budgets=[risk_points(1)]), stop:
-        crew_of(llm).kickoff()
-    assert llm.calls == 0
+    with pytest.raises(InvalidRequest, match="workflow scope per run"):
+        cycles_crewai.enable(cy, fixed_run, run_budgets=[risk_points(1)])
 
 
 def test_the_example_runs_offline(monkeypatch: pytest.MonkeyPatch) -> None:

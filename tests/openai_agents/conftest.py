@@ -1,6 +1,6 @@
 """Offline fixtures for the OpenAI Agents SDK adapter: the SDK's own ScriptedModel, tracing off.
 
-Every test gets a fresh ledger (memory and SQLite) and, after it, the ledger invariant is checked
+Every test gets a fresh ledger (memory, SQLite and Redis) and, after it, the ledger invariant is checked
 and no reservation may be left ACTIVE.
 """
 
@@ -19,7 +19,7 @@ from agents_fakes import MODEL
 
 from cycles import AsyncCycles
 from cycles.pricing import register_price
-from cycles.testing import assert_ledger_invariant_async
+from cycles.testing import assert_settled_async
 
 agents.set_tracing_disabled(True)
 
@@ -29,12 +29,17 @@ def _scripted_model_price() -> None:
     register_price(MODEL, input_per_mtok=2.0, output_per_mtok=8.0)
 
 
-@pytest_asyncio.fixture(params=["memory", "sqlite"])
+def ledger_url(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "redis":
+        from tests.redis.backend import fresh_redis_url
+
+        return fresh_redis_url(request)  # a fresh key prefix; fails (never skips) without Redis
+    return "memory://" if kind == "memory" else f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest_asyncio.fixture(params=["memory", "sqlite", "redis"])
 async def cy(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[AsyncCycles]:
-    url = "memory://" if request.param == "memory" else f"sqlite:///{tmp_path / 'ledger.db'}"
-    client = AsyncCycles(url)
+    client = AsyncCycles(ledger_url(request.param, tmp_path, request))
     yield client
-    await assert_ledger_invariant_async(client)
-    active = await client.list_reservations(status="ACTIVE", tenant="acme")
-    assert active.reservations == [], f"reservations left open: {active.reservations}"
+    await assert_settled_async(client, "tenant:acme")  # the shared end-of-test check (spend: in each test)
     await client.aclose()

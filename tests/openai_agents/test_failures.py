@@ -77,7 +77,7 @@ async def test_a_tool_that_raises_releases_its_reservation_and_keeps_the_model_c
     assert (await balance(cy)).spent == priced(*steps)
 
 
-async def test_a_cancelled_run_releases_the_call_in_flight(cy: AsyncCycles) -> None:
+async def test_a_cancelled_run_charges_the_call_in_flight_at_its_estimate(cy: AsyncCycles) -> None:
     await cy.budgets.set(WORKFLOW, usd(1))
     hooks = CyclesRunHooks(cy, subject=SUBJECT, model=MODEL)
     model_called = asyncio.Event()
@@ -94,7 +94,8 @@ async def test_a_cancelled_run_releases_the_call_in_flight(cy: AsyncCycles) -> N
     with pytest.raises(asyncio.CancelledError):
         await run
 
-    assert await statuses(cy) == ["RELEASED"]
+    # the request reached the provider: it may have been billed, so it is never released
+    assert await statuses(cy) == ["COMMITTED"]
 
 
 async def test_a_failed_streamed_run_releases_its_reservation(cy: AsyncCycles) -> None:

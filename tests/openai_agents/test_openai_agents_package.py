@@ -32,3 +32,16 @@ def test_the_example_runs_offline() -> None:
     assert "model calls:     5 (the script had 101)" in out
     assert "deploy refused:  Insufficient remaining budget" in out
     assert "risk points:     spent 0 risk points" in out
+
+
+async def test_the_http_extra_lets_the_async_client_talk_to_a_server() -> None:
+    """``cycles-openai-agents[openai-agents,http]`` is one install for a server-backed setup: the
+    async HTTP client (aiohttp) is there, so an unreachable server is a ledger error, not an import one."""
+    import pytest
+
+    from cycles import AsyncCycles, LedgerUnavailable
+
+    client = AsyncCycles("http://127.0.0.1:9", api_key="k", timeout=0.5)
+    with pytest.raises(LedgerUnavailable):
+        await client.balances(tenant="acme")
+    await client.aclose()

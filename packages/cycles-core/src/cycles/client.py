@@ -448,10 +448,12 @@ class Cycles(_ClientBase):
         run_id: str | None = None,
         name: str | None = None,
         keep_budgets: bool = False,
+        own_scope: bool = True,
         **step_options: Any,
     ) -> Run:
         """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
-        one rule when it ends (see ``cycles.run``). ``step_options`` are defaults for its guards."""
+        one rule when it ends (see ``cycles.run``). ``own_scope=False``: the run does not become the
+        subject's workflow level (no budgets then). ``step_options`` are defaults for its guards."""
         core = _RunCore(
             self,
             subject,
@@ -460,6 +462,7 @@ class Cycles(_ClientBase):
             name=name,
             keep_budgets=keep_budgets,
             step_options=step_options,
+            own_scope=own_scope,
         )
         return Run(self, core)
 
@@ -700,10 +703,12 @@ class AsyncCycles(_ClientBase):
         run_id: str | None = None,
         name: str | None = None,
         keep_budgets: bool = False,
+        own_scope: bool = True,
         **step_options: Any,
     ) -> AsyncRun:
         """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
-        one rule when it ends (see ``cycles.run``). ``step_options`` are defaults for its guards."""
+        one rule when it ends (see ``cycles.run``). ``own_scope=False``: the run does not become the
+        subject's workflow level (no budgets then). ``step_options`` are defaults for its guards."""
         core = _RunCore(
             self,
             subject,
@@ -712,6 +717,7 @@ class AsyncCycles(_ClientBase):
             name=name,
             keep_budgets=keep_budgets,
             step_options=step_options,
+            own_scope=own_scope,
         )
         return AsyncRun(self, core)
 

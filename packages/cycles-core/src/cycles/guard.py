@@ -361,6 +361,13 @@ class _GuardCore:
 
     def finish_flow(self) -> _Flow:
         """The step ended normally. Commit its actual (an expected but missing one is surfaced)."""
+        if self.state == "released" and self.actual is not None and self.parent is None:
+            # The action happened after its step was released (a call retried after its failure):
+            # nothing is released once its action happened, so the actual is charged as an event.
+            self.state = "settled"
+            response = yield from _retrying(_Call("event", (self._event_request(self.actual, self.key + ":late"),)))
+            self._note_charged(self.actual, response.charged or self.actual)
+            return None
         if self.state != "open":
             return None
         if self.actual is None and not self.has_children and self.expects_actual:
@@ -503,11 +510,15 @@ class _GuardCore:
                 yield from self.release_flow(f"guarded action failed: {type(exc).__name__}" if exc else "failed")
         return None
 
-    def abandon_flow(self, why: str) -> _Flow:
-        """Its run ended while the step was still open: the same rule, as an interruption."""
+    def abandon_flow(self, why: str, exc: BaseException | None) -> _Flow:
+        """Its run ended while the step was still open. A run that died of an error (not a denial)
+        died of the step that raised it: that step failed. Otherwise (ended normally, denied,
+        cancelled, interrupted) the step was cut short after it started: an interruption."""
         if self.state != "open":
             return None
-        if self.actual is not None or self.children_spent:
+        if isinstance(exc, Exception) and not isinstance(exc, Denied) and self.begun and self.actual is None:
+            yield from self.fail_flow(exc)
+        elif self.actual is not None or self.children_spent:
             yield from self._commit_flow()
         elif not self.begun:
             yield from self.release_flow("the action never started")
@@ -866,10 +877,10 @@ class Guard(_GuardFace):
         finally:
             self._settled()
 
-    def _abandon(self, why: str) -> None:
+    def _abandon(self, why: str, exc: BaseException | None) -> None:
         _heartbeats.remove(self)
         try:
-            self._drive(self._core.abandon_flow(why))
+            self._drive(self._core.abandon_flow(why, exc))
         finally:
             self._settled()
 
@@ -974,10 +985,10 @@ class AsyncGuard(_GuardFace):
         finally:
             self._settled()
 
-    async def _abandon(self, why: str) -> None:
+    async def _abandon(self, why: str, exc: BaseException | None) -> None:
         self._cancel_beat()
         try:
-            await self._drive(self._core.abandon_flow(why))
+            await self._drive(self._core.abandon_flow(why, exc))
         finally:
             self._settled()
 

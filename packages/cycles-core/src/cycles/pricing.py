@@ -17,6 +17,7 @@ charge is never below what the provider bills.
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -37,10 +38,13 @@ __all__ = [
     "approx_tokens",
     "default_pricer",
     "estimate_cost",
+    "price_answer",
     "price_usage",
     "register_price",
     "set_fallback",
 ]
+
+log = logging.getLogger("cycles.pricing")
 
 Rate = float | Decimal
 """USD per million tokens. Floats go through ``str`` so 0.15 stays 0.15."""
@@ -316,6 +320,36 @@ def price_usage(
         cached_input_tokens=cached_input_tokens,
         provider=provider,
     )
+
+
+def price_answer(
+    answered: str,
+    *,
+    requested: str,
+    input_tokens: int,
+    output_tokens: int,
+    cached_input_tokens: int = 0,
+    provider: str | None = None,
+) -> Amount:
+    """A response priced by the model that ``answered`` it (a fallback, a router), not the one
+    ``requested``; a model the data does not know is priced as the requested one, with a warning."""
+
+    def price(model: str) -> Amount:
+        return price_usage(
+            model,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+            provider=provider,
+        )
+
+    try:
+        return price(answered)
+    except UnpricedModel:
+        if answered == requested:
+            raise
+        log.warning("%s answered a call to %s but has no price: priced as %s", answered, requested, requested)
+        return price(requested)
 
 
 def estimate_cost(model: str, *, input_tokens: int, max_output_tokens: int, provider: str | None = None) -> Amount:

@@ -10,7 +10,8 @@ their own)::
 
 - **Identity and scope.** ``run.id`` is ``run_id`` or ``<name>-<12 hex>``. ``run.subject`` is the
   subject with the run as its ``workflow`` level (a subject that already names a workflow keeps
-  it: its runs share that scope and cannot have budgets of their own) and
+  it: its runs share that scope and cannot have budgets of their own; ``own_scope=False`` keeps the
+  subject's levels as they are, for callers whose budgets sit on fixed scopes) and
   ``dimensions["run_id"] = run.id`` (the key ``per_run`` quotas use). Every step's subject
   carries both: ``run.guard(..., subject=...)`` fills in the workflow and the dimension.
 - **Budgets.** ``budgets=[usd(0.5), risk_points(60)]`` are set on the run's workflow scope
@@ -30,10 +31,15 @@ their own)::
   happened is committed (its actual, else its estimate, surfaced as ``actual_missing`` when an
   actual was expected); a step that never started is released; a step whose action raised is
   released (``on_failure="charge"``: committed at its estimate); nothing is released once its
-  action happened.
+  action happened. A run that ends with an error (not a denial) while a step is still open died
+  of that step: it failed. A run that ends normally, denied, cancelled or interrupted with a step
+  still open cut it short: it is committed (its actual, else its estimate).
 - **Nothing silent.** ``run.uncharged`` totals what capped commits left unrecorded,
   ``run.missing_actuals`` lists steps settled without an actual, ``run.steps`` records every step
   (guards, with their state, charged, uncharged and flags).
+- **Callbacks.** ``run.track(key, value)`` / ``take(key)`` / ``peek(key)`` pair a framework's
+  start and end callbacks (by call id) for the life of the run, so an adapter keeps no registry
+  of its own that could outlive it.
 - **Caps.** ``run.grant(key, caps)`` remembers the caps a model call was granted; ``run.check_tool
   (name, key)`` raises ``ToolNotAllowed`` for a tool those caps forbid (the budget's own caps are
   checked by the core at reservation too). ``Guard.max_tokens(n)`` clamps a request.
@@ -86,16 +92,18 @@ class _RunCore:
         name: str | None,
         keep_budgets: bool,
         step_options: dict[str, Any],
+        own_scope: bool = True,
     ) -> None:
         if not isinstance(subject, Subject):
             raise InvalidRequest(f"a run needs a Subject, got {type(subject).__name__}")
         self.client = client
         self.id = run_id or f"{name or 'run'}-{uuid.uuid4().hex[:12]}"
-        base = subject if subject.workflow is not None else _validated_subject(subject, workflow=self.id)
+        self.own_scope = own_scope and subject.workflow is None
+        base = _validated_subject(subject, workflow=self.id) if self.own_scope else subject
         units = [b.unit for b in budgets]
         if len(set(units)) != len(units):
             raise InvalidRequest("a run takes at most one budget per unit")
-        if budgets and subject.workflow is not None:
+        if budgets and not self.own_scope:
             raise InvalidRequest(
                 f"budgets= needs a run scope of its own, but the subject names workflow {subject.workflow!r}: "
                 "leave workflow unset (the run becomes the workflow)"
@@ -111,6 +119,7 @@ class _RunCore:
         self.steps: list[Guard | AsyncGuard] = []
         self._open: dict[_GuardCore, Guard | AsyncGuard] = {}
         self._grants: dict[Hashable, Caps] = {}
+        self._keyed: dict[Hashable, Any] = {}
         self._lock = threading.Lock()
 
     # -- steps ---------------------------------------------------------------------------------
@@ -118,7 +127,7 @@ class _RunCore:
     def step_subject(self, subject: Subject | None) -> Subject:
         if subject is None:
             return self.subject
-        if subject.workflow is None and self.subject.workflow is not None:
+        if subject.workflow is None and self.own_scope:
             subject = subject.merged(workflow=self.subject.workflow)
         return _with_run_id(subject, self.id)
 
@@ -199,6 +208,7 @@ class _RunCore:
     def end_flow(self, exc: BaseException | None) -> _Flow:
         self.state = "ended"
         self.error = exc
+        self._keyed.clear()
         if not self.keep_budgets:
             yield from self._close_flow(self.budgets)
         self._grants.clear()
@@ -253,7 +263,7 @@ class _RunFace:
 
     @property
     def subject(self) -> Subject:
-        """The run's subject: its workflow scope, ``dimensions["run_id"] = id``."""
+        """The run's subject: its workflow scope (unless ``own_scope=False``), ``dimensions["run_id"] = id``."""
         return self._core.subject
 
     @property
@@ -301,6 +311,21 @@ class _RunFace:
         """The run's subject with some levels set (``agent=``, ``toolset=``...)."""
         return self._core.step_subject(self._core.subject.merged(**levels))
 
+    def track(self, key: Hashable, value: Any) -> None:
+        """Pair a framework callback's key (a call id, a run id) with what its later callback needs
+        (usually the step's guard). Forgotten when taken or when the run ends."""
+        with self._core._lock:
+            self._core._keyed[key] = value
+
+    def take(self, key: Hashable) -> Any:
+        """What ``track`` stored under ``key`` (removed), or None."""
+        with self._core._lock:
+            return self._core._keyed.pop(key, None)
+
+    def peek(self, key: Hashable) -> Any:
+        """What ``track`` stored under ``key`` (kept), or None."""
+        return self._core._keyed.get(key)
+
     def grant(self, key: Hashable, caps: Caps | None) -> None:
         """Remember the caps a model call (identified by ``key``) was granted, for the tools it picks."""
         self._core.grant(key, caps)
@@ -344,7 +369,7 @@ class Run(_RunFace):
             for shell in self._core.take_open():
                 assert isinstance(shell, Guard)
                 try:
-                    shell._abandon(why)
+                    shell._abandon(why, exc)
                 except CyclesError as error:
                     log.warning("run %s: could not settle %r: %s", self.id, shell, error)
         finally:
@@ -387,7 +412,7 @@ class AsyncRun(_RunFace):
             for shell in self._core.take_open():
                 assert isinstance(shell, AsyncGuard)
                 try:
-                    await shell._abandon(why)
+                    await shell._abandon(why, exc)
                 except CyclesError as error:
                     log.warning("run %s: could not settle %r: %s", self.id, shell, error)
         finally:

@@ -59,14 +59,14 @@ def _expected(spent: Expected) -> dict[Unit, int]:
 
 
 def check_settled(
-    balances: list[Balance], active: list[str], scope: str, spent: Expected, *, debt: Expected | None = None
+    balances: list[Balance], active: list[str], scope: str, spent: Expected | None, *, debt: Expected | None = None
 ) -> None:
     """The shared end-of-test check of every adapter test: ``active`` (ids of reservations still
     ACTIVE) is empty, ``scope`` spent exactly ``spent`` in each unit (plus ``debt``, if given: what
-    went over as debt), and every balance keeps the ledger invariant."""
+    went over as debt), and every balance keeps the ledger invariant. ``spent=None`` checks the rest."""
     assert not active, f"reservations left ACTIVE: {active}"
     check_balances(balances)
-    want = _expected(spent)
+    want = _expected(spent) if spent is not None else {}
     have = {b.spent.unit: b.spent.amount for b in balances if b.scope == scope and b.spent is not None}
     for unit, amount in want.items():
         assert have.get(unit, 0) == amount, (
@@ -83,7 +83,7 @@ def _tenant(scope: str) -> str:
     return scope.split("/", 1)[0].removeprefix("tenant:")
 
 
-def assert_settled(cy: Cycles, scope: str, spent: Expected, *, debt: Expected | None = None) -> None:
+def assert_settled(cy: Cycles, scope: str, spent: Expected | None = None, *, debt: Expected | None = None) -> None:
     """``check_settled`` against a client: the reservations of the scope's tenant, every budget."""
     tenant = _tenant(scope)
     active: list[str] = []
@@ -97,7 +97,9 @@ def assert_settled(cy: Cycles, scope: str, spent: Expected, *, debt: Expected | 
     check_settled(cy.budgets.list(), active, scope, spent, debt=debt)
 
 
-async def assert_settled_async(cy: AsyncCycles, scope: str, spent: Expected, *, debt: Expected | None = None) -> None:
+async def assert_settled_async(
+    cy: AsyncCycles, scope: str, spent: Expected | None = None, *, debt: Expected | None = None
+) -> None:
     tenant = _tenant(scope)
     active: list[str] = []
     cursor: str | None = None

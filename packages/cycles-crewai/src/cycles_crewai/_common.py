@@ -73,6 +73,7 @@ class ToolCall:
     tool_input: dict[str, Any]
     guard: Guard | None = None  # opened by the before-tool hook for a priced tool
     denial: CyclesError | None = None
+    errors_before: int = 0  # the task's tool error count before the call
 
 
 current_tool_call: ContextVar[ToolCall | None] = ContextVar("cycles_crewai_tool_call", default=None)

@@ -1,53 +1,60 @@
-"""``enable``: CrewAI's global hooks and event-bus listeners, wired to a Cycles client.
+"""``enable``: CrewAI's global hooks and event-bus listeners, mapped onto a Cycles run.
 
-- before every model call: reserve its estimated cost. A denial raises ``HookAborted`` (``BudgetStop``),
-  the only thing that really stops a CrewAI call: other hook exceptions are swallowed and a ``False``
-  return is retried as a recoverable error;
-- LLM-call-completed event: commit the real token usage; LLM-call-failed event: release. CrewAI's
-  rate-limit retries re-run a call after its failed event: a completion after a release is charged
-  as a direct event, so a retried call is paid for once;
-- before every tool call: check the tool against the caps of the model call that chose it, reserve its
-  price from ``tool_costs`` (e.g. risk points); after it: commit, or report the denial to the agent;
-- each kickoff: the crew run becomes the subject's workflow (optionally with budgets of its own), each
-  agent role its agent scope, the task the subject's ``task`` dimension.
+- each kickoff is a ``cycles`` run (``cy.run``): the run is the subject's workflow, with the
+  per-run budgets (``run_budgets``), created at EXECUTION_START and ended at EXECUTION_END. The
+  run lives in a context variable, so the same ``Crew`` kicked off from two threads gets two runs;
+  inside a run the caller opened (``with cy.run(...)``, ``kickoff_for_each``) the crew uses it;
+- before every model call: reserve it in the run. A denial raises ``HookAborted`` (``BudgetStop``),
+  the only thing that really stops a CrewAI call: other hook exceptions are swallowed and a
+  ``False`` return is retried as a recoverable error;
+- LLM-call-completed event: commit the usage, priced by the model the event names; LLM-call-failed
+  event: fail the step. Tokens the LLM tracked before it failed (a structured output that did not
+  validate) are the call's actual, so it is charged; otherwise it is released;
+- before every tool call: check it against the caps of the model call that chose it, reserve its
+  price from ``tool_costs`` (e.g. risk points); after it: settle (a tool that failed, also when
+  CrewAI turned the exception into a result, is released unless named in ``charge_failed_tools``).
 
-CrewAI runs event handlers on a thread pool, after the call returned. The hook stores the reservation
-in a context variable, which the bus copies into the handler of every event the call emits, so
+Every settlement rule is the core's (``cycles.guard`` / ``cycles.run``); this module only maps.
+CrewAI runs event handlers on a thread pool, after the call returned. The hook stores the step in a
+context variable, which the bus copies into the handler of every event the call emits, so
 concurrent agents never settle each other's calls.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any
 
 from crewai.events import crewai_event_bus
 from crewai.events.types.llm_events import LLMCallCompletedEvent, LLMCallFailedEvent
 from crewai.hooks import HookAborted, InterceptionPoint, register_hook, unregister_hook
 from crewai.hooks.llm_hooks import LLMCallHookContext
 from crewai.hooks.tool_hooks import ToolCallHookContext
+from crewai.tools.tool_failure import detect_tool_failure
 from crewai.types.usage_metrics import UsageMetrics
 from crewai.utilities.string_utils import sanitize_tool_name
 
 from cycles import (
     Action,
     Amount,
-    Caps,
+    BatchResult,
     Cycles,
     CyclesError,
     Denied,
     Guard,
+    InvalidRequest,
+    Run,
     ShadowRecord,
     Subject,
-    ToolNotAllowed,
     UnpricedModel,
+    current_run,
+    for_each,
     risk_points,
 )
+from cycles.guard import OnFailure
 from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
 from cycles.scopes import derive_scopes
 from cycles_crewai._common import (
@@ -66,29 +73,24 @@ log = logging.getLogger("cycles_crewai")
 
 
 class _ModelCall:
-    """One reserved model call. Its events settle it: the first completion commits, a failure
-    releases, a completion after a failure (a retried call) is charged as an event."""
+    """The step a before-model hook reserved, for the events of that call (no state of its own)."""
 
-    __slots__ = ("_lock", "action", "guard", "hooks", "run", "state", "subject")
+    __slots__ = ("guard", "hooks", "llm", "model", "usage_before")
 
-    def __init__(self, hooks: CyclesHooks, guard: Guard, subject: Subject, action: Action) -> None:
-        self.hooks, self.guard, self.subject, self.action = hooks, guard, subject, action
-        self.run = subject.workflow
-        self.state: Literal["open", "committed", "released"] = "open"
-        self._lock = threading.Lock()
-
-    def settle(self, completed: bool) -> Literal["commit", "release", "event"] | None:
-        with self._lock:
-            if self.state == "open":
-                self.state = "committed" if completed else "released"
-                return "commit" if completed else "release"
-            if self.state == "released" and completed:
-                self.state = "committed"
-                return "event"
-            return None
+    def __init__(self, hooks: CyclesHooks, guard: Guard, model: str, llm: Any) -> None:
+        self.hooks, self.guard, self.model, self.llm = hooks, guard, model, llm
+        self.usage_before = _tracked(llm)
 
 
 _current_call: ContextVar[_ModelCall | None] = ContextVar("cycles_crewai_model_call", default=None)
+_owned_run: ContextVar[Run | None] = ContextVar("cycles_crewai_run", default=None)
+
+
+def _tracked(llm: Any) -> UsageMetrics | None:
+    """What the LLM object has counted so far (CrewAI's providers count a response's tokens before
+    parsing it, so a call that failed afterwards shows up in the difference)."""
+    summary = getattr(llm, "get_token_usage_summary", None)
+    return summary() if callable(summary) else None
 
 
 def _texts(messages: Iterable[Any]) -> list[str]:
@@ -112,9 +114,22 @@ def _priced(model: str, price: Callable[[str], Amount]) -> Amount:
         return price(model.rsplit("/", 1)[1])
 
 
+def _usage_cost(model: str, usage: UsageMetrics) -> tuple[Amount, dict[str, int]]:
+    actual = _priced(
+        model,
+        lambda m: price_usage(
+            m,
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            cached_input_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
+        ),
+    )
+    return actual, {"tokens_input": usage.prompt_tokens, "tokens_output": usage.completion_tokens}
+
+
 class CyclesHooks:
     """The hooks and listeners one ``enable(...)`` installed. A context manager: leaving it (or
-    ``disable()``) uninstalls them and settles what is still open."""
+    ``disable()``) uninstalls them."""
 
     def __init__(
         self,
@@ -122,13 +137,20 @@ class CyclesHooks:
         subject: Subject,
         *,
         tool_costs: Mapping[str, int | Amount] | None = None,
+        charge_failed_tools: Iterable[str] = (),
         on_tool_deny: OnDeny = "soft",
         run_budgets: Sequence[Amount] = (),
+        keep_run_budgets: bool = False,
         per_agent: bool = True,
         max_output_tokens: int = 1024,
     ) -> None:
         if on_tool_deny not in ("soft", "hard"):
             raise ValueError("on_tool_deny must be 'soft' or 'hard'")
+        if run_budgets and subject.workflow is not None:
+            raise InvalidRequest(
+                f"run_budgets need a workflow scope per run, but the subject names workflow {subject.workflow!r}: "
+                "leave it unset (each kickoff becomes the workflow)"
+            )
         self.cycles = cycles
         self.subject = subject
         self.on_tool_deny: OnDeny = on_tool_deny
@@ -136,17 +158,14 @@ class CyclesHooks:
             sanitize_tool_name(name): risk_points(cost) if isinstance(cost, int) else cost
             for name, cost in (tool_costs or {}).items()
         }
+        self.charge_failed_tools = {sanitize_tool_name(name) for name in charge_failed_tools}
         self.run_budgets = tuple(run_budgets)
+        self.keep_run_budgets = keep_run_budgets
         self.per_agent = per_agent
         self.max_output_tokens = max_output_tokens
-        #: The workflow of every crew run started under these hooks, oldest first.
+        #: The id (the workflow) of every crew run started under these hooks, oldest first.
         self.runs: list[str] = []
         self.active = False
-        self._lock = threading.Lock()
-        self._run_of: dict[int, str] = {}  # id(crew) -> the workflow of its current run
-        self._grants: dict[tuple[str | None, int, int], Caps] = {}  # (run, id(agent), id(task)) -> caps
-        self._model_calls: set[_ModelCall] = set()  # reserved, no event yet
-        self._tool_calls: dict[int, ToolCall] = {}  # id(tool_input) -> the call between its two hooks
         self._hooks = (
             (InterceptionPoint.EXECUTION_START, self._on_execution_start),
             (InterceptionPoint.EXECUTION_END, self._on_execution_end),
@@ -167,8 +186,7 @@ class CyclesHooks:
         return self
 
     def disable(self) -> None:
-        """Uninstall, let pending LLM events settle their calls, then commit the estimate of any call
-        no event settled (it was allowed and may have run). Idempotent."""
+        """Uninstall, after letting pending LLM events settle their calls. Idempotent."""
         if not self.active:
             return
         self.active = False  # executors that copied the hooks when they were created keep calling them
@@ -177,9 +195,6 @@ class CyclesHooks:
         crewai_event_bus.flush()
         crewai_event_bus.off(LLMCallCompletedEvent, self._on_llm_completed)
         crewai_event_bus.off(LLMCallFailedEvent, self._on_llm_failed)
-        self._settle_leftovers(None)
-        with self._lock:
-            self._grants.clear()
 
     def __enter__(self) -> CyclesHooks:
         return self.install()
@@ -187,71 +202,67 @@ class CyclesHooks:
     def __exit__(self, *exc: object) -> None:
         self.disable()
 
-    # -- subjects --------------------------------------------------------------------------------
+    # -- runs and subjects -----------------------------------------------------------------------
 
-    def _start_run(self, crew: Any) -> str:
-        if self.subject.workflow is not None:
-            run = self.subject.workflow
-        else:
-            name = scope_value(str(getattr(crew, "name", None) or "crew"), "crew")[:110]
-            run = f"{name}-{uuid.uuid4().hex[:12]}"
-        with self._lock:
-            self._run_of[id(crew)] = run
-            self.runs.append(run)
+    def new_run(self, crew: Any = None) -> Run:
+        """A run for one kickoff: the crew's name plus a unique suffix, with ``run_budgets``."""
+        name = scope_value(str(getattr(crew, "name", None) or "crew"), "crew")[:110]
+        run = self.cycles.run(self.subject, name=name, budgets=self.run_budgets, keep_budgets=self.keep_run_budgets)
+        self.runs.append(run.id)
         return run
 
-    def subject_for(self, agent: Any = None, crew: Any = None, task: Any = None) -> Subject:
-        """Who a call is charged to: the base subject, with the crew run as its workflow and the agent
-        role as its agent (unless the base sets them), and the task (name, else id) as ``task``."""
-        levels: dict[str, str | None] = {}
-        if crew is not None and self.subject.workflow is None:
-            levels["workflow"] = self._run_of.get(id(crew)) or self._start_run(crew)
+    def _run(self) -> Run | None:
+        run = current_run()
+        return run if isinstance(run, Run) and run._client is self.cycles else None
+
+    def subject_for(self, agent: Any = None, task: Any = None, run: Run | None = None) -> Subject:
+        """Who a call is charged to: the run's subject (the base, with the run as its workflow), the
+        agent role as its agent (unless the base sets one), and the task (name, else id) as ``task``."""
+        base = run.subject if run is not None else self.subject
         role = getattr(agent, "role", None)
         if self.per_agent and isinstance(role, str) and self.subject.agent is None:
-            levels["agent"] = scope_value(role, "agent")
-        subject = self.subject.merged(**levels)
-        dims = dict(subject.dimensions or {})
+            base = base.merged(agent=scope_value(role, "agent"))
+        dims = dict(base.dimensions or {})
         if task is not None and len(dims) < 16 and "task" not in dims:
             dims["task"] = str(getattr(task, "name", None) or getattr(task, "id", ""))[:256]
-            subject = subject.model_copy(update={"dimensions": dims})
-        return subject
+            base = base.model_copy(update={"dimensions": dims})
+        return base
+
+    def kickoff_for_each(
+        self, crew: Any, inputs: Iterable[Mapping[str, Any]], *, stop_on_denial: bool = False
+    ) -> BatchResult:
+        """``crew.kickoff_for_each`` with one run per input: a denial ends that input's run (its entry
+        is the ``Denied``) and the others go on, unless ``stop_on_denial``."""
+
+        def kickoff(run: Run, item: Mapping[str, Any]) -> Any:
+            try:
+                return crew.copy().kickoff(inputs=dict(item))
+            except BudgetStop as stop:
+                if isinstance(stop.error, Denied):
+                    raise stop.error from stop
+                raise
+
+        return for_each(lambda i: self.new_run(crew), inputs, kickoff, stop_on_denial=stop_on_denial)
 
     # -- crew runs -------------------------------------------------------------------------------
 
     def _on_execution_start(self, ctx: Any) -> None:
         crew = getattr(ctx, "crew", None)
-        if not self.active or crew is None:
-            return
-        run = self._start_run(crew)
-        scope = derive_scopes(self.subject.merged(workflow=run))[-1]
-        for amount in self.run_budgets:
-            try:
-                self.cycles.budgets.set(scope, amount)
-            except CyclesError as error:  # only HookAborted stops a kickoff; anything else is swallowed
-                raise BudgetStop(error, f"could not set the run budget {scope}") from error
+        if not self.active or crew is None or self._run() is not None:
+            return  # inside a run the caller opened: the crew uses it
+        try:
+            run = self.new_run(crew).start()
+        except CyclesError as error:  # only HookAborted stops a kickoff; anything else is swallowed
+            raise BudgetStop(error, "could not start the run") from error
+        _owned_run.set(run)
 
     def _on_execution_end(self, ctx: Any) -> None:
-        crew = getattr(ctx, "crew", None)
-        if crew is None:
+        run = _owned_run.get()
+        if run is None or getattr(ctx, "crew", None) is None:
             return
         crewai_event_bus.flush()  # usage arrives on the bus's thread pool: let it settle the calls first
-        with self._lock:
-            run = self._run_of.pop(id(crew), None)
-            for key in [k for k in self._grants if run is not None and k[0] == run]:
-                del self._grants[key]
-        if run is not None:
-            self._settle_leftovers(run)
-
-    def _settle_leftovers(self, run: str | None) -> None:
-        with self._lock:
-            calls = [c for c in self._model_calls if run is None or c.run == run]
-            tools = [t for t in self._tool_calls.values() if run is None or t.subject.workflow == run]
-            for tool in tools:
-                self._tool_calls.pop(id(tool.tool_input), None)
-        for call in calls:
-            self._settle(call, None, completed=True)
-        for tool in tools:
-            self._finish_tool(tool, ran=True)
+        _owned_run.set(None)
+        run.end(getattr(ctx, "error", None))
 
     # -- model calls -----------------------------------------------------------------------------
 
@@ -261,70 +272,57 @@ class CyclesHooks:
             return
         llm = ctx.llm
         model = str(getattr(llm, "model", None) or "unknown")
-        subject = self.subject_for(ctx.agent, ctx.crew, ctx.task)
+        run = self._run()
+        subject = self.subject_for(ctx.agent, ctx.task, run)
         action = Action("llm.completion", model)
         limit = int(getattr(llm, "max_tokens", None) or getattr(llm, "max_completion_tokens", None) or 0)
         try:
             prompt = approx_messages_tokens(_texts(ctx.messages))
             out = limit or self.max_output_tokens
             estimate = _priced(model, lambda m: estimate_cost(m, input_tokens=prompt, max_output_tokens=out))
-            guard = self.cycles.guard(subject, action, estimate=estimate)
+            guard = (
+                run.guard(action, estimate, subject=subject)
+                if run is not None
+                else self.cycles.guard(subject, action, estimate)
+            )
             guard.start()
         except CyclesError as error:  # Denied, or a call nobody can price or record: fail closed
             if self.cycles.mode == "shadow":  # never blocks (the guard itself logs its would-denies)
                 log.warning("shadow mode: model call to %s not accounted: %s", model, error)
                 return
             raise BudgetStop(error, f"model call to {model} by {derive_scopes(subject)[-1]}") from error
-        call = _ModelCall(self, guard, subject, action)
-        _current_call.set(call)
-        with self._lock:
-            self._model_calls.add(call)
-            if ctx.agent is not None:  # the grant's tool caps apply to the tools this call chooses
-                key = (subject.workflow, id(ctx.agent), id(ctx.task))
-                if guard.caps is None:
-                    self._grants.pop(key, None)
-                else:
-                    self._grants[key] = guard.caps
+        _current_call.set(_ModelCall(self, guard, model, llm))
+        if run is not None and ctx.agent is not None:  # its caps apply to the tools this call chooses
+            run.grant((id(ctx.agent), id(ctx.task)), guard.caps)
 
     def _on_llm_completed(self, source: Any, event: LLMCallCompletedEvent) -> None:
         call = _current_call.get()
-        if call is not None and call.hooks is self:
-            self._settle(call, UsageMetrics.from_provider_dict(event.usage), completed=True)
+        if call is None or call.hooks is not self:
+            return
+        usage = UsageMetrics.from_provider_dict(event.usage) if event.usage else None
+        self._settle(call, usage, event.model, failed=False)
 
     def _on_llm_failed(self, source: Any, event: LLMCallFailedEvent) -> None:
         call = _current_call.get()
-        if call is not None and call.hooks is self:
-            self._settle(call, None, completed=False)
-
-    def _settle(self, call: _ModelCall, usage: UsageMetrics | None, *, completed: bool) -> None:
-        outcome = call.settle(completed)
-        if outcome is None:
+        if call is None or call.hooks is not self:
             return
-        with self._lock:
-            self._model_calls.discard(call)
+        before, after = call.usage_before, _tracked(call.llm)
+        billed = after.delta_since(before) if before is not None and after is not None else None
+        self._settle(call, billed if billed is not None and billed.total_tokens else None, event.model, failed=True)
+
+    @staticmethod
+    def _settle(call: _ModelCall, usage: UsageMetrics | None, answered_by: str | None, *, failed: bool) -> None:
+        guard = call.guard
         try:
-            if outcome == "release":
-                call.guard.fail()
-                return
-            actual, metrics = call.guard.estimate, None
-            if usage is not None:
-                metrics = {"tokens_input": usage.prompt_tokens, "tokens_output": usage.completion_tokens}
-                actual = _priced(
-                    call.action.name,
-                    lambda m: price_usage(
-                        m,
-                        input_tokens=usage.prompt_tokens,
-                        output_tokens=usage.completion_tokens,
-                        cached_input_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
-                    ),
-                )
-            if outcome == "event":  # a retry succeeded after its reservation went back
-                self.cycles.event(call.subject, call.action, actual, metrics=metrics)
+            if usage is not None:  # priced by the model that answered, as the event names it
+                actual, metrics = _usage_cost(answered_by or call.model, usage)
+                guard.commit(actual, metrics=metrics)
+            if failed:
+                guard.fail(RuntimeError(f"model call to {call.model} failed"))
             else:
-                call.guard.commit(actual, metrics=metrics)
-                call.guard.finish()
+                guard.finish()  # a retried call's completion after its failure is charged by the core
         except CyclesError:  # never raise into CrewAI's bus; an unsettled reservation expires on its own
-            log.exception("could not settle the reservation of a %s call", call.action.name)
+            log.exception("could not settle the reservation of a %s call", call.model)
 
     # -- tool calls ------------------------------------------------------------------------------
 
@@ -332,27 +330,29 @@ class CyclesHooks:
         current_tool_call.set(None)
         if not self.active:
             return
-        subject = self.subject_for(ctx.agent, ctx.crew, ctx.task)
-        call = ToolCall(self.cycles, subject, ctx.tool_input)
-        current_tool_call.set(call)  # a budgeted() tool run by this call reserves with this subject
-        with self._lock:
-            self._tool_calls[id(ctx.tool_input)] = call
+        run = self._run()
+        subject = self.subject_for(ctx.agent, ctx.task, run)
+        call = ToolCall(self.cycles, subject, ctx.tool_input, errors_before=_tool_errors(ctx.task))
+        current_tool_call.set(call)  # for the after-tool hook, and a budgeted() tool run by this call
         original = getattr(ctx.tool, "_original_tool", None)
         name = str(getattr(original, "name", None) or ctx.tool_name)
         action = Action("tool.call", name)
         cost = self.tool_costs.get(ctx.tool_name)
-        caps = self._grants.get((subject.workflow, id(ctx.agent), id(ctx.task)))
-        if caps is not None and not caps.allows_tool(name):
-            denial = ToolNotAllowed(
-                f"tool {name!r} is not allowed by the caps of the model call that chose it",
-                details={"tool": name, "scope": derive_scopes(subject)[-1]},
-            )
-            self._deny(call, action, cost, denial)
+        if run is not None:
+            try:
+                run.check_tool(name, (id(ctx.agent), id(ctx.task)))
+            except CyclesError as denial:
+                self._deny(call, action, cost, denial)
         if cost is None or getattr(original, "__cycles_budgeted__", False):
             return  # unpriced, or a budgeted() tool that reserves for itself
-        guard = self.cycles.guard(subject, action, estimate=cost)
+        on_failure: OnFailure = "charge" if ctx.tool_name in self.charge_failed_tools else "release"
+        guard = (
+            run.guard(action, cost, subject=subject, on_failure=on_failure)
+            if run is not None
+            else self.cycles.guard(subject, action, cost, on_failure=on_failure)
+        )
         try:
-            guard.start()
+            guard.start(begin=False)  # runs only if no other hook blocks it
         except CyclesError as error:  # Denied (incl. the budget's tool caps), or no budget in this unit
             self._deny(call, action, cost, error)
             return
@@ -380,30 +380,34 @@ class CyclesHooks:
         raise HookAborted(f"Cycles denied {action.name}: {error}", source="cycles")
 
     def _after_tool(self, ctx: ToolCallHookContext) -> str | None:
+        call = current_tool_call.get()
         current_tool_call.set(None)
-        with self._lock:
-            call = self._tool_calls.pop(id(ctx.tool_input), None)
         if call is None or call.tool_input is not ctx.tool_input:
             return None
         if call.denial is not None:
             if self.on_tool_deny == "hard":
                 raise BudgetStop(call.denial, f"tool {ctx.tool_name}")
             return blocked_result(ctx.tool_name, call.denial).as_agent_message()
-        # CrewAI runs the after-hooks of a call another hook blocked, too: that one did not run.
-        self._finish_tool(call, ran=not str(ctx.tool_result or "").startswith(BLOCKED_BY_HOOK))
+        guard = call.guard
+        if guard is None:
+            return None
+        try:
+            # CrewAI runs the after-hooks of a call another hook blocked, too: that one never ran.
+            if not str(ctx.tool_result or "").startswith(BLOCKED_BY_HOOK):
+                guard.begin()
+            failure = detect_tool_failure(ctx.raw_tool_result)
+            if failure is not None or _tool_errors(ctx.task) > call.errors_before:
+                guard.fail(RuntimeError(failure.message if failure else f"tool {ctx.tool_name} failed"))
+            else:
+                guard.finish()
+        except CyclesError:
+            log.exception("could not settle the reservation of tool call %s", guard.idempotency_key)
         return None
 
-    @staticmethod
-    def _finish_tool(call: ToolCall, *, ran: bool) -> None:
-        if call.guard is None:
-            return
-        try:
-            if ran:
-                call.guard.finish()
-            else:
-                call.guard.fail()
-        except CyclesError:
-            log.exception("could not settle the reservation of tool call %s", call.guard.idempotency_key)
+
+def _tool_errors(task: Any) -> int:
+    """CrewAI counts every tool error on the task (raised, or turned into a result)."""
+    return int(getattr(task, "tools_errors", 0) or 0)
 
 
 def enable(
@@ -411,8 +415,10 @@ def enable(
     subject: Subject,
     *,
     tool_costs: Mapping[str, int | Amount] | None = None,
+    charge_failed_tools: Iterable[str] = (),
     on_tool_deny: OnDeny = "soft",
     run_budgets: Sequence[Amount] = (),
+    keep_run_budgets: bool = False,
     per_agent: bool = True,
     max_output_tokens: int = 1024,
 ) -> CyclesHooks:
@@ -423,7 +429,10 @@ def enable(
     their token usage; ``max_output_tokens`` bounds the estimate when the LLM object sets no
     ``max_tokens``. ``tool_costs`` prices tools, an int as risk points (``{"read_crm": 1,
     "update_crm": 25}``). ``run_budgets`` are set on each run's workflow scope as it starts (e.g.
-    ``[risk_points(60)]``: at most 60 points of consequential actions per run).
+    ``[risk_points(60)]``: at most 60 points of consequential actions per run); they are closed when
+    the run ends unless ``keep_run_budgets``. A tool that fails is released, unless its name is in
+    ``charge_failed_tools`` (tools that bill even when they fail). ``hooks.kickoff_for_each(crew,
+    inputs)`` gives every input its own run; a denial stops that input only.
 
     A denied model call stops the crew with ``BudgetStop``; a denied tool call is reported to the agent
     as a blocked result (``on_tool_deny="soft"``) or stops the crew (``"hard"``). Shadow mode
@@ -437,8 +446,10 @@ def enable(
         cycles,
         subject,
         tool_costs=tool_costs,
+        charge_failed_tools=charge_failed_tools,
         on_tool_deny=on_tool_deny,
         run_budgets=run_budgets,
+        keep_run_budgets=keep_run_budgets,
         per_agent=per_agent,
         max_output_tokens=max_output_tokens,
     )

@@ -12,7 +12,7 @@ from crewai.tools import BaseTool
 from crewai.tools.tool_failure import ToolFailure, ToolFailurePolicy
 from pydantic import PrivateAttr
 
-from cycles import Action, Amount, Cycles, CyclesError, Denied, Subject
+from cycles import Action, Amount, Cycles, CyclesError, Denied, Run, Subject, current_run
 from cycles_crewai._common import OnDeny, blocked_result, current_tool_call
 
 __all__ = ["BudgetedTool", "budgeted"]
@@ -55,9 +55,15 @@ class _Budget:
             )
         action = self.action or Action("tool.call", tool_name)
         estimate = self.estimate(kwargs) if callable(self.estimate) else self.estimate
+        run = current_run()
+        step = (
+            run.guard(action, estimate, subject=subject)
+            if isinstance(run, Run) and run._client is cy
+            else cy.guard(subject, action, estimate=estimate)
+        )
         started = False
         try:
-            with cy.guard(subject, action, estimate=estimate) as g:
+            with step as g:
                 started = True
                 result = call()
                 if isinstance(result, ToolFailure):

@@ -9,15 +9,31 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import Any, Literal, NamedTuple
 
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata, get_buffer_string
 from langchain_core.runnables import RunnableConfig
 
-from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Guard, Subject, usd
-from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
+from cycles import (
+    Action,
+    Amount,
+    AsyncCycles,
+    AsyncGuard,
+    AsyncRun,
+    Cycles,
+    Guard,
+    Run,
+    Subject,
+    current_run,
+    usd,
+)
+from cycles.pricing import approx_messages_tokens, approx_tokens, estimate_cost, price_answer, price_usage
 
 __all__ = ["SubjectLike", "per_run"]
+
+covered: ContextVar[bool] = ContextVar("cycles_langgraph_covered", default=False)
+"""True while CyclesMiddleware runs a call it reserved: the callback handler leaves it alone."""
 
 SubjectLike = Subject | Callable[[RunnableConfig], Subject]
 """A fixed subject, or a function of the current run's config (see ``per_run``)."""
@@ -86,17 +102,22 @@ def max_output_tokens(default: int, *sources: Mapping[str, Any] | None) -> int:
     return default
 
 
+def prompt_tokens(prompt: Sequence[BaseMessage] | Sequence[str], tools: object) -> int:
+    """Input tokens approximated offline from the prompt (plus tool schemas)."""
+    texts = [m if isinstance(m, str) else get_buffer_string([m]) for m in prompt]
+    if tools:
+        texts.append(str(tools))
+    return approx_messages_tokens(texts)
+
+
 def estimate_prompt(
     model: Model | None, prompt: Sequence[BaseMessage] | Sequence[str], tools: object, cap: int
 ) -> Amount:
     """Input tokens approximated offline from the prompt (plus tool schemas), output at its cap."""
     if model is None:
         raise ValueError("cannot tell which model is called (no ls_model_name, model_name or model): pass estimate=")
-    texts = [m if isinstance(m, str) else get_buffer_string([m]) for m in prompt]
-    if tools:
-        texts.append(str(tools))
     return estimate_cost(
-        model.name, input_tokens=approx_messages_tokens(texts), max_output_tokens=cap, provider=model.provider
+        model.name, input_tokens=prompt_tokens(prompt, tools), max_output_tokens=cap, provider=model.provider
     )
 
 
@@ -108,14 +129,44 @@ def usage_of(messages: Iterable[object]) -> UsageMetadata | None:
     return None
 
 
-def priced(model: Model, usage: UsageMetadata) -> tuple[Amount, dict[str, int]]:
-    """The actual cost of ``usage`` priced by the core, and the metrics to record with it.
+def answered_by(requested: Model | None, messages: Iterable[object]) -> Model | None:
+    """The model that produced the response (its ``response_metadata``), else the one requested:
+    a fallback or a router answers with another model than the call asked for."""
+    for message in messages:
+        meta = getattr(message, "response_metadata", None) or {}
+        name = meta.get("model_name") or meta.get("model")
+        if isinstance(name, str) and name:
+            provider = meta.get("model_provider") or (requested.provider if requested else None)
+            return Model(provider if isinstance(provider, str) else None, name)
+    return requested
 
-    LangChain's ``input_tokens`` counts cached prompt tokens too, as the core expects.
-    """
+
+def actual_cost(
+    requested: Model | None, messages: Sequence[object], usage: UsageMetadata | None
+) -> tuple[Amount, dict[str, int]] | None:
+    """What a response cost, priced by the model that answered (None: no usage to price)."""
+    answered = answered_by(requested, messages)
+    if usage is None or answered is None:
+        return None
+    return priced(answered, usage, requested)
+
+
+def partial_cost(model: Model | None, prompt_tokens: int, text: str) -> tuple[Amount, dict[str, int]] | None:
+    """A stream stopped early without usage: the prompt plus the tokens generated so far."""
+    if model is None:
+        return None
+    out = approx_tokens(text)
+    actual = price_usage(model.name, input_tokens=prompt_tokens, output_tokens=out, provider=model.provider)
+    return actual, {"tokens_input": prompt_tokens, "tokens_output": out}
+
+
+def priced(model: Model, usage: UsageMetadata, requested: Model | None = None) -> tuple[Amount, dict[str, int]]:
+    """The actual cost of ``usage`` priced by the core (by ``model``, the one that answered), and
+    the metrics to record with it. LangChain's ``input_tokens`` counts cached prompt tokens too."""
     cached = (usage.get("input_token_details") or {}).get("cache_read", 0)
-    actual = price_usage(
+    actual = price_answer(
         model.name,
+        requested=(requested or model).name,
         input_tokens=usage["input_tokens"],
         output_tokens=usage["output_tokens"],
         cached_input_tokens=cached,
@@ -137,14 +188,34 @@ def sync_cycles(cycles: Cycles | AsyncCycles) -> Cycles:
     return cycles
 
 
+def run_of(cycles: Cycles | AsyncCycles) -> Run | AsyncRun | None:
+    """The ``cycles`` run current in this context, if it is one of this client's."""
+    run = current_run()
+    return run if run is not None and run._client is cycles else None
+
+
+def step(cycles: Cycles, subject: Subject, action: Action, estimate: Amount, **options: Any) -> Guard:
+    """A guard for one call: a step of the current run when there is one, else a plain guard."""
+    run = run_of(cycles)
+    if isinstance(run, Run):
+        return run.guard(action, estimate, subject=subject, **options)
+    return cycles.guard(subject, action, estimate, **options)
+
+
 @asynccontextmanager
 async def aguard(
-    cycles: Cycles | AsyncCycles, subject: Subject, action: Action, estimate: Amount
+    cycles: Cycles | AsyncCycles, subject: Subject, action: Action, estimate: Amount, **options: Any
 ) -> AsyncIterator[Guard | AsyncGuard]:
     """The core's guard in an async run, with either client (a sync one does its ledger calls inline)."""
     if isinstance(cycles, AsyncCycles):
-        async with cycles.guard(subject, action, estimate=estimate) as guard:
+        run = run_of(cycles)
+        async_step = (
+            run.guard(action, estimate, subject=subject, **options)
+            if isinstance(run, AsyncRun)
+            else cycles.guard(subject, action, estimate, **options)
+        )
+        async with async_step as guard:
             yield guard
     else:
-        with cycles.guard(subject, action, estimate=estimate) as guard:
+        with step(cycles, subject, action, estimate, **options) as guard:
             yield guard

@@ -2,35 +2,54 @@
 
 LangChain only lets a callback stop a call when the handler sets ``raise_error``; and it runs an
 *async* handler's coroutines for a sync ``invoke`` after the fact, swallowing their errors. So this
-handler is synchronous: a sync ``invoke`` calls it inline, an ``ainvoke`` runs it in a worker
-thread and awaits it before the provider is called. Both honour ``raise_error``, so a denied call
-raises its ``cycles.Denied`` before it reaches the provider, under both.
+handler is synchronous and runs inline (``run_inline``): a denied call raises its
+``cycles.Denied`` before it reaches the provider, under ``invoke`` and ``ainvoke`` alike.
+
+Settlement is the core's: a call is a step (of the current ``cycles`` run, if any) settled by its
+end or error callback. LangChain sends no callback when an ``ainvoke`` is cancelled (e.g. by
+``asyncio.wait_for``): the step is then settled when the task that started it ends, by the core's
+rule for an interrupted step. A stream its consumer closed is charged for what it generated.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import threading
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from langchain_core.callbacks import BaseCallbackHandler
-from langchain_core.messages import BaseMessage, UsageMetadata
+from langchain_core.messages import BaseMessage, ToolMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import ensure_config
 
-from cycles import Action, Amount, Cycles, Guard, usd
+from cycles import Action, Amount, Cycles, CyclesError, Guard, usd
 from cycles_langgraph._common import (
     Model,
     SubjectLike,
+    actual_cost,
+    covered,
     estimate_prompt,
     max_output_tokens,
     model_of,
-    priced,
+    partial_cost,
+    prompt_tokens,
     resolve_subject,
+    step,
     tool_cost,
     usage_of,
 )
+
+log = logging.getLogger("cycles_langgraph")
+
+
+class _Open(NamedTuple):
+    guard: Guard
+    model: Model | None
+    prompt_tokens: int
+
 
 __all__ = ["CyclesCallbackHandler"]
 
@@ -41,12 +60,17 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     ``model.invoke(msgs, config={"callbacks": [CyclesCallbackHandler(cy, subject=...)]})``.
     A model call reserves ``estimate`` (default: the core's estimate for the prompt and the
     call's max tokens, else ``max_output_tokens``) and commits the cost of the response's
-    ``usage_metadata``; a tool call reserves and commits ``tool_estimate`` (a fixed amount, or one
-    per tool name) and is checked against the caps' allow/deny lists. An error releases.
-    Callbacks cannot change a request: to clamp ``max_tokens`` use ``CyclesMiddleware``.
+    ``usage_metadata``, priced by the model that answered (``response_metadata``); a tool call
+    reserves and commits ``tool_estimate`` (a fixed amount, or one per tool name) and is checked
+    against the caps' allow/deny lists. A call that raised is released, also a tool whose error
+    LangChain turned into a result (``handle_tool_error``), unless the tool is named in
+    ``charge_failed_tools``. Callbacks cannot change a request: to clamp ``max_tokens`` use
+    ``CyclesMiddleware`` (whose own calls this handler leaves to it, so both can be installed: the
+    handler then covers the calls other middleware makes on its own, e.g. summarization).
     """
 
     raise_error = True
+    run_inline = True  # under ainvoke too: in the task of the call, so its end can be seen
 
     def __init__(
         self,
@@ -56,13 +80,15 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         estimate: Amount | None = None,
         max_output_tokens: int = 1024,
         tool_estimate: Amount | Mapping[str, Amount] | None = None,
+        charge_failed_tools: Sequence[str] = (),
     ) -> None:
         self.cycles = cycles
         self.subject = subject
         self.estimate = estimate
         self.max_output_tokens = max_output_tokens
         self.tool_estimate = usd(0) if tool_estimate is None else tool_estimate
-        self._open: dict[UUID, tuple[Guard, Model | None]] = {}  # by LangChain run_id
+        self.charge_failed_tools = set(charge_failed_tools)
+        self._open: dict[UUID, _Open] = {}  # by LangChain run_id, from start to end callback only
         self._lock = threading.Lock()
 
     # -- models --------------------------------------------------------------------------------
@@ -94,20 +120,29 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         self._model_start(run_id, serialized, prompts, metadata, kwargs)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        guard, model = self._pop(run_id)
-        if guard is None:
+        call = self._pop(run_id)
+        if call is None:
             return
         messages = [g.message for gens in response.generations for g in gens if isinstance(g, ChatGeneration)]
-        usage = usage_of(messages) or _llm_output_usage(response.llm_output)
-        if usage is None or model is None:
-            guard.finish()  # nothing measured: the estimate stands
-            return
-        actual, metrics = priced(model, usage)
-        guard.commit(actual, metrics=metrics)
-        guard.finish()
+        cost = actual_cost(call.model, messages, usage_of(messages) or _llm_output_usage(response.llm_output))
+        if cost is not None:
+            call.guard.commit(cost[0], metrics=cost[1])
+        call.guard.finish()  # no usage: the core commits the estimate and flags it
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._fail(run_id)
+        call = self._pop(run_id)
+        if call is None:
+            return
+        response = kwargs.get("response")  # what a stream produced before it stopped
+        gens = [g for gens in response.generations for g in gens] if isinstance(response, LLMResult) else []
+        if gens:  # tokens were generated before it stopped: they are billed
+            messages = [g.message for g in gens if isinstance(g, ChatGeneration)]
+            cost = actual_cost(call.model, messages, usage_of(messages)) or partial_cost(
+                call.model, call.prompt_tokens, "".join(g.text for g in gens)
+            )
+            if cost is not None:
+                call.guard.commit(cost[0], metrics=cost[1])
+        call.guard.fail(error)
 
     # -- tools ---------------------------------------------------------------------------------
 
@@ -125,15 +160,23 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     ) -> None:
         name = str(serialized.get("name") or kwargs.get("name") or "tool")
         estimate = tool_cost(self.tool_estimate, name)
+        if covered.get():
+            return  # CyclesMiddleware reserved this call
         self._start(run_id, metadata, Action("tool.call", name), estimate, None)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        guard, _ = self._pop(run_id)
-        if guard is not None:
-            guard.finish()
+        call = self._pop(run_id)
+        if call is None:
+            return
+        if isinstance(output, ToolMessage) and output.status == "error":  # handle_tool_error made it a result
+            call.guard.fail(RuntimeError(str(output.content)))
+        else:
+            call.guard.finish()
 
     def on_tool_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
-        self._fail(run_id)
+        call = self._pop(run_id)
+        if call is not None:
+            call.guard.fail(error)
 
     # -- shared --------------------------------------------------------------------------------
 
@@ -145,12 +188,14 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         metadata: Mapping[str, Any] | None,
         kwargs: Mapping[str, Any],
     ) -> None:
+        if covered.get():
+            return  # CyclesMiddleware reserved this call
         params = kwargs.get("invocation_params") or {}
         model = model_of(metadata, params, serialized.get("kwargs"))
         cap = max_output_tokens(self.max_output_tokens, params, metadata)
         estimate = self.estimate or estimate_prompt(model, messages, params.get("tools"), cap)
         name = model.ref if model else str(serialized.get("name") or "unknown-model")
-        self._start(run_id, metadata, Action("llm.completion", name), estimate, model)
+        self._start(run_id, metadata, Action("llm.completion", name), estimate, model, prompt_tokens(messages, None))
 
     def _start(
         self,
@@ -159,21 +204,34 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         action: Action,
         estimate: Amount,
         model: Model | None,
+        tokens: int = 0,
     ) -> None:
         config = ensure_config({"metadata": dict(metadata or {})})
-        guard = self.cycles.guard(resolve_subject(self.subject, config), action, estimate=estimate)
+        on_failure = "charge" if action.is_tool and action.name in self.charge_failed_tools else "release"
+        guard = step(self.cycles, resolve_subject(self.subject, config), action, estimate, on_failure=on_failure)
         guard.start()  # a Denied raised here stops the call: the handler sets raise_error
         with self._lock:
-            self._open[run_id] = (guard, model)
+            self._open[run_id] = _Open(guard, model, tokens)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop in this thread: a sync invoke
+            task = None
+        if task is not None:  # LangChain sends nothing when this task is cancelled mid-call
+            task.add_done_callback(lambda t: self._orphaned(run_id, t))
 
-    def _pop(self, run_id: UUID) -> tuple[Guard | None, Model | None]:
+    def _orphaned(self, run_id: UUID, task: asyncio.Task[Any]) -> None:
+        """The task of a call ended without its end or error callback: settle it by the core's rule."""
+        call = self._pop(run_id)
+        if call is None:
+            return
+        try:
+            call.guard.fail(asyncio.CancelledError() if task.cancelled() else task.exception())
+        except CyclesError:
+            log.exception("could not settle the reservation of a cancelled call")
+
+    def _pop(self, run_id: UUID) -> _Open | None:
         with self._lock:
-            return self._open.pop(run_id, (None, None))
-
-    def _fail(self, run_id: UUID) -> None:
-        guard, _ = self._pop(run_id)
-        if guard is not None:
-            guard.fail()
+            return self._open.pop(run_id, None)
 
 
 def _llm_output_usage(llm_output: Mapping[str, Any] | None) -> UsageMetadata | None:

@@ -2,6 +2,12 @@
 
 A denied *tool* call becomes an error ``ToolMessage`` the model reads and can react to; a denied
 *model* call ends the run with a final ``AIMessage`` (no tool calls, so the agent loop exits).
+
+A model call is priced by the model that answered (``response_metadata``), so a fallback listed
+after this middleware is charged at its own price. Model calls other middleware makes on its own
+(``SummarizationMiddleware``) do not pass through ``wrap_model_call``: install a
+``CyclesCallbackHandler`` too (``middleware.callbacks()``), which covers them and leaves the calls
+this middleware reserved alone.
 """
 
 from __future__ import annotations
@@ -15,20 +21,23 @@ from langchain_core.runnables import ensure_config
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from cycles import Action, Amount, AsyncCycles, AsyncGuard, Caps, Cycles, Denied, Guard, Subject, usd
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Denied, Guard, Subject, usd
 from cycles_langgraph._common import (
     Model,
     SubjectLike,
+    actual_cost,
     aguard,
+    covered,
     estimate_prompt,
     max_output_tokens,
     model_of,
-    priced,
     resolve_subject,
+    step,
     sync_cycles,
     tool_cost,
     usage_of,
 )
+from cycles_langgraph.callbacks import CyclesCallbackHandler
 
 __all__ = ["CyclesMiddleware"]
 
@@ -54,6 +63,7 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         tool_estimate: Amount | Mapping[str, Amount] | None = None,
         max_tokens_setting: str = "max_tokens",
         out_of_budget: Callable[[Denied], str] | None = None,
+        charge_failed_tools: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__()
         self.cycles = cycles
@@ -63,6 +73,19 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         self.tool_estimate = usd(0) if tool_estimate is None else tool_estimate
         self.max_tokens_setting = max_tokens_setting
         self.out_of_budget = out_of_budget or (lambda exc: f"Stopping here: the budget is exhausted ({exc}).")
+        self.charge_failed_tools = set(charge_failed_tools)
+
+    def callbacks(self) -> CyclesCallbackHandler:
+        """A callback handler with the same client and prices, for the model calls other middleware
+        makes on its own: ``agent.invoke(..., config={"callbacks": [mw.callbacks()]})``."""
+        return CyclesCallbackHandler(
+            sync_cycles(self.cycles),
+            self.subject,
+            estimate=self.estimate,
+            max_output_tokens=self.max_output_tokens,
+            tool_estimate=self.tool_estimate,
+            charge_failed_tools=tuple(self.charge_failed_tools),
+        )
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -73,8 +96,12 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     ) -> ModelResponse[Any] | AIMessage:
         model, action, estimate, own_max = self._model_plan(request)
         try:
-            with sync_cycles(self.cycles).guard(self._subject(), action, estimate=estimate) as g:
-                response = handler(self._clamped(request, g.caps, own_max))
+            with step(sync_cycles(self.cycles), self._subject(), action, estimate) as g:
+                token = covered.set(True)
+                try:
+                    response = handler(self._clamped(request, g, own_max))
+                finally:
+                    covered.reset(token)
                 self._commit(g, model, response)
                 return response
         except Denied as exc:
@@ -88,7 +115,11 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         model, action, estimate, own_max = self._model_plan(request)
         try:
             async with aguard(self.cycles, self._subject(), action, estimate) as g:
-                response = await handler(self._clamped(request, g.caps, own_max))
+                token = covered.set(True)
+                try:
+                    response = await handler(self._clamped(request, g, own_max))
+                finally:
+                    covered.reset(token)
                 self._commit(g, model, response)
                 return response
         except Denied as exc:
@@ -99,8 +130,14 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     def wrap_tool_call(self, request: ToolCallRequest, handler: Callable[[ToolCallRequest], ToolResult]) -> ToolResult:
         action, estimate = self._tool_plan(request)
         try:
-            with sync_cycles(self.cycles).guard(self._subject(), action, estimate=estimate):
-                return handler(request)
+            with step(sync_cycles(self.cycles), self._subject(), action, estimate, **self._policy(action)) as g:
+                token = covered.set(True)
+                try:
+                    return self._settled(g, handler(request))
+                finally:
+                    covered.reset(token)
+        except _ToolFailed as failed:
+            return failed.result
         except Denied as exc:
             return _denied_tool(request, exc)
 
@@ -109,8 +146,14 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
     ) -> ToolResult:
         action, estimate = self._tool_plan(request)
         try:
-            async with aguard(self.cycles, self._subject(), action, estimate):
-                return await handler(request)
+            async with aguard(self.cycles, self._subject(), action, estimate, **self._policy(action)) as g:
+                token = covered.set(True)
+                try:
+                    return self._settled(g, await handler(request))
+                finally:
+                    covered.reset(token)
+        except _ToolFailed as failed:
+            return failed.result
         except Denied as exc:
             return _denied_tool(request, exc)
 
@@ -129,21 +172,39 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
         name = model.ref if model else type(request.model).__name__
         return model, Action("llm.completion", name), estimate, own_max
 
-    def _clamped(self, request: ModelRequest[Any], caps: Caps | None, own_max: int) -> ModelRequest[Any]:
-        if caps is None or caps.max_tokens is None or 0 < own_max <= caps.max_tokens:
+    def _clamped(self, request: ModelRequest[Any], guard: Guard | AsyncGuard, own_max: int) -> ModelRequest[Any]:
+        limit = guard.max_tokens(own_max or None)
+        if limit is None or limit == own_max:
             return request
-        settings = {**request.model_settings, self.max_tokens_setting: caps.max_tokens}
+        settings = {**request.model_settings, self.max_tokens_setting: limit}
         return request.override(model_settings=settings)
 
     def _commit(self, guard: Guard | AsyncGuard, model: Model | None, response: ModelResponse[Any]) -> None:
-        usage = usage_of(response.result)
-        if usage is not None and model is not None:  # else the estimate is committed
-            actual, metrics = priced(model, usage)
-            guard.commit(actual, metrics=metrics)
+        cost = actual_cost(model, response.result, usage_of(response.result))
+        if cost is not None:  # else the core commits the estimate and flags it
+            guard.commit(cost[0], metrics=cost[1])
+
+    def _policy(self, action: Action) -> dict[str, Any]:
+        return {"on_failure": "charge" if action.name in self.charge_failed_tools else "release"}
+
+    @staticmethod
+    def _settled(guard: Guard | AsyncGuard, result: ToolResult) -> ToolResult:
+        """A tool whose error became its result (``status="error"``) failed: the guard settles it so."""
+        if isinstance(result, ToolMessage) and result.status == "error":
+            raise _ToolFailed(result)
+        return result
 
     def _tool_plan(self, request: ToolCallRequest) -> tuple[Action, Amount]:
         name = request.tool_call["name"]
         return Action("tool.call", name), tool_cost(self.tool_estimate, name)
+
+
+class _ToolFailed(Exception):
+    """Carries a tool's error result out of its guard, which then applies the failed-step policy."""
+
+    def __init__(self, result: ToolMessage) -> None:
+        super().__init__(str(result.content))
+        self.result = result
 
 
 def _denied_tool(request: ToolCallRequest, exc: Denied) -> ToolMessage:

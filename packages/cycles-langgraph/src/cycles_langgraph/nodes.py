@@ -11,7 +11,7 @@ from langchain_core.runnables import RunnableConfig
 from langgraph.types import Command
 
 from cycles import Action, Amount, AsyncCycles, Cycles, Denied, Subject
-from cycles_langgraph._common import SubjectLike, aguard, resolve_subject, sync_cycles
+from cycles_langgraph._common import SubjectLike, aguard, resolve_subject, step, sync_cycles
 
 __all__ = ["guard_node"]
 
@@ -106,7 +106,7 @@ def guard_node(
         def swrapper(state: Any, /, config: RunnableConfig, **kwargs: Any) -> Any:
             who, amount = plan(state, config)
             try:
-                with client.guard(who, act, estimate=amount):
+                with step(client, who, act, amount):
                     return node(state, **_args(kwargs, config, passes_config))
             except Denied:
                 # Denied is a RuntimeError: LangGraph's default RetryPolicy does not retry it.

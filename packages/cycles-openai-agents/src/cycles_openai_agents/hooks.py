@@ -1,14 +1,20 @@
-"""Run hooks that reserve before every model and tool call and commit what it really cost.
+"""Run hooks mapping the SDK's callbacks onto a Cycles run (``cycles.run``): every model and tool
+call is a step of the run, and every settlement rule is the core's.
 
 The SDK calls ``on_llm_start`` just before the model and lets an exception from it propagate, so a
 denial there stops the call before a token is spent. ``on_llm_end`` carries the response's
 ``usage``, priced by ``cycles.pricing``. Tools are reserved in ``on_tool_start`` (or earlier, by
-:meth:`CyclesRunHooks.tool_guardrail`) and committed in ``on_tool_end``.
+:meth:`CyclesRunHooks.tool_guardrail`, as a step that has not begun) and settled in ``on_tool_end``.
 
-What the hooks cannot see, they leave to two helpers: the SDK has no hook for a failed or cancelled
-model call, so :meth:`CyclesRunHooks.run` / :meth:`CyclesRunHooks.run_streamed` release whatever a
-run left pending, and :class:`~cycles_openai_agents.model.CyclesModel` (a model wrapper) releases at
-once, clamps ``max_tokens`` to the budget's caps and can end a run with a final message.
+Each ``Runner`` run is one Cycles run, created at its first call: :meth:`CyclesRunHooks.run` /
+:meth:`~CyclesRunHooks.run_streamed` end it when the SDK run ends (success, exception,
+cancellation), settling what is still open by the core's rule (a tool that ran is committed, a
+step that never started is released). Under a plain ``Runner.run`` a failed run's reservations
+are bounded by the heartbeat's ``max_lease_ms`` and the run's lifetime (nothing is kept once the
+SDK drops the run), or settled at once by :meth:`~CyclesRunHooks.release_pending`; the SDK has no
+hook for a failed model call, which :class:`~cycles_openai_agents.model.CyclesModel` (a model
+wrapper) settles at once, besides clamping ``max_tokens`` to the caps and ending a run with a final
+message.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -43,10 +50,10 @@ from agents import (
 from agents.tool_context import ToolContext
 from pydantic import BaseModel
 
-from cycles import Action, Amount, AsyncCycles, Decision, Denied, Subject, usd
-from cycles.guard import AsyncGuard
-from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
-from cycles_openai_agents.model import CyclesModel
+from cycles import Action, Amount, AsyncCycles, AsyncRun, Decision, Denied, Subject, usd
+from cycles.guard import AsyncGuard, OnFailure
+from cycles.pricing import approx_messages_tokens, estimate_cost
+from cycles_openai_agents.model import CyclesModel, usage_price
 
 __all__ = ["CyclesRunHooks", "OnExhausted", "OnToolDenied"]
 
@@ -59,28 +66,22 @@ OnToolDenied = Literal["reject", "raise"]
 
 DEFAULT_FINAL_MESSAGE = "I have to stop here: the budget for this task is used up."
 
-# Which run a reservation belongs to, so run() releases exactly its own leftovers. Every task the
-# SDK creates for a run copies the caller's context, so they all see the token run() set.
-_RUN: ContextVar[object | None] = ContextVar("cycles_openai_agents_run", default=None)
+# The runs a call of ``CyclesRunHooks.run`` / ``run_streamed`` created, for it to end. Every task the
+# SDK creates for a run copies the caller's context, so they all append to the same list.
+_STARTED: ContextVar[list[AsyncRun] | None] = ContextVar("cycles_openai_agents_runs", default=None)
 _LEVEL_VALUE = re.compile(r"[^a-zA-Z0-9_.-]")
+#: What the SDK's default ``failure_error_function`` turns a tool's exception into.
+TOOL_ERROR_TEXT = "An error occurred while running the tool. Please try again."
 
 
 @dataclass(eq=False)
 class _Call:
-    """One model or tool call between its reservation and its settlement."""
+    """One model call's step, for the hook and the model wrapper that see it."""
 
-    key: tuple[object, ...]
-    subject: Subject
-    action: Action
-    estimate: Amount
-    run: object | None
-    agent: str
+    model: str
     guard: AsyncGuard | None = None
-    started: bool = False  # tool: on_tool_start has run (a guardrail may reserve before it)
-    denied: Denied | None = None  # model, "finish" mode: the model must not be called
-    # model: the priced usage CyclesModel saw, committed if on_llm_end never comes
-    actual: Amount | None = None
-    prompt: object = None  # the input list the SDK hands both on_llm_start and the model
+    denied: Denied | None = None  # "finish" mode: the model must not be called
+    prompt_tokens: int = 0
 
 
 class CyclesRunHooks(RunHooks[Any]):
@@ -97,6 +98,11 @@ class CyclesRunHooks(RunHooks[Any]):
     - ``on_exhausted="finish"``: a model call the budget refuses ends the run with
       ``final_message`` instead of raising (needs the agent's model wrapped in :class:`CyclesModel`,
       the only place that can answer instead of the model).
+    - ``run_budgets``: budgets of each run's own workflow scope (the subject must not name a
+      workflow), closed when the run ends.
+    - ``charge_failed_tools``: tools charged even when they fail (by default a tool that raised,
+      also when the SDK turned the error into a result, is released); ``tool_failed(name, result)``
+      tells a failure from a result when a tool has its own ``failure_error_function``.
     """
 
     def __init__(
@@ -111,6 +117,9 @@ class CyclesRunHooks(RunHooks[Any]):
         tool_scopes: bool = True,
         on_exhausted: OnExhausted = "raise",
         final_message: str = DEFAULT_FINAL_MESSAGE,
+        run_budgets: Sequence[Amount] = (),
+        charge_failed_tools: Iterable[str] = (),
+        tool_failed: Callable[[str, object], bool] | None = None,
     ) -> None:
         if on_exhausted not in ("raise", "finish"):
             raise ValueError(f"on_exhausted must be 'raise' or 'finish', not {on_exhausted!r}")
@@ -127,8 +136,12 @@ class CyclesRunHooks(RunHooks[Any]):
         """Every handoff seen, as ``(from agent, to agent)`` names, in order."""
         self.stopped: Denied | None = None
         """The denial that ended the last run with ``final_message`` (``on_exhausted="finish"``)."""
-        self._calls: dict[tuple[object, ...], list[_Call]] = {}
-        self._by_prompt: dict[int, _Call] = {}
+        self.run_budgets = tuple(run_budgets)
+        self.charge_failed_tools = set(charge_failed_tools)
+        self.tool_failed = tool_failed or (lambda name, result: result == TOOL_ERROR_TEXT)
+        # The run of each SDK run, by its Usage object (one per run, shared by its tool contexts);
+        # an entry goes when the SDK drops the run, so nothing here outlives it.
+        self._runs: dict[int, AsyncRun] = {}
         self._cleanups: set[asyncio.Task[None]] = set()
 
     # ---- model calls ------------------------------------------------------------------------
@@ -140,59 +153,64 @@ class CyclesRunHooks(RunHooks[Any]):
         system_prompt: str | None,
         input_items: list[TResponseInputItem],
     ) -> None:
+        run = await self.run_of(context, agent)
         model = self.model_name(agent)
-        call = _Call(
-            key=("llm", id(context.usage), id(agent)),
-            subject=self.subject_for(agent),
-            action=Action("llm.completion", model),
-            estimate=self.estimate(agent, system_prompt, input_items),
-            run=_RUN.get(),
-            agent=agent.name,
-            prompt=input_items,
+        estimate = self.estimate(agent, system_prompt, input_items)
+        call = _Call(model=model, prompt_tokens=self._prompt_tokens(system_prompt, input_items))
+        guard = run.guard(
+            Action("llm.completion", model), estimate, subject=self.subject_for(agent), metadata={"agent": agent.name}
         )
         try:
-            await self._reserve(call)
+            await guard.start()  # raises the Denied before anything runs
+            call.guard = guard
         except Denied as denial:
             if self.on_exhausted != "finish" or not isinstance(agent.model, CyclesModel):
                 raise
             call.denied = self.stopped = denial  # CyclesModel answers with final_message instead
             log.info("budget exhausted, ending the run with the final message: %s", denial)
-        self._add(call)
-        self._by_prompt[id(input_items)] = call
+        run.track(("llm", id(agent)), call)
+        run.track(("prompt", id(input_items)), call)
 
     async def on_llm_end(self, context: RunContextWrapper[Any], agent: Agent[Any], response: ModelResponse) -> None:
-        call = self._pop(("llm", id(context.usage), id(agent)))
-        if call is not None and call.denied is not None:
-            return  # CyclesModel answered; the model was not called
+        run = await self.run_of(context, agent)
+        call: _Call | None = run.take(("llm", id(agent)))
+        if call is None or call.guard is None:
+            return  # CyclesModel answered (the model was not called), or nothing was reserved
         usage = response.usage
-        model = call.action.name if call is not None else self.model_name(agent)
-        actual = self.price(model, usage)
-        metrics = {"tokens_input": usage.input_tokens, "tokens_output": usage.output_tokens}
-        if call is not None and call.guard is not None:
-            call.guard.commit(actual, metrics=metrics)
-            await call.guard.finish()
-            return
-        # No open reservation (a retried call after CyclesModel released the failed attempt): the
-        # tokens were spent all the same, so charge them as an event.
-        if actual.amount:
-            subject = self.subject_for(agent)
-            await self.cycles.event(subject, Action("llm.completion", model), actual, metrics=metrics)
+        if usage.requests or usage.input_tokens or usage.output_tokens:
+            actual = self.price(call.model, usage)
+            call.guard.commit(
+                actual, metrics={"tokens_input": usage.input_tokens, "tokens_output": usage.output_tokens}
+            )
+        await call.guard.finish()  # no usage: the core commits the estimate and flags it
 
     # ---- tool calls -------------------------------------------------------------------------
 
     async def on_tool_start(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool) -> None:
+        run = await self.run_of(context, agent)
         key = self._tool_key(context, tool.name)
-        reserved = next((c for c in self._calls.get(key, ()) if not c.started), None)
-        if reserved is None:  # no guardrail reserved it: reserve now (a denial aborts the run)
-            reserved = self._tool_call(key, agent, tool.name, None)
-            await self._reserve(reserved)
-            self._add(reserved)
-        reserved.started = True
+        guard: AsyncGuard | None = run.peek(key)
+        if guard is None:  # no guardrail reserved it: reserve now
+            guard = self._tool_guard(run, agent, tool.name, None)
+            try:
+                await guard.start()
+            except Denied as denial:
+                # The denial aborts the SDK run: settle its run now (tools that already ran are
+                # committed, reserved ones that never started are released), even under Runner.run.
+                await run.end(denial)
+                raise
+            run.track(key, guard)
+        guard.begin()
 
     async def on_tool_end(self, context: RunContextWrapper[Any], agent: Agent[Any], tool: Tool, result: object) -> None:
-        call = self._pop(self._tool_key(context, tool.name), started=True)
-        if call is not None and call.guard is not None:
-            await call.guard.finish()  # a tool costs what it reserved
+        run = await self.run_of(context, agent)
+        guard: AsyncGuard | None = run.take(self._tool_key(context, tool.name))
+        if guard is None:
+            return
+        if self.tool_failed(tool.name, result):  # the SDK turned the tool's exception into a result
+            await guard.fail(RuntimeError(f"tool {tool.name} failed: {result}"))
+        else:
+            await guard.finish()  # a tool costs what it reserved
 
     async def on_handoff(self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]) -> None:
         self.handoffs.append((from_agent.name, to_agent.name))
@@ -250,63 +268,97 @@ class CyclesRunHooks(RunHooks[Any]):
 
         async def guardrail(data: ToolInputGuardrailData) -> ToolGuardrailFunctionOutput:
             context = data.context
+            run = await self.run_of(context, data.agent)
             key = self._tool_key(context, context.tool_name)
-            if any(not c.started for c in self._calls.get(key, ())):  # run twice (pre-approval): once
+            if run.peek(key) is not None:  # run twice (pre-approval): reserve once
                 return ToolGuardrailFunctionOutput.allow(output_info={"reserved": "already"})
-            call = self._tool_call(key, data.agent, context.tool_name, cost)
+            guard = self._tool_guard(run, data.agent, context.tool_name, cost)
             try:
-                await self._reserve(call)
+                await guard.start(begin=False)  # reserved ahead: it begins in on_tool_start
             except Denied as denial:
                 info = {"reason_code": denial.reason_code, "message": denial.message, "scope": denial.scope}
                 if on_deny == "raise":
                     return ToolGuardrailFunctionOutput.raise_exception(output_info=info)
                 return ToolGuardrailFunctionOutput.reject_content(message.format(reason=denial.message), info)
-            self._add(call)
-            return ToolGuardrailFunctionOutput.allow(output_info={"reserved": str(call.estimate)})
+            run.track(key, guard)
+            return ToolGuardrailFunctionOutput.allow(output_info={"reserved": str(guard.estimate)})
 
         return ToolInputGuardrail(guardrail_function=guardrail, name=name)
 
     # ---- running ----------------------------------------------------------------------------
 
     async def run(self, starting_agent: Agent[Any], input: Any, **kwargs: Any) -> RunResult:
-        """``Runner.run`` with these hooks; whatever the run leaves pending is released.
+        """``Runner.run`` with these hooks, as one Cycles run ended (and settled) when it ends.
 
         A budget denial raised inside a tool hook reaches the caller as the ``Denied`` itself (the
         SDK wraps it in ``UserError``), so ``except cycles.Denied`` works for every call.
         """
-        token = _RUN.set(run := object())
+        started: list[AsyncRun] = []
+        token = _STARTED.set(started)
         self.stopped = None
+        error: BaseException | None = None
         try:
             return await Runner.run(starting_agent, input, hooks=self, **kwargs)
         except UserError as exc:
+            error = exc
             if isinstance(exc.__cause__, Denied):
                 raise exc.__cause__ from exc
             raise
+        except BaseException as exc:
+            error = exc
+            raise
         finally:
-            _RUN.reset(token)
-            await self._settle_run(run)
+            _STARTED.reset(token)
+            await asyncio.shield(self._end(started, error))
 
     def run_streamed(self, starting_agent: Agent[Any], input: Any, **kwargs: Any) -> RunResultStreaming:
-        """``Runner.run_streamed`` with these hooks; what the run leaves pending is released when it ends."""
-        token = _RUN.set(run := object())
+        """``Runner.run_streamed`` with these hooks; its Cycles run ends when the stream's run ends."""
+        started: list[AsyncRun] = []
+        token = _STARTED.set(started)
         self.stopped = None
         try:
             result = Runner.run_streamed(starting_agent, input, hooks=self, **kwargs)
         finally:
-            _RUN.reset(token)
-        if result.run_loop_task is not None:
-            result.run_loop_task.add_done_callback(lambda _: self._spawn(self._settle_run(run)))
+            _STARTED.reset(token)
+        task = result.run_loop_task
+        if task is not None:
+            task.add_done_callback(lambda t: self._spawn(self._end(started, _task_error(t))))
         return result
 
     async def release_pending(self) -> None:
-        """Settle every reservation still open (of any run): for ``Runner.run`` used directly."""
+        """End every run still open as failed (a plain ``Runner.run`` that raised): a call in flight
+        failed and is released, tools that ran are settled, nothing stays reserved."""
         await self.wait_settled()
-        await self._settle_run(None)
+        await self._end(list(self._runs.values()), RuntimeError("the run ended without its hooks knowing"))
 
     async def wait_settled(self) -> None:
         """Wait until the clean-ups of finished streamed runs are done."""
         while self._cleanups:
             await asyncio.gather(*self._cleanups, return_exceptions=True)
+
+    async def run_of(self, context: RunContextWrapper[Any], agent: Agent[Any]) -> AsyncRun:
+        """The Cycles run of the SDK run ``context`` belongs to (created, and started, at its first call)."""
+        usage = context.usage
+        run = self._runs.get(id(usage))
+        if run is None:
+            name = _LEVEL_VALUE.sub("_", agent.name)[:100] or "agent"
+            # Subjects keep their levels (budgets may sit on tenant/agent scopes) unless the run
+            # needs a workflow scope of its own for run_budgets.
+            own = bool(self.run_budgets)
+            run = self.cycles.run(self.subject_for(agent), name=name, budgets=self.run_budgets, own_scope=own)
+            await run.start()
+            self._runs[id(usage)] = run
+            weakref.finalize(usage, self._runs.pop, id(usage), None)
+            started = _STARTED.get()
+            if started is not None:
+                started.append(run)
+        return run
+
+    async def _end(self, runs: list[AsyncRun], error: BaseException | None) -> None:
+        for run in runs:
+            for key in [k for k, v in self._runs.items() if v is run]:
+                self._runs.pop(key, None)
+            await run.end(error)
 
     # ---- pricing and subjects ---------------------------------------------------------------
 
@@ -339,14 +391,8 @@ class CyclesRunHooks(RunHooks[Any]):
 
     @staticmethod
     def price(model: str, usage: Usage) -> Amount:
-        """What a response's usage costs."""
-        cached = usage.input_tokens_details.cached_tokens or 0
-        return price_usage(
-            model,
-            input_tokens=usage.input_tokens,
-            output_tokens=usage.output_tokens,
-            cached_input_tokens=min(cached, usage.input_tokens),
-        )
+        """What a response's usage costs, at ``model``'s price."""
+        return usage_price(model, usage)
 
     # ---- internals --------------------------------------------------------------------------
 
@@ -354,78 +400,47 @@ class CyclesRunHooks(RunHooks[Any]):
     def _shadow(self) -> bool:
         return self.cycles.mode == "shadow"
 
+    @staticmethod
+    def _prompt_tokens(system_prompt: str | None, items: list[TResponseInputItem]) -> int:
+        return approx_messages_tokens([system_prompt or "", *(_item_text(item) for item in items)])
+
     def _tool_key(self, context: RunContextWrapper[Any], tool_name: str) -> tuple[object, ...]:
         # Parallel calls of one tool differ by call id; other local tools (no ToolContext) by name.
         call_id = context.tool_call_id if isinstance(context, ToolContext) else tool_name
-        return ("tool", id(context.usage), call_id)
+        return ("tool", call_id)
 
-    def _tool_call(self, key: tuple[object, ...], agent: Agent[Any], tool_name: str, cost: Amount | None) -> _Call:
+    def _tool_guard(self, run: AsyncRun, agent: Agent[Any], tool_name: str, cost: Amount | None) -> AsyncGuard:
         subject = self.subject_for(agent)
         if self.tool_scopes:
             subject = subject.merged(toolset=_LEVEL_VALUE.sub("_", tool_name)[:128])
         estimate = cost if cost is not None else self.tool_costs.get(tool_name, self.default_tool_cost)
-        return _Call(
-            key=key,
+        on_failure: OnFailure = "charge" if tool_name in self.charge_failed_tools else "release"
+        return run.guard(
+            Action("tool.call", tool_name),
+            estimate,
             subject=subject,
-            action=Action("tool.call", tool_name),
-            estimate=estimate,
-            run=_RUN.get(),
-            agent=agent.name,
+            metadata={"agent": agent.name},
+            on_failure=on_failure,
         )
-
-    async def _reserve(self, call: _Call) -> None:
-        # The agent's name goes with the reservation: after a handoff the ledger shows who spent.
-        guard = self.cycles.guard(call.subject, call.action, estimate=call.estimate, metadata={"agent": call.agent})
-        await guard.start()  # raises the Denied before anything runs
-        call.guard = guard
-
-    def _add(self, call: _Call) -> None:
-        self._calls.setdefault(call.key, []).append(call)
-
-    def _pop(self, key: tuple[object, ...], *, started: bool | None = None) -> _Call | None:
-        calls = self._calls.get(key)
-        if not calls:
-            return None
-        call = next((c for c in calls if started is None or c.started == started), None)
-        if call is not None:
-            self._forget(call)
-        return call
-
-    def _forget(self, call: _Call) -> None:
-        calls = self._calls.get(call.key, [])
-        if call in calls:
-            calls.remove(call)
-        if not calls:
-            self._calls.pop(call.key, None)
-        if call.prompt is not None and self._by_prompt.get(id(call.prompt)) is call:
-            del self._by_prompt[id(call.prompt)]
 
     def _call_for_prompt(self, prompt: object) -> _Call | None:
         """The model call on_llm_start reserved for this input list (the SDK passes the same list)."""
-        return self._by_prompt.get(id(prompt))
-
-    async def _abort(self, call: _Call, reason: BaseException | None = None) -> None:
-        """The call failed: release its reservation, or commit what the wrapper saw it cost."""
-        self._forget(call)
-        guard, call.guard = call.guard, None
-        if guard is None:
-            return
-        if call.actual is not None:
-            guard.commit(call.actual)  # tokens were spent: fail() then settles instead of releasing
-        await guard.fail(reason)
-
-    def _pending(self, run: object | None) -> Iterator[_Call]:
-        for calls in list(self._calls.values()):
-            yield from (c for c in list(calls) if run is None or c.run is run)
-
-    async def _settle_run(self, run: object | None) -> None:
-        for call in list(self._pending(run)):
-            await self._abort(call)
+        for run in list(self._runs.values()):
+            call: _Call | None = run.peek(("prompt", id(prompt)))
+            if call is not None:
+                return call
+        return None
 
     def _spawn(self, coro: Any) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._cleanups.add(task)
         task.add_done_callback(self._cleanups.discard)
+
+
+def _task_error(task: asyncio.Task[Any]) -> BaseException | None:
+    if task.cancelled():
+        return asyncio.CancelledError()
+    return task.exception()
 
 
 def _item_text(item: object) -> str:

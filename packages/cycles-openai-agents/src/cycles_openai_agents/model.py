@@ -3,7 +3,9 @@
 The SDK resolves a call's model settings before ``on_llm_start`` and has no hook for a failed
 call, so only a wrapper can clamp ``max_tokens`` to the budget's caps, keep tools the caps forbid
 away from the model, answer with a final message instead of calling the model when the budget is
-gone, and release the reservation the moment the call fails or is cancelled.
+gone, settle the call the moment it fails or is cancelled (by the core's rule: a provider error
+releases; a cancelled call, or a stream its consumer closed, is charged for what it generated), and
+price a streamed response by the model that answered it.
 
 The wrapper finds the reservation ``on_llm_start`` made for this call by the input list: the SDK
 passes the same list object to the hook and to the model.
@@ -30,12 +32,13 @@ from agents.retry import ModelRetryAdvice, ModelRetryAdviceRequest
 from openai.types.responses import Response, ResponseCompletedEvent, ResponseOutputMessage, ResponseOutputText
 from openai.types.responses.response_prompt_param import ResponsePromptParam
 
-from cycles import Caps
+from cycles import Amount, Caps
+from cycles.pricing import approx_tokens, price_answer, price_usage
 
 if TYPE_CHECKING:
     from cycles_openai_agents.hooks import CyclesRunHooks, _Call
 
-__all__ = ["CyclesModel"]
+__all__ = ["CyclesModel", "usage_price"]
 
 
 class CyclesModel(Model):
@@ -82,11 +85,9 @@ class CyclesModel(Model):
                 prompt=prompt,
             )
         except BaseException as exc:
-            if call is not None:
-                await self.hooks._abort(call, exc)
+            if call is not None and call.guard is not None:
+                await call.guard.fail(exc)  # the core's rule: released, or (cancelled) charged
             raise
-        if call is not None:
-            call.actual = self.hooks.price(call.action.name, response.usage)
         return response
 
     async def stream_response(
@@ -108,6 +109,7 @@ class CyclesModel(Model):
             yield ResponseCompletedEvent(type="response.completed", response=self._final_response(), sequence_number=0)
             return
         model_settings, tools = _within_caps(call, model_settings, tools)
+        seen: list[str] = []  # the text generated so far, to charge a stream stopped early
         try:
             async for event in self.wrapped.stream_response(
                 system_instructions,
@@ -121,19 +123,30 @@ class CyclesModel(Model):
                 conversation_id=conversation_id,
                 prompt=prompt,
             ):
-                if call is not None and isinstance(event, ResponseCompletedEvent) and event.response.usage:
-                    u = event.response.usage
-                    usage = Usage(
-                        requests=1,
-                        input_tokens=u.input_tokens,
-                        output_tokens=u.output_tokens,
-                        input_tokens_details=u.input_tokens_details,
-                    )
-                    call.actual = self.hooks.price(call.action.name, usage)
+                if call is not None and call.guard is not None:
+                    if isinstance(event, ResponseCompletedEvent) and event.response.usage:
+                        u = event.response.usage
+                        usage = Usage(
+                            requests=1,
+                            input_tokens=u.input_tokens,
+                            output_tokens=u.output_tokens,
+                            input_tokens_details=u.input_tokens_details,
+                        )
+                        metrics = {"tokens_input": u.input_tokens, "tokens_output": u.output_tokens}
+                        answered = event.response.model or call.model
+                        call.guard.commit(usage_price(answered, usage, call.model), metrics=metrics)
+                    elif isinstance(delta := getattr(event, "delta", None), str):
+                        seen.append(delta)
                 yield event
         except BaseException as exc:  # GeneratorExit included: the consumer stopped mid-stream
-            if call is not None:
-                await self.hooks._abort(call, exc)
+            if call is not None and call.guard is not None:
+                if call.guard.actual is None and seen:  # charged for what it generated
+                    out = approx_tokens("".join(seen))
+                    call.guard.commit(
+                        price_usage(call.model, input_tokens=call.prompt_tokens, output_tokens=out),
+                        metrics={"tokens_input": call.prompt_tokens, "tokens_output": out},
+                    )
+                await call.guard.fail(exc)
             raise
 
     def get_retry_advice(self, request: ModelRetryAdviceRequest) -> ModelRetryAdvice | None:
@@ -166,11 +179,26 @@ class CyclesModel(Model):
 
 
 def _within_caps(call: _Call | None, settings: ModelSettings, tools: list[Tool]) -> tuple[ModelSettings, list[Tool]]:
-    caps: Caps | None = call.guard.caps if call is not None and call.guard is not None else None
-    if caps is None:
+    guard = call.guard if call is not None else None
+    caps: Caps | None = guard.caps if guard is not None else None
+    if guard is None or caps is None:
         return settings, tools
-    if caps.max_tokens is not None and (settings.max_tokens is None or settings.max_tokens > caps.max_tokens):
-        settings = settings.resolve(ModelSettings(max_tokens=caps.max_tokens))
+    limit = guard.max_tokens(settings.max_tokens)
+    if limit != settings.max_tokens:
+        settings = settings.resolve(ModelSettings(max_tokens=limit))
     if caps.tool_allowlist or caps.tool_denylist:
-        tools = [t for t in tools if not isinstance(n := getattr(t, "name", None), str) or caps.allows_tool(n)]
+        tools = [t for t in tools if not isinstance(n := getattr(t, "name", None), str) or guard.allows_tool(n)]
     return settings, tools
+
+
+def usage_price(model: str, usage: Usage, requested: str | None = None) -> Amount:
+    """What a response's usage costs at ``model``'s price (the model that answered; ``requested``
+    is the fallback price when the data does not know it)."""
+    cached = usage.input_tokens_details.cached_tokens or 0
+    return price_answer(
+        model,
+        requested=requested or model,
+        input_tokens=usage.input_tokens,
+        output_tokens=usage.output_tokens,
+        cached_input_tokens=min(cached, usage.input_tokens),
+    )
