@@ -292,9 +292,28 @@ class Budgets:
         self._ledger = ledger
 
     def set(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return self._ledger.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        """Create a budget or set its allocation. ``period`` makes it recurring: ``"hour"``, ``"day"``,
+        ``"week"``, ``"month"`` in ``timezone`` (IANA, default UTC) or a duration such as ``"12h"``;
+        ``rollover_policy`` NONE (default), CARRY_FORWARD or CAP_AT_ALLOCATED; ``"none"`` removes it."""
+        return self._ledger.set_budget(
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=period,
+            timezone=timezone,
+            rollover_policy=rollover_policy,
+        )
 
     def fund(self, scope: str, amount: Amount) -> Balance:
         return self._ledger.fund_budget(scope, amount)
@@ -320,9 +339,25 @@ class AsyncBudgets:
         self._ledger = ledger
 
     async def set(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return await self._ledger.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        return await self._ledger.set_budget(
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=period,
+            timezone=timezone,
+            rollover_policy=rollover_policy,
+        )
 
     async def fund(self, scope: str, amount: Amount) -> Balance:
         return await self._ledger.fund_budget(scope, amount)

@@ -313,6 +313,10 @@ class Balance(_Wire):
     allocated: Amount | None = None
     overdraft_limit: Amount | None = None
     is_over_limit: bool | None = None
+    # Recurring budgets only, and only on the operator plane (protocol v0's Balance has no such
+    # fields): the current period, ISO 8601 UTC.
+    period_start: str | None = None
+    period_end: str | None = None
 
     def invariant_holds(self) -> bool:
         parts = (self.allocated, self.spent, self.reserved, self.debt)

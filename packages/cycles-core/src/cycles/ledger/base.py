@@ -92,8 +92,18 @@ class Ledger(abc.ABC):
     # operator plane
     @abc.abstractmethod
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
-    ) -> Balance: ...
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
+    ) -> Balance:
+        """Create or set a budget; with ``period`` a recurring one (``periods.py``; "none" removes it)."""
+
     @abc.abstractmethod
     def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
     @abc.abstractmethod
@@ -149,7 +159,15 @@ class AsyncLedger(abc.ABC):
     ) -> ReservationListResponse: ...
     @abc.abstractmethod
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance: ...
     @abc.abstractmethod
     async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
@@ -241,9 +259,18 @@ class TransactionalLedger(Ledger):
         return self._write(rules.list_reservations, query, tenant)
 
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps)
+        spec = rules.period_spec(period, timezone, rollover_policy)
+        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps, spec)
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._write(rules.fund_budget, scope, amount)
@@ -308,9 +335,26 @@ class ThreadedAsyncLedger(AsyncLedger):
         return await self._call(self.sync.list_reservations, query, tenant=tenant)
 
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return await self._call(self.sync.set_budget, scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        return await self._call(
+            self.sync.set_budget,
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=period,
+            timezone=timezone,
+            rollover_policy=rollover_policy,
+        )
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._call(self.sync.fund_budget, scope, amount)

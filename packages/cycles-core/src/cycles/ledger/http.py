@@ -445,13 +445,19 @@ class _HttpCore:
         return _Call(method, self._admin + path, body, headers, None, parse)
 
     def set_budget(
-        self, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None
+        self,
+        scope: str,
+        amount: Amount,
+        overdraft_limit: Amount | None,
+        caps: Caps | None,
+        period: dict[str, str | None] | None = None,
     ) -> _Call[Balance]:
         payload: dict[str, Any] = {"scope": scope, "amount": amount.to_wire()}
         if overdraft_limit is not None:
             payload["overdraft_limit"] = overdraft_limit.to_wire()
         if caps is not None:
             payload["caps"] = caps.to_wire()
+        payload.update({k: v for k, v in (period or {}).items() if v is not None})
         return self._admin_call("POST", "/budgets", payload, _PARSE_BALANCE)
 
     def fund_budget(self, scope: str, amount: Amount) -> _Call[Balance]:
@@ -920,9 +926,18 @@ class HttpLedger(Ledger):
         return self._run(self._core.list_reservations(query))
 
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return self._run(self._core.set_budget(scope, amount, overdraft_limit, caps))
+        period_args = {"period": period, "timezone": timezone, "rollover_policy": rollover_policy}
+        return self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period_args))
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._core.fund_budget(scope, amount))
@@ -1022,9 +1037,18 @@ class AsyncHttpLedger(AsyncLedger):
         return await self._run(self._core.list_reservations(query))
 
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return await self._run(self._core.set_budget(scope, amount, overdraft_limit, caps))
+        period_args = {"period": period, "timezone": timezone, "rollover_policy": rollover_policy}
+        return await self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period_args))
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._core.fund_budget(scope, amount))

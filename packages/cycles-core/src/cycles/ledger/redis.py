@@ -74,6 +74,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -107,7 +108,7 @@ from cycles.errors import (
     ReservationFinalized,
     UnitMismatch,
 )
-from cycles.ledger import rules
+from cycles.ledger import periods, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
@@ -210,6 +211,7 @@ _SCRIPT_NAMES = (
     "touch",
     "due_tags",
     "cas",
+    "roll",
 )
 
 
@@ -318,7 +320,7 @@ def _caps(text: str) -> Caps:
 
 
 def _budget(row: list[Any], unit: Unit) -> BudgetRow:
-    scope, allocated, spent, reserved, debt, overdraft, over, status, caps = row
+    scope, allocated, spent, reserved, debt, overdraft, over, status, caps = row[:9]
     return BudgetRow(
         scope,
         unit,
@@ -503,6 +505,23 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
     return InternalError(f"unexpected reply from a Cycles Lua script: {tag} {args}")
 
 
+def _balance(row: list[Any], unit: Unit) -> Balance:
+    balance = _budget(row, unit).to_balance()
+    if len(row) > 9 and row[9] is not None:
+        return rules.with_period(balance, periods.PeriodState(*row[9]))
+    return balance
+
+
+def _period_arg(spec: rules.PeriodSpec | None, base: int, clock: Callable[[], int] | None) -> str:
+    """set_budget.lua's period argument: '' keeps, 'none' removes, else the new state (its window
+    from this process's clock: set_budget.lua keeps the stored window when the period is the same)."""
+    if spec is None:
+        return ""
+    now_ms = int(clock()) if clock is not None else time.time_ns() // 1_000_000
+    state = spec.state(base, now_ms)
+    return "none" if state is None else state.dumps()
+
+
 def _reservation_not_found(rid: str) -> NotFound:
     return NotFound(f"reservation {rid} not found", details={"reservation_id": rid})
 
@@ -544,10 +563,17 @@ class _Snapshot:
 
     include_balances = False
 
-    def __init__(self, now_ms: int, budgets: Iterable[BudgetRow] = (), reservations: Iterable[ReservationRow] = ()):
+    def __init__(
+        self,
+        now_ms: int,
+        budgets: Iterable[BudgetRow] = (),
+        reservations: Iterable[ReservationRow] = (),
+        meta: dict[str, str] | None = None,
+    ):
         self.now_ms = now_ms
         self._budgets = {(b.scope, b.unit): b for b in budgets}
         self._reservations = {r.reservation_id: r for r in reservations}
+        self._meta = meta or {}
 
     def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None:
         return self._budgets.get((scope, unit))
@@ -584,6 +610,27 @@ class _Snapshot:
 
     def purge(self, older_than_ms: int, limit: int) -> int:
         raise RuntimeError("a Redis read snapshot is read-only")
+
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]:
+        return {k: v for k in keys if (v := self._meta.get(k)) is not None}
+
+    def put_meta(self, key: str, value: str | None) -> None:
+        raise RuntimeError("a Redis read snapshot is read-only")
+
+    def scan_meta(self, prefix: str) -> list[tuple[str, str]]:
+        return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))
+
+
+def _periods_of(rows: Iterable[tuple[str, list[Any]]]) -> dict[str, str]:
+    """The periods that came back with budget rows (their 10th field), as ``rules`` meta entries."""
+    return {
+        periods.meta_key(row[0], unit): json.dumps(row[9], separators=(",", ":"))
+        for unit, row in rows
+        if len(row) > 9 and row[9] is not None
+    }
+
+
+_PERIOD_ROLL = b'["E","PERIOD_ROLL"'
 
 
 def _reservation_tag(reservation_id: str) -> str | None:
@@ -635,6 +682,42 @@ class _RedisCore:
 
     def _flag(self) -> str:
         return "1" if self.include_balances else "0"
+
+    def _rolling(self, flow: _Flow[T]) -> _Flow[T]:
+        """Run ``flow``; when a script refuses with PERIOD_ROLL (a recurring budget's period ended),
+        compute the new windows here (``periods``: time zones), roll them over with ``roll.lua``
+        and send the same step again. Only at period boundaries; otherwise a pass-through."""
+        step = next(flow)
+        rolls = 0
+        while True:
+            reply = yield step
+            calls = self._roll_calls(step, reply) if rolls < 8 else []
+            if calls:
+                rolls += 1
+                yield calls
+                continue
+            try:
+                step = flow.send(reply)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+
+    def _roll_calls(self, step: _Step, reply: Any) -> list[_Call | _Command]:
+        pairs = list(zip(step, reply, strict=True)) if isinstance(step, list) else [(step, reply)]
+        calls: list[_Call | _Command] = []
+        for one, raw in pairs:
+            if not isinstance(one, _Call) or not isinstance(raw, bytes | str):
+                continue
+            data = raw.encode() if isinstance(raw, str) else raw
+            if not data.startswith(_PERIOD_ROLL):
+                continue
+            _, _, now_ms, *due = from_json(data)
+            args: list[str | int] = [self._now()]
+            for field, stored in zip(due[::2], due[1::2], strict=True):
+                state = periods.PeriodState(*stored)
+                start, end = state.next_window(now_ms)
+                args += [field, state.end_ms, start, end, state.periods_passed(start) - 1]
+            calls.append(_Call(_SCRIPTS["roll"], (one.keys[0],), tuple(args)))
+        return calls
 
     @staticmethod
     def _balances_of(rows: list[list[Any]] | None, unit: Unit) -> list[Balance] | None:
@@ -872,7 +955,8 @@ class _RedisCore:
         raws = yield [self._call("snapshot_budgets", t) for t in tags]
         replies = [_open(r) for r in raws]
         budgets = [_budget(row, Unit(unit)) for reply in replies for unit, row in reply.payload]
-        return _Snapshot(min(r.now_ms for r in replies), budgets)
+        meta = _periods_of(pair for reply in replies for pair in reply.payload)
+        return _Snapshot(min(r.now_ms for r in replies), budgets, meta=meta)
 
     def _balances(self, query: BalanceQuery, tenant: str | None) -> _Flow[BalanceResponse]:
         rules.balances(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
@@ -901,7 +985,12 @@ class _RedisCore:
     # -- operator plane --
 
     def _set_budget(
-        self, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None
+        self,
+        scope: str,
+        amount: Amount,
+        overdraft_limit: Amount | None,
+        caps: Caps | None,
+        spec: rules.PeriodSpec | None = None,
     ) -> _Flow[Balance]:
         parse_scope(scope)
         if overdraft_limit is not None and overdraft_limit.unit != amount.unit:
@@ -922,17 +1011,18 @@ class _RedisCore:
                 amount.amount,
                 "" if overdraft_limit is None else overdraft_limit.amount,
                 caps_arg,
+                _period_arg(spec, amount.amount, self._clock),
             ),
         ]
         reply = _open(raw, lambda: _Context(scope=scope))
-        return _budget(reply.payload, amount.unit).to_balance()
+        return _balance(reply.payload, amount.unit)
 
     def _fund_budget(self, scope: str, amount: Amount) -> _Flow[Balance]:
         parse_scope(scope)
         _check_amount(amount)
         raw = yield self._call("fund", scope_tenant(scope) or NO_TENANT_TAG, scope, amount.unit.value, amount.amount)
         reply = _open(raw, lambda: _Context([scope], amount.unit, scope=scope))
-        return _budget(reply.payload, amount.unit).to_balance()
+        return _balance(reply.payload, amount.unit)
 
     def _set_budget_status(self, scope: str, status: str, unit: Unit | None) -> _Flow[list[Balance]]:
         if status not in rules.BUDGET_STATUSES:
@@ -951,7 +1041,7 @@ class _RedisCore:
         raw = yield self._call("get_budget", scope_tenant(scope) or NO_TENANT_TAG, scope, *(u.value for u in units))
         reply = _open(raw, lambda: _Context(scope=scope))
         budgets = [_budget(row, Unit(u)) for u, row in reply.payload]
-        return rules.get_budget(_Snapshot(reply.now_ms, budgets), scope, unit)
+        return rules.get_budget(_Snapshot(reply.now_ms, budgets, meta=_periods_of(reply.payload)), scope, unit)
 
     def _list_budgets(self, tenant: str | None) -> _Flow[list[Balance]]:
         if tenant is None:
@@ -1061,6 +1151,7 @@ class RedisLedger(_RedisCore, Ledger):
         self._where = _where(url)
 
     def _run(self, flow: _Flow[T]) -> T:
+        flow = self._rolling(flow)
         try:
             step = next(flow)
             while True:
@@ -1135,9 +1226,18 @@ class RedisLedger(_RedisCore, Ledger):
         return self._run(self._list_reservations(query, tenant))
 
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return self._run(self._set_budget(scope, amount, overdraft_limit, caps))
+        spec = rules.period_spec(period, timezone, rollover_policy)
+        return self._run(self._set_budget(scope, amount, overdraft_limit, caps, spec))
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._fund_budget(scope, amount))
@@ -1461,6 +1561,7 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         self._mux = _Multiplexer(pool, retries) if multiplex and pool is not None else None
 
     async def _run(self, flow: _Flow[T]) -> T:
+        flow = self._rolling(flow)
         try:
             step = next(flow)
             while True:
@@ -1523,9 +1624,18 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         return await self._run(self._list_reservations(query, tenant))
 
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return await self._run(self._set_budget(scope, amount, overdraft_limit, caps))
+        spec = rules.period_spec(period, timezone, rollover_policy)
+        return await self._run(self._set_budget(scope, amount, overdraft_limit, caps, spec))
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._fund_budget(scope, amount))

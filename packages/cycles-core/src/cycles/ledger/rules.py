@@ -41,6 +41,7 @@ from cycles.errors import (
     ReservationFinalized,
     UnitMismatch,
 )
+from cycles.ledger import periods
 from cycles.models import (
     Action,
     Amount,
@@ -297,6 +298,14 @@ class Txn(Protocol):
         """Drop idempotency records and finished reservations last touched before ``older_than_ms``."""
         ...
 
+    # A small key -> text store for state beside the budgets: budget periods, quota rules and counters.
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]: ...
+    def put_meta(self, key: str, value: str | None) -> None:
+        """Write ``key`` (``None`` deletes it)."""
+        ...
+
+    def scan_meta(self, prefix: str) -> list[tuple[str, str]]: ...
+
 
 # ---- small helpers --------------------------------------------------------------------------
 
@@ -400,7 +409,10 @@ class Verdict:
 
 
 def _budgets_for(txn: Txn, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
-    return txn.get_budgets(scopes, unit)
+    rows = txn.get_budgets(scopes, unit)
+    if rows:
+        roll_periods(txn, rows)
+    return rows
 
 
 def _missing_budget(txn: Txn, scopes: Sequence[str], unit: Unit) -> CyclesError:
@@ -1062,22 +1074,34 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
 # ---- operator plane -------------------------------------------------------------------------
 
 
-def set_budget(txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None) -> Balance:
+def set_budget(
+    txn: Txn,
+    scope: str,
+    amount: Amount,
+    overdraft_limit: Amount | None,
+    caps: Caps | None,
+    period: PeriodSpec | None = None,
+) -> Balance:
     """Create a budget or change its allocation. Spent, reserved and debt are kept."""
     parse_scope(scope)
     if overdraft_limit is not None and overdraft_limit.unit != amount.unit:
         raise UnitMismatch("overdraft_limit must be in the budget's unit")
+    state = period.state(amount.amount, txn.now_ms) if period is not None else None
     row = txn.get_budget(scope, amount.unit) or BudgetRow(scope, amount.unit, scope_tenant(scope))
     if row.status == BUDGET_CLOSED:
         raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    state = configure_period(txn, row, state, period)
     row.allocated = amount.amount
+    if state is not None:
+        state.base = amount.amount
+        txn.put_meta(periods.meta_key(scope, amount.unit.value), state.dumps())
     if overdraft_limit is not None:
         row.overdraft_limit = overdraft_limit.amount
     if caps is not None:
         row.caps = None if caps.is_empty() else caps
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_balance()
+    return with_period(row.to_balance(), state)
 
 
 def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
@@ -1086,6 +1110,7 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     row = txn.get_budget(scope, amount.unit)
     if row is None:
         raise _missing_budget(txn, [scope], amount.unit)
+    states = roll_periods(txn, [row])
     if row.status == BUDGET_CLOSED:
         raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
     repay = min(row.debt, amount.amount)
@@ -1094,7 +1119,7 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     row.allocated += amount.amount
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_balance()
+    return with_period(row.to_balance(), states.get(row.scope))
 
 
 def _reconcile_over_limit(row: BudgetRow) -> None:
@@ -1126,13 +1151,15 @@ def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
     for u in units:
         row = txn.get_budget(scope, u)
         if row is not None:
-            return row.to_balance()
+            state = roll_periods(txn, [row]).get(row.scope)
+            return with_period(row.to_balance(), state)
     raise NotFound(f"Budget not found for provided scope: {scope}")
 
 
 def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
     rows = sorted(txn.iter_budgets(tenant, all_tenants=tenant is None), key=lambda r: (r.scope, r.unit.value))
-    return [r.to_balance() for r in rows]
+    states = roll_periods(txn, rows, by_unit=True) if rows else {}
+    return [with_period(r.to_balance(), states.get(f"{r.scope}|{r.unit.value}")) for r in rows]
 
 
 def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> int:
@@ -1140,3 +1167,90 @@ def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) ->
     expired = expire_due(txn, limit)
     txn.purge(txn.now_ms - retention_ms, limit)
     return expired
+
+
+# ---- recurring budgets (periods.py holds the calendar; this is where a ledger applies it) -----
+
+
+@dataclass(slots=True, frozen=True)
+class PeriodSpec:
+    """What ``set_budget`` was asked for: a period, its time zone, the rollover policy. ``period``
+    ``None`` (with the rest unset) removes a period; an empty ``PeriodSpec()`` is never passed."""
+
+    period: str | None
+    timezone: str | None = None
+    rollover_policy: str | None = None
+
+    def state(self, base: int, now_ms: int) -> periods.PeriodState | None:
+        if self.period is None:
+            return None
+        return periods.PeriodState.new(self.period, self.timezone, self.rollover_policy or "NONE", base, now_ms)
+
+
+def period_spec(period: str | None, timezone: str | None, rollover_policy: str | None) -> PeriodSpec | None:
+    """The ``set_budget`` arguments as a spec: ``period=None`` keeps the stored period (``timezone`` and
+    ``rollover_policy`` then need one), ``"none"`` removes it. Validated here, before any write."""
+    if period is None:
+        if timezone is not None or rollover_policy is not None:
+            raise InvalidRequest("timezone and rollover_policy need a period (hour, day, week, month or e.g. 12h)")
+        return None
+    if period.strip().lower() == "none":
+        return PeriodSpec(None)
+    periods.parse_period(period, timezone)
+    if rollover_policy is not None and rollover_policy not in periods.ROLLOVER_POLICIES:
+        raise InvalidRequest(f"rollover_policy must be one of {', '.join(periods.ROLLOVER_POLICIES)}")
+    return PeriodSpec(period, timezone, rollover_policy)
+
+
+def configure_period(
+    txn: Txn, row: BudgetRow, new: periods.PeriodState | None, spec: PeriodSpec | None
+) -> periods.PeriodState | None:
+    """Store the period of a budget being set; returns the state now in force. Setting the same
+    period again keeps the current window (a new allocation applies from now on); a different
+    period starts its window at this instant. Without ``spec`` the stored period stays."""
+    key = periods.meta_key(row.scope, row.unit.value)
+    current_text = txn.get_meta([key]).get(key)
+    current = periods.PeriodState.loads(current_text) if current_text is not None else None
+    if current is not None and txn.now_ms >= current.end_ms:
+        roll_periods(txn, [row])
+        current = periods.PeriodState.loads(txn.get_meta([key])[key])
+    if spec is None:
+        return current
+    if new is None:
+        if current is not None:
+            txn.put_meta(key, None)
+        return None
+    if current is not None and current.same_spec(new):
+        current.rollover = new.rollover
+        return current
+    return new
+
+
+def with_period(balance: Balance, state: periods.PeriodState | None) -> Balance:
+    if state is not None:
+        balance.period_start = periods.iso(state.start_ms)
+        balance.period_end = periods.iso(state.end_ms)
+    return balance
+
+
+def roll_periods(txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False) -> dict[str, periods.PeriodState]:
+    """Roll over the budgets among ``rows`` whose period has ended (inside the caller's
+    transaction). Returns the period of each periodic row, by scope (or ``scope|unit``)."""
+    keys = [periods.meta_key(r.scope, r.unit.value) for r in rows]
+    found = txn.get_meta(keys)
+    if not found:
+        return {}
+    out: dict[str, periods.PeriodState] = {}
+    for row, key in zip(rows, keys, strict=True):
+        text = found.get(key)
+        if text is None:
+            continue
+        state = periods.PeriodState.loads(text)
+        if txn.now_ms >= state.end_ms:
+            start, end = state.next_window(txn.now_ms)
+            row.allocated, row.spent, row.debt = periods.rollover(state, start, end, row.allocated, row.spent, row.debt)
+            _reconcile_over_limit(row)
+            txn.put_budget(row)
+            txn.put_meta(key, state.dumps())
+        out[f"{row.scope}|{row.unit.value}" if by_unit else row.scope] = state
+    return out

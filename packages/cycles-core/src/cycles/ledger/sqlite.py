@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant, endpoint, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created_at_ms);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 _BUDGET_COLS = "scope, unit, tenant, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, caps"
@@ -315,6 +316,23 @@ class _SqliteTxn:
             "INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?)",
             (tenant, endpoint, key, digest, body, record.created_at_ms),
         )
+
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        return dict(self._db.execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", tuple(keys)).fetchall())
+
+    def put_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._db.execute("DELETE FROM kv WHERE key=?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO kv VALUES (?,?)", (key, value))
+
+    def scan_meta(self, prefix: str) -> list[tuple[str, str]]:
+        return self._db.execute(
+            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key", (prefix, prefix + "\U0010ffff")
+        ).fetchall()
 
     def purge(self, older_than_ms: int, limit: int) -> int:
         a = self._db.execute(

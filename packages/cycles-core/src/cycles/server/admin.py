@@ -4,7 +4,8 @@ Protocol v0 leaves budget administration out of scope ("Implementations MAY prov
 operator/admin plane"), so this plane is ours and the v0 runtime shapes stay untouched. It is
 enough to provision a fresh deployment over HTTP without touching the store:
 
-    POST   /admin/budgets              {scope, amount, overdraft_limit?, caps?}  create / set allocation
+    POST   /admin/budgets              {scope, amount, overdraft_limit?, caps?, period?, timezone?,
+                                        rollover_policy?}                          create / set allocation
     POST   /admin/budgets/fund         {scope, amount}                           add funds (repays debt first)
     POST   /admin/budgets/status       {scope, status, unit?}                    ACTIVE / FROZEN / CLOSED
     GET    /admin/budgets?tenant=      list                 GET /admin/budgets/{scope}?unit=   one
@@ -57,6 +58,10 @@ class BudgetSetRequest(_Body):
     amount: Amount
     overdraft_limit: Amount | None = None
     caps: Caps | None = None
+    # recurring budgets (cycles.ledger.periods): "day" / "month" / ... or "12h"; "none" removes the period
+    period: Annotated[str, StringConstraints(max_length=32)] | None = None
+    timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
+    rollover_policy: Literal["NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED"] | None = None
 
 
 class BudgetFundRequest(_Body):
@@ -104,7 +109,16 @@ async def set_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
     except NotFound:
         created = True
     balance = await s.timed(
-        "set_budget", s.ledger.set_budget(req.scope, req.amount, overdraft_limit=req.overdraft_limit, caps=req.caps)
+        "set_budget",
+        s.ledger.set_budget(
+            req.scope,
+            req.amount,
+            overdraft_limit=req.overdraft_limit,
+            caps=req.caps,
+            period=req.period,
+            timezone=req.timezone,
+            rollover_policy=req.rollover_policy,
+        ),
     )
     return (201 if created else 200), model_json(balance)
 

@@ -6,7 +6,8 @@
 -- KEYS[1] is the slot base "<prefix>:{<tag>}:". Every key a script touches is that base plus a
 -- suffix, so all of them share the tenant's hash tag and live in one Redis Cluster slot:
 --   budgets       hash: "<scope>|<unit>" -> "allocated,spent,reserved,debt,overdraft_limit,over_limit,status",
---                 "<scope>|<unit>|caps" -> caps JSON, "~hint" -> "<score>,<published at>" (see hint_for)
+--                 "<scope>|<unit>|caps" -> caps JSON, "~hint" -> "<score>,<published at>" (see hint_for),
+--                 "<scope>|<unit>|period" -> a recurring budget's period (periods.PeriodState JSON)
 --   r:<id>        hash: a reservation (see RFIELDS)
 --   idx           zset: reservation id -> its deadline while ACTIVE, its purge time once finished
 --   i:<endpoint>:<tenant>:<key>   string: an idempotency record
@@ -89,7 +90,7 @@ end
 -- ---- budgets ---------------------------------------------------------------------------------
 
 -- A budget row from its packed value (nil when there is no such budget).
-local function parse_budget(scope, unit, packed, caps)
+local function parse_budget(scope, unit, packed, caps, period)
   if not packed then
     return nil
   end
@@ -97,7 +98,7 @@ local function parse_budget(scope, unit, packed, caps)
   return {
     scope = scope, unit = unit, field = scope .. '|' .. unit,
     a = tonumber(a), s = tonumber(s), r = tonumber(r), d = tonumber(d), o = tonumber(o),
-    x = x == '1', st = st, caps = caps or nil,
+    x = x == '1', st = st, caps = caps or nil, period = period or nil,
   }
 end
 
@@ -107,8 +108,9 @@ local function load_budgets(scopes, unit, ...)
   local fields = {}
   for i, scope in ipairs(scopes) do
     local field = scope .. '|' .. unit
-    fields[2 * i - 1] = field
-    fields[2 * i] = field .. '|caps'
+    fields[3 * i - 2] = field
+    fields[3 * i - 1] = field .. '|caps'
+    fields[3 * i] = field .. '|period'
   end
   local n = #fields
   for i, extra in ipairs({...}) do
@@ -117,7 +119,7 @@ local function load_budgets(scopes, unit, ...)
   local values = redis.call('HMGET', BUDGETS, unpack(fields))
   local rows = {}
   for i, scope in ipairs(scopes) do
-    local b = parse_budget(scope, unit, values[2 * i - 1], values[2 * i])
+    local b = parse_budget(scope, unit, values[3 * i - 2], values[3 * i - 1], values[3 * i])
     if b then
       rows[#rows + 1] = b
     end
@@ -150,7 +152,30 @@ local function put_budgets(rows, ...)
 end
 
 local function budget_json(b)
-  return {b.scope, b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st, b.caps or NULL}
+  return {b.scope, b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st, b.caps or NULL, raw(b.period)}
+end
+
+-- periods.py: a budget whose period has ended rolls over before anything reads or charges it. The
+-- new window needs the calendar of a time zone, which Lua lacks: refuse with PERIOD_ROLL (nothing
+-- written by the operation yet); redis.py computes the window, runs roll.lua, then this script again.
+local function period_due(rows)
+  local due = {}
+  for _, b in ipairs(rows) do
+    if b.period and now >= cjson.decode(b.period)[8] then
+      due[#due + 1] = b.field
+      due[#due + 1] = {json = b.period}
+    end
+  end
+  if #due > 0 then
+    return err('PERIOD_ROLL', now, unpack(due))
+  end
+  return nil
+end
+
+-- periods.PeriodState.dumps, byte for byte (cjson would print large integers as %.14g).
+local function period_text(p)
+  return '[' .. enc(p[1]) .. ',' .. enc(p[2]) .. ',' .. fmt(p[3]) .. ',' .. enc(p[4]) .. ',' .. fmt(p[5]) .. ','
+    .. fmt(p[6]) .. ',' .. fmt(p[7]) .. ',' .. fmt(p[8]) .. ']'
 end
 
 local function budgets_json(rows)

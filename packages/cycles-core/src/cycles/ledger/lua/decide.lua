@@ -16,6 +16,10 @@ if rec then
   return replay(rec.payload)
 end
 local rows = load_budgets(scopes, unit)
+local due = period_due(rows)
+if due then
+  return due
+end
 local denial = verdict(scopes, rows, amount)
 if denial and denial[1] == 'UNIT_MISMATCH_SCOPE' then
   return err(unpack(denial))

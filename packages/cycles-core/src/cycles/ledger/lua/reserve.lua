@@ -24,6 +24,10 @@ if rec then
 end
 
 local rows, hint = load_budgets(scopes, unit, '~hint')
+local due = period_due(rows)
+if due then
+  return due
+end
 local denial = verdict(scopes, rows, amount)
 if denial and denial[1] == 'BUDGET_EXCEEDED' and not dry then
   -- Lazy expiry: budget held by dead clients goes back before we say no.
