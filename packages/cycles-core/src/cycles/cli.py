@@ -123,7 +123,13 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             overdraft = parse_amount(args.overdraft_limit, args.unit) if args.overdraft_limit else None
             balances = [
                 cy.budgets.set(
-                    args.scope, parse_amount(args.amount, args.unit), overdraft_limit=overdraft, caps=_caps(args)
+                    args.scope,
+                    parse_amount(args.amount, args.unit),
+                    overdraft_limit=overdraft,
+                    caps=_caps(args),
+                    period=args.period,
+                    timezone=args.timezone,
+                    rollover_policy=args.rollover,
                 )
             ]
         elif args.action == "fund":
@@ -244,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--max-tokens", type=int, default=None, help="cap: clamp model calls to this many tokens")
             p.add_argument("--allow-tool", action="append", default=[], help="cap: only these tools (repeatable)")
             p.add_argument("--deny-tool", action="append", default=[], help="cap: never these tools (repeatable)")
+            p.add_argument("--period", default=None, help="recurring: hour, day, week, month, or e.g. 12h; none")
+            p.add_argument("--timezone", default=None, help="IANA zone of calendar periods (default UTC)")
+            p.add_argument("--rollover", default=None, choices=["NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED"])
     show = bsub.add_parser("show", help="one budget")
     show.add_argument("scope")
     show.add_argument("--unit", default=None)
