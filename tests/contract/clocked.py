@@ -6,6 +6,8 @@ this process with the clock, so the client sees the same time through the wire.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -13,6 +15,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from cycles import Cycles
+from cycles.testing import assert_ledger_invariant
 
 from .conftest import Backend
 
@@ -36,6 +39,19 @@ class Clock:
 def at(*parts: int, tz: str = "UTC") -> int:
     """The instant of a wall time in ``tz``, in ms."""
     return int(datetime(*parts, tzinfo=ZoneInfo(tz)).timestamp() * 1000)  # type: ignore[misc]
+
+
+@contextmanager
+def clocked_client(
+    backend: str, ledger: Backend, tmp: Path, request: pytest.FixtureRequest, clock: Clock
+) -> Iterator[Cycles]:
+    """A client of a fresh ledger on ``clock``; the ledger invariant is checked when the test ends."""
+    client = open_clocked(backend, ledger, tmp, request, clock)
+    try:
+        yield client
+        assert_ledger_invariant(client)
+    finally:
+        client.close()
 
 
 def open_clocked(backend: str, ledger: Backend, tmp: Path, request: pytest.FixtureRequest, clock: Clock) -> Cycles:

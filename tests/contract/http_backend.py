@@ -16,6 +16,7 @@ from typing import Any
 
 from cycles.ledger.base import BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.http import HttpLedger
+from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.models import (
     Amount,
     Balance,
@@ -145,6 +146,12 @@ class TenantRoutedLedger(Ledger):
 
     def sweep(self, limit: int = 1000) -> int:
         return self.admin.sweep(limit)
+
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return self.admin.update_policy(scope, edit)
+
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return self.admin.list_policies(tenant=tenant)
 
     def close(self) -> None:
         for client in [self.admin, *self._clients.values()]:

@@ -18,9 +18,8 @@ from cycles import (
     Subject,
     tokens,
 )
-from cycles.testing import assert_ledger_invariant
 
-from .clocked import Clock, at, open_clocked
+from .clocked import Clock, at, clocked_client
 from .conftest import Backend
 from .helpers import LLM, amounts, bal
 
@@ -38,12 +37,8 @@ def clock() -> Clock:
 def tcy(
     backend: str, ledger: Backend, tmp_path: Path, request: pytest.FixtureRequest, clock: Clock
 ) -> Iterator[Cycles]:
-    client = open_clocked(backend, ledger, tmp_path, request, clock)
-    try:
+    with clocked_client(backend, ledger, tmp_path, request, clock) as client:
         yield client
-        assert_ledger_invariant(client)
-    finally:
-        client.close()
 
 
 def spend(cy: Cycles, n: int, subject: Subject = ACME) -> None:

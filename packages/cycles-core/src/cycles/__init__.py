@@ -12,6 +12,9 @@ Reserve before the expensive or dangerous call, commit the actual cost after, re
 
 from cycles.client import AsyncBudgets, AsyncCycles, Budgets, Cycles
 from cycles.errors import (
+    ActionKindDenied,
+    ActionKindNotAllowed,
+    ActionQuotaExceeded,
     BudgetClosed,
     BudgetExceeded,
     BudgetFrozen,
@@ -36,6 +39,7 @@ from cycles.errors import (
     UnpricedModel,
 )
 from cycles.guard import AsyncGuard, Guard, ShadowRecord
+from cycles.ledger.quotas import Quota, ScopePolicy
 from cycles.models import (
     Action,
     Amount,
@@ -58,6 +62,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "ActionKindDenied",
+    "ActionKindNotAllowed",
+    "ActionQuotaExceeded",
     "Amount",
     "AsyncBudgets",
     "AsyncCycles",
@@ -84,9 +91,11 @@ __all__ = [
     "MaxExtensionsExceeded",
     "NotFound",
     "OverdraftLimitExceeded",
+    "Quota",
     "ReservationExpired",
     "ReservationFinalized",
     "ReservationStatus",
+    "ScopePolicy",
     "ShadowRecord",
     "SignedAmount",
     "StandardMetrics",

@@ -52,6 +52,7 @@ from cycles.models import (
     Subject,
     Unit,
 )
+from cycles.quotas_api import AsyncQuotas, Quotas
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
 
@@ -406,6 +407,7 @@ class Cycles(_ClientBase):
         )
         self.ledger: Ledger = ledger if ledger is not None else open_ledger(url, **ledger_options)
         self.budgets = Budgets(self.ledger)
+        self.quotas = Quotas(self.ledger)
 
     @property
     def url(self) -> str:
@@ -624,6 +626,7 @@ class AsyncCycles(_ClientBase):
             ledger = ThreadedAsyncLedger(ledger)
         self.ledger: AsyncLedger = ledger if ledger is not None else open_async_ledger(url, **ledger_options)
         self.budgets = AsyncBudgets(self.ledger)
+        self.quotas = AsyncQuotas(self.ledger)
 
     @property
     def url(self) -> str:

@@ -7,9 +7,13 @@ mean "this action must not run"; adapters catch that one base.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 __all__ = [
+    "ActionKindDenied",
+    "ActionKindNotAllowed",
+    "ActionQuotaExceeded",
     "BudgetClosed",
     "BudgetExceeded",
     "BudgetFrozen",
@@ -32,6 +36,7 @@ __all__ = [
     "Unauthorized",
     "UnitMismatch",
     "UnpricedModel",
+    "deny_detail_of",
     "describe_validation_error",
     "error_for",
 ]
@@ -85,6 +90,16 @@ class Denied(CyclesError, RuntimeError):
         value = self.details.get("scope")
         return value if isinstance(value, str) else None
 
+    @property
+    def deny_detail(self) -> dict[str, Any]:
+        """The v0.1.26 DenyDetail: which scope or rule said no, by how much, and what to change."""
+        return deny_detail_of(self.code, self.details)
+
+    @property
+    def suggested_fix(self) -> str | None:
+        fix = self.deny_detail.get("suggested_fix")
+        return fix if isinstance(fix, str) else None
+
 
 class InvalidRequest(CyclesError, ValueError):
     code = "INVALID_REQUEST"
@@ -128,6 +143,24 @@ class DebtOutstanding(Denied):
 
 class TenantClosed(Denied):
     code = "TENANT_CLOSED"
+
+
+class ActionQuotaExceeded(Denied):
+    """A count quota (per action kind or per risk class) is used up in its window."""
+
+    code = "ACTION_QUOTA_EXCEEDED"
+
+
+class ActionKindNotAllowed(Denied):
+    """The scope has an allowlist of action kinds and this kind is not on it."""
+
+    code = "ACTION_KIND_NOT_ALLOWED"
+
+
+class ActionKindDenied(Denied):
+    """The scope's denylist of action kinds names this kind."""
+
+    code = "ACTION_KIND_DENIED"
 
 
 class ReservationExpired(CyclesError):
@@ -214,10 +247,52 @@ _BY_CODE: dict[str, type[CyclesError]] = {
         LimitExceeded,
         TenantClosed,
         InternalError,
+        ActionQuotaExceeded,
+        ActionKindNotAllowed,
+        ActionKindDenied,
     )
 }
 
 PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+
+
+def deny_detail_of(code: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    """The DenyDetail of a denial (``code`` and its ``details``): the one the ledger attached, else
+    one built from the details every backend gives for the base-spec codes."""
+    given = details.get("deny_detail")
+    if isinstance(given, dict) and given.get("reason_code"):
+        return dict(given)
+    reason = "BUDGET_NOT_FOUND" if code == "NOT_FOUND" else code
+    detail: dict[str, Any] = {"reason_code": reason}
+    scope = details.get("scope")
+    if isinstance(scope, str):
+        detail["blocked_by_scope"] = scope
+    where = scope if isinstance(scope, str) else "the scope"
+    unit = details.get("unit") or "units"
+    fix: str | None = None
+    if code == "BUDGET_EXCEEDED":
+        remaining, requested = details.get("remaining"), details.get("requested")
+        if isinstance(remaining, int):
+            detail["budget_remaining"] = remaining
+        if isinstance(remaining, int) and isinstance(requested, int):
+            fix = f"Fund {where} by at least {requested - remaining} {unit}, or reserve at most {max(0, remaining)}"
+    elif code == "DEBT_OUTSTANDING":
+        fix = f"Repay the debt of {details.get('debt')} on {where} (fund it) before new reservations"
+    elif code == "OVERDRAFT_LIMIT_EXCEEDED":
+        fix = f"Fund {where} until its debt is within the overdraft limit of {details.get('overdraft_limit')}"
+    elif code == "BUDGET_FROZEN":
+        fix = f"Unfreeze {where} (cycles budget unfreeze {where})"
+    elif code == "BUDGET_CLOSED":
+        fix = f"{where} is closed for good: budget this work under another scope"
+    elif reason == "BUDGET_NOT_FOUND":
+        scopes = details.get("scopes")
+        target = scopes[-1] if isinstance(scopes, list) and scopes else where
+        fix = f"Create a budget for {target} or one of its parent scopes"
+    elif code == "TENANT_CLOSED":
+        fix = "The tenant is closed"
+    if fix:
+        detail["suggested_fix"] = fix[:512]
+    return detail
 
 
 def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:

@@ -196,6 +196,9 @@ class Action(_Wire):
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     tags: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=10)] | None = None
+    #: v0.1.26 ActionPolicyKeys (host, recipient_domain, resource_type, path_prefix, custom): routing
+    #: keys for quota allowlists. Optional, additive.
+    policy_keys: dict[str, Any] | None = None
 
     def __init__(self, kind: str | None = None, name: str | None = None, /, **data: Any) -> None:
         if kind is not None:
@@ -332,6 +335,7 @@ class DecisionResponse(_Wire):
     reason_code: Annotated[str, StringConstraints(max_length=128)] | None = None
     retry_after_ms: Annotated[int, Field(ge=0)] | None = None
     affected_scopes: list[str] | None = None
+    deny_detail: dict[str, Any] | None = None  # v0.1.26 DenyDetail, on DENY
 
 
 class ReservationCreateResponse(_Wire):
@@ -346,6 +350,7 @@ class ReservationCreateResponse(_Wire):
     balances: list[Balance] | None = None
     reason_code: Annotated[str, StringConstraints(max_length=128)] | None = None
     retry_after_ms: Annotated[int, Field(ge=0)] | None = None
+    deny_detail: dict[str, Any] | None = None  # v0.1.26 DenyDetail, on a dry-run DENY
 
 
 class CommitResponse(_Wire):

@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import rules
+from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
 from cycles.models import (
     Amount,
@@ -116,6 +117,14 @@ class Ledger(abc.ABC):
     def sweep(self, limit: int = 1000) -> int:
         """Expire reservations past their deadline (returning their amounts); purge old idempotency records."""
 
+    # action quotas and action-kind access (ledger/quotas.py)
+    @abc.abstractmethod
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        """Set or delete a quota, or replace the allowed/denied action kinds, on one scope."""
+
+    @abc.abstractmethod
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 
@@ -179,6 +188,10 @@ class AsyncLedger(abc.ABC):
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]: ...
     @abc.abstractmethod
     async def sweep(self, limit: int = 1000) -> int: ...
+    @abc.abstractmethod
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy: ...
+    @abc.abstractmethod
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -287,6 +300,12 @@ class TransactionalLedger(Ledger):
     def sweep(self, limit: int = 1000) -> int:
         return self._write(rules.sweep, limit, self.retention_ms)
 
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return self._write(rules.update_policy, scope, edit)
+
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return self._write(rules.list_policies, tenant)
+
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -370,6 +389,12 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._call(self.sync.sweep, limit)
+
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return await self._call(self.sync.update_policy, scope, edit)
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return await self._call(self.sync.list_policies, tenant=tenant)
 
     async def aclose(self) -> None:
         await self._call(self.sync.close)

@@ -66,6 +66,7 @@ from cycles.errors import (
     error_for,
 )
 from cycles.ledger.base import AsyncLedger, Ledger
+from cycles.ledger.quotas import EXTENSIONS_VERSION, PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery
 from cycles.models import (
     Amount,
@@ -222,6 +223,11 @@ _PARSE_DETAIL = _model_parser(ReservationDetail)
 _PARSE_LIST = _model_parser(ReservationListResponse)
 _PARSE_BALANCE = _model_parser(Balance)
 _PARSE_BALANCE_LIST = _list_parser(_BALANCE_LIST)
+_PARSE_POLICY = _model_parser(ScopePolicy)
+
+
+def _parse_policies(body: bytes) -> list[ScopePolicy]:
+    return [ScopePolicy.model_validate(p) for p in json.loads(body)["policies"]]
 
 
 def _parse_sweep(body: bytes) -> int:
@@ -324,7 +330,13 @@ class _HttpCore:
         self.admin_key = admin_key
         self.retry = retry
         self._rng = random.Random()
-        base = {"Accept": "application/json", "User-Agent": _USER_AGENT, **(headers or {})}
+        # X-Cycles-Extensions: this client reads the v0.1.26 additions (deny_detail on DENY bodies).
+        base = {
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+            "X-Cycles-Extensions": EXTENSIONS_VERSION,
+            **(headers or {}),
+        }
         for name, value in [*base.items(), ("api_key", api_key or ""), ("admin_key", admin_key or "")]:
             if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
                 raise InvalidRequest(f"{name}: header names and values must be printable ASCII")
@@ -476,6 +488,13 @@ class _HttpCore:
 
     def list_budgets(self, tenant: str | None) -> _Call[list[Balance]]:
         return self._admin_call("GET", "/budgets" + _query([("tenant", tenant)]), None, _PARSE_BALANCE_LIST)
+
+    def update_policy(self, scope: str, edit: PolicyEdit) -> _Call[ScopePolicy]:
+        payload = {"scope": scope, **edit.model_dump(mode="json", exclude_none=True)}
+        return self._admin_call("POST", "/policies", payload, _PARSE_POLICY)
+
+    def list_policies(self, tenant: str | None) -> _Call[list[ScopePolicy]]:
+        return self._admin_call("GET", "/policies" + _query([("tenant", tenant)]), None, _parse_policies)
 
     def sweep(self, limit: int) -> _Call[int] | None:
         """Our server's operator plane can sweep on demand; without an admin key (or against
@@ -951,6 +970,12 @@ class HttpLedger(Ledger):
     def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return self._run(self._core.list_budgets(tenant))
 
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return self._run(self._core.update_policy(scope, edit))
+
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return self._run(self._core.list_policies(tenant))
+
     def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)
         return self._run(call) if call is not None else 0
@@ -1061,6 +1086,12 @@ class AsyncHttpLedger(AsyncLedger):
 
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return await self._run(self._core.list_budgets(tenant))
+
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return await self._run(self._core.update_policy(scope, edit))
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return await self._run(self._core.list_policies(tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)

@@ -167,9 +167,10 @@ class _MemoryTxn:
     def put_meta(self, key: str, value: str | None) -> None:
         self._meta[key] = value
 
-    def scan_meta(self, prefix: str) -> list[tuple[str, str]]:
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
         merged = {**self._store.meta, **self._meta}
-        return sorted((k, v) for k, v in merged.items() if v is not None and k.startswith(prefix))
+        found = sorted((k, v) for k, v in merged.items() if v is not None and k.startswith(prefix))
+        return found if limit is None else found[:limit]
 
     # end of transaction
     def apply(self) -> None:

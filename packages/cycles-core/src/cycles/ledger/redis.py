@@ -107,8 +107,9 @@ from cycles.errors import (
     ReservationExpired,
     ReservationFinalized,
     UnitMismatch,
+    deny_detail_of,
 )
-from cycles.ledger import periods, rules
+from cycles.ledger import periods, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
@@ -212,6 +213,7 @@ _SCRIPT_NAMES = (
     "due_tags",
     "cas",
     "roll",
+    "policy_put",
 )
 
 
@@ -505,6 +507,13 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
     return InternalError(f"unexpected reply from a Cycles Lua script: {tag} {args}")
 
 
+def _deny_detail(denial: list[Any] | None, scopes: Sequence[str], unit: Unit) -> dict[str, Any] | None:
+    if denial is None:
+        return None
+    error = _error(denial[0], denial[1:], _Context(scopes, unit))
+    return deny_detail_of(error.code, error.details)
+
+
 def _balance(row: list[Any], unit: Unit) -> Balance:
     balance = _budget(row, unit).to_balance()
     if len(row) > 9 and row[9] is not None:
@@ -617,8 +626,8 @@ class _Snapshot:
     def put_meta(self, key: str, value: str | None) -> None:
         raise RuntimeError("a Redis read snapshot is read-only")
 
-    def scan_meta(self, prefix: str) -> list[tuple[str, str]]:
-        return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+        return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))[:limit]
 
 
 def _periods_of(rows: Iterable[tuple[str, list[Any]]]) -> dict[str, str]:
@@ -668,6 +677,8 @@ class _RedisCore:
         self.include_balances = include_balances
         self._global = self._base(GLOBAL_TAG)
         self._registry = self._global + "tenants"
+        #: tag -> (policy version, scope -> policy JSON or None): see ``_gated``
+        self._policies: dict[str, tuple[str, dict[str, str | None]]] = {}
 
     def _base(self, tag: str) -> str:
         return f"{self.prefix}:{{{tag}}}:"
@@ -700,6 +711,78 @@ class _RedisCore:
                 step = flow.send(reply)
             except StopIteration as stop:
                 return cast(T, stop.value)
+
+    def _gated(
+        self, tag: str, scopes: list[str], subject: Subject, action: Action, call: Callable[[str, str], _Call]
+    ) -> _Flow[tuple[Any, CyclesError | None]]:
+        """Send a reserve/decide script with the quota counters ``quotas.plan`` finds over this
+        client's cached policies of the slot, refreshing the cache when the script says they are
+        stale (POLICY). Returns the script's raw reply, or the quota/access denial."""
+        for _ in range(4):
+            cached = self._policies.get(tag)
+            version, plan = "", ""
+            counters: list[quotas.Counter] = []
+            if cached is not None and all(s in cached[1] for s in scopes):
+                version = cached[0]
+                docs = cached[1]
+                policies = {s: quotas.load_policy(s, d) for s in scopes if (d := docs[s]) is not None}
+                denial, counters = quotas.plan(policies, scopes, subject, action, self._now_ms())
+                if denial is not None:  # decided here: confirm the policies are current
+                    current = yield _Command(("HGET", self._base(tag) + "policy", "~v"))
+                    if current is not None and _str(current) == version:
+                        return None, denial
+                    self._policies.pop(tag, None)
+                    continue
+                plan = to_json([c.wire() for c in counters]).decode() if counters else ""
+            raw = yield call(version, plan)
+            data = raw.encode() if isinstance(raw, str) else raw
+            if data.startswith(b'["E","POLICY"'):
+                _, _, new_version, docs_list = from_json(data)
+                known = cached[1] if cached is not None and cached[0] == new_version else {}
+                self._policies[tag] = (new_version, {**known, **dict(zip(scopes, docs_list, strict=True))})
+                continue
+            if data.startswith(b'["E","QUOTA"'):
+                counts = from_json(data)[2]
+                return None, quotas.violation(counters, counts)
+            return raw, None
+        raise InternalError("the scope policies kept changing while a reservation was evaluated")
+
+    def _now_ms(self) -> int:
+        return int(self._clock()) if self._clock is not None else time.time_ns() // 1_000_000
+
+    def _update_policy(self, scope: str, edit: quotas.PolicyEdit) -> _Flow[quotas.ScopePolicy]:
+        parse_scope(scope)
+        tag = scope_tenant(scope) or NO_TENANT_TAG
+        for _ in range(8):
+            current = yield _Command(("HGET", self._base(tag) + "policy", scope))
+            text = _str(current) if current is not None else None
+            policy = quotas.load_policy(scope, text) if text else quotas.ScopePolicy(scope=scope)
+            new = quotas.apply_edit(policy, edit)
+            _, raw = yield [
+                _Command(("SADD", self._registry, tag)),
+                self._call("policy_put", tag, scope, text or "", "" if new.is_empty() else new.dumps()),
+            ]
+            if not _str(raw).startswith('["E"'):
+                self._policies.pop(tag, None)
+                return quotas.load_policy(scope, new.dumps())
+        raise LedgerUnavailable("the policy of this scope kept changing under concurrent updates; retry")
+
+    def _list_policies(self, tenant: str | None) -> _Flow[list[quotas.ScopePolicy]]:
+        if tenant is None:
+            tags = yield from self._tags()
+        else:
+            tags = [tenant] if tenant else []
+        if not tags:
+            return []
+        replies = yield [_Command(("HGETALL", self._base(t) + "policy")) for t in tags]
+        out = []
+        for reply in replies:
+            items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+            for field, text in items:
+                scope = _str(field)
+                if scope != "~v" and (tenant is None or scope_tenant(scope) == tenant):
+                    out.append(quotas.load_policy(scope, _str(text)))
+        return sorted(out, key=lambda p: p.scope)
 
     def _roll_calls(self, step: _Step, reply: Any) -> list[_Call | _Command]:
         pairs = list(zip(step, reply, strict=True)) if isinstance(step, list) else [(step, reply)]
@@ -734,23 +817,34 @@ class _RedisCore:
         unit = req.estimate.unit
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
         owner = tenant if tenant is not None else subject.tenant
-        raw = yield self._call(
-            "reserve",
-            tag,
-            unit.value,
-            req.estimate.amount,
-            req.ttl_ms,
-            req.grace_period_ms,
-            req.overage_policy.value,
-            "1" if req.dry_run else "0",
-            _new_reservation_id(subject.tenant),
-            rules.fingerprint(req),
-            _opt(owner),
-            _info(req),
-            self._flag(),
-            *scopes,
-            key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
-        )
+        rid_new, digest, info = _new_reservation_id(subject.tenant), rules.fingerprint(req), _info(req)
+
+        def call(version: str, plan: str) -> _Call:
+            return self._call(
+                "reserve",
+                tag,
+                unit.value,
+                req.estimate.amount,
+                req.ttl_ms,
+                req.grace_period_ms,
+                req.overage_policy.value,
+                "1" if req.dry_run else "0",
+                rid_new,
+                digest,
+                _opt(owner),
+                info,
+                self._flag(),
+                version,
+                plan,
+                *scopes,
+                key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
+            )
+
+        raw, quota_denial = yield from self._gated(tag, scopes, subject, req.action, call)
+        if quota_denial is not None:
+            if not req.dry_run:
+                raise quota_denial
+            return rules.denied_dry_run(req, scopes, quota_denial)
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="reserve"))
         rid, expires_at, rows, denial, caps_list = reply.payload
         caps = _merge(caps_list) if denial is None else None
@@ -768,6 +862,7 @@ class _RedisCore:
                 balances=self._balances_of(rows, unit) or None,
                 reason_code=_REASON.get(denial[0], denial[0]) if denial is not None else None,
                 reserved=req.estimate if denial is None else None,
+                deny_detail=_deny_detail(denial, scopes, unit),
             )
         if reply.extra is not None and not reply.replay:
             # Publish the slot's earliest deadline to the sweep index. Best effort: a lost update is
@@ -794,15 +889,25 @@ class _RedisCore:
         scopes = derive_scopes(subject)
         unit = req.estimate.unit
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
-        raw = yield self._call(
-            "decide",
-            subject.tenant or NO_TENANT_TAG,
-            unit.value,
-            req.estimate.amount,
-            rules.fingerprint(req),
-            *scopes,
-            key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
-        )
+        tag = subject.tenant or NO_TENANT_TAG
+        digest = rules.fingerprint(req)
+
+        def call(version: str, plan: str) -> _Call:
+            return self._call(
+                "decide",
+                tag,
+                unit.value,
+                req.estimate.amount,
+                digest,
+                version,
+                plan,
+                *scopes,
+                key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
+            )
+
+        raw, quota_denial = yield from self._gated(tag, scopes, subject, req.action, call)
+        if quota_denial is not None:
+            return rules.denied_decision(scopes, quota_denial)
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="decide"))
         caps_list, denial = reply.payload
         if denial is not None:
@@ -812,6 +917,7 @@ class _RedisCore:
                 caps=None,
                 reason_code=_REASON.get(denial[0], denial[0]),
                 affected_scopes=scopes,
+                deny_detail=_deny_detail(denial, scopes, unit),
             )
         caps = _merge(caps_list)
         return trusted(
@@ -1251,6 +1357,12 @@ class RedisLedger(_RedisCore, Ledger):
     def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return self._run(self._list_budgets(tenant))
 
+    def update_policy(self, scope: str, edit: quotas.PolicyEdit) -> quotas.ScopePolicy:
+        return self._run(self._update_policy(scope, edit))
+
+    def list_policies(self, *, tenant: str | None = None) -> list[quotas.ScopePolicy]:
+        return self._run(self._list_policies(tenant))
+
     def sweep(self, limit: int = 1000) -> int:
         return self._run(self._sweep(limit))
 
@@ -1648,6 +1760,12 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
 
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return await self._run(self._list_budgets(tenant))
+
+    async def update_policy(self, scope: str, edit: quotas.PolicyEdit) -> quotas.ScopePolicy:
+        return await self._run(self._update_policy(scope, edit))
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[quotas.ScopePolicy]:
+        return await self._run(self._list_policies(tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._run(self._sweep(limit))

@@ -40,8 +40,9 @@ from cycles.errors import (
     ReservationExpired,
     ReservationFinalized,
     UnitMismatch,
+    deny_detail_of,
 )
-from cycles.ledger import periods
+from cycles.ledger import periods, quotas
 from cycles.models import (
     Action,
     Amount,
@@ -304,7 +305,9 @@ class Txn(Protocol):
         """Write ``key`` (``None`` deletes it)."""
         ...
 
-    def scan_meta(self, prefix: str) -> list[tuple[str, str]]: ...
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+        """Entries whose key starts with ``prefix``, in key order (the first ``limit``)."""
+        ...
 
 
 # ---- small helpers --------------------------------------------------------------------------
@@ -400,6 +403,7 @@ class Verdict:
     budgets: list[BudgetRow] = field(default_factory=list)
     denial: CyclesError | None = None
     caps: Caps | None = None
+    counters: list[quotas.Counter] = field(default_factory=list)  # quota counters a grant increments
 
     @property
     def decision(self) -> Decision:
@@ -437,10 +441,15 @@ def _status_denial(budgets: Sequence[BudgetRow]) -> CyclesError | None:
     return None
 
 
-def evaluate(txn: Txn, subject: Subject, estimate: Amount) -> Verdict:
-    """Decide a reservation without writing. Order: budget exists, status, over-limit, debt, remaining."""
+def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None = None) -> Verdict:
+    """Decide a reservation without writing. Order: action-kind access, risk-class quotas, per-kind
+    quotas (``gate_quotas``), then budget exists, status, over-limit, debt, remaining."""
     scopes = derive_scopes(subject)
     verdict = Verdict(scopes)
+    if action is not None:
+        verdict.denial = gate_quotas(txn, verdict, subject, action)
+        if verdict.denial is not None:
+            return verdict
     budgets = _budgets_for(txn, scopes, estimate.unit)
     verdict.budgets = budgets
     if not budgets:
@@ -516,6 +525,32 @@ def _deny_reason(denial: CyclesError) -> str:
     return "BUDGET_NOT_FOUND" if isinstance(denial, NotFound) else denial.code
 
 
+def _deny_detail(denial: CyclesError | None) -> dict[str, Any] | None:
+    return None if denial is None else deny_detail_of(denial.code, denial.details)
+
+
+def denied_dry_run(req: ReservationCreateRequest, scopes: list[str], denial: CyclesError) -> ReservationCreateResponse:
+    """A dry run refused before the budget was looked at (quotas, access lists)."""
+    return trusted(
+        ReservationCreateResponse,
+        decision=Decision.DENY,
+        affected_scopes=scopes,
+        scope_path=scopes[-1],
+        reason_code=_deny_reason(denial),
+        deny_detail=_deny_detail(denial),
+    )
+
+
+def denied_decision(scopes: list[str], denial: CyclesError) -> DecisionResponse:
+    return trusted(
+        DecisionResponse,
+        decision=Decision.DENY,
+        reason_code=_deny_reason(denial),
+        affected_scopes=scopes,
+        deny_detail=_deny_detail(denial),
+    )
+
+
 # ---- runtime operations ---------------------------------------------------------------------
 
 
@@ -536,10 +571,10 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
         return replay
 
-    verdict = evaluate(txn, req.subject, req.estimate)
+    verdict = evaluate(txn, req.subject, req.estimate, req.action)
     # Lazy expiry: budget held by dead clients goes back before we say no.
     if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and expire_due(txn, limit=1000):
-        verdict = evaluate(txn, req.subject, req.estimate)
+        verdict = evaluate(txn, req.subject, req.estimate, req.action)
 
     if req.dry_run:
         if isinstance(verdict.denial, UnitMismatch):
@@ -553,6 +588,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             balances=[b.to_balance() for b in verdict.budgets] or None,  # dry-run: always (cheap, wanted)
             reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
             reserved=req.estimate if verdict.denial is None else None,
+            deny_detail=_deny_detail(verdict.denial),
         )
         _remember(txn, idem_tenant, endpoint, req.idempotency_key, digest, response)
         return response
@@ -586,6 +622,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         req.metadata,
     )
     txn.put_reservation(row_r)
+    if verdict.counters:
+        count_quotas(txn, verdict.counters, row_r.reservation_id)
     response = trusted(
         ReservationCreateResponse,
         decision=verdict.decision,
@@ -609,7 +647,7 @@ def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionRespon
     replay = _replay(txn, idem_tenant, "decide", req.idempotency_key, digest, DecisionResponse)
     if replay is not None:
         return replay
-    verdict = evaluate(txn, req.subject, req.estimate)
+    verdict = evaluate(txn, req.subject, req.estimate, req.action)
     if isinstance(verdict.denial, UnitMismatch):  # request-validity error, not a budget state: 400
         raise verdict.denial
     response = trusted(
@@ -618,6 +656,7 @@ def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionRespon
         caps=verdict.caps,
         reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
         affected_scopes=verdict.scopes,
+        deny_detail=_deny_detail(verdict.denial),
     )
     _remember(txn, idem_tenant, "decide", req.idempotency_key, digest, response)
     return response
@@ -676,6 +715,7 @@ def _expire(txn: Txn, row: ReservationRow) -> None:
             txn.put_budget(budget)
     row.status = ReservationStatus.EXPIRED
     txn.put_reservation(row)
+    uncount_quotas(txn, row.reservation_id)
 
 
 def expire_due(txn: Txn, limit: int) -> int:
@@ -793,6 +833,7 @@ def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | No
     row.status = ReservationStatus.RELEASED
     row.finalized_at_ms = txn.now_ms
     txn.put_reservation(row)
+    uncount_quotas(txn, row.reservation_id)
     response = trusted(
         ReleaseResponse, status="RELEASED", released=_amount(row.unit, row.amount), balances=_snapshot(txn, budgets)
     )
@@ -1166,6 +1207,7 @@ def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) ->
     """Expire overdue reservations; forget finished ones and idempotency records past retention."""
     expired = expire_due(txn, limit)
     txn.purge(txn.now_ms - retention_ms, limit)
+    purge_quota_counters(txn, limit)
     return expired
 
 
@@ -1253,4 +1295,102 @@ def roll_periods(txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False) 
             txn.put_budget(row)
             txn.put_meta(key, state.dumps())
         out[f"{row.scope}|{row.unit.value}" if by_unit else row.scope] = state
+    return out
+
+
+# ---- action quotas and action-kind access (quotas.py holds the rules; this is their storage) ---
+# Meta entries: "policy|<scope>" the scope's ScopePolicy; "qc|<counter>" "<count>,<expires at>";
+# "qx|<expires at, 16 digits>|<counter>" the expiry index a sweep purges by; "qr|<reservation id>"
+# the per_run counters a reservation incremented (given back on release and expiry).
+_RS = "\x1e"
+
+
+def load_policies(txn: Txn, scopes: Sequence[str]) -> dict[str, quotas.ScopePolicy]:
+    keys = [quotas.meta_key(s) for s in scopes]
+    found = txn.get_meta(keys)
+    if not found:
+        return {}
+    return {s: quotas.load_policy(s, found[k]) for s, k in zip(scopes, keys, strict=True) if k in found}
+
+
+def _counts(txn: Txn, counters: Sequence[quotas.Counter]) -> list[int]:
+    found = txn.get_meta(["qc|" + c.key for c in counters])
+    counts = []
+    for c in counters:
+        text = found.get("qc|" + c.key)
+        n, _, expires = text.partition(",") if text is not None else ("0", "", "0")
+        counts.append(int(n) if int(expires) > txn.now_ms else 0)
+    return counts
+
+
+def gate_quotas(txn: Txn, verdict: Verdict, subject: Subject, action: Action) -> CyclesError | None:
+    """Steps 1-3 of the evaluation order; on a pass ``verdict.counters`` holds what a grant counts."""
+    policies = load_policies(txn, verdict.scopes)
+    if not policies:
+        return None
+    denial, counters = quotas.plan(policies, verdict.scopes, subject, action, txn.now_ms)
+    if denial is not None or not counters:
+        return denial
+    verdict.counters = counters
+    return quotas.violation(counters, _counts(txn, counters))
+
+
+def count_quotas(txn: Txn, counters: Sequence[quotas.Counter], reservation_id: str) -> None:
+    """Step 5, with the budget: +1 on every counter (TTL refreshed); remember the per_run ones."""
+    for c, n in zip(counters, _counts(txn, counters), strict=True):
+        expires = txn.now_ms + c.ttl_ms
+        txn.put_meta("qc|" + c.key, f"{n + 1},{expires}")
+        txn.put_meta(f"qx|{expires:016d}|{c.key}", "")
+    runs = [c.key for c in counters if c.per_run]
+    if runs:
+        txn.put_meta("qr|" + reservation_id, _RS.join(runs))
+
+
+def uncount_quotas(txn: Txn, reservation_id: str) -> None:
+    """PER_RUN COUNTER LIFECYCLE: a released or expired reservation gives its per_run counts back."""
+    key = "qr|" + reservation_id
+    text = txn.get_meta([key]).get(key)
+    if text is None:
+        return
+    for counter in text.split(_RS):
+        found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
+        if found is not None:
+            n, _, expires = found.partition(",")
+            if int(n) > 0 and int(expires) > txn.now_ms:
+                txn.put_meta("qc|" + counter, f"{int(n) - 1},{expires}")
+    txn.put_meta(key, None)
+
+
+def purge_quota_counters(txn: Txn, limit: int) -> int:
+    """Forget counters past their cleanup TTL, oldest first, by the expiry index."""
+    purged = 0
+    for index_key, _ in txn.scan_meta("qx|", limit):
+        expires, counter = int(index_key[3:19]), index_key[20:]
+        if expires > txn.now_ms:
+            break
+        found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
+        if found is not None and int(found.partition(",")[2]) <= txn.now_ms:
+            txn.put_meta("qc|" + counter, None)
+        txn.put_meta(index_key, None)
+        purged += 1
+    return purged
+
+
+def update_policy(txn: Txn, scope: str, edit: quotas.PolicyEdit) -> quotas.ScopePolicy:
+    """Set or delete a quota, or replace an action-kind list, on one scope."""
+    parse_scope(scope)
+    key = quotas.meta_key(scope)
+    text = txn.get_meta([key]).get(key)
+    current = quotas.load_policy(scope, text) if text is not None else quotas.ScopePolicy(scope=scope)
+    new = quotas.apply_edit(current, edit)
+    txn.put_meta(key, None if new.is_empty() else new.dumps())
+    return quotas.load_policy(scope, new.dumps())
+
+
+def list_policies(txn: Txn, tenant: str | None) -> list[quotas.ScopePolicy]:
+    out = []
+    for key, text in txn.scan_meta("policy|"):
+        scope = key[len("policy|") :]
+        if tenant is None or scope_tenant(scope) == tenant:
+            out.append(quotas.load_policy(scope, text))
     return out

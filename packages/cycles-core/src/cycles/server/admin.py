@@ -12,6 +12,9 @@ enough to provision a fresh deployment over HTTP without touching the store:
     POST   /admin/keys                 {tenant, name?}      -> the new key, shown once
     GET    /admin/keys?tenant=         list (never the keys themselves)
     GET    /admin/keys/{key_id}        DELETE /admin/keys/{key_id}   revoke
+    POST   /admin/policies             {scope, set_quota? | delete_quota? | allowed_action_kinds? |
+                                        denied_action_kinds?}  -> the scope's policy (action quotas)
+    GET    /admin/policies?tenant=     list
 
 Errors use the protocol's ErrorResponse shape.
 """
@@ -24,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.requests import Request
 
 from cycles.errors import InvalidRequest, NotFound
+from cycles.ledger.quotas import PolicyEdit
 from cycles.models import Amount, Caps, Unit
 from cycles.server._http import model_json, parse_body, read_body
 from cycles.server.auth import Principal
@@ -38,6 +42,8 @@ __all__ = [
     "get_key",
     "list_budgets",
     "list_keys",
+    "list_policies",
+    "update_policy",
     "revoke_key",
     "sweep",
     "set_budget",
@@ -73,6 +79,10 @@ class BudgetStatusRequest(_Body):
     scope: Scope
     status: Literal["ACTIVE", "FROZEN", "CLOSED"]
     unit: Unit | None = None
+
+
+class PolicyUpdateRequest(PolicyEdit):
+    scope: Scope
 
 
 class KeyCreateRequest(_Body):
@@ -153,6 +163,18 @@ async def sweep(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest("limit must be a whole number from 1 to 100000")
     expired = await s.timed("sweep", s.ledger.sweep(int(raw)))
     return 200, s.dumps({"expired": expired})
+
+
+async def update_policy(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    req = parse_body(PolicyUpdateRequest, await read_body(request, s.max_body_bytes))
+    edit = PolicyEdit.model_validate(req.model_dump(exclude={"scope"}, exclude_none=True))
+    policy = await s.timed("update_policy", s.ledger.update_policy(req.scope, edit))
+    return 200, model_json(policy)
+
+
+async def list_policies(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    rows = await s.timed("list_policies", s.ledger.list_policies(tenant=_tenant_param(request)))
+    return 200, _json_list("policies", [model_json(x) for x in rows])
 
 
 async def create_key(s: CyclesServer, request: Request, p: Principal) -> Reply:

@@ -36,6 +36,7 @@ local UNITS = {@UNITS@}
 local MAX_AMOUNT = 9007199254740991
 local KEY_SAFETY_MS = 3600000
 local BUDGETS = base .. 'budgets'
+local POLICY = base .. 'policy'
 local IDX = base .. 'idx'
 
 local NULL = {}
@@ -415,9 +416,77 @@ local function release_hold(budgeted, unit, amount)
   return rows
 end
 
+-- ---- action quotas (rules.gate_quotas / count_quotas / uncount_quotas) ---------------------------
+-- "<p>:{t}:policy" hash: scope -> its quotas.ScopePolicy JSON, "~v" -> a version bumped on every
+-- change. Which counters apply is decided in Python (quotas.plan, over the policies it caches by
+-- version); a script checks that version, then the counters, atomically with the budget.
+-- Counters are "<p>:{t}:q:<scope>|<kind or __risk__:class>|<window>|<bucket>" with a cleanup TTL.
+
+-- '' or an error reply (POLICY: the caller's policies are stale, here are the current ones;
+-- QUOTA: the counts, some at their limit), and the counters to increment on a grant.
+local function quota_gate(version, plan, scopes)
+  local v = redis.call('HGET', POLICY, '~v')
+  if not v then
+    return nil, {}
+  end
+  if v ~= version then
+    local docs = redis.call('HMGET', POLICY, unpack(scopes))
+    local out = {}
+    for i = 1, #scopes do
+      out[i] = docs[i] or NULL
+    end
+    return err('POLICY', v, out), nil
+  end
+  if plan == '' then
+    return nil, {}
+  end
+  local counters = cjson.decode(plan) -- [[counter, limit, ttl ms, per_run 0/1], ...]
+  local counts, over = {}, false
+  for i, c in ipairs(counters) do
+    counts[i] = tonumber(redis.call('GET', base .. 'q:' .. c[1]) or '0')
+    if counts[i] >= c[2] then
+      over = true
+    end
+  end
+  if over then
+    return err('QUOTA', counts), nil
+  end
+  return nil, counters
+end
+
+-- +1 on every counter, TTL refreshed; the per_run ones are remembered on the reservation.
+local function quota_count(counters, rid)
+  local runs = {}
+  for _, c in ipairs(counters) do
+    local k = base .. 'q:' .. c[1]
+    redis.call('INCR', k)
+    redis.call('PEXPIRE', k, c[3])
+    if c[4] == 1 then
+      runs[#runs + 1] = c[1]
+    end
+  end
+  if #runs > 0 then
+    redis.call('HSET', rkey(rid), 'qk', table.concat(runs, '\30'))
+  end
+end
+
+-- PER_RUN COUNTER LIFECYCLE: a released or expired reservation gives its per_run counts back.
+local function quota_uncount(rid)
+  local qk = redis.call('HGET', rkey(rid), 'qk')
+  if qk then
+    for counter in string.gmatch(qk, '[^\30]+') do
+      local k = base .. 'q:' .. counter
+      if tonumber(redis.call('GET', k) or '0') > 0 then
+        redis.call('DECR', k)
+      end
+    end
+  end
+end
+
 -- rules._expire: the amount goes back to every scope the reservation held.
 local function expire_row(row)
   release_hold(row.budgeted, row.unit, row.amount)
+  quota_uncount(row.id)
   redis.call('HSET', rkey(row.id), 'status', 'EXPIRED')
   row.st = 'EXPIRED'
   finish(row.id, row.expires + row.grace)

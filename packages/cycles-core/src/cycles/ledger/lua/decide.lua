@@ -1,9 +1,9 @@
 -- rules.decide: evaluate without reserving; only the idempotency record is written.
 -- KEYS: base, idempotency key
--- ARGV: now, unit, amount, fingerprint, derived scopes...
+-- ARGV: now, unit, amount, fingerprint, policy version, quota counters json, derived scopes...
 local unit, amount, fingerprint = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local scopes = {}
-for i = 5, #ARGV do
+for i = 7, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -14,6 +14,10 @@ if rec then
     return err('IDEMPOTENCY_MISMATCH')
   end
   return replay(rec.payload)
+end
+local qdenial = quota_gate(ARGV[5], ARGV[6], scopes)
+if qdenial then
+  return qdenial
 end
 local rows = load_budgets(scopes, unit)
 local due = period_due(rows)

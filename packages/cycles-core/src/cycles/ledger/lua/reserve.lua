@@ -1,12 +1,13 @@
 -- rules.reserve (and its dry run).
 -- KEYS: base, idempotency key
 -- ARGV: now, unit, amount, ttl_ms, grace_period_ms, overage_policy, dry_run (0/1), reservation id,
---       fingerprint, owner ('' | '=tenant'), info json, include balances (0/1), derived scopes...
+--       fingerprint, owner ('' | '=tenant'), info json, include balances (0/1), policy version,
+--       quota counters json (see quota_gate), derived scopes...
 local unit, amount = ARGV[2], tonumber(ARGV[3])
 local ttl, grace, policy, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
 local rid, fingerprint, owner = ARGV[8], ARGV[9], opt(ARGV[10])
 local scopes = {}
-for i = 13, #ARGV do
+for i = 15, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -23,6 +24,10 @@ if rec then
   return replay(rec.payload, status)
 end
 
+local qdenial, counters = quota_gate(ARGV[13], ARGV[14], scopes)
+if qdenial then
+  return qdenial
+end
 local rows, hint = load_budgets(scopes, unit, '~hint')
 local due = period_due(rows)
 if due then
@@ -72,6 +77,7 @@ else
     'created', now, 'expires', expires, 'grace', grace, 'policy', policy, 'ext', 0, 'info', ARGV[11])
 end
 redis.call('ZADD', IDX, deadline, rid)
+quota_count(counters, rid)
 keep_key(rid, deadline)
 local payload -- the hot path formats its reply directly (enc() costs about 2 us here)
 if ARGV[12] == '1' then
