@@ -378,3 +378,49 @@ def test_processes_racing_a_per_run_quota_get_exactly_max_calls(cy: Cycles, ledg
         assert p.exitcode == 0
     assert totals == {"a": 5, "b": 5, "c": 5}
     assert amounts(bal(cy, "tenant:acme"))[2] == 15  # reserved: exactly the granted ones
+
+
+# ---- observe mode ---------------------------------------------------------------------------
+
+
+def _observed(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [r.cycles for r in caplog.records if r.name == "cycles.observe"]  # type: ignore[attr-defined]
+
+
+def test_observe_mode_evaluates_everything_and_changes_nothing(tcy: Cycles, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="cycles.observe")
+    tcy.quotas.set("tenant:acme", action_kind="message.email.send", max_calls=1, window="per_run")
+    sub = run("r")
+    assert grants(tcy, sub, EMAIL, 1) == 1
+    before = amounts(bal(tcy, "tenant:acme"))
+    denied = tcy.reserve(sub, EMAIL, tokens(1), observe_mode="OBSERVE")
+    assert denied.decision is Decision.DENY and denied.reservation_id is None and denied.expires_at_ms is None
+    assert denied.deny_detail and denied.deny_detail["reason_code"] == "ACTION_QUOTA_EXCEEDED"
+    assert denied.affected_scopes == ["tenant:acme"]
+    allowed = tcy.reserve(Subject(tenant="acme"), SEARCH, tokens(5), observe_mode="OBSERVE")
+    assert allowed.decision is Decision.ALLOW and allowed.reservation_id is None
+    assert amounts(bal(tcy, "tenant:acme")) == before  # no balance and no counter moved
+    events = _observed(caplog)
+    assert [e["event_type"] for e in events] == ["reservation.observed_denied", "reservation.observed_allowed"]
+    assert events[0]["data"]["deny_detail"] == denied.deny_detail
+    assert events[0]["data"]["would_have_blocked_at"] == "tenant:acme" and events[1]["data"]["estimated_amount"] == 5
+
+
+def test_a_tenant_in_observe_mode_is_observed_unless_a_request_says_enforce(
+    tcy: Cycles, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="cycles.observe")
+    tcy.budgets.set("tenant:acme/workflow:w", tokens(1))
+    sub = Subject(tenant="acme", workflow="w")
+    policy = tcy.quotas.set_observe_mode("tenant:acme", "OBSERVE")
+    assert policy.observe_mode == "OBSERVE"
+    shadow = tcy.reserve(sub, SEARCH, tokens(5))  # would exceed: observed, not refused, nothing held
+    assert shadow.decision is Decision.DENY and shadow.reason_code == "BUDGET_EXCEEDED"
+    assert [e["event_type"] for e in _observed(caplog)] == ["reservation.observed_denied"]
+    with pytest.raises(BudgetExceeded):
+        tcy.reserve(sub, SEARCH, tokens(5), observe_mode="ENFORCE")
+    tcy.quotas.set_observe_mode("tenant:acme", "ENFORCE")
+    with pytest.raises(BudgetExceeded):
+        tcy.reserve(sub, SEARCH, tokens(5))
+    with pytest.raises(InvalidRequest):
+        tcy.quotas.set_observe_mode("tenant:acme/workflow:w", "OBSERVE")

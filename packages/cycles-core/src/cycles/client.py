@@ -179,6 +179,7 @@ class _ClientBase:
         dry_run: bool,
         idempotency_key: str | None,
         metadata: dict[str, Any] | None,
+        observe_mode: str | None = None,
     ) -> ReservationCreateRequest:
         return _build(
             ReservationCreateRequest,
@@ -191,6 +192,7 @@ class _ClientBase:
             overage_policy=_policy(overage_policy, self.settings.overage_policy),
             dry_run=dry_run,
             metadata=metadata,
+            observe_mode=observe_mode,
         )
 
     @staticmethod
@@ -487,6 +489,7 @@ class Cycles(_ClientBase):
         dry_run: bool = False,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        observe_mode: str | None = None,
     ) -> ReservationCreateResponse:
         req = self._reserve_request(
             subject,
@@ -498,6 +501,7 @@ class Cycles(_ClientBase):
             dry_run=dry_run,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            observe_mode=observe_mode,
         )
         return self.ledger.reserve(req)
 
@@ -699,6 +703,7 @@ class AsyncCycles(_ClientBase):
         dry_run: bool = False,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        observe_mode: str | None = None,
     ) -> ReservationCreateResponse:
         req = self._reserve_request(
             subject,
@@ -710,6 +715,7 @@ class AsyncCycles(_ClientBase):
             dry_run=dry_run,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            observe_mode=observe_mode,
         )
         return await self.ledger.reserve(req)
 

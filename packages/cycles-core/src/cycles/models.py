@@ -270,6 +270,9 @@ class ReservationCreateRequest(_Wire):
     overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
     dry_run: bool = False
     metadata: dict[str, Any] | None = None
+    #: v0.1.26: OBSERVE evaluates with dry-run semantics and records an observed_denied/allowed event;
+    #: absent, the tenant's observe_mode governs (ENFORCE by default). DISABLED means ENFORCE.
+    observe_mode: Literal["DISABLED", "OBSERVE", "ENFORCE"] | None = None
 
 
 class CommitRequest(_Wire):

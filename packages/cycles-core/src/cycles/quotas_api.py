@@ -57,6 +57,13 @@ def _policy(policies: _List[ScopePolicy], scope: str) -> ScopePolicy:
     return next((p for p in policies if p.scope == scope), ScopePolicy(scope=scope))
 
 
+def _observe_edit(mode: str) -> PolicyEdit:
+    try:
+        return PolicyEdit.model_validate({"observe_mode": mode})
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
 class Quotas:
     def __init__(self, ledger: Ledger) -> None:
         self._ledger = ledger
@@ -102,6 +109,11 @@ class Quotas:
         """These action kinds never run under ``scope`` (``[]`` lifts the denylist)."""
         return self._ledger.update_policy(scope, PolicyEdit(denied_action_kinds=kinds))
 
+    def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
+        """The tenant's default observe mode: ``OBSERVE`` (evaluate, record, never block or charge),
+        ``ENFORCE`` (default) or ``DISABLED``. A reservation's own ``observe_mode`` overrides it."""
+        return self._ledger.update_policy(tenant_scope, _observe_edit(mode))
+
 
 class AsyncQuotas:
     def __init__(self, ledger: AsyncLedger) -> None:
@@ -145,3 +157,6 @@ class AsyncQuotas:
 
     async def deny_kinds(self, scope: str, kinds: _List[str]) -> ScopePolicy:
         return await self._ledger.update_policy(scope, PolicyEdit(denied_action_kinds=kinds))
+
+    async def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
+        return await self._ledger.update_policy(tenant_scope, _observe_edit(mode))

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +50,7 @@ __all__ = [
 ]
 
 RiskClass = Literal["read_only", "local_mutation", "side_effect", "external_side_effect", "high_risk"]
+ObserveMode = Literal["DISABLED", "OBSERVE", "ENFORCE"]
 Window = Literal["per_run", "per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling", "per_tenant_per_day"]
 RISK_CLASSES: tuple[str, ...] = ("read_only", "local_mutation", "side_effect", "external_side_effect", "high_risk")
 WINDOWS: tuple[str, ...] = (
@@ -219,9 +221,11 @@ class ScopePolicy(BaseModel):
     quotas: list[Quota] = Field(default_factory=list)
     allowed_action_kinds: list[Kind] = Field(default_factory=list)
     denied_action_kinds: list[Kind] = Field(default_factory=list)
+    #: Tenant.observe_mode (governance extensions), kept on the tenant's own scope ("tenant:<t>").
+    observe_mode: ObserveMode | None = None
 
     def is_empty(self) -> bool:
-        return not (self.quotas or self.allowed_action_kinds or self.denied_action_kinds)
+        return not (self.quotas or self.allowed_action_kinds or self.denied_action_kinds or self.observe_mode)
 
     def dumps(self) -> str:
         return self.model_dump_json(exclude={"scope"}, exclude_none=True)
@@ -235,6 +239,7 @@ class ScopePolicy(BaseModel):
             quotas=quotas,
             allowed_action_kinds=data.get("allowed_action_kinds", []),
             denied_action_kinds=data.get("denied_action_kinds", []),
+            observe_mode=data.get("observe_mode"),
         )
 
 
@@ -248,6 +253,7 @@ class PolicyEdit(BaseModel):
     delete_quota: Quota | None = None  # matched on action_kind / risk_class and window; max_calls ignored
     allowed_action_kinds: Annotated[list[Kind], Field(max_length=200)] | None = None
     denied_action_kinds: Annotated[list[Kind], Field(max_length=200)] | None = None
+    observe_mode: ObserveMode | None = None  # on a tenant scope only
 
 
 def apply_edit(policy: ScopePolicy, edit: PolicyEdit) -> ScopePolicy:
@@ -271,11 +277,17 @@ def apply_edit(policy: ScopePolicy, edit: PolicyEdit) -> ScopePolicy:
     denied = policy.denied_action_kinds if edit.denied_action_kinds is None else edit.denied_action_kinds
     if allowed and denied:
         raise InvalidRequest("allowed_action_kinds and denied_action_kinds are mutually exclusive on a scope")
+    observe = policy.observe_mode
+    if edit.observe_mode is not None:
+        if "/" in policy.scope or not policy.scope.startswith("tenant:"):
+            raise InvalidRequest("observe_mode is a tenant setting: set it on tenant:<name>")
+        observe = None if edit.observe_mode == "ENFORCE" else edit.observe_mode
     return ScopePolicy(
         scope=policy.scope,
         quotas=[q.model_copy(update={"scope": None}) for q in quotas],
         allowed_action_kinds=list(allowed),
         denied_action_kinds=list(denied),
+        observe_mode=observe,
     )
 
 
@@ -287,6 +299,49 @@ def meta_key(scope: str) -> str:
 def load_policy(scope: str, text: str) -> ScopePolicy:
     """A stored policy (cached by its text: the reserve path reads it on every call)."""
     return ScopePolicy.loads(scope, text)
+
+
+# ---- observe mode (protocol extensions: OBSERVE MODE EVALUATION RULES) ----------------------
+
+observe_log = logging.getLogger("cycles.observe")
+
+
+def tenant_observes(policies: Mapping[str, ScopePolicy], subject: Subject) -> bool:
+    tenant = policies.get(f"tenant:{subject.tenant}") if subject.tenant else None
+    return tenant is not None and tenant.observe_mode == "OBSERVE"
+
+
+def observing(requested: str | None, tenant_observes: bool) -> bool:
+    """PRECEDENCE: the request's observe_mode, else the tenant's if OBSERVE, else ENFORCE."""
+    if requested is not None:
+        return requested == "OBSERVE"
+    return tenant_observes
+
+
+def record_observation(req: Any, response: Any, tenant: str | None) -> dict[str, Any]:
+    """The reservation.observed_denied / observed_allowed event of an OBSERVE evaluation, logged
+    on ``cycles.observe`` (payloads as EventDataObservedDenied / EventDataObservedAllowed)."""
+    scope = response.scope_path or (response.affected_scopes or [""])[-1]
+    data: dict[str, Any] = {
+        "scope": scope,
+        "unit": req.estimate.unit.value,
+        "action": req.action.model_dump(mode="json", exclude_none=True),
+        "subject": req.subject.model_dump(mode="json", exclude_none=True),
+        "estimated_amount": req.estimate.amount,
+        "observe_mode": "OBSERVE",
+    }
+    if response.deny_detail is not None:
+        event_type = "reservation.observed_denied"
+        data["deny_detail"] = response.deny_detail
+        data["would_have_blocked_at"] = response.deny_detail.get("blocked_by_scope", scope)
+    else:
+        event_type = "reservation.observed_allowed"
+        data["decision"] = response.decision.value
+        if response.caps is not None:
+            data["caps_applied"] = response.caps.model_dump(mode="json", exclude_none=True)
+    event = {"event_type": event_type, "tenant_id": tenant or req.subject.tenant, "data": data}
+    observe_log.info("%s %s %s", event_type, scope, json.dumps(data, separators=(",", ":")), extra={"cycles": event})
+    return event
 
 
 # ---- evaluation -----------------------------------------------------------------------------

@@ -713,28 +713,35 @@ class _RedisCore:
                 return cast(T, stop.value)
 
     def _gated(
-        self, tag: str, scopes: list[str], subject: Subject, action: Action, call: Callable[[str, str], _Call]
-    ) -> _Flow[tuple[Any, CyclesError | None]]:
+        self,
+        tag: str,
+        scopes: list[str],
+        subject: Subject,
+        action: Action,
+        call: Callable[[str, str, bool], _Call],
+    ) -> _Flow[tuple[Any, CyclesError | None, bool]]:
         """Send a reserve/decide script with the quota counters ``quotas.plan`` finds over this
         client's cached policies of the slot, refreshing the cache when the script says they are
-        stale (POLICY). Returns the script's raw reply, or the quota/access denial."""
+        stale (POLICY). Returns the script's raw reply or the quota/access denial, and whether the
+        tenant's observe_mode is OBSERVE (as of the policy version the script confirmed)."""
         for _ in range(4):
             cached = self._policies.get(tag)
-            version, plan = "", ""
+            version, plan, observes = "", "", False
             counters: list[quotas.Counter] = []
             if cached is not None and all(s in cached[1] for s in scopes):
                 version = cached[0]
                 docs = cached[1]
                 policies = {s: quotas.load_policy(s, d) for s in scopes if (d := docs[s]) is not None}
+                observes = quotas.tenant_observes(policies, subject)
                 denial, counters = quotas.plan(policies, scopes, subject, action, self._now_ms())
                 if denial is not None:  # decided here: confirm the policies are current
                     current = yield _Command(("HGET", self._base(tag) + "policy", "~v"))
                     if current is not None and _str(current) == version:
-                        return None, denial
+                        return None, denial, observes
                     self._policies.pop(tag, None)
                     continue
                 plan = to_json([c.wire() for c in counters]).decode() if counters else ""
-            raw = yield call(version, plan)
+            raw = yield call(version, plan, observes)
             data = raw.encode() if isinstance(raw, str) else raw
             if data.startswith(b'["E","POLICY"'):
                 _, _, new_version, docs_list = from_json(data)
@@ -743,8 +750,8 @@ class _RedisCore:
                 continue
             if data.startswith(b'["E","QUOTA"'):
                 counts = from_json(data)[2]
-                return None, quotas.violation(counters, counts)
-            return raw, None
+                return None, quotas.violation(counters, counts), observes
+            return raw, None, observes
         raise InternalError("the scope policies kept changing while a reservation was evaluated")
 
     def _now_ms(self) -> int:
@@ -819,7 +826,8 @@ class _RedisCore:
         owner = tenant if tenant is not None else subject.tenant
         rid_new, digest, info = _new_reservation_id(subject.tenant), rules.fingerprint(req), _info(req)
 
-        def call(version: str, plan: str) -> _Call:
+        def call(version: str, plan: str, tenant_observes: bool) -> _Call:
+            dry = req.dry_run or quotas.observing(req.observe_mode, tenant_observes)
             return self._call(
                 "reserve",
                 tag,
@@ -828,7 +836,7 @@ class _RedisCore:
                 req.ttl_ms,
                 req.grace_period_ms,
                 req.overage_policy.value,
-                "1" if req.dry_run else "0",
+                "1" if dry else "0",
                 rid_new,
                 digest,
                 _opt(owner),
@@ -840,11 +848,15 @@ class _RedisCore:
                 key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
             )
 
-        raw, quota_denial = yield from self._gated(tag, scopes, subject, req.action, call)
+        raw, quota_denial, tenant_observes = yield from self._gated(tag, scopes, subject, req.action, call)
+        observe = quotas.observing(req.observe_mode, tenant_observes)
         if quota_denial is not None:
-            if not req.dry_run:
+            if not (req.dry_run or observe):
                 raise quota_denial
-            return rules.denied_dry_run(req, scopes, quota_denial)
+            denied = rules.denied_dry_run(req, scopes, quota_denial)
+            if observe:
+                quotas.record_observation(req, denied, tenant)
+            return denied
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="reserve"))
         rid, expires_at, rows, denial, caps_list = reply.payload
         caps = _merge(caps_list) if denial is None else None
@@ -853,7 +865,7 @@ class _RedisCore:
         else:
             decision = Decision.ALLOW_WITH_CAPS if caps is not None else Decision.ALLOW
         if rid is None:  # dry run: balances always (rules does the same)
-            return trusted(
+            dry_response = trusted(
                 ReservationCreateResponse,
                 decision=decision,
                 affected_scopes=scopes,
@@ -864,6 +876,9 @@ class _RedisCore:
                 reserved=req.estimate if denial is None else None,
                 deny_detail=_deny_detail(denial, scopes, unit),
             )
+            if observe and not reply.replay:
+                quotas.record_observation(req, dry_response, tenant)
+            return dry_response
         if reply.extra is not None and not reply.replay:
             # Publish the slot's earliest deadline to the sweep index. Best effort: a lost update is
             # repaired by the next reserve within a second, or by the sweep's round-robin.
@@ -892,7 +907,7 @@ class _RedisCore:
         tag = subject.tenant or NO_TENANT_TAG
         digest = rules.fingerprint(req)
 
-        def call(version: str, plan: str) -> _Call:
+        def call(version: str, plan: str, tenant_observes: bool) -> _Call:
             return self._call(
                 "decide",
                 tag,
@@ -905,7 +920,7 @@ class _RedisCore:
                 key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
             )
 
-        raw, quota_denial = yield from self._gated(tag, scopes, subject, req.action, call)
+        raw, quota_denial, _ = yield from self._gated(tag, scopes, subject, req.action, call)
         if quota_denial is not None:
             return rules.denied_decision(scopes, quota_denial)
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="decide"))

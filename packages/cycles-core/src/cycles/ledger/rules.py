@@ -404,6 +404,7 @@ class Verdict:
     denial: CyclesError | None = None
     caps: Caps | None = None
     counters: list[quotas.Counter] = field(default_factory=list)  # quota counters a grant increments
+    observe: bool = False  # the tenant's observe_mode is OBSERVE
 
     @property
     def decision(self) -> Decision:
@@ -572,11 +573,12 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         return replay
 
     verdict = evaluate(txn, req.subject, req.estimate, req.action)
+    observe = quotas.observing(req.observe_mode, verdict.observe)
     # Lazy expiry: budget held by dead clients goes back before we say no.
-    if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and expire_due(txn, limit=1000):
+    if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and not observe and expire_due(txn, limit=1000):
         verdict = evaluate(txn, req.subject, req.estimate, req.action)
 
-    if req.dry_run:
+    if req.dry_run or observe:
         if isinstance(verdict.denial, UnitMismatch):
             raise verdict.denial
         response = trusted(
@@ -591,6 +593,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             deny_detail=_deny_detail(verdict.denial),
         )
         _remember(txn, idem_tenant, endpoint, req.idempotency_key, digest, response)
+        if observe:
+            quotas.record_observation(req, response, tenant)
         return response
 
     if verdict.denial is not None:
@@ -1328,6 +1332,7 @@ def gate_quotas(txn: Txn, verdict: Verdict, subject: Subject, action: Action) ->
     policies = load_policies(txn, verdict.scopes)
     if not policies:
         return None
+    verdict.observe = quotas.tenant_observes(policies, subject)
     denial, counters = quotas.plan(policies, verdict.scopes, subject, action, txn.now_ms)
     if denial is not None or not counters:
         return denial
