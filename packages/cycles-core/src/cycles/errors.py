@@ -29,6 +29,7 @@ __all__ = [
     "MaxExtensionsExceeded",
     "NotFound",
     "OverdraftLimitExceeded",
+    "PriorityHeadroomExceeded",
     "ReservationExpired",
     "ReservationFinalized",
     "TenantClosed",
@@ -143,6 +144,16 @@ class DebtOutstanding(Denied):
 
 class TenantClosed(Denied):
     code = "TENANT_CLOSED"
+
+
+class PriorityHeadroomExceeded(BudgetExceeded):
+    """A prioritised reservation would dip into the headroom its budget keeps for higher
+    priorities (e.g. ``low`` once less than half remains). On the wire: BUDGET_EXCEEDED with
+    ``details.deny_detail.reason_code`` = PRIORITY_HEADROOM."""
+
+    @property
+    def reason_code(self) -> str:
+        return "PRIORITY_HEADROOM"
 
 
 class ActionQuotaExceeded(Denied):
@@ -298,6 +309,9 @@ def deny_detail_of(code: str, details: Mapping[str, Any]) -> dict[str, Any]:
 def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:
     """The exception for a protocol error code; unknown codes become a plain ``CyclesError``."""
     cls = _BY_CODE.get(code)
+    detail = (kwargs.get("details") or {}).get("deny_detail")
+    if cls is BudgetExceeded and isinstance(detail, dict) and detail.get("reason_code") == "PRIORITY_HEADROOM":
+        cls = PriorityHeadroomExceeded
     if cls is None:
         err = CyclesError(message, **kwargs)
         err.code = code  # type: ignore[misc]  # keep an unknown server code visible to the caller

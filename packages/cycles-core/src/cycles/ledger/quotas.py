@@ -33,7 +33,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from cycles.errors import ActionKindDenied, ActionKindNotAllowed, ActionQuotaExceeded, CyclesError, InvalidRequest
+from cycles.errors import (
+    ActionKindDenied,
+    ActionKindNotAllowed,
+    ActionQuotaExceeded,
+    CyclesError,
+    InvalidRequest,
+    PriorityHeadroomExceeded,
+)
 from cycles.models import Action, Subject
 
 __all__ = [
@@ -299,6 +306,49 @@ def meta_key(scope: str) -> str:
 def load_policy(scope: str, text: str) -> ScopePolicy:
     """A stored policy (cached by its text: the reserve path reads it on every call)."""
     return ScopePolicy.loads(scope, text)
+
+
+# ---- priority headroom ----------------------------------------------------------------------
+# A reservation may carry a priority as an action tag ("priority:low"); untagged ones have none.
+# A prioritised reservation is granted only if, after it, each budget on its path still has at
+# least that priority's share of its allocation left: background work cannot starve critical work.
+PRIORITY_HEADROOM_PCT: dict[str, int] = {"critical": 0, "high": 10, "normal": 25, "low": 50, "bulk": 70}
+
+
+def headroom_pct(action: Action) -> int:
+    for tag in action.tags or ():
+        if tag.startswith("priority:"):
+            pct = PRIORITY_HEADROOM_PCT.get(tag[len("priority:") :])
+            if pct is None:
+                raise InvalidRequest(
+                    f"unknown priority {tag!r}: use priority:" + ", priority:".join(PRIORITY_HEADROOM_PCT)
+                )
+            return pct
+    return 0
+
+
+def headroom_denial(scope: str, unit: str, remaining: int, requested: int, pct: int) -> PriorityHeadroomExceeded:
+    priority = next(p for p, v in PRIORITY_HEADROOM_PCT.items() if v == pct)
+    detail = {
+        "reason_code": "PRIORITY_HEADROOM",
+        "blocked_by_scope": scope,
+        "budget_remaining": remaining,
+        "suggested_fix": (
+            f"{priority} work keeps {pct}% of {scope} for higher priorities: raise the action's priority, "
+            f"or fund {scope}"
+        ),
+    }
+    return PriorityHeadroomExceeded(
+        f"{priority} priority: {scope} keeps {pct}% of its allocation as headroom for higher priorities",
+        details={
+            "scope": scope,
+            "unit": unit,
+            "remaining": remaining,
+            "requested": requested,
+            "headroom_pct": pct,
+            "deny_detail": detail,
+        },
+    )
 
 
 # ---- observe mode (protocol extensions: OBSERVE MODE EVALUATION RULES) ----------------------

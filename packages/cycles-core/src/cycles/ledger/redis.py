@@ -160,7 +160,11 @@ SWEEP_ROUND_ROBIN = 10
 _UNIT_ORDER = tuple(sorted(Unit, key=lambda u: u.value))  # the order budget_units reports (as sqlite)
 _TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_REASON = {"BUDGET_NOT_FOUND": "BUDGET_NOT_FOUND", "OVER_LIMIT": "OVERDRAFT_LIMIT_EXCEEDED"}
+_REASON = {
+    "BUDGET_NOT_FOUND": "BUDGET_NOT_FOUND",
+    "OVER_LIMIT": "OVERDRAFT_LIMIT_EXCEEDED",
+    "HEADROOM": "PRIORITY_HEADROOM",
+}
 # Failures after which a retry may succeed: connection loss, timeouts, LOADING, failover, cluster
 # resharding, OOM under maxmemory. Everything else from Redis is a bug here: INTERNAL_ERROR.
 _TRANSIENT_ERRORS = (
@@ -453,6 +457,9 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
             f"Insufficient remaining budget for scope {scope}",
             details={"scope": scope, "unit": unit, "remaining": left, "requested": requested},
         )
+    if tag == "HEADROOM":
+        scope, left, requested, pct = args
+        return quotas.headroom_denial(scope, unit, left, requested, pct)
     if tag == "COMMIT_REJECTED":
         actual, held, info = args
         path = derive_scopes(Subject.model_validate(info[0]))[-1]
@@ -825,6 +832,7 @@ class _RedisCore:
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
         owner = tenant if tenant is not None else subject.tenant
         rid_new, digest, info = _new_reservation_id(subject.tenant), rules.fingerprint(req), _info(req)
+        pct = quotas.headroom_pct(req.action) if req.action.tags else 0
 
         def call(version: str, plan: str, tenant_observes: bool) -> _Call:
             dry = req.dry_run or quotas.observing(req.observe_mode, tenant_observes)
@@ -844,6 +852,7 @@ class _RedisCore:
                 self._flag(),
                 version,
                 plan,
+                pct,
                 *scopes,
                 key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
             )
@@ -906,6 +915,7 @@ class _RedisCore:
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
         tag = subject.tenant or NO_TENANT_TAG
         digest = rules.fingerprint(req)
+        pct = quotas.headroom_pct(req.action) if req.action.tags else 0
 
         def call(version: str, plan: str, tenant_observes: bool) -> _Call:
             return self._call(
@@ -916,6 +926,7 @@ class _RedisCore:
                 digest,
                 version,
                 plan,
+                pct,
                 *scopes,
                 key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
             )

@@ -31,6 +31,7 @@ from cycles.errors import (
     BudgetFrozen,
     CyclesError,
     DebtOutstanding,
+    Denied,
     Forbidden,
     IdempotencyMismatch,
     InvalidRequest,
@@ -457,8 +458,14 @@ def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None
         verdict.denial = _missing_budget(txn, scopes, estimate.unit)
         return verdict
     needed = estimate.amount
+    pct = quotas.headroom_pct(action) if action is not None and action.tags else 0
     if all(
-        b.status == BUDGET_ACTIVE and not b.is_over_limit and b.debt == 0 and b.remaining >= needed for b in budgets
+        b.status == BUDGET_ACTIVE
+        and not b.is_over_limit
+        and b.debt == 0
+        and b.remaining >= needed
+        and (not pct or b.remaining - needed >= b.allocated * pct // 100)
+        for b in budgets
     ):  # the common case in one pass; the checks below only decide *which* denial it is
         verdict.caps = merge_caps(b.caps for b in budgets) if any(b.caps for b in budgets) else None
         return verdict
@@ -491,6 +498,11 @@ def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None
                 },
             )
             return verdict
+    if pct:
+        for row in budgets:
+            if row.remaining - needed < row.allocated * pct // 100:
+                verdict.denial = quotas.headroom_denial(row.scope, estimate.unit.value, row.remaining, needed, pct)
+                return verdict
     verdict.caps = merge_caps(row.caps for row in budgets)
     return verdict
 
@@ -523,7 +535,9 @@ def merge_caps(all_caps: Iterable[Caps | None]) -> Caps | None:
 
 
 def _deny_reason(denial: CyclesError) -> str:
-    return "BUDGET_NOT_FOUND" if isinstance(denial, NotFound) else denial.code
+    if isinstance(denial, NotFound):
+        return "BUDGET_NOT_FOUND"
+    return denial.reason_code if isinstance(denial, Denied) else denial.code
 
 
 def _deny_detail(denial: CyclesError | None) -> dict[str, Any] | None:

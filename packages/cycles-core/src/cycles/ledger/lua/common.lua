@@ -240,8 +240,9 @@ local function status_denial(rows)
   return nil
 end
 
--- rules.evaluate over rows already loaded: status, over-limit, debt, remaining.
-local function verdict(scopes, rows, amount)
+-- rules.evaluate over rows already loaded: status, over-limit, debt, remaining, then the headroom
+-- a prioritised reservation leaves (pct of each allocation; quotas.PRIORITY_HEADROOM_PCT).
+local function verdict(scopes, rows, amount, pct)
   if #rows == 0 then
     return missing_budget(scopes)
   end
@@ -263,6 +264,15 @@ local function verdict(scopes, rows, amount)
     local rem = remaining(b)
     if rem < amount then
       return {'BUDGET_EXCEEDED', b.scope, rem, amount}
+    end
+  end
+  if pct and pct > 0 then
+    for _, b in ipairs(rows) do
+      local rem = remaining(b)
+      -- allocated * pct // 100 without leaving exact doubles for large allocations
+      if rem - amount < math.floor(b.a / 100) * pct + math.floor((b.a % 100) * pct / 100) then
+        return {'HEADROOM', b.scope, rem, amount, pct}
+      end
     end
   end
   return nil

@@ -1,9 +1,10 @@
 -- rules.decide: evaluate without reserving; only the idempotency record is written.
 -- KEYS: base, idempotency key
--- ARGV: now, unit, amount, fingerprint, policy version, quota counters json, derived scopes...
+-- ARGV: now, unit, amount, fingerprint, policy version, quota counters json, priority headroom pct,
+--       derived scopes...
 local unit, amount, fingerprint = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local scopes = {}
-for i = 7, #ARGV do
+for i = 8, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -24,7 +25,7 @@ local due = period_due(rows)
 if due then
   return due
 end
-local denial = verdict(scopes, rows, amount)
+local denial = verdict(scopes, rows, amount, tonumber(ARGV[7]))
 if denial and denial[1] == 'UNIT_MISMATCH_SCOPE' then
   return err(unpack(denial))
 end

@@ -2,12 +2,12 @@
 -- KEYS: base, idempotency key
 -- ARGV: now, unit, amount, ttl_ms, grace_period_ms, overage_policy, dry_run (0/1), reservation id,
 --       fingerprint, owner ('' | '=tenant'), info json, include balances (0/1), policy version,
---       quota counters json (see quota_gate), derived scopes...
+--       quota counters json (see quota_gate), priority headroom pct, derived scopes...
 local unit, amount = ARGV[2], tonumber(ARGV[3])
 local ttl, grace, policy, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
 local rid, fingerprint, owner = ARGV[8], ARGV[9], opt(ARGV[10])
 local scopes = {}
-for i = 15, #ARGV do
+for i = 16, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -33,12 +33,13 @@ local due = period_due(rows)
 if due then
   return due
 end
-local denial = verdict(scopes, rows, amount)
-if denial and denial[1] == 'BUDGET_EXCEEDED' and not dry then
+local pct = tonumber(ARGV[15])
+local denial = verdict(scopes, rows, amount, pct)
+if denial and (denial[1] == 'BUDGET_EXCEEDED' or denial[1] == 'HEADROOM') and not dry then
   -- Lazy expiry: budget held by dead clients goes back before we say no.
   if expire_due(1000) > 0 then
     rows, hint = load_budgets(scopes, unit, '~hint')
-    denial = verdict(scopes, rows, amount)
+    denial = verdict(scopes, rows, amount, pct)
   end
 end
 
