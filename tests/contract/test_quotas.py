@@ -424,3 +424,35 @@ def test_a_tenant_in_observe_mode_is_observed_unless_a_request_says_enforce(
         tcy.reserve(sub, SEARCH, tokens(5))
     with pytest.raises(InvalidRequest):
         tcy.quotas.set_observe_mode("tenant:acme/workflow:w", "OBSERVE")
+
+
+# ---- loop guard -----------------------------------------------------------------------------
+
+
+def test_the_loop_guard_is_off_by_default_and_caps_identical_steps_when_on(tcy: Cycles) -> None:
+    from cycles import LoopDetected, with_args_fingerprint
+
+    lookup = Action("tool.call", "lookup_order")
+    same = with_args_fingerprint(lookup, {"order": 42, "verbose": True})
+    assert same == with_args_fingerprint(lookup, {"verbose": True, "order": 42})  # canonical arguments
+    sub = run("r")
+    assert grants(tcy, sub, same, 6, commit=False) == 6  # off by default
+    tcy.quotas.set_loop_guard("tenant:acme", 3)
+    sub = run("r2")
+    for _ in range(3):  # failing calls are released: they still count as repeats
+        r = tcy.reserve(sub, same, tokens(1))
+        assert r.reservation_id
+        tcy.release(r.reservation_id)
+    with pytest.raises(LoopDetected) as err:
+        tcy.reserve(sub, same, tokens(1))
+    assert isinstance(err.value, ActionQuotaExceeded) and err.value.reason_code == "LOOP_DETECTED"
+    detail = err.value.deny_detail
+    assert detail["reason_code"] == "LOOP_DETECTED" and detail["quota_violation"]["used"] == 3
+    deny_detail_validator()(detail)
+    assert grants(tcy, sub, with_args_fingerprint(lookup, {"order": 43}), 2) == 2  # other arguments
+    assert grants(tcy, run("r3"), same, 3) == 3  # another run
+    assert grants(tcy, sub, lookup, 5) == 5  # no fingerprint: nothing to compare
+    dry = tcy.decide(sub, same, tokens(1))
+    assert dry.decision is Decision.DENY and dry.reason_code == "LOOP_DETECTED"
+    tcy.quotas.set_loop_guard("tenant:acme", None)
+    assert grants(tcy, sub, same, 2) == 2

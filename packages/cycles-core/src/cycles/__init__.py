@@ -27,9 +27,11 @@ from cycles.errors import (
     InvalidRequest,
     LedgerUnavailable,
     LimitExceeded,
+    LoopDetected,
     MaxExtensionsExceeded,
     NotFound,
     OverdraftLimitExceeded,
+    PriorityHeadroomExceeded,
     ReservationExpired,
     ReservationFinalized,
     TenantClosed,
@@ -39,7 +41,7 @@ from cycles.errors import (
     UnpricedModel,
 )
 from cycles.guard import AsyncGuard, Guard, ShadowRecord
-from cycles.ledger.quotas import Quota, ScopePolicy
+from cycles.ledger.quotas import Quota, ScopePolicy, args_fingerprint, with_args_fingerprint
 from cycles.models import (
     Action,
     Amount,
@@ -88,9 +90,11 @@ __all__ = [
     "InvalidRequest",
     "LedgerUnavailable",
     "LimitExceeded",
+    "LoopDetected",
     "MaxExtensionsExceeded",
     "NotFound",
     "OverdraftLimitExceeded",
+    "PriorityHeadroomExceeded",
     "Quota",
     "ReservationExpired",
     "ReservationFinalized",
@@ -107,8 +111,10 @@ __all__ = [
     "UnitMismatch",
     "UnpricedModel",
     "__version__",
+    "args_fingerprint",
     "credits",
     "risk_points",
     "tokens",
     "usd",
+    "with_args_fingerprint",
 ]

@@ -26,6 +26,7 @@ __all__ = [
     "InvalidRequest",
     "LedgerUnavailable",
     "LimitExceeded",
+    "LoopDetected",
     "MaxExtensionsExceeded",
     "NotFound",
     "OverdraftLimitExceeded",
@@ -160,6 +161,15 @@ class ActionQuotaExceeded(Denied):
     """A count quota (per action kind or per risk class) is used up in its window."""
 
     code = "ACTION_QUOTA_EXCEEDED"
+
+
+class LoopDetected(ActionQuotaExceeded):
+    """The same action with the same arguments fingerprint repeated past the scope's loop guard.
+    On the wire: ACTION_QUOTA_EXCEEDED with ``details.deny_detail.reason_code`` = LOOP_DETECTED."""
+
+    @property
+    def reason_code(self) -> str:
+        return "LOOP_DETECTED"
 
 
 class ActionKindNotAllowed(Denied):
@@ -312,6 +322,8 @@ def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:
     detail = (kwargs.get("details") or {}).get("deny_detail")
     if cls is BudgetExceeded and isinstance(detail, dict) and detail.get("reason_code") == "PRIORITY_HEADROOM":
         cls = PriorityHeadroomExceeded
+    if cls is ActionQuotaExceeded and isinstance(detail, dict) and detail.get("reason_code") == "LOOP_DETECTED":
+        cls = LoopDetected
     if cls is None:
         err = CyclesError(message, **kwargs)
         err.code = code  # type: ignore[misc]  # keep an unknown server code visible to the caller

@@ -57,6 +57,14 @@ def _policy(policies: _List[ScopePolicy], scope: str) -> ScopePolicy:
     return next((p for p in policies if p.scope == scope), ScopePolicy(scope=scope))
 
 
+def _loop_edit(max_repeats: int | None, window: str) -> PolicyEdit:
+    loop: dict[str, Any] | str = "off" if max_repeats is None else {"max_repeats": max_repeats, "window": window}
+    try:
+        return PolicyEdit.model_validate({"loop_guard": loop})
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
 def _observe_edit(mode: str) -> PolicyEdit:
     try:
         return PolicyEdit.model_validate({"observe_mode": mode})
@@ -109,6 +117,11 @@ class Quotas:
         """These action kinds never run under ``scope`` (``[]`` lifts the denylist)."""
         return self._ledger.update_policy(scope, PolicyEdit(denied_action_kinds=kinds))
 
+    def set_loop_guard(self, scope: str, max_repeats: int | None, *, window: str = "per_run") -> ScopePolicy:
+        """Deny a step once the same action with the same arguments fingerprint (see
+        ``with_args_fingerprint``) ran ``max_repeats`` times in a run (or ``window``); ``None``: off."""
+        return self._ledger.update_policy(scope, _loop_edit(max_repeats, window))
+
     def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
         """The tenant's default observe mode: ``OBSERVE`` (evaluate, record, never block or charge),
         ``ENFORCE`` (default) or ``DISABLED``. A reservation's own ``observe_mode`` overrides it."""
@@ -157,6 +170,9 @@ class AsyncQuotas:
 
     async def deny_kinds(self, scope: str, kinds: _List[str]) -> ScopePolicy:
         return await self._ledger.update_policy(scope, PolicyEdit(denied_action_kinds=kinds))
+
+    async def set_loop_guard(self, scope: str, max_repeats: int | None, *, window: str = "per_run") -> ScopePolicy:
+        return await self._ledger.update_policy(scope, _loop_edit(max_repeats, window))
 
     async def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
         return await self._ledger.update_policy(tenant_scope, _observe_edit(mode))

@@ -24,6 +24,7 @@ counters and the budget in one atomic step.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -39,6 +40,7 @@ from cycles.errors import (
     ActionQuotaExceeded,
     CyclesError,
     InvalidRequest,
+    LoopDetected,
     PriorityHeadroomExceeded,
 )
 from cycles.models import Action, Subject
@@ -219,6 +221,38 @@ class Quota(BaseModel):
         return all(keys.get(field) in values for field, values in self._allowlists())
 
 
+class LoopGuard(BaseModel):
+    """Cap identical steps: the same action kind with the same arguments fingerprint
+    (``args_fingerprint``) at most ``max_repeats`` times per run (or per tumbling window)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_repeats: Annotated[int, Field(ge=1, le=100_000, strict=True)]
+    window: Window = "per_run"
+
+
+FINGERPRINT_KEY = "args_fingerprint"  # in Action.policy_keys["custom"]
+
+
+def args_fingerprint(name: str, args: Any) -> str:
+    """Tool name + canonical (sorted-key JSON) arguments, hashed: equal calls, equal fingerprints."""
+    body = json.dumps([name, args], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:32]
+
+
+def with_args_fingerprint(action: Action, args: Any) -> Action:
+    """``action`` carrying the fingerprint of its arguments, for a loop guard to compare."""
+    keys = dict(action.policy_keys or {})
+    keys["custom"] = {**(keys.get("custom") or {}), FINGERPRINT_KEY: args_fingerprint(action.name, args)}
+    return action.model_copy(update={"policy_keys": keys})
+
+
+def _fingerprint_of(action: Action) -> str | None:
+    custom = (action.policy_keys or {}).get("custom")
+    value = custom.get(FINGERPRINT_KEY) if isinstance(custom, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
 class ScopePolicy(BaseModel):
     """The quotas and action-kind lists set on one scope."""
 
@@ -230,9 +264,12 @@ class ScopePolicy(BaseModel):
     denied_action_kinds: list[Kind] = Field(default_factory=list)
     #: Tenant.observe_mode (governance extensions), kept on the tenant's own scope ("tenant:<t>").
     observe_mode: ObserveMode | None = None
+    loop_guard: LoopGuard | None = None
 
     def is_empty(self) -> bool:
-        return not (self.quotas or self.allowed_action_kinds or self.denied_action_kinds or self.observe_mode)
+        return not (
+            self.quotas or self.allowed_action_kinds or self.denied_action_kinds or self.observe_mode or self.loop_guard
+        )
 
     def dumps(self) -> str:
         return self.model_dump_json(exclude={"scope"}, exclude_none=True)
@@ -247,6 +284,7 @@ class ScopePolicy(BaseModel):
             allowed_action_kinds=data.get("allowed_action_kinds", []),
             denied_action_kinds=data.get("denied_action_kinds", []),
             observe_mode=data.get("observe_mode"),
+            loop_guard=data.get("loop_guard"),
         )
 
 
@@ -261,6 +299,7 @@ class PolicyEdit(BaseModel):
     allowed_action_kinds: Annotated[list[Kind], Field(max_length=200)] | None = None
     denied_action_kinds: Annotated[list[Kind], Field(max_length=200)] | None = None
     observe_mode: ObserveMode | None = None  # on a tenant scope only
+    loop_guard: LoopGuard | Literal["off"] | None = None
 
 
 def apply_edit(policy: ScopePolicy, edit: PolicyEdit) -> ScopePolicy:
@@ -289,12 +328,16 @@ def apply_edit(policy: ScopePolicy, edit: PolicyEdit) -> ScopePolicy:
         if "/" in policy.scope or not policy.scope.startswith("tenant:"):
             raise InvalidRequest("observe_mode is a tenant setting: set it on tenant:<name>")
         observe = None if edit.observe_mode == "ENFORCE" else edit.observe_mode
+    loop = policy.loop_guard
+    if edit.loop_guard is not None:
+        loop = None if edit.loop_guard == "off" else edit.loop_guard
     return ScopePolicy(
         scope=policy.scope,
         quotas=[q.model_copy(update={"scope": None}) for q in quotas],
         allowed_action_kinds=list(allowed),
         denied_action_kinds=list(denied),
         observe_mode=observe,
+        loop_guard=loop,
     )
 
 
@@ -405,10 +448,12 @@ class Counter:
     limit: int
     ttl_ms: int  # cleanup TTL, refreshed on increment
     per_run: bool  # given back on release and expiry
-    quota: Quota
+    quota: Quota  # for a loop guard: max_calls = max_repeats, action_kind = the kind
+
     scope: str
     window_key: str
     action_kind: str
+    loop: bool = False  # a loop-guard counter (step 3b): repeats count even when released
 
     def wire(self) -> list[Any]:
         """What the Redis script needs: key, limit, ttl, per_run."""
@@ -465,6 +510,26 @@ def plan(
         if rules:
             counters += [_counter(q, scope, subject, kind, now_ms) for q in rules if q.selects(action)]
             break
+    fingerprint = _fingerprint_of(action)
+    guard = next((policies[s] for s in path if policies[s].loop_guard is not None), None)
+    if fingerprint and guard is not None and guard.loop_guard is not None:  # step 3b: identical steps
+        lg = guard.loop_guard
+        if lg.window != "per_run" or (subject.dimensions or {}).get("run_id"):
+            q = Quota(action_kind=kind, max_calls=lg.max_repeats, window=lg.window, scope=guard.scope)
+            c = _counter(q, guard.scope, subject, kind, now_ms)
+            counters.append(
+                Counter(
+                    f"{guard.scope}|__loop__:{kind}:{fingerprint}|{lg.window}|{c.key.rsplit('|', 1)[1]}",
+                    c.limit,
+                    c.ttl_ms,
+                    False,
+                    q,
+                    c.scope,
+                    c.window_key,
+                    kind,
+                    loop=True,
+                )
+            )
     return None, counters
 
 
@@ -490,17 +555,44 @@ def _counter(q: Quota, scope: str, subject: Subject, kind: str, now_ms: int) -> 
 def violation(counters: Sequence[Counter], counts: Sequence[int]) -> ActionQuotaExceeded | None:
     """The denial for the first step (risk class, then kind) with a counter at its limit: of its
     violated counters, the one with the least headroom."""
-    for risk_step in (True, False):
+    for step in ("risk", "kind", "loop"):
         over = [
             (c.limit - n, i)
             for i, (c, n) in enumerate(zip(counters, counts, strict=True))
-            if (c.quota.risk_class is not None) == risk_step and n >= c.limit
+            if _step(c) == step and n >= c.limit
         ]
         if over:
             c = counters[min(over)[1]]
             used = counts[min(over)[1]]
-            return _quota_denial(c, used)
+            return _loop_denial(c, used) if c.loop else _quota_denial(c, used)
     return None
+
+
+def _step(c: Counter) -> str:
+    return "loop" if c.loop else ("risk" if c.quota.risk_class is not None else "kind")
+
+
+def _loop_denial(c: Counter, used: int) -> LoopDetected:
+    detail = {
+        "reason_code": "LOOP_DETECTED",
+        "quota_violation": {
+            "action_kind": c.action_kind,
+            "window": c.quota.window,
+            "window_key": c.window_key,
+            "used": used,
+            "limit": c.limit,
+            "scope": c.scope,
+        },
+        "blocked_by_scope": c.scope,
+        "suggested_fix": (
+            f"The same {c.action_kind} call with the same arguments ran {used} times ({c.quota.window} "
+            f"{c.window_key}): change the arguments or the approach, or raise the loop guard on {c.scope}"
+        )[:512],
+    }
+    return LoopDetected(
+        f"loop detected: identical {c.action_kind} step repeated {used} times (limit {c.limit}) in {c.window_key}",
+        details={"scope": c.scope, "deny_detail": detail},
+    )
 
 
 def _quota_denial(c: Counter, used: int) -> ActionQuotaExceeded:
