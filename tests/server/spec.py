@@ -54,6 +54,8 @@ def with_extensions(base: dict[str, Any], ext: dict[str, Any]) -> None:
         ("Action", "ActionExtension"),
     ):
         schemas[target]["properties"].update(new[source]["properties"])
+    details = schemas["ErrorResponse"]["properties"]["details"]
+    details.setdefault("properties", {}).update(new["ErrorResponseExtension"]["properties"]["details"]["properties"])
     codes = schemas["ErrorCode"]["enum"]
     codes += [c for c in new["ErrorCodeExtension"]["enum"] if c not in codes]
 
