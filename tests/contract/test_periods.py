@@ -250,3 +250,23 @@ def test_bad_periods_are_refused_and_write_nothing(tcy: Cycles, kwargs: dict[str
         tcy.budgets.set("tenant:acme", tokens(100), **kwargs)  # type: ignore[arg-type]
     with pytest.raises(NotFound):
         tcy.budgets.get("tenant:acme")
+
+
+def test_a_boundary_rolls_over_exactly_once_under_concurrent_operations(tcy: Cycles, clock: Clock) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    tcy.budgets.set("tenant:acme", tokens(1000), period="hour", timezone=BERLIN)
+    spend(tcy, 500)
+    clock.advance(HOUR)  # every thread below is the "first operation after the boundary"
+    start = threading.Barrier(8)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(5):
+            spend(tcy, 1)
+
+    with ThreadPoolExecutor(8) as pool:
+        for f in [pool.submit(worker) for _ in range(8)]:
+            f.result()
+    assert amounts(bal(tcy, "tenant:acme")) == (1000, 40, 0, 0, 960)  # a second roll would have lost spend
