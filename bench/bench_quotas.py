@@ -16,26 +16,15 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 import uuid
 from collections.abc import Callable
+
+from bench_core import per_op_us  # bench/ is on sys.path when run as a script
 
 from cycles import Action, Cycles, Subject, tokens
 
 SCOPES = ["tenant:bench", "tenant:bench/workflow:w", "tenant:bench/workflow:w/agent:a"]
 ACTION = Action("message.email.send", "bench")
-
-
-def per_op_us(fn: Callable[[], None], n: int, repeats: int = 5) -> float:
-    for _ in range(max(1, n // 10)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - t) / n)
-    return best * 1e6
 
 
 def setup(cy: Cycles, *, period: bool, quota: bool) -> None:

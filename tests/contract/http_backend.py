@@ -16,6 +16,7 @@ from typing import Any
 
 from cycles.ledger.base import BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.http import HttpLedger
+from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.models import (
     Amount,
@@ -118,9 +119,7 @@ class TenantRoutedLedger(Ledger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
         return self.admin.set_budget(
             scope,
@@ -128,8 +127,6 @@ class TenantRoutedLedger(Ledger):
             overdraft_limit=overdraft_limit,
             caps=caps,
             period=period,
-            timezone=timezone,
-            rollover_policy=rollover_policy,
         )
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:

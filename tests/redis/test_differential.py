@@ -294,21 +294,38 @@ def _backends(tmp: Path, clock: Callable[[], int], prefix: str) -> list[_Backend
 )
 @given(programs)
 def test_memory_sqlite_and_redis_answer_alike(program: list[tuple[Any, ...]]) -> None:
+    _compare(program, _apply, T0)
+
+
+def _compare(
+    program: list[tuple[Any, ...]],
+    apply: Callable[[_Backend, tuple[Any, ...]], Any],
+    t0: int,
+    max_run_ms: int | None = None,
+    memory_retention_ms: int | None = None,
+) -> None:
+    """Run ``program`` on every backend under one clock and compare every answer."""
     require_redis()
-    clock = [T0]
+    clock = [t0]
     prefix = new_prefix()
     with tempfile.TemporaryDirectory() as tmp:
         backends = _backends(Path(tmp), lambda: clock[0], prefix)
+        if memory_retention_ms is not None:
+            backends[0].ledger = MemoryLedger(
+                clock=lambda: clock[0], include_balances=True, retention_ms=memory_retention_ms
+            )
         try:
             for step, op in enumerate(program):
                 if op[0] == "tick":
-                    clock[0] += op[1]
+                    if max_run_ms is None or clock[0] + op[1] - t0 < max_run_ms:
+                        clock[0] += op[1]
                     continue
-                outcomes = {b.name: b.run(op, clock) for b in backends}
+                outcomes = {b.name: b.run_with(apply, op) for b in backends}
                 assert outcomes["memory"] == outcomes["sqlite"], (step, op, "memory vs sqlite", outcomes)
                 assert outcomes["redis"] == outcomes["memory"], (step, op, "redis vs memory", outcomes)
                 result = outcomes["memory"]
-                event(f"{op[0]}: {result[1] if result[0] == 'error' else 'ok'}")
+                reason = result[1].get("reason_code") if result[0] == "ok" and isinstance(result[1], dict) else None
+                event(f"{op[0]}: {result[1] if result[0] == 'error' else reason or 'ok'}")
             final = {b.name: b.run(("list_budgets", None), clock) for b in backends}
             assert final["redis"] == final["memory"] == final["sqlite"]
         finally:
@@ -410,6 +427,7 @@ MAX_RUN_MS = 23 * 3_600_000
 def _apply_q(b: _Backend, op: tuple[Any, ...]) -> Any:
     """Idempotency keys are unique here, so that the generated programs test quotas and periods
     rather than key reuse (the other test covers that)."""
+    from cycles.ledger.periods import spec
     from cycles.ledger.quotas import PolicyEdit
 
     ledger = b.ledger
@@ -425,9 +443,7 @@ def _apply_q(b: _Backend, op: tuple[Any, ...]) -> Any:
             scope,
             Amount(unit=Unit.TOKENS, amount=amount),
             overdraft_limit=None if overdraft is None else Amount(unit=Unit.TOKENS, amount=overdraft),
-            period=None if p is None else p[0],
-            timezone=None if p is None else p[1],
-            rollover_policy=None if p is None or p[0] == "none" else rollover,
+            period=None if p is None else spec(p[0], p[1], None if p[0] == "none" else rollover),
         )
     if kind == "quota":
         _, scope, (what, target, n, window) = op
@@ -487,27 +503,4 @@ def _apply_q(b: _Backend, op: tuple[Any, ...]) -> Any:
 )
 @given(q_programs)
 def test_periods_and_quotas_answer_alike(program: list[tuple[Any, ...]]) -> None:
-    require_redis()
-    clock = [T0_Q]
-    prefix = new_prefix()
-    with tempfile.TemporaryDirectory() as tmp:
-        backends = _backends(Path(tmp), lambda: clock[0], prefix)
-        backends[0].ledger = MemoryLedger(clock=lambda: clock[0], include_balances=True, retention_ms=86_400_000)
-        try:
-            for step, op in enumerate(program):
-                if op[0] == "tick":
-                    if clock[0] + op[1] - T0_Q < MAX_RUN_MS:
-                        clock[0] += op[1]
-                    continue
-                outcomes = {b.name: b.run_with(_apply_q, op) for b in backends}
-                assert outcomes["memory"] == outcomes["sqlite"], (step, op, "memory vs sqlite", outcomes)
-                assert outcomes["redis"] == outcomes["memory"], (step, op, "redis vs memory", outcomes)
-                result = outcomes["memory"]
-                reason = result[1].get("reason_code") if result[0] == "ok" and isinstance(result[1], dict) else None
-                event(f"{op[0]}: {result[1] if result[0] == 'error' else reason or 'ok'}")
-            final = {b.name: b.run(("list_budgets", None), clock) for b in backends}
-            assert final["redis"] == final["memory"] == final["sqlite"]
-        finally:
-            for b in backends:
-                b.ledger.close()
-            drop_prefix(prefix)
+    _compare(program, _apply_q, T0_Q, max_run_ms=MAX_RUN_MS, memory_retention_ms=86_400_000)

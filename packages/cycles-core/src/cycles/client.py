@@ -17,6 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cycles.errors import InvalidRequest, describe_validation_error
 from cycles.guard import AsyncGuard, Guard, GuardSettings, Mode, ShadowRecord, _GuardCore
+from cycles.ledger import periods
 from cycles.ledger.base import (
     AsyncLedger,
     BalanceQuery,
@@ -313,9 +314,7 @@ class Budgets:
             amount,
             overdraft_limit=overdraft_limit,
             caps=caps,
-            period=period,
-            timezone=timezone,
-            rollover_policy=rollover_policy,
+            period=periods.spec(period, timezone, rollover_policy),
         )
 
     def fund(self, scope: str, amount: Amount) -> Balance:
@@ -357,9 +356,7 @@ class AsyncBudgets:
             amount,
             overdraft_limit=overdraft_limit,
             caps=caps,
-            period=period,
-            timezone=timezone,
-            rollover_policy=rollover_policy,
+            period=periods.spec(period, timezone, rollover_policy),
         )
 
     async def fund(self, scope: str, amount: Amount) -> Balance:

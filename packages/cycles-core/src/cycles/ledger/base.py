@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import rules
+from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
 from cycles.models import (
@@ -99,11 +100,10 @@ class Ledger(abc.ABC):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        """Create or set a budget; with ``period`` a recurring one (``periods.py``; "none" removes it)."""
+        """Create or set a budget; ``period`` makes it recurring (``periods.spec``; ``PeriodSpec(None)``
+        removes the period, ``None`` keeps whatever is stored)."""
 
     @abc.abstractmethod
     def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
@@ -174,9 +174,7 @@ class AsyncLedger(abc.ABC):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance: ...
     @abc.abstractmethod
     async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
@@ -278,12 +276,9 @@ class TransactionalLedger(Ledger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        spec = rules.period_spec(period, timezone, rollover_policy)
-        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps, spec)
+        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps, period)
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._write(rules.fund_budget, scope, amount)
@@ -360,9 +355,7 @@ class ThreadedAsyncLedger(AsyncLedger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
         return await self._call(
             self.sync.set_budget,
@@ -371,8 +364,6 @@ class ThreadedAsyncLedger(AsyncLedger):
             overdraft_limit=overdraft_limit,
             caps=caps,
             period=period,
-            timezone=timezone,
-            rollover_policy=rollover_policy,
         )
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:

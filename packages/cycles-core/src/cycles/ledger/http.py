@@ -66,6 +66,7 @@ from cycles.errors import (
     error_for,
 )
 from cycles.ledger.base import AsyncLedger, Ledger
+from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import EXTENSIONS_VERSION, PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery
 from cycles.models import (
@@ -462,14 +463,18 @@ class _HttpCore:
         amount: Amount,
         overdraft_limit: Amount | None,
         caps: Caps | None,
-        period: dict[str, str | None] | None = None,
+        period: PeriodSpec | None = None,
     ) -> _Call[Balance]:
         payload: dict[str, Any] = {"scope": scope, "amount": amount.to_wire()}
         if overdraft_limit is not None:
             payload["overdraft_limit"] = overdraft_limit.to_wire()
         if caps is not None:
             payload["caps"] = caps.to_wire()
-        payload.update({k: v for k, v in (period or {}).items() if v is not None})
+        if period is not None:
+            payload["period"] = period.period or "none"
+            payload.update(
+                {k: v for k, v in (("timezone", period.timezone), ("rollover_policy", period.rollover_policy)) if v}
+            )
         return self._admin_call("POST", "/budgets", payload, _PARSE_BALANCE)
 
     def fund_budget(self, scope: str, amount: Amount) -> _Call[Balance]:
@@ -951,12 +956,9 @@ class HttpLedger(Ledger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        period_args = {"period": period, "timezone": timezone, "rollover_policy": rollover_policy}
-        return self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period_args))
+        return self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period))
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._core.fund_budget(scope, amount))
@@ -1068,12 +1070,9 @@ class AsyncHttpLedger(AsyncLedger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        period_args = {"period": period, "timezone": timezone, "rollover_policy": rollover_policy}
-        return await self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period_args))
+        return await self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period))
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._core.fund_budget(scope, amount))

@@ -34,11 +34,13 @@ from cycles.errors import InvalidRequest
 __all__ = [
     "CALENDAR_PERIODS",
     "ROLLOVER_POLICIES",
+    "PeriodSpec",
     "PeriodState",
     "iso",
     "meta_key",
     "parse_period",
     "rollover",
+    "spec",
     "window",
 ]
 
@@ -215,3 +217,33 @@ def rollover(
     repay = min(debt, new_allocated)
     state.start_ms, state.end_ms = new_start, new_end
     return new_allocated, repay, debt - repay
+
+
+@dataclass(slots=True, frozen=True)
+class PeriodSpec:
+    """What ``Ledger.set_budget`` is asked for: a period, its time zone, the rollover policy
+    (build it with ``spec``). ``PeriodSpec(None)`` removes the budget's period."""
+
+    period: str | None
+    timezone: str | None = None
+    rollover_policy: str | None = None
+
+    def state(self, base: int, now_ms: int) -> PeriodState | None:
+        if self.period is None:
+            return None
+        return PeriodState.new(self.period, self.timezone, self.rollover_policy or "NONE", base, now_ms)
+
+
+def spec(period: str | None, timezone: str | None, rollover_policy: str | None) -> PeriodSpec | None:
+    """The ``set_budget`` arguments as a spec: ``period=None`` keeps the stored period (``timezone`` and
+    ``rollover_policy`` then need one), ``"none"`` removes it. Validated here, before any write."""
+    if period is None:
+        if timezone is not None or rollover_policy is not None:
+            raise InvalidRequest("timezone and rollover_policy need a period (hour, day, week, month or e.g. 12h)")
+        return None
+    if period.strip().lower() == "none":
+        return PeriodSpec(None)
+    parse_period(period, timezone)
+    if rollover_policy is not None and rollover_policy not in ROLLOVER_POLICIES:
+        raise InvalidRequest(f"rollover_policy must be one of {', '.join(ROLLOVER_POLICIES)}")
+    return PeriodSpec(period, timezone, rollover_policy)

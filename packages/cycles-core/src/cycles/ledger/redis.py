@@ -111,6 +111,7 @@ from cycles.errors import (
 )
 from cycles.ledger import periods, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
+from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
     Action,
@@ -528,7 +529,7 @@ def _balance(row: list[Any], unit: Unit) -> Balance:
     return balance
 
 
-def _period_arg(spec: rules.PeriodSpec | None, base: int, clock: Callable[[], int] | None) -> str:
+def _period_arg(spec: PeriodSpec | None, base: int, clock: Callable[[], int] | None) -> str:
     """set_budget.lua's period argument: '' keeps, 'none' removes, else the new state (its window
     from this process's clock: set_budget.lua keeps the stored window when the period is the same)."""
     if spec is None:
@@ -1122,7 +1123,7 @@ class _RedisCore:
         amount: Amount,
         overdraft_limit: Amount | None,
         caps: Caps | None,
-        spec: rules.PeriodSpec | None = None,
+        spec: PeriodSpec | None = None,
     ) -> _Flow[Balance]:
         parse_scope(scope)
         if overdraft_limit is not None and overdraft_limit.unit != amount.unit:
@@ -1364,12 +1365,9 @@ class RedisLedger(_RedisCore, Ledger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        spec = rules.period_spec(period, timezone, rollover_policy)
-        return self._run(self._set_budget(scope, amount, overdraft_limit, caps, spec))
+        return self._run(self._set_budget(scope, amount, overdraft_limit, caps, period))
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._fund_budget(scope, amount))
@@ -1768,12 +1766,9 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         *,
         overdraft_limit: Amount | None = None,
         caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        spec = rules.period_spec(period, timezone, rollover_policy)
-        return await self._run(self._set_budget(scope, amount, overdraft_limit, caps, spec))
+        return await self._run(self._set_budget(scope, amount, overdraft_limit, caps, period))
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._fund_budget(scope, amount))

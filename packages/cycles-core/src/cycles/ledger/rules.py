@@ -1139,7 +1139,7 @@ def set_budget(
     amount: Amount,
     overdraft_limit: Amount | None,
     caps: Caps | None,
-    period: PeriodSpec | None = None,
+    period: periods.PeriodSpec | None = None,
 ) -> Balance:
     """Create a budget or change its allocation. Spent, reserved and debt are kept."""
     parse_scope(scope)
@@ -1232,38 +1232,8 @@ def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) ->
 # ---- recurring budgets (periods.py holds the calendar; this is where a ledger applies it) -----
 
 
-@dataclass(slots=True, frozen=True)
-class PeriodSpec:
-    """What ``set_budget`` was asked for: a period, its time zone, the rollover policy. ``period``
-    ``None`` (with the rest unset) removes a period; an empty ``PeriodSpec()`` is never passed."""
-
-    period: str | None
-    timezone: str | None = None
-    rollover_policy: str | None = None
-
-    def state(self, base: int, now_ms: int) -> periods.PeriodState | None:
-        if self.period is None:
-            return None
-        return periods.PeriodState.new(self.period, self.timezone, self.rollover_policy or "NONE", base, now_ms)
-
-
-def period_spec(period: str | None, timezone: str | None, rollover_policy: str | None) -> PeriodSpec | None:
-    """The ``set_budget`` arguments as a spec: ``period=None`` keeps the stored period (``timezone`` and
-    ``rollover_policy`` then need one), ``"none"`` removes it. Validated here, before any write."""
-    if period is None:
-        if timezone is not None or rollover_policy is not None:
-            raise InvalidRequest("timezone and rollover_policy need a period (hour, day, week, month or e.g. 12h)")
-        return None
-    if period.strip().lower() == "none":
-        return PeriodSpec(None)
-    periods.parse_period(period, timezone)
-    if rollover_policy is not None and rollover_policy not in periods.ROLLOVER_POLICIES:
-        raise InvalidRequest(f"rollover_policy must be one of {', '.join(periods.ROLLOVER_POLICIES)}")
-    return PeriodSpec(period, timezone, rollover_policy)
-
-
 def configure_period(
-    txn: Txn, row: BudgetRow, new: periods.PeriodState | None, spec: PeriodSpec | None
+    txn: Txn, row: BudgetRow, new: periods.PeriodState | None, spec: periods.PeriodSpec | None
 ) -> periods.PeriodState | None:
     """Store the period of a budget being set; returns the state now in force. Setting the same
     period again keeps the current window (a new allocation applies from now on); a different

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.requests import Request
 
 from cycles.errors import InvalidRequest, NotFound
+from cycles.ledger import periods
 from cycles.ledger.quotas import PolicyEdit
 from cycles.models import Amount, Caps, Unit
 from cycles.server._http import model_json, parse_body, read_body
@@ -125,9 +126,7 @@ async def set_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
             req.amount,
             overdraft_limit=req.overdraft_limit,
             caps=req.caps,
-            period=req.period,
-            timezone=req.timezone,
-            rollover_policy=req.rollover_policy,
+            period=periods.spec(req.period, req.timezone, req.rollover_policy),
         ),
     )
     return (201 if created else 200), model_json(balance)
