@@ -456,3 +456,29 @@ def test_the_loop_guard_is_off_by_default_and_caps_identical_steps_when_on(tcy: 
     assert dry.decision is Decision.DENY and dry.reason_code == "LOOP_DETECTED"
     tcy.quotas.set_loop_guard("tenant:acme", None)
     assert grants(tcy, sub, same, 2) == 2
+
+
+async def test_the_async_client_has_the_same_quotas_and_periods(ledger: Backend) -> None:
+    import asyncio
+
+    from cycles.testing import assert_ledger_invariant_async
+
+    acy = ledger.open_async()
+    b = await acy.budgets.set("tenant:acme", tokens(1000), period="day", timezone="Europe/Berlin")
+    assert b.period_start is not None
+    await acy.quotas.set("tenant:acme", action_kind="message.email.send", max_calls=3, window="per_run")
+    assert [q.max_calls for q in await acy.quotas.list(tenant="acme")] == [3]
+
+    async def attempt() -> bool:
+        try:
+            await acy.reserve(run("r"), EMAIL, tokens(1))
+        except ActionQuotaExceeded:
+            return False
+        return True
+
+    results = await asyncio.gather(*(attempt() for _ in range(8)))
+    assert sum(results) == 3
+    await acy.quotas.delete("tenant:acme", action_kind="message.email.send", window="per_run")
+    assert await acy.quotas.list(tenant="acme") == []
+    await assert_ledger_invariant_async(acy)
+    await acy.aclose()
