@@ -270,3 +270,12 @@ def test_a_boundary_rolls_over_exactly_once_under_concurrent_operations(tcy: Cyc
         for f in [pool.submit(worker) for _ in range(8)]:
             f.result()
     assert amounts(bal(tcy, "tenant:acme")) == (1000, 40, 0, 0, 960)  # a second roll would have lost spend
+
+
+def test_runtime_balances_show_the_rolled_over_period(tcy: Cycles, clock: Clock) -> None:
+    tcy.budgets.set("tenant:acme", tokens(100), period="day", timezone=BERLIN)
+    spend(tcy, 70)
+    clock.at(2026, 3, 29, 6, tz=BERLIN)
+    (b,) = tcy.balances(tenant="acme")
+    assert amounts(b) == (100, 0, 0, 0, 100)
+    assert b.period_start is None  # the protocol's Balance has no period fields; the operator plane does

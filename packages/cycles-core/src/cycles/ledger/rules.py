@@ -1046,6 +1046,8 @@ def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceRespon
     effective = tenant if tenant is not None else query.tenant
     rows = [row for row in txn.iter_budgets(effective, all_tenants=effective is None) if query.matches_scope(row.scope)]
     rows.sort(key=lambda r: (r.scope, r.unit.value))
+    if rows:
+        roll_periods(txn, rows)
     binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
     page, next_cursor = _page(rows, query.limit, query.cursor, binding)
     return trusted(
