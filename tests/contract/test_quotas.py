@@ -404,6 +404,7 @@ def test_observe_mode_evaluates_everything_and_changes_nothing(tcy: Cycles, capl
     assert [e["event_type"] for e in events] == ["reservation.observed_denied", "reservation.observed_allowed"]
     assert events[0]["data"]["deny_detail"] == denied.deny_detail
     assert events[0]["data"]["would_have_blocked_at"] == "tenant:acme" and events[1]["data"]["estimated_amount"] == 5
+    assert len(events[0]["correlation_id"]) == 32 and "correlation_id" not in events[1]  # no run_id: none
 
 
 def test_a_tenant_in_observe_mode_is_observed_unless_a_request_says_enforce(

@@ -432,7 +432,17 @@ def record_observation(req: Any, response: Any, tenant: str | None) -> dict[str,
         data["decision"] = response.decision.value
         if response.caps is not None:
             data["caps_applied"] = response.caps.model_dump(mode="json", exclude_none=True)
-    event = {"event_type": event_type, "tenant_id": tenant or req.subject.tenant, "data": data}
+    tenant_id = tenant or req.subject.tenant
+    event: dict[str, Any] = {"event_type": event_type, "tenant_id": tenant_id, "data": data}
+    detail = response.deny_detail or {}
+    run_id = (req.subject.dimensions or {}).get("run_id")
+    if response.deny_detail is not None:  # CORRELATION WITH reservation.denied: a deterministic hash
+        window_key = (detail.get("quota_violation") or {}).get("window_key", "")
+        parts = [tenant_id or "", scope, req.action.kind, window_key, detail.get("reason_code", "")]
+    else:  # observed_allowed: correlate a run's events, or none without a run_id
+        parts = [tenant_id or "", scope, run_id] if run_id else []
+    if parts:
+        event["correlation_id"] = hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
     observe_log.info("%s %s %s", event_type, scope, json.dumps(data, separators=(",", ":")), extra={"cycles": event})
     return event
 

@@ -42,7 +42,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["SqliteLedger", "open_sqlite"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the kv table (recurring budgets, quotas): older code must not ignore them
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -403,6 +403,8 @@ class SqliteLedger(TransactionalLedger):
                     raise InvalidRequest(
                         f"{self.path} was written by a newer Cycles (schema {found[0]}); upgrade cycles-core"
                     )
+                elif int(found[0]) < SCHEMA_VERSION:  # the CREATE ... IF NOT EXISTS above migrated it
+                    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
                 db.execute("COMMIT")
             except BaseException:
                 db.execute("ROLLBACK")
