@@ -483,3 +483,17 @@ async def test_the_async_client_has_the_same_quotas_and_periods(ledger: Backend)
     assert await acy.quotas.list(tenant="acme") == []
     await assert_ledger_invariant_async(acy)
     await acy.aclose()
+
+
+def test_a_scope_holds_at_most_50_kind_quotas_and_20_risk_class_quotas(cy: Cycles) -> None:
+    for i in range(50):
+        cy.quotas.set("tenant:acme", action_kind=f"k.{i}", max_calls=1, window="per_run")
+    with pytest.raises(InvalidRequest, match="at most"):
+        cy.quotas.set("tenant:acme", action_kind="k.50", max_calls=1, window="per_run")
+    cy.quotas.set("tenant:acme", action_kind="k.0", max_calls=2, window="per_run")  # a replacement fits
+    for window in ("per_run", "per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling"):
+        for risk in ("read_only", "local_mutation", "side_effect", "external_side_effect", "high_risk"):
+            cy.quotas.set("tenant:acme", risk_class=risk, max_calls=1, window=window)
+    with pytest.raises(InvalidRequest, match="at most"):
+        cy.quotas.set("tenant:acme", risk_class="high_risk", max_calls=1, window="per_tenant_per_day")
+    assert len(cy.quotas.list("tenant:acme")) == 70

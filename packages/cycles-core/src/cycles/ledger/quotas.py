@@ -310,8 +310,8 @@ def apply_edit(policy: ScopePolicy, edit: PolicyEdit) -> ScopePolicy:
     if edit.set_quota is not None:
         new = edit.set_quota.model_copy(update={"scope": None})
         quotas = [q for q in quotas if (q.target, q.window) != (new.target, new.window)] + [new]
-        kinds = {q.action_kind for q in quotas if q.action_kind}
-        if len(quotas) - len(kinds) > 20 or len(kinds) > 50:
+        kind_quotas = sum(1 for q in quotas if q.action_kind is not None)
+        if kind_quotas > 50 or len(quotas) - kind_quotas > 20:  # the governance spec's maxItems
             raise InvalidRequest("a scope holds at most 50 action-kind quotas and 20 risk-class quotas")
     if edit.delete_quota is not None:
         gone = (edit.delete_quota.target, edit.delete_quota.window)
