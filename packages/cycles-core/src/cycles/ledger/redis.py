@@ -741,10 +741,15 @@ class _RedisCore:
                 docs = cached[1]
                 policies = {s: quotas.load_policy(s, d) for s in scopes if (d := docs[s]) is not None}
                 observes = quotas.tenant_observes(policies, subject)
-                denial, counters = quotas.plan(policies, scopes, subject, action, self._now_ms())
+                try:
+                    denial, counters = quotas.plan(policies, scopes, subject, action, self._now_ms())
+                except InvalidRequest as exc:  # no run_id for a per_run quota: as current as a denial?
+                    denial = exc
                 if denial is not None:  # decided here: confirm the policies are current
                     current = yield _Command(("HGET", self._base(tag) + "policy", "~v"))
                     if current is not None and _str(current) == version:
+                        if isinstance(denial, InvalidRequest):
+                            raise denial
                         return None, denial, observes
                     self._policies.pop(tag, None)
                     continue
