@@ -497,3 +497,21 @@ def test_a_scope_holds_at_most_50_kind_quotas_and_20_risk_class_quotas(cy: Cycle
     with pytest.raises(InvalidRequest, match="at most"):
         cy.quotas.set("tenant:acme", risk_class="high_risk", max_calls=1, window="per_tenant_per_day")
     assert len(cy.quotas.list("tenant:acme")) == 70
+
+
+def test_expired_counters_are_forgotten_and_live_ones_kept(backend: str, tcy: Cycles, clock: Clock) -> None:
+    tcy.quotas.set("tenant:acme", action_kind="message.email.send", max_calls=2, window="per_run")
+    tcy.quotas.set("tenant:acme", action_kind="http.post", max_calls=1, window="per_minute_tumbling")
+    assert grants(tcy, run("old"), EMAIL, 2) == 2
+    assert grants(tcy, Subject(tenant="acme"), POST, 1) == 1
+    clock.advance(23 * 3_600_000)
+    assert grants(tcy, run("old"), EMAIL, 1) == 0  # a run's counter lives 24 h after its last increment
+    clock.advance(2 * 3_600_000)
+    tcy.sweep()
+    assert grants(tcy, run("old"), EMAIL, 3) == 2  # a run idle past its TTL starts again (spec warning)
+    if backend in ("memory", "sqlite"):
+        ledger = tcy.ledger
+        with ledger._transaction(write=True) as txn:  # type: ignore[attr-defined]
+            keys = [k for k, _ in txn.scan_meta("qc|")]
+        assert all("|per_minute_tumbling|" not in k for k in keys)  # the old minute's counter is gone
+        assert any("|per_run|old" in k for k in keys)

@@ -1331,7 +1331,8 @@ def count_quotas(txn: Txn, counters: Sequence[quotas.Counter], reservation_id: s
     for c, n in zip(counters, _counts(txn, counters), strict=True):
         expires = txn.now_ms + c.ttl_ms
         txn.put_meta("qc|" + c.key, f"{n + 1},{expires}")
-        txn.put_meta(f"qx|{expires:016d}|{c.key}", "")
+        if n == 0:  # a new counter enters the purge index; a refreshed one is re-indexed when reached
+            txn.put_meta(f"qx|{expires:016d}|{c.key}", "")
     runs = [c.key for c in counters if c.per_run]
     if runs:
         txn.put_meta("qr|" + reservation_id, _RS.join(runs))
@@ -1360,9 +1361,13 @@ def purge_quota_counters(txn: Txn, limit: int) -> int:
         if expires > txn.now_ms:
             break
         found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
-        if found is not None and int(found.partition(",")[2]) <= txn.now_ms:
-            txn.put_meta("qc|" + counter, None)
         txn.put_meta(index_key, None)
+        if found is not None:
+            alive_until = int(found.partition(",")[2])
+            if alive_until <= txn.now_ms:
+                txn.put_meta("qc|" + counter, None)
+            else:  # refreshed since it was indexed: index it at its current expiry
+                txn.put_meta(f"qx|{alive_until:016d}|{counter}", "")
         purged += 1
     return purged
 

@@ -430,7 +430,23 @@ end
 -- "<p>:{t}:policy" hash: scope -> its quotas.ScopePolicy JSON, "~v" -> a version bumped on every
 -- change. Which counters apply is decided in Python (quotas.plan, over the policies it caches by
 -- version); a script checks that version, then the counters, atomically with the budget.
--- Counters are "<p>:{t}:q:<scope>|<kind or __risk__:class>|<window>|<bucket>" with a cleanup TTL.
+-- Counters are "<p>:{t}:q:<scope>|<kind or __risk__:class>|<window>|<bucket>" = "<count>,<expires at>"
+-- (rules' "qc|" entries: the script's clock decides when a count lapses), with a key TTL an hour
+-- longer for cleanup.
+
+-- The live count of a counter key (0 once lapsed), and its expiry.
+local function quota_read(k)
+  local v = redis.call('GET', k)
+  if not v then
+    return 0, 0
+  end
+  local n, exp = string.match(v, '^(%d+),(%d+)$')
+  n, exp = tonumber(n), tonumber(exp)
+  if exp <= now then
+    return 0, exp
+  end
+  return n, exp
+end
 
 -- '' or an error reply (POLICY: the caller's policies are stale, here are the current ones;
 -- QUOTA: the counts, some at their limit), and the counters to increment on a grant.
@@ -453,7 +469,7 @@ local function quota_gate(version, plan, scopes)
   local counters = cjson.decode(plan) -- [[counter, limit, ttl ms, per_run 0/1], ...]
   local counts, over = {}, false
   for i, c in ipairs(counters) do
-    counts[i] = tonumber(redis.call('GET', base .. 'q:' .. c[1]) or '0')
+    counts[i] = quota_read(base .. 'q:' .. c[1])
     if counts[i] >= c[2] then
       over = true
     end
@@ -469,8 +485,8 @@ local function quota_count(counters, rid)
   local runs = {}
   for _, c in ipairs(counters) do
     local k = base .. 'q:' .. c[1]
-    redis.call('INCR', k)
-    redis.call('PEXPIRE', k, c[3])
+    local n = quota_read(k)
+    redis.call('SET', k, fmt(n + 1) .. ',' .. fmt(now + c[3]), 'PX', c[3] + KEY_SAFETY_MS)
     if c[4] == 1 then
       runs[#runs + 1] = c[1]
     end
@@ -486,8 +502,9 @@ local function quota_uncount(rid)
   if qk then
     for counter in string.gmatch(qk, '[^\30]+') do
       local k = base .. 'q:' .. counter
-      if tonumber(redis.call('GET', k) or '0') > 0 then
-        redis.call('DECR', k)
+      local n, exp = quota_read(k)
+      if n > 0 then
+        redis.call('SET', k, fmt(n - 1) .. ',' .. fmt(exp), 'KEEPTTL')
       end
     end
   end
