@@ -16,6 +16,8 @@ from typing import Any
 
 from cycles.ledger.base import BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.http import HttpLedger
+from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.models import (
     Amount,
     Balance,
@@ -111,9 +113,21 @@ class TenantRoutedLedger(Ledger):
 
     # operator plane, with the admin key
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return self.admin.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        return self.admin.set_budget(
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=period,
+        )
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self.admin.fund_budget(scope, amount)
@@ -130,14 +144,26 @@ class TenantRoutedLedger(Ledger):
     def sweep(self, limit: int = 1000) -> int:
         return self.admin.sweep(limit)
 
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return self.admin.update_policy(scope, edit)
+
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return self.admin.list_policies(tenant=tenant)
+
     def close(self) -> None:
         for client in [self.admin, *self._clients.values()]:
             client.close()
 
 
-def start_server(ledger_url: str) -> Any:
-    """A real ``cycles serve`` app over ``ledger_url`` in a uvicorn thread (readiness-probed)."""
+def start_server(ledger_url: str, **ledger_options: Any) -> Any:
+    """A real ``cycles serve`` app over ``ledger_url`` in a uvicorn thread (readiness-probed).
+    ``ledger_options`` (a ``clock``, for one) open the served ledger in this process."""
+    from cycles.ledger.base import ThreadedAsyncLedger, open_ledger
     from cycles.server import create_app
     from cycles.server.testing import ServerThread
 
-    return ServerThread(create_app(ledger_url, admin_key=ADMIN_KEY, access_log=False)).start()
+    if not ledger_options:
+        return ServerThread(create_app(ledger_url, admin_key=ADMIN_KEY, access_log=False)).start()
+    ledger = ThreadedAsyncLedger(open_ledger(ledger_url, include_balances=True, **ledger_options))
+    app = create_app(ledger=ledger, keys_url=ledger_url, admin_key=ADMIN_KEY, access_log=False)
+    return ServerThread(app).start()

@@ -18,6 +18,8 @@ def test_every_protocol_error_code_has_an_exception_named_after_it() -> None:
         "BUDGET_CLOSED", "RESERVATION_EXPIRED", "RESERVATION_FINALIZED", "IDEMPOTENCY_MISMATCH", "UNIT_MISMATCH",
         "OVERDRAFT_LIMIT_EXCEEDED", "DEBT_OUTSTANDING", "MAX_EXTENSIONS_EXCEEDED", "LIMIT_EXCEEDED", "TENANT_CLOSED",
         "INTERNAL_ERROR",
+        # protocol extensions v0.1.26
+        "ACTION_QUOTA_EXCEEDED", "ACTION_KIND_NOT_ALLOWED", "ACTION_KIND_DENIED",
     }  # fmt: skip
     assert set(errors.PROTOCOL_ERROR_CODES) == spec_codes
     for code in spec_codes:

@@ -63,10 +63,10 @@ async def test_denials_expose_scope_and_reason(make_client: ClientFactory, fake:
 
 
 async def test_an_unknown_error_code_keeps_its_code(make_client: ClientFactory, fake: FakeProtocolServer) -> None:
-    fake.script("POST", "/v1/reservations", Reply(status=409, json=error_body("ACTION_QUOTA_EXCEEDED", "quota")))
+    fake.script("POST", "/v1/reservations", Reply(status=409, json=error_body("TOKENS_PER_MOON_EXCEEDED", "new")))
     with pytest.raises(CyclesError) as info:
         await make_client()("reserve", RESERVE)
-    assert info.value.code == "ACTION_QUOTA_EXCEEDED" and type(info.value) is CyclesError
+    assert info.value.code == "TOKENS_PER_MOON_EXCEEDED" and type(info.value) is CyclesError
 
 
 async def test_error_bodies_may_carry_fields_added_later(make_client: ClientFactory, fake: FakeProtocolServer) -> None:

@@ -141,6 +141,7 @@ class _Backend:
         self.ledger = ledger
         self.reservations: list[str] = []  # in order of creation
         self.ids: dict[str, str] = {}  # generated id -> stable label
+        self.steps = 0
 
     def label(self, value: str, kind: str) -> str:
         if value not in self.ids:
@@ -158,8 +159,11 @@ class _Backend:
         return value
 
     def run(self, op: tuple[Any, ...], clock: list[int]) -> Any:
+        return self.run_with(_apply, op)
+
+    def run_with(self, apply: Callable[[_Backend, tuple[Any, ...]], Any], op: tuple[Any, ...]) -> Any:
         try:
-            result = _apply(self, op)
+            result = apply(self, op)
         except CyclesError as exc:
             return ("error", exc.code, self.normalize(exc.message), self.normalize(exc.details))
         if isinstance(result, BaseModel):
@@ -170,6 +174,8 @@ class _Backend:
                     key=lambda r: json.dumps(r, sort_keys=True),
                 )
             return ("ok", self.normalize(dumped))
+        if isinstance(result, list) and result and isinstance(result[0], dict):
+            return ("ok", result)
         if isinstance(result, list):
             dumped_list = [b.model_dump(mode="json", exclude_none=True) for b in result]
             return ("ok", sorted(dumped_list, key=lambda b: (b["scope"], b["remaining"]["unit"])))
@@ -288,24 +294,213 @@ def _backends(tmp: Path, clock: Callable[[], int], prefix: str) -> list[_Backend
 )
 @given(programs)
 def test_memory_sqlite_and_redis_answer_alike(program: list[tuple[Any, ...]]) -> None:
+    _compare(program, _apply, T0)
+
+
+def _compare(
+    program: list[tuple[Any, ...]],
+    apply: Callable[[_Backend, tuple[Any, ...]], Any],
+    t0: int,
+    max_run_ms: int | None = None,
+    memory_retention_ms: int | None = None,
+) -> None:
+    """Run ``program`` on every backend under one clock and compare every answer."""
     require_redis()
-    clock = [T0]
+    clock = [t0]
     prefix = new_prefix()
     with tempfile.TemporaryDirectory() as tmp:
         backends = _backends(Path(tmp), lambda: clock[0], prefix)
+        if memory_retention_ms is not None:
+            backends[0].ledger = MemoryLedger(
+                clock=lambda: clock[0], include_balances=True, retention_ms=memory_retention_ms
+            )
         try:
             for step, op in enumerate(program):
                 if op[0] == "tick":
-                    clock[0] += op[1]
+                    if max_run_ms is None or clock[0] + op[1] - t0 < max_run_ms:
+                        clock[0] += op[1]
                     continue
-                outcomes = {b.name: b.run(op, clock) for b in backends}
+                outcomes = {b.name: b.run_with(apply, op) for b in backends}
                 assert outcomes["memory"] == outcomes["sqlite"], (step, op, "memory vs sqlite", outcomes)
                 assert outcomes["redis"] == outcomes["memory"], (step, op, "redis vs memory", outcomes)
                 result = outcomes["memory"]
-                event(f"{op[0]}: {result[1] if result[0] == 'error' else 'ok'}")
+                reason = result[1].get("reason_code") if result[0] == "ok" and isinstance(result[1], dict) else None
+                event(f"{op[0]}: {result[1] if result[0] == 'error' else reason or 'ok'}")
             final = {b.name: b.run(("list_budgets", None), clock) for b in backends}
             assert final["redis"] == final["memory"] == final["sqlite"]
         finally:
             for b in backends:
                 b.ledger.close()
             drop_prefix(prefix)
+
+
+# ---- recurring budgets, quotas, access lists, loop guard, priorities ------------------------
+
+Q_SUBJECTS = [
+    Subject(tenant="t1", dimensions={"run_id": "r1"}),
+    Subject(tenant="t1", workflow="w1", agent="a1", dimensions={"run_id": "r1"}),
+    Subject(tenant="t1", workflow="w1", dimensions={"run_id": "r2"}),
+    Subject(tenant="t1", agent="a2"),  # no run_id: a per_run quota that applies is a 400
+    Subject(tenant="t2", agent="a1", dimensions={"run_id": "r1"}),
+]
+Q_ACTIONS = [
+    Action("message.email.send", "smtp"),
+    Action("http.post", "hook", policy_keys={"host": "api.x.com"}),
+    Action("web.search", "q", tags=["priority:low"]),
+    Action("code.exec", "sh", tags=["priority:high"]),
+    Action("tool.call", "lookup", policy_keys={"custom": {"args_fingerprint": "f1"}}),
+    Action("llm.completion", "m", tags=["priority:bulk"]),
+]
+Q_KINDS = ["message.email.send", "http.post", "web.search", "code.exec", "tool.call", "llm.completion"]
+Q_SCOPES = ["tenant:t1", "tenant:t1/workflow:w1", "tenant:t1/workflow:w1/agent:a1", "tenant:t2"]
+PERIODS = [None, ("day", "Europe/Berlin"), ("hour", None), ("90s", None), ("month", "America/New_York"), ("none", None)]
+WINDOWS = ["per_run", "per_minute_tumbling", "per_hour_tumbling", "per_day_tumbling", "per_tenant_per_day"]
+
+period_set_op = st.tuples(
+    st.just("pset"),
+    st.sampled_from(Q_SCOPES),
+    st.integers(0, 200),
+    st.sampled_from(range(len(PERIODS))),
+    st.sampled_from([None, "NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED"]),
+    st.one_of(st.none(), st.integers(0, 40)),
+)
+quota_op = st.tuples(
+    st.just("quota"),
+    st.sampled_from(Q_SCOPES),
+    st.one_of(
+        *[
+            st.tuples(st.just("kind"), st.sampled_from(Q_KINDS), st.integers(1, 3), st.sampled_from(WINDOWS))
+            for _ in range(4)
+        ],
+        st.tuples(
+            st.just("risk"),
+            st.sampled_from(["external_side_effect", "read_only", "side_effect", "high_risk"]),
+            st.integers(1, 4),
+            st.sampled_from(WINDOWS),
+        ),
+        st.tuples(st.just("host"), st.just("http.post"), st.integers(1, 3), st.just("per_day_tumbling")),
+        st.tuples(st.just("delete"), st.sampled_from(Q_KINDS), st.just(0), st.sampled_from(WINDOWS)),
+        st.tuples(st.just("deny"), st.sampled_from(Q_KINDS), st.just(0), st.just("")),
+        st.tuples(st.just("allow"), st.sampled_from(Q_KINDS), st.just(0), st.just("")),
+        st.tuples(st.just("clear"), st.just(""), st.just(0), st.just("")),
+        st.tuples(st.just("loop"), st.just(""), st.integers(1, 3), st.just("per_run")),
+        st.tuples(st.just("observe"), st.sampled_from(["OBSERVE", "ENFORCE"]), st.just(0), st.just("")),
+    ),
+)
+q_reserve_op = st.tuples(
+    st.just("qreserve"),
+    st.sampled_from([0, 0, 1, 2, 3, 4]),
+    st.sampled_from([0, 0, 0, 1, 2, 3, 4, 4, 5]),
+    st.integers(0, 8),
+    st.booleans(),
+    st.sampled_from([None, None, None, "OBSERVE"]),
+    keys,
+)
+q_ops = st.one_of(
+    period_set_op,
+    quota_op,
+    quota_op,
+    *[q_reserve_op.map(tuple) for _ in range(10)],  # distinct objects: one_of weighs each once
+    st.tuples(st.just("commit"), refs, st.just(Unit.TOKENS), amounts, keys, st.just(None)),
+    st.tuples(st.just("release"), refs, keys, st.just(None)),
+    st.tuples(st.just("qdecide"), st.sampled_from(range(len(Q_SUBJECTS))), st.sampled_from(range(len(Q_ACTIONS)))),
+    st.tuples(st.just("tick"), st.sampled_from([1000, 61_000, 3_600_000, 4 * 3_600_000])),
+    st.tuples(st.just("fund"), st.sampled_from(Q_SCOPES), st.just(Unit.TOKENS), st.integers(0, 80)),
+    st.tuples(st.just("get_budget"), st.sampled_from(Q_SCOPES), st.just(Unit.TOKENS)),
+    st.tuples(st.just("list_budgets"), st.sampled_from([None, "t1"])),
+    st.tuples(st.just("policies"), st.sampled_from([None, "t1", "t2"])),
+    st.tuples(st.just("sweep")),
+)
+q_programs = st.tuples(
+    st.lists(period_set_op, min_size=3, max_size=8),
+    st.lists(quota_op, min_size=2, max_size=6),
+    st.lists(q_ops, min_size=10, max_size=60),
+).map(lambda p: p[0] + p[1] + p[2])
+
+
+# 20:00 UTC on 30 November: within the 23 hours a program may run, Berlin's day and New York's
+# month end, hours and 90 s periods pass. (Less than a day: every backend then keeps every record.)
+T0_Q = 1_701_374_400_000
+MAX_RUN_MS = 23 * 3_600_000
+
+
+def _apply_q(b: _Backend, op: tuple[Any, ...]) -> Any:
+    """Idempotency keys are unique here, so that the generated programs test quotas and periods
+    rather than key reuse (the other test covers that)."""
+    from cycles.ledger.periods import spec
+    from cycles.ledger.quotas import PolicyEdit
+
+    ledger = b.ledger
+    kind = op[0]
+    b.steps += 1
+    unique = f"q{b.steps}"
+    if kind in ("commit", "release"):
+        op = (*op[:-2], unique, op[-1])
+    if kind == "pset":
+        _, scope, amount, period, rollover, overdraft = op
+        p = PERIODS[period]
+        return ledger.set_budget(
+            scope,
+            Amount(unit=Unit.TOKENS, amount=amount),
+            overdraft_limit=None if overdraft is None else Amount(unit=Unit.TOKENS, amount=overdraft),
+            period=None if p is None else spec(p[0], p[1], None if p[0] == "none" else rollover),
+        )
+    if kind == "quota":
+        _, scope, (what, target, n, window) = op
+        if what in ("kind", "risk", "host"):
+            field = "risk_class" if what == "risk" else "action_kind"
+            extra = {"host_allowlist": ["api.x.com"]} if what == "host" else {}
+            quota = {field: target, "max_calls": n, "window": window, **extra}
+            edit = PolicyEdit.model_validate({"set_quota": quota})
+        elif what == "delete":
+            edit = PolicyEdit.model_validate(
+                {"delete_quota": {"action_kind": target, "max_calls": 1, "window": window}}
+            )
+        elif what in ("deny", "allow"):
+            edit = PolicyEdit.model_validate({f"{what.replace('deny', 'deni')}ed_action_kinds": [target]})
+        elif what == "clear":
+            edit = PolicyEdit(allowed_action_kinds=[], denied_action_kinds=[])
+        elif what == "loop":
+            edit = PolicyEdit.model_validate({"loop_guard": {"max_repeats": n, "window": window}})
+        else:
+            edit = PolicyEdit.model_validate({"observe_mode": target})
+        return ledger.update_policy(scope, edit)
+    if kind == "qreserve":
+        _, subject, action, amount, dry, observe, _key = op
+        r = ledger.reserve(
+            ReservationCreateRequest(
+                idempotency_key=unique,
+                subject=Q_SUBJECTS[subject],
+                action=Q_ACTIONS[action],
+                estimate=Amount(unit=Unit.TOKENS, amount=amount),
+                ttl_ms=120_000,
+                dry_run=dry,
+                observe_mode=observe,
+            )
+        )
+        if r.reservation_id and r.reservation_id not in b.reservations:
+            b.reservations.append(r.reservation_id)
+        return r
+    if kind == "qdecide":
+        _, subject, action = op
+        return ledger.decide(
+            DecisionRequest(
+                idempotency_key=unique,
+                subject=Q_SUBJECTS[subject],
+                action=Q_ACTIONS[action],
+                estimate=Amount(unit=Unit.TOKENS, amount=1),
+            )
+        )
+    if kind == "policies":
+        return [p.model_dump(mode="json", exclude_none=True) for p in ledger.list_policies(tenant=op[1])]
+    return _apply(b, op)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(q_programs)
+def test_periods_and_quotas_answer_alike(program: list[tuple[Any, ...]]) -> None:
+    _compare(program, _apply_q, T0_Q, max_run_ms=MAX_RUN_MS, memory_retention_ms=86_400_000)

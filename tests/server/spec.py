@@ -1,5 +1,6 @@
 """Response validation against the protocol spec: every response our server gives in these tests
-is checked against ``cycles-protocol-v0.yaml`` for its operation and status.
+is checked against ``cycles-protocol-v0.yaml`` (with the additive v0.1.26 runtime extensions folded
+in) for its operation and status.
 
 For an operation of the spec: the status must be one the operation declares, the JSON body must
 validate against that response's schema (JSON Schema 2020-12, which OpenAPI 3.1 schemas are), and
@@ -39,6 +40,26 @@ def find_spec() -> Path | None:
     return None
 
 
+def with_extensions(base: dict[str, Any], ext: dict[str, Any]) -> None:
+    """Fold the v0.1.26 runtime extensions into the base spec, as their EXTENSION CONTRACT says:
+    the new schemas, the additive fields (deny_detail, observe_mode, policy_keys) and error codes."""
+    schemas = base["components"]["schemas"]
+    new = ext["components"]["schemas"]
+    for name in ("DenyDetail", "ActionQuotaViolation", "ObserveModeEnum"):
+        schemas[name] = new[name]
+    for target, source in (
+        ("DecisionResponse", "DecisionResponseExtension"),
+        ("ReservationCreateResponse", "ReservationCreateResponseExtension"),
+        ("ReservationCreateRequest", "ReservationCreateRequestExtension"),
+        ("Action", "ActionExtension"),
+    ):
+        schemas[target]["properties"].update(new[source]["properties"])
+    details = schemas["ErrorResponse"]["properties"]["details"]
+    details.setdefault("properties", {}).update(new["ErrorResponseExtension"]["properties"]["details"]["properties"])
+    codes = schemas["ErrorCode"]["enum"]
+    codes += [c for c in new["ErrorCodeExtension"]["enum"] if c not in codes]
+
+
 def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
@@ -62,6 +83,10 @@ class SpecValidator:
     def doc(self) -> dict[str, Any]:
         with self.path.open() as f:
             loaded: dict[str, Any] = yaml.safe_load(f)
+        extensions = self.path.parent / "cycles-protocol-extensions-v0.1.26.yaml"
+        if extensions.exists():
+            with extensions.open() as f:
+                with_extensions(loaded, yaml.safe_load(f))
         return loaded
 
     @cached_property

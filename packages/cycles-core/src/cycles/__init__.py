@@ -12,6 +12,9 @@ Reserve before the expensive or dangerous call, commit the actual cost after, re
 
 from cycles.client import AsyncBudgets, AsyncCycles, Budgets, Cycles
 from cycles.errors import (
+    ActionKindDenied,
+    ActionKindNotAllowed,
+    ActionQuotaExceeded,
     BudgetClosed,
     BudgetExceeded,
     BudgetFrozen,
@@ -24,9 +27,11 @@ from cycles.errors import (
     InvalidRequest,
     LedgerUnavailable,
     LimitExceeded,
+    LoopDetected,
     MaxExtensionsExceeded,
     NotFound,
     OverdraftLimitExceeded,
+    PriorityHeadroomExceeded,
     ReservationExpired,
     ReservationFinalized,
     TenantClosed,
@@ -36,6 +41,7 @@ from cycles.errors import (
     UnpricedModel,
 )
 from cycles.guard import AsyncGuard, Guard, ShadowRecord
+from cycles.ledger.quotas import Quota, ScopePolicy, args_fingerprint, with_args_fingerprint
 from cycles.models import (
     Action,
     Amount,
@@ -60,6 +66,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action",
+    "ActionKindDenied",
+    "ActionKindNotAllowed",
+    "ActionQuotaExceeded",
     "Amount",
     "AsyncBudgets",
     "AsyncCycles",
@@ -86,13 +95,17 @@ __all__ = [
     "InvalidRequest",
     "LedgerUnavailable",
     "LimitExceeded",
+    "LoopDetected",
     "MaxExtensionsExceeded",
     "NotFound",
     "OverdraftLimitExceeded",
+    "PriorityHeadroomExceeded",
+    "Quota",
     "ReservationExpired",
     "ReservationFinalized",
     "ReservationStatus",
     "Run",
+    "ScopePolicy",
     "ShadowRecord",
     "SignedAmount",
     "StandardMetrics",
@@ -105,10 +118,12 @@ __all__ = [
     "UnpricedModel",
     "__version__",
     "afor_each",
+    "args_fingerprint",
     "credits",
     "current_run",
     "for_each",
     "risk_points",
     "tokens",
     "usd",
+    "with_args_fingerprint",
 ]

@@ -343,7 +343,17 @@ def _cmd_budget(args: argparse.Namespace) -> int:
         budgets: list[Balance]
         if action == "set":
             assert amount is not None
-            budgets = [cy.budgets.set(args.scope, amount, overdraft_limit=overdraft, caps=_caps(args))]
+            budgets = [
+                cy.budgets.set(
+                    args.scope,
+                    amount,
+                    overdraft_limit=overdraft,
+                    caps=_caps(args),
+                    period=args.period,
+                    timezone=args.timezone,
+                    rollover_policy=args.rollover,
+                )
+            ]
         elif action == "fund":
             assert amount is not None
             budgets = [cy.budgets.fund(args.scope, amount)]
@@ -619,6 +629,22 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--deny-tool", action="append", default=[], metavar="NAME", help="cap: never these tools (repeatable)"
+            )
+            p.add_argument(
+                "--period",
+                default=None,
+                metavar="PERIOD",
+                help="make it recurring: hour, day, week, month, or a duration (90s, 15m, 12h, 7d); none stops it",
+            )
+            p.add_argument(
+                "--timezone", default=None, metavar="ZONE", help="IANA time zone of calendar periods (default UTC)"
+            )
+            p.add_argument(
+                "--rollover",
+                default=None,
+                type=str.upper,
+                choices=["NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED"],
+                help="what the unused part does at a period's end (default NONE)",
             )
     show = bsub.add_parser("show", parents=[common], help="one budget, in every unit it has")
     show.add_argument("scope", help="budget id, e.g. tenant:acme")

@@ -26,6 +26,7 @@ from cycles.guard import (
     ShadowRecord,
     _GuardCore,
 )
+from cycles.ledger import periods
 from cycles.ledger.base import (
     AsyncLedger,
     BalanceQuery,
@@ -61,6 +62,7 @@ from cycles.models import (
     Subject,
     Unit,
 )
+from cycles.quotas_api import AsyncQuotas, Quotas
 from cycles.run import AsyncRun, Run, _RunCore
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
@@ -199,6 +201,7 @@ class _ClientBase:
         dry_run: bool,
         idempotency_key: str | None,
         metadata: dict[str, Any] | None,
+        observe_mode: str | None = None,
     ) -> ReservationCreateRequest:
         return _build(
             ReservationCreateRequest,
@@ -211,6 +214,7 @@ class _ClientBase:
             overage_policy=_policy(overage_policy, self.settings.overage_policy),
             dry_run=dry_run,
             metadata=metadata,
+            observe_mode=observe_mode,
         )
 
     @staticmethod
@@ -313,9 +317,26 @@ class Budgets:
         self._ledger = ledger
 
     def set(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return self._ledger.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        """Create a budget or set its allocation. ``period`` makes it recurring: ``"hour"``, ``"day"``,
+        ``"week"``, ``"month"`` in ``timezone`` (IANA, default UTC) or a duration such as ``"12h"``;
+        ``rollover_policy`` NONE (default), CARRY_FORWARD or CAP_AT_ALLOCATED; ``"none"`` removes it."""
+        return self._ledger.set_budget(
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=periods.spec(period, timezone, rollover_policy),
+        )
 
     def fund(self, scope: str, amount: Amount) -> Balance:
         return self._ledger.fund_budget(scope, amount)
@@ -341,9 +362,23 @@ class AsyncBudgets:
         self._ledger = ledger
 
     async def set(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: str | None = None,
+        timezone: str | None = None,
+        rollover_policy: str | None = None,
     ) -> Balance:
-        return await self._ledger.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        return await self._ledger.set_budget(
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=periods.spec(period, timezone, rollover_policy),
+        )
 
     async def fund(self, scope: str, amount: Amount) -> Balance:
         return await self._ledger.fund_budget(scope, amount)
@@ -392,6 +427,7 @@ class Cycles(_ClientBase):
         )
         self.ledger: Ledger = ledger if ledger is not None else open_ledger(url, **ledger_options)
         self.budgets = Budgets(self.ledger)
+        self.quotas = Quotas(self.ledger)
 
     @property
     def url(self) -> str:
@@ -510,6 +546,7 @@ class Cycles(_ClientBase):
         dry_run: bool = False,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        observe_mode: str | None = None,
     ) -> ReservationCreateResponse:
         req = self._reserve_request(
             subject,
@@ -521,6 +558,7 @@ class Cycles(_ClientBase):
             dry_run=dry_run,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            observe_mode=observe_mode,
         )
         return self.ledger.reserve(req)
 
@@ -649,6 +687,7 @@ class AsyncCycles(_ClientBase):
             ledger = ThreadedAsyncLedger(ledger)
         self.ledger: AsyncLedger = ledger if ledger is not None else open_async_ledger(url, **ledger_options)
         self.budgets = AsyncBudgets(self.ledger)
+        self.quotas = AsyncQuotas(self.ledger)
 
     @property
     def url(self) -> str:
@@ -760,6 +799,7 @@ class AsyncCycles(_ClientBase):
         dry_run: bool = False,
         idempotency_key: str | None = None,
         metadata: dict[str, Any] | None = None,
+        observe_mode: str | None = None,
     ) -> ReservationCreateResponse:
         req = self._reserve_request(
             subject,
@@ -771,6 +811,7 @@ class AsyncCycles(_ClientBase):
             dry_run=dry_run,
             idempotency_key=idempotency_key,
             metadata=metadata,
+            observe_mode=observe_mode,
         )
         return await self.ledger.reserve(req)
 

@@ -7,9 +7,13 @@ mean "this action must not run"; adapters catch that one base.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 __all__ = [
+    "ActionKindDenied",
+    "ActionKindNotAllowed",
+    "ActionQuotaExceeded",
     "BudgetClosed",
     "BudgetExceeded",
     "BudgetFrozen",
@@ -22,9 +26,11 @@ __all__ = [
     "InvalidRequest",
     "LedgerUnavailable",
     "LimitExceeded",
+    "LoopDetected",
     "MaxExtensionsExceeded",
     "NotFound",
     "OverdraftLimitExceeded",
+    "PriorityHeadroomExceeded",
     "ReservationExpired",
     "ReservationFinalized",
     "TenantClosed",
@@ -32,6 +38,7 @@ __all__ = [
     "Unauthorized",
     "UnitMismatch",
     "UnpricedModel",
+    "deny_detail_of",
     "describe_validation_error",
     "error_for",
 ]
@@ -85,6 +92,16 @@ class Denied(CyclesError, RuntimeError):
         value = self.details.get("scope")
         return value if isinstance(value, str) else None
 
+    @property
+    def deny_detail(self) -> dict[str, Any]:
+        """The v0.1.26 DenyDetail: which scope or rule said no, by how much, and what to change."""
+        return deny_detail_of(self.code, self.details)
+
+    @property
+    def suggested_fix(self) -> str | None:
+        fix = self.deny_detail.get("suggested_fix")
+        return fix if isinstance(fix, str) else None
+
 
 class InvalidRequest(CyclesError, ValueError):
     code = "INVALID_REQUEST"
@@ -128,6 +145,43 @@ class DebtOutstanding(Denied):
 
 class TenantClosed(Denied):
     code = "TENANT_CLOSED"
+
+
+class PriorityHeadroomExceeded(BudgetExceeded):
+    """A prioritised reservation would dip into the headroom its budget keeps for higher
+    priorities (e.g. ``low`` once less than half remains). On the wire: BUDGET_EXCEEDED with
+    ``details.deny_detail.reason_code`` = PRIORITY_HEADROOM."""
+
+    @property
+    def reason_code(self) -> str:
+        return "PRIORITY_HEADROOM"
+
+
+class ActionQuotaExceeded(Denied):
+    """A count quota (per action kind or per risk class) is used up in its window."""
+
+    code = "ACTION_QUOTA_EXCEEDED"
+
+
+class LoopDetected(ActionQuotaExceeded):
+    """The same action with the same arguments fingerprint repeated past the scope's loop guard.
+    On the wire: ACTION_QUOTA_EXCEEDED with ``details.deny_detail.reason_code`` = LOOP_DETECTED."""
+
+    @property
+    def reason_code(self) -> str:
+        return "LOOP_DETECTED"
+
+
+class ActionKindNotAllowed(Denied):
+    """The scope has an allowlist of action kinds and this kind is not on it."""
+
+    code = "ACTION_KIND_NOT_ALLOWED"
+
+
+class ActionKindDenied(Denied):
+    """The scope's denylist of action kinds names this kind."""
+
+    code = "ACTION_KIND_DENIED"
 
 
 class ReservationExpired(CyclesError):
@@ -218,15 +272,62 @@ _BY_CODE: dict[str, type[CyclesError]] = {
         LimitExceeded,
         TenantClosed,
         InternalError,
+        ActionQuotaExceeded,
+        ActionKindNotAllowed,
+        ActionKindDenied,
     )
 }
 
 PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
 
 
+def deny_detail_of(code: str, details: Mapping[str, Any]) -> dict[str, Any]:
+    """The DenyDetail of a denial (``code`` and its ``details``): the one the ledger attached, else
+    one built from the details every backend gives for the base-spec codes."""
+    given = details.get("deny_detail")
+    if isinstance(given, dict) and given.get("reason_code"):
+        return dict(given)
+    reason = "BUDGET_NOT_FOUND" if code == "NOT_FOUND" else code
+    detail: dict[str, Any] = {"reason_code": reason}
+    scope = details.get("scope")
+    if isinstance(scope, str):
+        detail["blocked_by_scope"] = scope
+    where = scope if isinstance(scope, str) else "the scope"
+    unit = details.get("unit") or "units"
+    fix: str | None = None
+    if code == "BUDGET_EXCEEDED":
+        remaining, requested = details.get("remaining"), details.get("requested")
+        if isinstance(remaining, int):
+            detail["budget_remaining"] = remaining
+        if isinstance(remaining, int) and isinstance(requested, int):
+            fix = f"Fund {where} by at least {requested - remaining} {unit}, or reserve at most {max(0, remaining)}"
+    elif code == "DEBT_OUTSTANDING":
+        fix = f"Repay the debt of {details.get('debt')} on {where} (fund it) before new reservations"
+    elif code == "OVERDRAFT_LIMIT_EXCEEDED":
+        fix = f"Fund {where} until its debt is within the overdraft limit of {details.get('overdraft_limit')}"
+    elif code == "BUDGET_FROZEN":
+        fix = f"Unfreeze {where} (cycles budget unfreeze {where})"
+    elif code == "BUDGET_CLOSED":
+        fix = f"{where} is closed for good: budget this work under another scope"
+    elif reason == "BUDGET_NOT_FOUND":
+        scopes = details.get("scopes")
+        target = scopes[-1] if isinstance(scopes, list) and scopes else where
+        fix = f"Create a budget for {target} or one of its parent scopes"
+    elif code == "TENANT_CLOSED":
+        fix = "The tenant is closed"
+    if fix:
+        detail["suggested_fix"] = fix[:512]
+    return detail
+
+
 def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:
     """The exception for a protocol error code; unknown codes become a plain ``CyclesError``."""
     cls = _BY_CODE.get(code)
+    detail = (kwargs.get("details") or {}).get("deny_detail")
+    if cls is BudgetExceeded and isinstance(detail, dict) and detail.get("reason_code") == "PRIORITY_HEADROOM":
+        cls = PriorityHeadroomExceeded
+    if cls is ActionQuotaExceeded and isinstance(detail, dict) and detail.get("reason_code") == "LOOP_DETECTED":
+        cls = LoopDetected
     if cls is None:
         err = CyclesError(message, **kwargs)
         err.code = code  # type: ignore[misc]  # keep an unknown server code visible to the caller

@@ -62,6 +62,7 @@ from cycles.errors import (
     ReservationFinalized,
     TenantClosed,
     ToolNotAllowed,
+    deny_detail_of,
 )
 from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
@@ -119,6 +120,7 @@ class ShadowRecord:
     at_ms: int
     actual: Amount | None = None
     charged: Amount | None = None
+    deny_detail: dict[str, Any] | None = None  # v0.1.26 DenyDetail: which rule, by how much, the fix
 
     @property
     def overspend(self) -> Amount | None:
@@ -348,6 +350,7 @@ class _GuardCore:
             message=denial.message,
             scope=scope if isinstance(scope, str) else None,
             at_ms=time.time_ns() // 1_000_000,
+            deny_detail=deny_detail_of(denial.code, denial.details),
         )
         self.shadow = record
         self._shadow_sink.append(record)

@@ -197,6 +197,9 @@ class Action(_Wire):
     kind: Annotated[str, StringConstraints(min_length=1, max_length=64)]
     name: Annotated[str, StringConstraints(min_length=1, max_length=256)]
     tags: Annotated[list[Annotated[str, StringConstraints(max_length=64)]], Field(max_length=10)] | None = None
+    #: v0.1.26 ActionPolicyKeys (host, recipient_domain, resource_type, path_prefix, custom): routing
+    #: keys for quota allowlists. Optional, additive.
+    policy_keys: dict[str, Any] | None = None
 
     def __init__(self, kind: str | None = None, name: str | None = None, /, **data: Any) -> None:
         if kind is not None:
@@ -268,6 +271,9 @@ class ReservationCreateRequest(_Wire):
     overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
     dry_run: bool = False
     metadata: dict[str, Any] | None = None
+    #: v0.1.26: OBSERVE evaluates with dry-run semantics and records an observed_denied/allowed event;
+    #: absent, the tenant's observe_mode governs (ENFORCE by default). DISABLED means ENFORCE.
+    observe_mode: Literal["DISABLED", "OBSERVE", "ENFORCE"] | None = None
 
 
 class CommitRequest(_Wire):
@@ -314,6 +320,10 @@ class Balance(_Wire):
     allocated: Amount | None = None
     overdraft_limit: Amount | None = None
     is_over_limit: bool | None = None
+    # Recurring budgets only, and only on the operator plane (protocol v0's Balance has no such
+    # fields): the current period, ISO 8601 UTC.
+    period_start: str | None = None
+    period_end: str | None = None
 
     def invariant_holds(self) -> bool:
         parts = (self.allocated, self.spent, self.reserved, self.debt)
@@ -340,6 +350,7 @@ class DecisionResponse(_Wire):
     reason_code: Annotated[str, StringConstraints(max_length=128)] | None = None
     retry_after_ms: Annotated[int, Field(ge=0)] | None = None
     affected_scopes: list[str] | None = None
+    deny_detail: dict[str, Any] | None = None  # v0.1.26 DenyDetail, on DENY
 
 
 class ReservationCreateResponse(_Wire):
@@ -354,6 +365,7 @@ class ReservationCreateResponse(_Wire):
     balances: list[Balance] | None = None
     reason_code: Annotated[str, StringConstraints(max_length=128)] | None = None
     retry_after_ms: Annotated[int, Field(ge=0)] | None = None
+    deny_detail: dict[str, Any] | None = None  # v0.1.26 DenyDetail, on a dry-run DENY
 
 
 class CommitResponse(_Wire):

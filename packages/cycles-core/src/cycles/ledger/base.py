@@ -21,6 +21,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import rules
+from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
 from cycles.models import (
     Amount,
@@ -92,8 +94,17 @@ class Ledger(abc.ABC):
     # operator plane
     @abc.abstractmethod
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
-    ) -> Balance: ...
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
+    ) -> Balance:
+        """Create or set a budget; ``period`` makes it recurring (``periods.spec``; ``PeriodSpec(None)``
+        removes the period, ``None`` keeps whatever is stored)."""
+
     @abc.abstractmethod
     def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
     @abc.abstractmethod
@@ -105,6 +116,14 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def sweep(self, limit: int = 1000) -> int:
         """Expire reservations past their deadline (returning their amounts); purge old idempotency records."""
+
+    # action quotas and action-kind access (ledger/quotas.py)
+    @abc.abstractmethod
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        """Set or delete a quota, or replace the allowed/denied action kinds, on one scope."""
+
+    @abc.abstractmethod
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
@@ -149,7 +168,13 @@ class AsyncLedger(abc.ABC):
     ) -> ReservationListResponse: ...
     @abc.abstractmethod
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance: ...
     @abc.abstractmethod
     async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
@@ -161,6 +186,10 @@ class AsyncLedger(abc.ABC):
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]: ...
     @abc.abstractmethod
     async def sweep(self, limit: int = 1000) -> int: ...
+    @abc.abstractmethod
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy: ...
+    @abc.abstractmethod
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -241,9 +270,15 @@ class TransactionalLedger(Ledger):
         return self._write(rules.list_reservations, query, tenant)
 
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps)
+        return self._write(rules.set_budget, scope, amount, overdraft_limit, caps, period)
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._write(rules.fund_budget, scope, amount)
@@ -259,6 +294,12 @@ class TransactionalLedger(Ledger):
 
     def sweep(self, limit: int = 1000) -> int:
         return self._write(rules.sweep, limit, self.retention_ms)
+
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return self._write(rules.update_policy, scope, edit)
+
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return self._write(rules.list_policies, tenant)
 
 
 def _wall_clock_ms() -> int:
@@ -308,9 +349,22 @@ class ThreadedAsyncLedger(AsyncLedger):
         return await self._call(self.sync.list_reservations, query, tenant=tenant)
 
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return await self._call(self.sync.set_budget, scope, amount, overdraft_limit=overdraft_limit, caps=caps)
+        return await self._call(
+            self.sync.set_budget,
+            scope,
+            amount,
+            overdraft_limit=overdraft_limit,
+            caps=caps,
+            period=period,
+        )
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._call(self.sync.fund_budget, scope, amount)
@@ -326,6 +380,12 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._call(self.sync.sweep, limit)
+
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return await self._call(self.sync.update_policy, scope, edit)
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return await self._call(self.sync.list_policies, tenant=tenant)
 
     async def aclose(self) -> None:
         await self._call(self.sync.close)

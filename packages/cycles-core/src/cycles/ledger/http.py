@@ -66,6 +66,8 @@ from cycles.errors import (
     error_for,
 )
 from cycles.ledger.base import AsyncLedger, Ledger
+from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.quotas import EXTENSIONS_VERSION, PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery
 from cycles.models import (
     Amount,
@@ -224,6 +226,11 @@ _PARSE_DETAIL = _model_parser(ReservationDetail)
 _PARSE_LIST = _model_parser(ReservationListResponse)
 _PARSE_BALANCE = _model_parser(Budget)
 _PARSE_BALANCE_LIST = _list_parser(_BUDGET_LIST)
+_PARSE_POLICY = _model_parser(ScopePolicy)
+
+
+def _parse_policies(body: bytes) -> list[ScopePolicy]:
+    return [ScopePolicy.model_validate(p) for p in json.loads(body)["policies"]]
 
 
 def _parse_sweep(body: bytes) -> int:
@@ -341,7 +348,13 @@ class _HttpCore:
         self.admin_key = admin_key
         self.retry = retry
         self._rng = random.Random()
-        base = {"Accept": "application/json", "User-Agent": _USER_AGENT, **(headers or {})}
+        # X-Cycles-Extensions: this client reads the v0.1.26 additions (deny_detail on DENY bodies).
+        base = {
+            "Accept": "application/json",
+            "User-Agent": _USER_AGENT,
+            "X-Cycles-Extensions": EXTENSIONS_VERSION,
+            **(headers or {}),
+        }
         for name, value in [*base.items(), ("api_key", api_key or ""), ("admin_key", admin_key or "")]:
             if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
                 raise InvalidRequest(f"{name}: header names and values must be printable ASCII")
@@ -462,13 +475,23 @@ class _HttpCore:
         return _Call(method, self._admin + path, body, headers, None, parse)
 
     def set_budget(
-        self, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None
+        self,
+        scope: str,
+        amount: Amount,
+        overdraft_limit: Amount | None,
+        caps: Caps | None,
+        period: PeriodSpec | None = None,
     ) -> _Call[Balance]:
         payload: dict[str, Any] = {"scope": scope, "amount": amount.to_wire()}
         if overdraft_limit is not None:
             payload["overdraft_limit"] = overdraft_limit.to_wire()
         if caps is not None:
             payload["caps"] = caps.to_wire()
+        if period is not None:
+            payload["period"] = period.period or "none"
+            payload.update(
+                {k: v for k, v in (("timezone", period.timezone), ("rollover_policy", period.rollover_policy)) if v}
+            )
         return self._admin_call("POST", "/budgets", payload, _PARSE_BALANCE)
 
     def fund_budget(self, scope: str, amount: Amount) -> _Call[Balance]:
@@ -487,6 +510,13 @@ class _HttpCore:
 
     def list_budgets(self, tenant: str | None) -> _Call[list[Balance]]:
         return self._admin_call("GET", "/budgets" + _query([("tenant", tenant)]), None, _PARSE_BALANCE_LIST)
+
+    def update_policy(self, scope: str, edit: PolicyEdit) -> _Call[ScopePolicy]:
+        payload = {"scope": scope, **edit.model_dump(mode="json", exclude_none=True)}
+        return self._admin_call("POST", "/policies", payload, _PARSE_POLICY)
+
+    def list_policies(self, tenant: str | None) -> _Call[list[ScopePolicy]]:
+        return self._admin_call("GET", "/policies" + _query([("tenant", tenant)]), None, _parse_policies)
 
     def sweep(self, limit: int) -> _Call[int] | None:
         """Our server's operator plane can sweep on demand; without an admin key (or against
@@ -949,9 +979,15 @@ class HttpLedger(Ledger):
         return self._run(self._core.list_reservations(query))
 
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return self._run(self._core.set_budget(scope, amount, overdraft_limit, caps))
+        return self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period))
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._core.fund_budget(scope, amount))
@@ -964,6 +1000,12 @@ class HttpLedger(Ledger):
 
     def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return self._run(self._core.list_budgets(tenant))
+
+    def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return self._run(self._core.update_policy(scope, edit))
+
+    def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return self._run(self._core.list_policies(tenant))
 
     def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)
@@ -1063,9 +1105,15 @@ class AsyncHttpLedger(AsyncLedger):
         return await self._run(self._core.list_reservations(query))
 
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return await self._run(self._core.set_budget(scope, amount, overdraft_limit, caps))
+        return await self._run(self._core.set_budget(scope, amount, overdraft_limit, caps, period))
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._core.fund_budget(scope, amount))
@@ -1078,6 +1126,12 @@ class AsyncHttpLedger(AsyncLedger):
 
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return await self._run(self._core.list_budgets(tenant))
+
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return await self._run(self._core.update_policy(scope, edit))
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return await self._run(self._core.list_policies(tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)

@@ -35,10 +35,11 @@ class _Store:
         self.idempotency: dict[_IdemKey, IdempotencyRecord] = {}
         self.deadlines: list[tuple[int, str]] = []  # heap of (deadline_ms, reservation_id); stale entries skipped
         self.finished: deque[tuple[int, str]] = deque()  # (finished_at_ms, reservation_id), oldest first
+        self.meta: dict[str, str] = {}  # rules.Txn.get_meta: periods, quota rules and counters
 
 
 class _MemoryTxn:
-    __slots__ = ("_budgets", "_idem", "_popped", "_reservations", "_store", "include_balances", "now_ms")
+    __slots__ = ("_budgets", "_idem", "_meta", "_popped", "_reservations", "_store", "include_balances", "now_ms")
 
     def __init__(self, store: _Store, now_ms: int, include_balances: bool) -> None:
         self._store = store
@@ -48,6 +49,7 @@ class _MemoryTxn:
         self._reservations: dict[str, ReservationRow] = {}
         self._idem: dict[_IdemKey, IdempotencyRecord] = {}
         self._popped: list[tuple[int, str]] = []
+        self._meta: dict[str, str | None] = {}
 
     # budgets
     def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None:
@@ -150,9 +152,34 @@ class _MemoryTxn:
             purged += 1
         return purged
 
+    # meta
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]:
+        stored, own = self._store.meta, self._meta
+        if not stored and not own:
+            return {}
+        out = {}
+        for key in keys:
+            value = own[key] if key in own else stored.get(key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def put_meta(self, key: str, value: str | None) -> None:
+        self._meta[key] = value
+
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+        merged = {**self._store.meta, **self._meta}
+        found = sorted((k, v) for k, v in merged.items() if v is not None and k.startswith(prefix))
+        return found if limit is None else found[:limit]
+
     # end of transaction
     def apply(self) -> None:
         store = self._store
+        for meta_key, value in self._meta.items():
+            if value is None:
+                store.meta.pop(meta_key, None)
+            else:
+                store.meta[meta_key] = value
         for key, budget in self._budgets.items():
             if key not in store.budgets:
                 store.units.setdefault(key[0], []).append(key[1])

@@ -74,6 +74,7 @@ import contextlib
 import hashlib
 import json
 import re
+import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -106,9 +107,11 @@ from cycles.errors import (
     ReservationExpired,
     ReservationFinalized,
     UnitMismatch,
+    deny_detail_of,
 )
-from cycles.ledger import rules
+from cycles.ledger import periods, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
+from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
     Action,
@@ -158,7 +161,11 @@ SWEEP_ROUND_ROBIN = 10
 _UNIT_ORDER = tuple(sorted(Unit, key=lambda u: u.value))  # the order budget_units reports (as sqlite)
 _TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_REASON = {"BUDGET_NOT_FOUND": "BUDGET_NOT_FOUND", "OVER_LIMIT": "OVERDRAFT_LIMIT_EXCEEDED"}
+_REASON = {
+    "BUDGET_NOT_FOUND": "BUDGET_NOT_FOUND",
+    "OVER_LIMIT": "OVERDRAFT_LIMIT_EXCEEDED",
+    "HEADROOM": "PRIORITY_HEADROOM",
+}
 # Failures after which a retry may succeed: connection loss, timeouts, LOADING, failover, cluster
 # resharding, OOM under maxmemory. Everything else from Redis is a bug here: INTERNAL_ERROR.
 _TRANSIENT_ERRORS = (
@@ -210,6 +217,8 @@ _SCRIPT_NAMES = (
     "touch",
     "due_tags",
     "cas",
+    "roll",
+    "policy_put",
 )
 
 
@@ -318,7 +327,7 @@ def _caps(text: str) -> Caps:
 
 
 def _budget(row: list[Any], unit: Unit) -> BudgetRow:
-    scope, allocated, spent, reserved, debt, overdraft, over, status, caps = row
+    scope, allocated, spent, reserved, debt, overdraft, over, status, caps = row[:9]
     return BudgetRow(
         scope,
         unit,
@@ -449,6 +458,9 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
             f"Insufficient remaining budget for scope {scope}",
             details={"scope": scope, "unit": unit, "remaining": left, "requested": requested},
         )
+    if tag == "HEADROOM":
+        scope, left, requested, pct = args
+        return quotas.headroom_denial(scope, unit, left, requested, pct)
     if tag == "COMMIT_REJECTED":
         actual, held, info = args
         path = derive_scopes(Subject.model_validate(info[0]))[-1]
@@ -503,6 +515,30 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
     return InternalError(f"unexpected reply from a Cycles Lua script: {tag} {args}")
 
 
+def _deny_detail(denial: list[Any] | None, scopes: Sequence[str], unit: Unit) -> dict[str, Any] | None:
+    if denial is None:
+        return None
+    error = _error(denial[0], denial[1:], _Context(scopes, unit))
+    return deny_detail_of(error.code, error.details)
+
+
+def _balance(row: list[Any], unit: Unit) -> Balance:
+    balance = _budget(row, unit).to_budget()  # the operator plane's view: status and caps too
+    if len(row) > 9 and row[9] is not None:
+        return rules.with_period(balance, periods.PeriodState(*row[9]))
+    return balance
+
+
+def _period_arg(spec: PeriodSpec | None, base: int, clock: Callable[[], int] | None) -> str:
+    """set_budget.lua's period argument: '' keeps, 'none' removes, else the new state (its window
+    from this process's clock: set_budget.lua keeps the stored window when the period is the same)."""
+    if spec is None:
+        return ""
+    now_ms = int(clock()) if clock is not None else time.time_ns() // 1_000_000
+    state = spec.state(base, now_ms)
+    return "none" if state is None else state.dumps()
+
+
 def _reservation_not_found(rid: str) -> NotFound:
     return NotFound(f"reservation {rid} not found", details={"reservation_id": rid})
 
@@ -544,10 +580,17 @@ class _Snapshot:
 
     include_balances = False
 
-    def __init__(self, now_ms: int, budgets: Iterable[BudgetRow] = (), reservations: Iterable[ReservationRow] = ()):
+    def __init__(
+        self,
+        now_ms: int,
+        budgets: Iterable[BudgetRow] = (),
+        reservations: Iterable[ReservationRow] = (),
+        meta: dict[str, str] | None = None,
+    ):
         self.now_ms = now_ms
         self._budgets = {(b.scope, b.unit): b for b in budgets}
         self._reservations = {r.reservation_id: r for r in reservations}
+        self._meta = meta or {}
 
     def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None:
         return self._budgets.get((scope, unit))
@@ -585,6 +628,27 @@ class _Snapshot:
     def purge(self, older_than_ms: int, limit: int) -> int:
         raise RuntimeError("a Redis read snapshot is read-only")
 
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]:
+        return {k: v for k in keys if (v := self._meta.get(k)) is not None}
+
+    def put_meta(self, key: str, value: str | None) -> None:
+        raise RuntimeError("a Redis read snapshot is read-only")
+
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+        return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))[:limit]
+
+
+def _periods_of(rows: Iterable[tuple[str, list[Any]]]) -> dict[str, str]:
+    """The periods that came back with budget rows (their 10th field), as ``rules`` meta entries."""
+    return {
+        periods.meta_key(row[0], unit): json.dumps(row[9], separators=(",", ":"))
+        for unit, row in rows
+        if len(row) > 9 and row[9] is not None
+    }
+
+
+_PERIOD_ROLL = b'["E","PERIOD_ROLL"'
+
 
 def _reservation_tag(reservation_id: str) -> str | None:
     """The hash tag a reservation id carries, or None when it is not one of ours."""
@@ -621,6 +685,8 @@ class _RedisCore:
         self.include_balances = include_balances
         self._global = self._base(GLOBAL_TAG)
         self._registry = self._global + "tenants"
+        #: tag -> (policy version, scope -> policy JSON or None): see ``_gated``
+        self._policies: dict[str, tuple[str, dict[str, str | None]]] = {}
 
     def _base(self, tag: str) -> str:
         return f"{self.prefix}:{{{tag}}}:"
@@ -635,6 +701,126 @@ class _RedisCore:
 
     def _flag(self) -> str:
         return "1" if self.include_balances else "0"
+
+    def _rolling(self, flow: _Flow[T]) -> _Flow[T]:
+        """Run ``flow``; when a script refuses with PERIOD_ROLL (a recurring budget's period ended),
+        compute the new windows here (``periods``: time zones), roll them over with ``roll.lua``
+        and send the same step again. Only at period boundaries; otherwise a pass-through."""
+        step = next(flow)
+        rolls = 0
+        while True:
+            reply = yield step
+            calls = self._roll_calls(step, reply) if rolls < 8 else []
+            if calls:
+                rolls += 1
+                yield calls
+                continue
+            try:
+                step = flow.send(reply)
+            except StopIteration as stop:
+                return cast(T, stop.value)
+
+    def _gated(
+        self,
+        tag: str,
+        scopes: list[str],
+        subject: Subject,
+        action: Action,
+        call: Callable[[str, str, bool], _Call],
+    ) -> _Flow[tuple[Any, CyclesError | None, bool]]:
+        """Send a reserve/decide script with the quota counters ``quotas.plan`` finds over this
+        client's cached policies of the slot, refreshing the cache when the script says they are
+        stale (POLICY). Returns the script's raw reply or the quota/access denial, and whether the
+        tenant's observe_mode is OBSERVE (as of the policy version the script confirmed)."""
+        for _ in range(4):
+            cached = self._policies.get(tag)
+            version, plan, observes = "", "", False
+            counters: list[quotas.Counter] = []
+            if cached is not None and all(s in cached[1] for s in scopes):
+                version = cached[0]
+                docs = cached[1]
+                policies = {s: quotas.load_policy(s, d) for s in scopes if (d := docs[s]) is not None}
+                observes = quotas.tenant_observes(policies, subject)
+                try:
+                    denial, counters = quotas.plan(policies, scopes, subject, action, self._now_ms())
+                except InvalidRequest as exc:  # no run_id for a per_run quota: as current as a denial?
+                    denial = exc
+                if denial is not None:  # decided here: confirm the policies are current
+                    current = yield _Command(("HGET", self._base(tag) + "policy", "~v"))
+                    if current is not None and _str(current) == version:
+                        if isinstance(denial, InvalidRequest):
+                            raise denial
+                        return None, denial, observes
+                    self._policies.pop(tag, None)
+                    continue
+                plan = to_json([c.wire() for c in counters]).decode() if counters else ""
+            raw = yield call(version, plan, observes)
+            data = raw.encode() if isinstance(raw, str) else raw
+            if data.startswith(b'["E","POLICY"'):
+                _, _, new_version, docs_list = from_json(data)
+                known = cached[1] if cached is not None and cached[0] == new_version else {}
+                self._policies[tag] = (new_version, {**known, **dict(zip(scopes, docs_list, strict=True))})
+                continue
+            if data.startswith(b'["E","QUOTA"'):
+                counts = from_json(data)[2]
+                return None, quotas.violation(counters, counts), observes
+            return raw, None, observes
+        raise InternalError("the scope policies kept changing while a reservation was evaluated")
+
+    def _now_ms(self) -> int:
+        return int(self._clock()) if self._clock is not None else time.time_ns() // 1_000_000
+
+    def _update_policy(self, scope: str, edit: quotas.PolicyEdit) -> _Flow[quotas.ScopePolicy]:
+        parse_scope(scope)
+        tag = scope_tenant(scope) or NO_TENANT_TAG
+        for _ in range(8):
+            current = yield _Command(("HGET", self._base(tag) + "policy", scope))
+            text = _str(current) if current is not None else None
+            policy = quotas.load_policy(scope, text) if text else quotas.ScopePolicy(scope=scope)
+            new = quotas.apply_edit(policy, edit)
+            _, raw = yield [
+                _Command(("SADD", self._registry, tag)),
+                self._call("policy_put", tag, scope, text or "", "" if new.is_empty() else new.dumps()),
+            ]
+            if not _str(raw).startswith('["E"'):
+                self._policies.pop(tag, None)
+                return quotas.load_policy(scope, new.dumps())
+        raise LedgerUnavailable("the policy of this scope kept changing under concurrent updates; retry")
+
+    def _list_policies(self, tenant: str | None) -> _Flow[list[quotas.ScopePolicy]]:
+        if tenant is None:
+            tags = yield from self._tags()
+        else:
+            tags = [tenant] if tenant else []
+        if not tags:
+            return []
+        replies = yield [_Command(("HGETALL", self._base(t) + "policy")) for t in tags]
+        out = []
+        for reply in replies:
+            items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+            for field, text in items:
+                scope = _str(field)
+                if scope != "~v" and (tenant is None or scope_tenant(scope) == tenant):
+                    out.append(quotas.load_policy(scope, _str(text)))
+        return sorted(out, key=lambda p: p.scope)
+
+    def _roll_calls(self, step: _Step, reply: Any) -> list[_Call | _Command]:
+        pairs = list(zip(step, reply, strict=True)) if isinstance(step, list) else [(step, reply)]
+        calls: list[_Call | _Command] = []
+        for one, raw in pairs:
+            if not isinstance(one, _Call) or not isinstance(raw, bytes | str):
+                continue
+            data = raw.encode() if isinstance(raw, str) else raw
+            if not data.startswith(_PERIOD_ROLL):
+                continue
+            _, _, now_ms, *due = from_json(data)
+            args: list[str | int] = [self._now()]
+            for field, stored in zip(due[::2], due[1::2], strict=True):
+                state = periods.PeriodState(*stored)
+                start, end = state.next_window(now_ms)
+                args += [field, state.end_ms, start, end, state.periods_passed(start) - 1]
+            calls.append(_Call(_SCRIPTS["roll"], (one.keys[0],), tuple(args)))
+        return calls
 
     @staticmethod
     def _balances_of(rows: list[list[Any]] | None, unit: Unit) -> list[Balance] | None:
@@ -651,23 +837,41 @@ class _RedisCore:
         unit = req.estimate.unit
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
         owner = tenant if tenant is not None else subject.tenant
-        raw = yield self._call(
-            "reserve",
-            tag,
-            unit.value,
-            req.estimate.amount,
-            req.ttl_ms,
-            req.grace_period_ms,
-            req.overage_policy.value,
-            "1" if req.dry_run else "0",
-            _new_reservation_id(subject.tenant),
-            rules.fingerprint(req),
-            _opt(owner),
-            _info(req),
-            self._flag(),
-            *scopes,
-            key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
-        )
+        rid_new, digest, info = _new_reservation_id(subject.tenant), rules.fingerprint(req), _info(req)
+        pct = quotas.headroom_pct(req.action) if req.action.tags else 0
+
+        def call(version: str, plan: str, tenant_observes: bool) -> _Call:
+            dry = req.dry_run or quotas.observing(req.observe_mode, tenant_observes)
+            return self._call(
+                "reserve",
+                tag,
+                unit.value,
+                req.estimate.amount,
+                req.ttl_ms,
+                req.grace_period_ms,
+                req.overage_policy.value,
+                "1" if dry else "0",
+                rid_new,
+                digest,
+                _opt(owner),
+                info,
+                self._flag(),
+                version,
+                plan,
+                pct,
+                *scopes,
+                key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
+            )
+
+        raw, quota_denial, tenant_observes = yield from self._gated(tag, scopes, subject, req.action, call)
+        observe = quotas.observing(req.observe_mode, tenant_observes)
+        if quota_denial is not None:
+            if not (req.dry_run or observe):
+                raise quota_denial
+            denied = rules.denied_dry_run(req, scopes, quota_denial)
+            if observe:
+                quotas.record_observation(req, denied, tenant)
+            return denied
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="reserve"))
         rid, expires_at, rows, denial, caps_list = reply.payload
         caps = _merge(caps_list) if denial is None else None
@@ -676,7 +880,7 @@ class _RedisCore:
         else:
             decision = Decision.ALLOW_WITH_CAPS if caps is not None else Decision.ALLOW
         if rid is None:  # dry run: balances always (rules does the same)
-            return trusted(
+            dry_response = trusted(
                 ReservationCreateResponse,
                 decision=decision,
                 affected_scopes=scopes,
@@ -685,7 +889,11 @@ class _RedisCore:
                 balances=self._balances_of(rows, unit) or None,
                 reason_code=_REASON.get(denial[0], denial[0]) if denial is not None else None,
                 reserved=req.estimate if denial is None else None,
+                deny_detail=_deny_detail(denial, scopes, unit),
             )
+            if observe and not reply.replay:
+                quotas.record_observation(req, dry_response, tenant)
+            return dry_response
         if reply.extra is not None and not reply.replay:
             # Publish the slot's earliest deadline to the sweep index. Best effort: a lost update is
             # repaired by the next reserve within a second, or by the sweep's round-robin.
@@ -711,15 +919,27 @@ class _RedisCore:
         scopes = derive_scopes(subject)
         unit = req.estimate.unit
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
-        raw = yield self._call(
-            "decide",
-            subject.tenant or NO_TENANT_TAG,
-            unit.value,
-            req.estimate.amount,
-            rules.fingerprint(req),
-            *scopes,
-            key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
-        )
+        tag = subject.tenant or NO_TENANT_TAG
+        digest = rules.fingerprint(req)
+        pct = quotas.headroom_pct(req.action) if req.action.tags else 0
+
+        def call(version: str, plan: str, tenant_observes: bool) -> _Call:
+            return self._call(
+                "decide",
+                tag,
+                unit.value,
+                req.estimate.amount,
+                digest,
+                version,
+                plan,
+                pct,
+                *scopes,
+                key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
+            )
+
+        raw, quota_denial, _ = yield from self._gated(tag, scopes, subject, req.action, call)
+        if quota_denial is not None:
+            return rules.denied_decision(scopes, quota_denial)
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="decide"))
         caps_list, denial = reply.payload
         if denial is not None:
@@ -729,6 +949,7 @@ class _RedisCore:
                 caps=None,
                 reason_code=_REASON.get(denial[0], denial[0]),
                 affected_scopes=scopes,
+                deny_detail=_deny_detail(denial, scopes, unit),
             )
         caps = _merge(caps_list)
         return trusted(
@@ -872,7 +1093,8 @@ class _RedisCore:
         raws = yield [self._call("snapshot_budgets", t) for t in tags]
         replies = [_open(r) for r in raws]
         budgets = [_budget(row, Unit(unit)) for reply in replies for unit, row in reply.payload]
-        return _Snapshot(min(r.now_ms for r in replies), budgets)
+        meta = _periods_of(pair for reply in replies for pair in reply.payload)
+        return _Snapshot(min(r.now_ms for r in replies), budgets, meta=meta)
 
     def _balances(self, query: BalanceQuery, tenant: str | None) -> _Flow[BalanceResponse]:
         rules.balances(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
@@ -901,7 +1123,12 @@ class _RedisCore:
     # -- operator plane --
 
     def _set_budget(
-        self, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None
+        self,
+        scope: str,
+        amount: Amount,
+        overdraft_limit: Amount | None,
+        caps: Caps | None,
+        spec: PeriodSpec | None = None,
     ) -> _Flow[Balance]:
         parse_scope(scope)
         if overdraft_limit is not None and overdraft_limit.unit != amount.unit:
@@ -922,17 +1149,18 @@ class _RedisCore:
                 amount.amount,
                 "" if overdraft_limit is None else overdraft_limit.amount,
                 caps_arg,
+                _period_arg(spec, amount.amount, self._clock),
             ),
         ]
         reply = _open(raw, lambda: _Context(scope=scope))
-        return _budget(reply.payload, amount.unit).to_budget()
+        return _balance(reply.payload, amount.unit)
 
     def _fund_budget(self, scope: str, amount: Amount) -> _Flow[Balance]:
         parse_scope(scope)
         _check_amount(amount)
         raw = yield self._call("fund", scope_tenant(scope) or NO_TENANT_TAG, scope, amount.unit.value, amount.amount)
         reply = _open(raw, lambda: _Context([scope], amount.unit, scope=scope))
-        return _budget(reply.payload, amount.unit).to_budget()
+        return _balance(reply.payload, amount.unit)
 
     def _set_budget_status(self, scope: str, status: str, unit: Unit | None) -> _Flow[list[Balance]]:
         if status not in rules.BUDGET_STATUSES:
@@ -951,7 +1179,7 @@ class _RedisCore:
         raw = yield self._call("get_budget", scope_tenant(scope) or NO_TENANT_TAG, scope, *(u.value for u in units))
         reply = _open(raw, lambda: _Context(scope=scope))
         budgets = [_budget(row, Unit(u)) for u, row in reply.payload]
-        return rules.get_budget(_Snapshot(reply.now_ms, budgets), scope, unit)
+        return rules.get_budget(_Snapshot(reply.now_ms, budgets, meta=_periods_of(reply.payload)), scope, unit)
 
     def _list_budgets(self, tenant: str | None) -> _Flow[list[Balance]]:
         if tenant is None:
@@ -1061,6 +1289,7 @@ class RedisLedger(_RedisCore, Ledger):
         self._where = _where(url)
 
     def _run(self, flow: _Flow[T]) -> T:
+        flow = self._rolling(flow)
         try:
             step = next(flow)
             while True:
@@ -1135,9 +1364,15 @@ class RedisLedger(_RedisCore, Ledger):
         return self._run(self._list_reservations(query, tenant))
 
     def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return self._run(self._set_budget(scope, amount, overdraft_limit, caps))
+        return self._run(self._set_budget(scope, amount, overdraft_limit, caps, period))
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._fund_budget(scope, amount))
@@ -1150,6 +1385,12 @@ class RedisLedger(_RedisCore, Ledger):
 
     def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return self._run(self._list_budgets(tenant))
+
+    def update_policy(self, scope: str, edit: quotas.PolicyEdit) -> quotas.ScopePolicy:
+        return self._run(self._update_policy(scope, edit))
+
+    def list_policies(self, *, tenant: str | None = None) -> list[quotas.ScopePolicy]:
+        return self._run(self._list_policies(tenant))
 
     def sweep(self, limit: int = 1000) -> int:
         return self._run(self._sweep(limit))
@@ -1461,6 +1702,7 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         self._mux = _Multiplexer(pool, retries) if multiplex and pool is not None else None
 
     async def _run(self, flow: _Flow[T]) -> T:
+        flow = self._rolling(flow)
         try:
             step = next(flow)
             while True:
@@ -1523,9 +1765,15 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         return await self._run(self._list_reservations(query, tenant))
 
     async def set_budget(
-        self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
     ) -> Balance:
-        return await self._run(self._set_budget(scope, amount, overdraft_limit, caps))
+        return await self._run(self._set_budget(scope, amount, overdraft_limit, caps, period))
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._fund_budget(scope, amount))
@@ -1538,6 +1786,12 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
 
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
         return await self._run(self._list_budgets(tenant))
+
+    async def update_policy(self, scope: str, edit: quotas.PolicyEdit) -> quotas.ScopePolicy:
+        return await self._run(self._update_policy(scope, edit))
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[quotas.ScopePolicy]:
+        return await self._run(self._list_policies(tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._run(self._sweep(limit))

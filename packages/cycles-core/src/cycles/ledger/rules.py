@@ -31,6 +31,7 @@ from cycles.errors import (
     BudgetFrozen,
     CyclesError,
     DebtOutstanding,
+    Denied,
     Forbidden,
     IdempotencyMismatch,
     InvalidRequest,
@@ -40,7 +41,9 @@ from cycles.errors import (
     ReservationExpired,
     ReservationFinalized,
     UnitMismatch,
+    deny_detail_of,
 )
+from cycles.ledger import periods, quotas
 from cycles.models import (
     INT64_MAX,
     Action,
@@ -80,6 +83,7 @@ BUDGET_ACTIVE, BUDGET_FROZEN, BUDGET_CLOSED = "ACTIVE", "FROZEN", "CLOSED"
 BUDGET_STATUSES = (BUDGET_ACTIVE, BUDGET_FROZEN, BUDGET_CLOSED)
 
 R = TypeVar("R", bound=BaseModel)
+_B = TypeVar("_B", bound=Balance)
 
 # Enum members bound once: attribute access on an Enum class is slow on the hot path (Python 3.11).
 _REJECT = CommitOveragePolicy.REJECT
@@ -304,6 +308,16 @@ class Txn(Protocol):
         """Drop idempotency records and finished reservations last touched before ``older_than_ms``."""
         ...
 
+    # A small key -> text store for state beside the budgets: budget periods, quota rules and counters.
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]: ...
+    def put_meta(self, key: str, value: str | None) -> None:
+        """Write ``key`` (``None`` deletes it)."""
+        ...
+
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+        """Entries whose key starts with ``prefix``, in key order (the first ``limit``)."""
+        ...
+
 
 # ---- small helpers --------------------------------------------------------------------------
 
@@ -398,6 +412,8 @@ class Verdict:
     budgets: list[BudgetRow] = field(default_factory=list)
     denial: CyclesError | None = None
     caps: Caps | None = None
+    counters: list[quotas.Counter] = field(default_factory=list)  # quota counters a grant increments
+    observe: bool = False  # the tenant's observe_mode is OBSERVE
 
     @property
     def decision(self) -> Decision:
@@ -407,7 +423,10 @@ class Verdict:
 
 
 def _budgets_for(txn: Txn, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
-    return txn.get_budgets(scopes, unit)
+    rows = txn.get_budgets(scopes, unit)
+    if rows:
+        roll_periods(txn, rows)
+    return rows
 
 
 def _missing_budget(txn: Txn, scopes: Sequence[str], unit: Unit) -> CyclesError:
@@ -432,18 +451,29 @@ def _status_denial(budgets: Sequence[BudgetRow]) -> CyclesError | None:
     return None
 
 
-def evaluate(txn: Txn, subject: Subject, estimate: Amount) -> Verdict:
-    """Decide a reservation without writing. Order: budget exists, status, over-limit, debt, remaining."""
+def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None = None) -> Verdict:
+    """Decide a reservation without writing. Order: action-kind access, risk-class quotas, per-kind
+    quotas (``gate_quotas``), then budget exists, status, over-limit, debt, remaining."""
     scopes = derive_scopes(subject)
     verdict = Verdict(scopes)
+    if action is not None:
+        verdict.denial = gate_quotas(txn, verdict, subject, action)
+        if verdict.denial is not None:
+            return verdict
     budgets = _budgets_for(txn, scopes, estimate.unit)
     verdict.budgets = budgets
     if not budgets:
         verdict.denial = _missing_budget(txn, scopes, estimate.unit)
         return verdict
     needed = estimate.amount
+    pct = quotas.headroom_pct(action) if action is not None and action.tags else 0
     if all(
-        b.status == BUDGET_ACTIVE and not b.is_over_limit and b.debt == 0 and b.remaining >= needed for b in budgets
+        b.status == BUDGET_ACTIVE
+        and not b.is_over_limit
+        and b.debt == 0
+        and b.remaining >= needed
+        and (not pct or b.remaining - needed >= b.allocated * pct // 100)
+        for b in budgets
     ):  # the common case in one pass; the checks below only decide *which* denial it is
         verdict.caps = merge_caps(b.caps for b in budgets) if any(b.caps for b in budgets) else None
         return verdict
@@ -476,6 +506,11 @@ def evaluate(txn: Txn, subject: Subject, estimate: Amount) -> Verdict:
                 },
             )
             return verdict
+    if pct:
+        for row in budgets:
+            if row.remaining - needed < row.allocated * pct // 100:
+                verdict.denial = quotas.headroom_denial(row.scope, estimate.unit.value, row.remaining, needed, pct)
+                return verdict
     verdict.caps = merge_caps(row.caps for row in budgets)
     return verdict
 
@@ -508,7 +543,35 @@ def merge_caps(all_caps: Iterable[Caps | None]) -> Caps | None:
 
 
 def _deny_reason(denial: CyclesError) -> str:
-    return "BUDGET_NOT_FOUND" if isinstance(denial, NotFound) else denial.code
+    if isinstance(denial, NotFound):
+        return "BUDGET_NOT_FOUND"
+    return denial.reason_code if isinstance(denial, Denied) else denial.code
+
+
+def _deny_detail(denial: CyclesError | None) -> dict[str, Any] | None:
+    return None if denial is None else deny_detail_of(denial.code, denial.details)
+
+
+def denied_dry_run(req: ReservationCreateRequest, scopes: list[str], denial: CyclesError) -> ReservationCreateResponse:
+    """A dry run refused before the budget was looked at (quotas, access lists)."""
+    return trusted(
+        ReservationCreateResponse,
+        decision=Decision.DENY,
+        affected_scopes=scopes,
+        scope_path=scopes[-1],
+        reason_code=_deny_reason(denial),
+        deny_detail=_deny_detail(denial),
+    )
+
+
+def denied_decision(scopes: list[str], denial: CyclesError) -> DecisionResponse:
+    return trusted(
+        DecisionResponse,
+        decision=Decision.DENY,
+        reason_code=_deny_reason(denial),
+        affected_scopes=scopes,
+        deny_detail=_deny_detail(denial),
+    )
 
 
 # ---- runtime operations ---------------------------------------------------------------------
@@ -531,12 +594,13 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
         return replay
 
-    verdict = evaluate(txn, req.subject, req.estimate)
+    verdict = evaluate(txn, req.subject, req.estimate, req.action)
+    observe = quotas.observing(req.observe_mode, verdict.observe)
     # Lazy expiry: budget held by dead clients goes back before we say no.
-    if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and expire_due(txn, limit=1000):
-        verdict = evaluate(txn, req.subject, req.estimate)
+    if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and not observe and expire_due(txn, limit=1000):
+        verdict = evaluate(txn, req.subject, req.estimate, req.action)
 
-    if req.dry_run:
+    if req.dry_run or observe:
         if isinstance(verdict.denial, UnitMismatch):
             raise verdict.denial
         response = trusted(
@@ -548,8 +612,11 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             balances=[b.to_balance() for b in verdict.budgets] or None,  # dry-run: always (cheap, wanted)
             reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
             reserved=req.estimate if verdict.denial is None else None,
+            deny_detail=_deny_detail(verdict.denial),
         )
         _remember(txn, idem_tenant, endpoint, req.idempotency_key, digest, response)
+        if observe:
+            quotas.record_observation(req, response, tenant)
         return response
 
     if verdict.denial is not None:
@@ -581,6 +648,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         req.metadata,
     )
     txn.put_reservation(row_r)
+    if verdict.counters:
+        count_quotas(txn, verdict.counters, row_r.reservation_id)
     response = trusted(
         ReservationCreateResponse,
         decision=verdict.decision,
@@ -604,7 +673,7 @@ def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionRespon
     replay = _replay(txn, idem_tenant, "decide", req.idempotency_key, digest, DecisionResponse)
     if replay is not None:
         return replay
-    verdict = evaluate(txn, req.subject, req.estimate)
+    verdict = evaluate(txn, req.subject, req.estimate, req.action)
     if isinstance(verdict.denial, UnitMismatch):  # request-validity error, not a budget state: 400
         raise verdict.denial
     response = trusted(
@@ -613,6 +682,7 @@ def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionRespon
         caps=verdict.caps,
         reason_code=_deny_reason(verdict.denial) if verdict.denial is not None else None,
         affected_scopes=verdict.scopes,
+        deny_detail=_deny_detail(verdict.denial),
     )
     _remember(txn, idem_tenant, "decide", req.idempotency_key, digest, response)
     return response
@@ -671,6 +741,7 @@ def _expire(txn: Txn, row: ReservationRow) -> None:
             txn.put_budget(budget)
     row.status = ReservationStatus.EXPIRED
     txn.put_reservation(row)
+    uncount_quotas(txn, row.reservation_id)
 
 
 def expire_due(txn: Txn, limit: int) -> int:
@@ -788,6 +859,7 @@ def release(txn: Txn, reservation_id: str, req: ReleaseRequest, tenant: str | No
     row.status = ReservationStatus.RELEASED
     row.finalized_at_ms = txn.now_ms
     txn.put_reservation(row)
+    uncount_quotas(txn, row.reservation_id)
     response = trusted(
         ReleaseResponse, status="RELEASED", released=_amount(row.unit, row.amount), balances=_snapshot(txn, budgets)
     )
@@ -982,6 +1054,8 @@ def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceRespon
     effective = tenant if tenant is not None else query.tenant
     rows = [row for row in txn.iter_budgets(effective, all_tenants=effective is None) if query.matches_scope(row.scope)]
     rows.sort(key=lambda r: (r.scope, r.unit.value))
+    if rows:
+        roll_periods(txn, rows)
     binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
     page, next_cursor = _page(rows, query.limit, query.cursor, binding)
     return trusted(
@@ -1069,22 +1143,34 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
 # ---- operator plane -------------------------------------------------------------------------
 
 
-def set_budget(txn: Txn, scope: str, amount: Amount, overdraft_limit: Amount | None, caps: Caps | None) -> Balance:
+def set_budget(
+    txn: Txn,
+    scope: str,
+    amount: Amount,
+    overdraft_limit: Amount | None,
+    caps: Caps | None,
+    period: periods.PeriodSpec | None = None,
+) -> Balance:
     """Create a budget or change its allocation. Spent, reserved and debt are kept."""
     parse_scope(scope)
     if overdraft_limit is not None and overdraft_limit.unit != amount.unit:
         raise UnitMismatch("overdraft_limit must be in the budget's unit")
+    state = period.state(amount.amount, txn.now_ms) if period is not None else None
     row = txn.get_budget(scope, amount.unit) or BudgetRow(scope, amount.unit, scope_tenant(scope))
     if row.status == BUDGET_CLOSED:
         raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    state = configure_period(txn, row, state, period)
     row.allocated = amount.amount
+    if state is not None:
+        state.base = amount.amount
+        txn.put_meta(periods.meta_key(scope, amount.unit.value), state.dumps())
     if overdraft_limit is not None:
         row.overdraft_limit = overdraft_limit.amount
     if caps is not None:
         row.caps = None if caps.is_empty() else caps
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_budget()
+    return with_period(row.to_budget(), state)
 
 
 def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
@@ -1093,6 +1179,7 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     row = txn.get_budget(scope, amount.unit)
     if row is None:
         raise _missing_budget(txn, [scope], amount.unit)
+    states = roll_periods(txn, [row])
     if row.status == BUDGET_CLOSED:
         raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
     if row.allocated + amount.amount > INT64_MAX:
@@ -1105,7 +1192,7 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     row.allocated += amount.amount
     _reconcile_over_limit(row)
     txn.put_budget(row)
-    return row.to_budget()
+    return with_period(row.to_budget(), states.get(row.scope))
 
 
 def _reconcile_over_limit(row: BudgetRow) -> None:
@@ -1137,17 +1224,181 @@ def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
     for u in units:
         row = txn.get_budget(scope, u)
         if row is not None:
-            return row.to_budget()
+            state = roll_periods(txn, [row]).get(row.scope)
+            return with_period(row.to_budget(), state)
     raise NotFound(f"Budget not found for provided scope: {scope}")
 
 
 def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
     rows = sorted(txn.iter_budgets(tenant, all_tenants=tenant is None), key=lambda r: (r.scope, r.unit.value))
-    return [r.to_budget() for r in rows]
+    states = roll_periods(txn, rows, by_unit=True) if rows else {}
+    return [with_period(r.to_budget(), states.get(f"{r.scope}|{r.unit.value}")) for r in rows]
 
 
 def sweep(txn: Txn, limit: int, retention_ms: int = IDEMPOTENCY_RETENTION_MS) -> int:
     """Expire overdue reservations; forget finished ones and idempotency records past retention."""
     expired = expire_due(txn, limit)
     txn.purge(txn.now_ms - retention_ms, limit)
+    purge_quota_counters(txn, limit)
     return expired
+
+
+# ---- recurring budgets (periods.py holds the calendar; this is where a ledger applies it) -----
+
+
+def configure_period(
+    txn: Txn, row: BudgetRow, new: periods.PeriodState | None, spec: periods.PeriodSpec | None
+) -> periods.PeriodState | None:
+    """Store the period of a budget being set; returns the state now in force. Setting the same
+    period again keeps the current window (a new allocation applies from now on); a different
+    period starts its window at this instant. Without ``spec`` the stored period stays."""
+    key = periods.meta_key(row.scope, row.unit.value)
+    current_text = txn.get_meta([key]).get(key)
+    current = periods.PeriodState.loads(current_text) if current_text is not None else None
+    if current is not None and txn.now_ms >= current.end_ms:
+        roll_periods(txn, [row])
+        current = periods.PeriodState.loads(txn.get_meta([key])[key])
+    if spec is None:
+        return current
+    if new is None:
+        if current is not None:
+            txn.put_meta(key, None)
+        return None
+    if current is not None and current.same_spec(new):
+        current.rollover = new.rollover
+        return current
+    return new
+
+
+def with_period(balance: _B, state: periods.PeriodState | None) -> _B:
+    if state is not None:
+        balance.period_start = periods.iso(state.start_ms)
+        balance.period_end = periods.iso(state.end_ms)
+    return balance
+
+
+def roll_periods(txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False) -> dict[str, periods.PeriodState]:
+    """Roll over the budgets among ``rows`` whose period has ended (inside the caller's
+    transaction). Returns the period of each periodic row, by scope (or ``scope|unit``)."""
+    keys = [periods.meta_key(r.scope, r.unit.value) for r in rows]
+    found = txn.get_meta(keys)
+    if not found:
+        return {}
+    out: dict[str, periods.PeriodState] = {}
+    for row, key in zip(rows, keys, strict=True):
+        text = found.get(key)
+        if text is None:
+            continue
+        state = periods.PeriodState.loads(text)
+        if txn.now_ms >= state.end_ms:
+            start, end = state.next_window(txn.now_ms)
+            row.allocated, row.spent, row.debt = periods.rollover(state, start, end, row.allocated, row.spent, row.debt)
+            _reconcile_over_limit(row)
+            txn.put_budget(row)
+            txn.put_meta(key, state.dumps())
+        out[f"{row.scope}|{row.unit.value}" if by_unit else row.scope] = state
+    return out
+
+
+# ---- action quotas and action-kind access (quotas.py holds the rules; this is their storage) ---
+# Meta entries: "policy|<scope>" the scope's ScopePolicy; "qc|<counter>" "<count>,<expires at>";
+# "qx|<expires at, 16 digits>|<counter>" the expiry index a sweep purges by; "qr|<reservation id>"
+# the per_run counters a reservation incremented (given back on release and expiry).
+_RS = "\x1e"
+
+
+def load_policies(txn: Txn, scopes: Sequence[str]) -> dict[str, quotas.ScopePolicy]:
+    keys = [quotas.meta_key(s) for s in scopes]
+    found = txn.get_meta(keys)
+    if not found:
+        return {}
+    return {s: quotas.load_policy(s, found[k]) for s, k in zip(scopes, keys, strict=True) if k in found}
+
+
+def _counts(txn: Txn, counters: Sequence[quotas.Counter]) -> list[int]:
+    found = txn.get_meta(["qc|" + c.key for c in counters])
+    counts = []
+    for c in counters:
+        text = found.get("qc|" + c.key)
+        n, _, expires = text.partition(",") if text is not None else ("0", "", "0")
+        counts.append(int(n) if int(expires) > txn.now_ms else 0)
+    return counts
+
+
+def gate_quotas(txn: Txn, verdict: Verdict, subject: Subject, action: Action) -> CyclesError | None:
+    """Steps 1-3 of the evaluation order; on a pass ``verdict.counters`` holds what a grant counts."""
+    policies = load_policies(txn, verdict.scopes)
+    if not policies:
+        return None
+    verdict.observe = quotas.tenant_observes(policies, subject)
+    denial, counters = quotas.plan(policies, verdict.scopes, subject, action, txn.now_ms)
+    if denial is not None or not counters:
+        return denial
+    verdict.counters = counters
+    return quotas.violation(counters, _counts(txn, counters))
+
+
+def count_quotas(txn: Txn, counters: Sequence[quotas.Counter], reservation_id: str) -> None:
+    """Step 5, with the budget: +1 on every counter (TTL refreshed); remember the per_run ones."""
+    for c, n in zip(counters, _counts(txn, counters), strict=True):
+        expires = txn.now_ms + c.ttl_ms
+        txn.put_meta("qc|" + c.key, f"{n + 1},{expires}")
+        if n == 0:  # a new counter enters the purge index; a refreshed one is re-indexed when reached
+            txn.put_meta(f"qx|{expires:016d}|{c.key}", "")
+    runs = [c.key for c in counters if c.per_run]
+    if runs:
+        txn.put_meta("qr|" + reservation_id, _RS.join(runs))
+
+
+def uncount_quotas(txn: Txn, reservation_id: str) -> None:
+    """PER_RUN COUNTER LIFECYCLE: a released or expired reservation gives its per_run counts back."""
+    key = "qr|" + reservation_id
+    text = txn.get_meta([key]).get(key)
+    if text is None:
+        return
+    for counter in text.split(_RS):
+        found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
+        if found is not None:
+            n, _, expires = found.partition(",")
+            if int(n) > 0 and int(expires) > txn.now_ms:
+                txn.put_meta("qc|" + counter, f"{int(n) - 1},{expires}")
+    txn.put_meta(key, None)
+
+
+def purge_quota_counters(txn: Txn, limit: int) -> int:
+    """Forget counters past their cleanup TTL, oldest first, by the expiry index."""
+    purged = 0
+    for index_key, _ in txn.scan_meta("qx|", limit):
+        expires, counter = int(index_key[3:19]), index_key[20:]
+        if expires > txn.now_ms:
+            break
+        found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
+        txn.put_meta(index_key, None)
+        if found is not None:
+            alive_until = int(found.partition(",")[2])
+            if alive_until <= txn.now_ms:
+                txn.put_meta("qc|" + counter, None)
+            else:  # refreshed since it was indexed: index it at its current expiry
+                txn.put_meta(f"qx|{alive_until:016d}|{counter}", "")
+        purged += 1
+    return purged
+
+
+def update_policy(txn: Txn, scope: str, edit: quotas.PolicyEdit) -> quotas.ScopePolicy:
+    """Set or delete a quota, or replace an action-kind list, on one scope."""
+    parse_scope(scope)
+    key = quotas.meta_key(scope)
+    text = txn.get_meta([key]).get(key)
+    current = quotas.load_policy(scope, text) if text is not None else quotas.ScopePolicy(scope=scope)
+    new = quotas.apply_edit(current, edit)
+    txn.put_meta(key, None if new.is_empty() else new.dumps())
+    return quotas.load_policy(scope, new.dumps())
+
+
+def list_policies(txn: Txn, tenant: str | None) -> list[quotas.ScopePolicy]:
+    out = []
+    for key, text in txn.scan_meta("policy|"):
+        scope = key[len("policy|") :]
+        if tenant is None or scope_tenant(scope) == tenant:
+            out.append(quotas.load_policy(scope, text))
+    return out

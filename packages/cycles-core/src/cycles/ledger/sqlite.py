@@ -46,10 +46,10 @@ __all__ = ["SqliteLedger", "open_sqlite"]
 #: another program's SQLite database is refused instead of getting our tables added to it.
 APPLICATION_ID = 0x4359434C
 #: ``PRAGMA user_version`` (and ``meta.schema_version``): the layout of the tables below.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the kv table (recurring budgets, quotas): older code must not ignore them
 #: version N -> the statements that take a ledger from version N to N + 1, run in order at open.
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
-_OUR_TABLES = frozenset({"meta", "budgets", "reservations", "idempotency"})
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: ()}  # 1 -> 2: only new tables, created by SCHEMA's IF NOT EXISTS
+_OUR_TABLES = frozenset({"meta", "budgets", "reservations", "idempotency"})  # what a v1 ledger has
 _KEY_STORE_TABLES = frozenset({"api_keys"})  # cycles.server.keys keeps API keys in the same file
 
 SCHEMA = """
@@ -105,6 +105,7 @@ CREATE TABLE IF NOT EXISTS idempotency (
     PRIMARY KEY (tenant, endpoint, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS idempotency_age ON idempotency (created_at_ms);
+CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 """
 
 _BUDGET_COLS = "scope, unit, tenant, allocated, spent, reserved, debt, overdraft_limit, is_over_limit, status, caps"
@@ -323,6 +324,24 @@ class _SqliteTxn:
             "INSERT OR REPLACE INTO idempotency VALUES (?,?,?,?,?,?)",
             (tenant, endpoint, key, digest, body, record.created_at_ms),
         )
+
+    def get_meta(self, keys: Sequence[str]) -> dict[str, str]:
+        if not keys:
+            return {}
+        marks = ",".join("?" * len(keys))
+        return dict(self._db.execute(f"SELECT key, value FROM kv WHERE key IN ({marks})", tuple(keys)).fetchall())
+
+    def put_meta(self, key: str, value: str | None) -> None:
+        if value is None:
+            self._db.execute("DELETE FROM kv WHERE key=?", (key,))
+        else:
+            self._db.execute("INSERT OR REPLACE INTO kv VALUES (?,?)", (key, value))
+
+    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+        return self._db.execute(
+            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
+            (prefix, prefix + "\U0010ffff", -1 if limit is None else limit),
+        ).fetchall()
 
     def purge(self, older_than_ms: int, limit: int) -> int:
         a = self._db.execute(

@@ -4,13 +4,17 @@ Protocol v0 leaves budget administration out of scope ("Implementations MAY prov
 operator/admin plane"), so this plane is ours and the v0 runtime shapes stay untouched. It is
 enough to provision a fresh deployment over HTTP without touching the store:
 
-    POST   /admin/budgets              {scope, amount, overdraft_limit?, caps?}  create / set allocation
+    POST   /admin/budgets              {scope, amount, overdraft_limit?, caps?, period?, timezone?,
+                                        rollover_policy?}                          create / set allocation
     POST   /admin/budgets/fund         {scope, amount}                           add funds (repays debt first)
     POST   /admin/budgets/status       {scope, status, unit?}                    ACTIVE / FROZEN / CLOSED
     GET    /admin/budgets?tenant=      list                 GET /admin/budgets/{scope}?unit=   one
     POST   /admin/keys                 {tenant, name?}      -> the new key, shown once
     GET    /admin/keys?tenant=         list (never the keys themselves)
     GET    /admin/keys/{key_id}        DELETE /admin/keys/{key_id}   revoke
+    POST   /admin/policies             {scope, set_quota? | delete_quota? | allowed_action_kinds? |
+                                        denied_action_kinds?}  -> the scope's policy (action quotas)
+    GET    /admin/policies?tenant=     list
 
 Errors use the protocol's ErrorResponse shape.
 """
@@ -23,6 +27,8 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.requests import Request
 
 from cycles.errors import InvalidRequest, NotFound
+from cycles.ledger import periods
+from cycles.ledger.quotas import PolicyEdit
 from cycles.models import Amount, Caps, Unit
 from cycles.server._http import model_json, parse_body, read_body
 from cycles.server.auth import Principal
@@ -37,6 +43,8 @@ __all__ = [
     "get_key",
     "list_budgets",
     "list_keys",
+    "list_policies",
+    "update_policy",
     "revoke_key",
     "sweep",
     "set_budget",
@@ -57,6 +65,10 @@ class BudgetSetRequest(_Body):
     amount: Amount
     overdraft_limit: Amount | None = None
     caps: Caps | None = None
+    # recurring budgets (cycles.ledger.periods): "day" / "month" / ... or "12h"; "none" removes the period
+    period: Annotated[str, StringConstraints(max_length=32)] | None = None
+    timezone: Annotated[str, StringConstraints(max_length=64)] | None = None
+    rollover_policy: Literal["NONE", "CARRY_FORWARD", "CAP_AT_ALLOCATED"] | None = None
 
 
 class BudgetFundRequest(_Body):
@@ -68,6 +80,10 @@ class BudgetStatusRequest(_Body):
     scope: Scope
     status: Literal["ACTIVE", "FROZEN", "CLOSED"]
     unit: Unit | None = None
+
+
+class PolicyUpdateRequest(PolicyEdit):
+    scope: Scope
 
 
 class KeyCreateRequest(_Body):
@@ -104,7 +120,14 @@ async def set_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
     except NotFound:
         created = True
     balance = await s.timed(
-        "set_budget", s.ledger.set_budget(req.scope, req.amount, overdraft_limit=req.overdraft_limit, caps=req.caps)
+        "set_budget",
+        s.ledger.set_budget(
+            req.scope,
+            req.amount,
+            overdraft_limit=req.overdraft_limit,
+            caps=req.caps,
+            period=periods.spec(req.period, req.timezone, req.rollover_policy),
+        ),
     )
     return (201 if created else 200), model_json(balance)
 
@@ -139,6 +162,18 @@ async def sweep(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest("limit must be a whole number from 1 to 100000")
     expired = await s.timed("sweep", s.ledger.sweep(int(raw)))
     return 200, s.dumps({"expired": expired})
+
+
+async def update_policy(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    req = parse_body(PolicyUpdateRequest, await read_body(request, s.max_body_bytes))
+    edit = PolicyEdit.model_validate(req.model_dump(exclude={"scope"}, exclude_none=True))
+    policy = await s.timed("update_policy", s.ledger.update_policy(req.scope, edit))
+    return 200, model_json(policy)
+
+
+async def list_policies(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    rows = await s.timed("list_policies", s.ledger.list_policies(tenant=_tenant_param(request)))
+    return 200, _json_list("policies", [model_json(x) for x in rows])
 
 
 async def create_key(s: CyclesServer, request: Request, p: Principal) -> Reply:

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from cycles.errors import CyclesError, InternalError, LedgerUnavailable, NotFound
+from cycles.errors import CyclesError, Denied, InternalError, LedgerUnavailable, NotFound
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.ledger.rules import ReservationQuery
 from cycles.models import Balance, ReservationStatus, Unit
@@ -143,7 +143,8 @@ class CyclesServer:
             else:
                 if status == 401:
                     self.metrics.auth_failures.inc("admin" if auth == "admin" else "api_key")
-                body = error_body(error, exc.message, request_id, trace_id, exc.details)
+                details = {**exc.details, "deny_detail": exc.deny_detail} if isinstance(exc, Denied) else exc.details
+                body = error_body(error, exc.message, request_id, trace_id, details)
         except Exception:
             logger.exception(
                 "unhandled error on %s", route, extra={"cycles": {"request_id": request_id, "trace_id": trace_id}}
@@ -332,6 +333,8 @@ def _endpoints(server: CyclesServer) -> list[Endpoint]:
         ep("/admin/keys/{key_id}", "GET", a.get_key, "admin"),
         ep("/admin/keys/{key_id}", "DELETE", a.revoke_key, "admin"),
         ep("/admin/sweep", "POST", a.sweep, "admin"),
+        ep("/admin/policies", "POST", a.update_policy, "admin"),
+        ep("/admin/policies", "GET", a.list_policies, "admin"),
     ]
 
 

@@ -8,19 +8,22 @@ dispatcher (``app.py``), so a handler reads as the spec's description of the ope
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
 from cycles.errors import Denied, Forbidden, InvalidRequest, NotFound
+from cycles.ledger.quotas import EXTENSIONS_VERSION
 from cycles.ledger.rules import SORT_KEYS, BalanceQuery, ReservationQuery
 from cycles.models import (
     CommitRequest,
     DecisionRequest,
+    DecisionResponse,
     EventCreateRequest,
     ReleaseRequest,
     ReservationCreateRequest,
+    ReservationCreateResponse,
     ReservationExtendRequest,
     ReservationStatus,
     Subject,
@@ -120,7 +123,7 @@ async def reserve(s: CyclesServer, request: Request, p: Principal) -> Reply:
         s.metrics.decisions.inc(op, "DENY", "BUDGET_NOT_FOUND")
         raise
     s.metrics.decisions.inc(op, res.decision.value, _reason_label(res.reason_code))
-    return 200, model_json(res)
+    return 200, model_json(_for_client(res, request))
 
 
 async def decide(s: CyclesServer, request: Request, p: Principal) -> Reply:
@@ -129,7 +132,18 @@ async def decide(s: CyclesServer, request: Request, p: Principal) -> Reply:
     _own_subject(req.subject, p)
     res = await s.timed("decide", s.ledger.decide(req, tenant=p.tenant))
     s.metrics.decisions.inc("decide", res.decision.value, _reason_label(res.reason_code))
-    return 200, model_json(res)
+    return 200, model_json(_for_client(res, request))
+
+
+R = TypeVar("R", ReservationCreateResponse, DecisionResponse)
+
+
+def _for_client(res: R, request: Request) -> R:
+    """``deny_detail`` goes into a 200 DENY body only for clients that announce the v0.1.26
+    extensions (``X-Cycles-Extensions``): v0 clients may forbid unknown fields."""
+    if res.deny_detail is not None and EXTENSIONS_VERSION not in request.headers.get("x-cycles-extensions", ""):
+        return res.model_copy(update={"deny_detail": None})
+    return res
 
 
 async def commit(s: CyclesServer, request: Request, p: Principal) -> Reply:

@@ -14,6 +14,10 @@ if unit ~= row.unit then
   return err('UNIT_MISMATCH_COMMIT', row.unit)
 end
 local rows = load_budgets(held_scopes(row.budgeted), row.unit)
+local due = period_due(rows)
+if due then
+  return due
+end
 local charged, denial = settle(rows, row.amount, actual, row.policy, false)
 if denial then
   if denial[1] == 'COMMIT_REJECTED' then -- its message names the reservation's scope_path

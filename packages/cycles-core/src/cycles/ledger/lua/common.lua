@@ -6,7 +6,8 @@
 -- KEYS[1] is the slot base "<prefix>:{<tag>}:". Every key a script touches is that base plus a
 -- suffix, so all of them share the tenant's hash tag and live in one Redis Cluster slot:
 --   budgets       hash: "<scope>|<unit>" -> "allocated,spent,reserved,debt,overdraft_limit,over_limit,status",
---                 "<scope>|<unit>|caps" -> caps JSON, "~hint" -> "<score>,<published at>" (see hint_for)
+--                 "<scope>|<unit>|caps" -> caps JSON, "~hint" -> "<score>,<published at>" (see hint_for),
+--                 "<scope>|<unit>|period" -> a recurring budget's period (periods.PeriodState JSON)
 --   r:<id>        hash: a reservation (see RFIELDS)
 --   idx           zset: reservation id -> its deadline while ACTIVE, its purge time once finished
 --   i:<endpoint>:<tenant>:<key>   string: an idempotency record
@@ -35,6 +36,7 @@ local UNITS = {@UNITS@}
 local MAX_AMOUNT = 9007199254740991
 local KEY_SAFETY_MS = 3600000
 local BUDGETS = base .. 'budgets'
+local POLICY = base .. 'policy'
 local IDX = base .. 'idx'
 
 local NULL = {}
@@ -89,7 +91,7 @@ end
 -- ---- budgets ---------------------------------------------------------------------------------
 
 -- A budget row from its packed value (nil when there is no such budget).
-local function parse_budget(scope, unit, packed, caps)
+local function parse_budget(scope, unit, packed, caps, period)
   if not packed then
     return nil
   end
@@ -97,7 +99,7 @@ local function parse_budget(scope, unit, packed, caps)
   return {
     scope = scope, unit = unit, field = scope .. '|' .. unit,
     a = tonumber(a), s = tonumber(s), r = tonumber(r), d = tonumber(d), o = tonumber(o),
-    x = x == '1', st = st, caps = caps or nil,
+    x = x == '1', st = st, caps = caps or nil, period = period or nil,
   }
 end
 
@@ -107,8 +109,9 @@ local function load_budgets(scopes, unit, ...)
   local fields = {}
   for i, scope in ipairs(scopes) do
     local field = scope .. '|' .. unit
-    fields[2 * i - 1] = field
-    fields[2 * i] = field .. '|caps'
+    fields[3 * i - 2] = field
+    fields[3 * i - 1] = field .. '|caps'
+    fields[3 * i] = field .. '|period'
   end
   local n = #fields
   for i, extra in ipairs({...}) do
@@ -117,7 +120,7 @@ local function load_budgets(scopes, unit, ...)
   local values = redis.call('HMGET', BUDGETS, unpack(fields))
   local rows = {}
   for i, scope in ipairs(scopes) do
-    local b = parse_budget(scope, unit, values[2 * i - 1], values[2 * i])
+    local b = parse_budget(scope, unit, values[3 * i - 2], values[3 * i - 1], values[3 * i])
     if b then
       rows[#rows + 1] = b
     end
@@ -150,7 +153,30 @@ local function put_budgets(rows, ...)
 end
 
 local function budget_json(b)
-  return {b.scope, b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st, b.caps or NULL}
+  return {b.scope, b.a, b.s, b.r, b.d, b.o, b.x and 1 or 0, b.st, b.caps or NULL, raw(b.period)}
+end
+
+-- periods.py: a budget whose period has ended rolls over before anything reads or charges it. The
+-- new window needs the calendar of a time zone, which Lua lacks: refuse with PERIOD_ROLL (nothing
+-- written by the operation yet); redis.py computes the window, runs roll.lua, then this script again.
+local function period_due(rows)
+  local due = {}
+  for _, b in ipairs(rows) do
+    if b.period and now >= cjson.decode(b.period)[8] then
+      due[#due + 1] = b.field
+      due[#due + 1] = {json = b.period}
+    end
+  end
+  if #due > 0 then
+    return err('PERIOD_ROLL', now, unpack(due))
+  end
+  return nil
+end
+
+-- periods.PeriodState.dumps, byte for byte (cjson would print large integers as %.14g).
+local function period_text(p)
+  return '[' .. enc(p[1]) .. ',' .. enc(p[2]) .. ',' .. fmt(p[3]) .. ',' .. enc(p[4]) .. ',' .. fmt(p[5]) .. ','
+    .. fmt(p[6]) .. ',' .. fmt(p[7]) .. ',' .. fmt(p[8]) .. ']'
 end
 
 local function budgets_json(rows)
@@ -214,8 +240,9 @@ local function status_denial(rows)
   return nil
 end
 
--- rules.evaluate over rows already loaded: status, over-limit, debt, remaining.
-local function verdict(scopes, rows, amount)
+-- rules.evaluate over rows already loaded: status, over-limit, debt, remaining, then the headroom
+-- a prioritised reservation leaves (pct of each allocation; quotas.PRIORITY_HEADROOM_PCT).
+local function verdict(scopes, rows, amount, pct)
   if #rows == 0 then
     return missing_budget(scopes)
   end
@@ -237,6 +264,15 @@ local function verdict(scopes, rows, amount)
     local rem = remaining(b)
     if rem < amount then
       return {'BUDGET_EXCEEDED', b.scope, rem, amount}
+    end
+  end
+  if pct and pct > 0 then
+    for _, b in ipairs(rows) do
+      local rem = remaining(b)
+      -- allocated * pct // 100 without leaving exact doubles for large allocations
+      if rem - amount < math.floor(b.a / 100) * pct + math.floor((b.a % 100) * pct / 100) then
+        return {'HEADROOM', b.scope, rem, amount, pct}
+      end
     end
   end
   return nil
@@ -390,9 +426,94 @@ local function release_hold(budgeted, unit, amount)
   return rows
 end
 
+-- ---- action quotas (rules.gate_quotas / count_quotas / uncount_quotas) ---------------------------
+-- "<p>:{t}:policy" hash: scope -> its quotas.ScopePolicy JSON, "~v" -> a version bumped on every
+-- change. Which counters apply is decided in Python (quotas.plan, over the policies it caches by
+-- version); a script checks that version, then the counters, atomically with the budget.
+-- Counters are "<p>:{t}:q:<scope>|<kind or __risk__:class>|<window>|<bucket>" = "<count>,<expires at>"
+-- (rules' "qc|" entries: the script's clock decides when a count lapses), with a key TTL an hour
+-- longer for cleanup.
+
+-- The live count of a counter key (0 once lapsed), and its expiry.
+local function quota_read(k)
+  local v = redis.call('GET', k)
+  if not v then
+    return 0, 0
+  end
+  local n, exp = string.match(v, '^(%d+),(%d+)$')
+  n, exp = tonumber(n), tonumber(exp)
+  if exp <= now then
+    return 0, exp
+  end
+  return n, exp
+end
+
+-- '' or an error reply (POLICY: the caller's policies are stale, here are the current ones;
+-- QUOTA: the counts, some at their limit), and the counters to increment on a grant.
+local function quota_gate(version, plan, scopes)
+  local v = redis.call('HGET', POLICY, '~v')
+  if not v then
+    return nil, {}
+  end
+  if v ~= version then
+    local docs = redis.call('HMGET', POLICY, unpack(scopes))
+    local out = {}
+    for i = 1, #scopes do
+      out[i] = docs[i] or NULL
+    end
+    return err('POLICY', v, out), nil
+  end
+  if plan == '' then
+    return nil, {}
+  end
+  local counters = cjson.decode(plan) -- [[counter, limit, ttl ms, per_run 0/1], ...]
+  local counts, over = {}, false
+  for i, c in ipairs(counters) do
+    counts[i] = quota_read(base .. 'q:' .. c[1])
+    if counts[i] >= c[2] then
+      over = true
+    end
+  end
+  if over then
+    return err('QUOTA', counts), nil
+  end
+  return nil, counters
+end
+
+-- +1 on every counter, TTL refreshed; the per_run ones are remembered on the reservation.
+local function quota_count(counters, rid)
+  local runs = {}
+  for _, c in ipairs(counters) do
+    local k = base .. 'q:' .. c[1]
+    local n = quota_read(k)
+    redis.call('SET', k, fmt(n + 1) .. ',' .. fmt(now + c[3]), 'PX', c[3] + KEY_SAFETY_MS)
+    if c[4] == 1 then
+      runs[#runs + 1] = c[1]
+    end
+  end
+  if #runs > 0 then
+    redis.call('HSET', rkey(rid), 'qk', table.concat(runs, '\30'))
+  end
+end
+
+-- PER_RUN COUNTER LIFECYCLE: a released or expired reservation gives its per_run counts back.
+local function quota_uncount(rid)
+  local qk = redis.call('HGET', rkey(rid), 'qk')
+  if qk then
+    for counter in string.gmatch(qk, '[^\30]+') do
+      local k = base .. 'q:' .. counter
+      local n, exp = quota_read(k)
+      if n > 0 then
+        redis.call('SET', k, fmt(n - 1) .. ',' .. fmt(exp), 'KEEPTTL')
+      end
+    end
+  end
+end
+
 -- rules._expire: the amount goes back to every scope the reservation held.
 local function expire_row(row)
   release_hold(row.budgeted, row.unit, row.amount)
+  quota_uncount(row.id)
   redis.call('HSET', rkey(row.id), 'status', 'EXPIRED')
   row.st = 'EXPIRED'
   finish(row.id, row.expires + row.grace)

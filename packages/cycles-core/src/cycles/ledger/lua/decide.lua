@@ -1,9 +1,10 @@
 -- rules.decide: evaluate without reserving; only the idempotency record is written.
 -- KEYS: base, idempotency key
--- ARGV: now, unit, amount, fingerprint, derived scopes...
+-- ARGV: now, unit, amount, fingerprint, policy version, quota counters json, priority headroom pct,
+--       derived scopes...
 local unit, amount, fingerprint = ARGV[2], tonumber(ARGV[3]), ARGV[4]
 local scopes = {}
-for i = 5, #ARGV do
+for i = 8, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -15,8 +16,16 @@ if rec then
   end
   return replay(rec.payload)
 end
+local qdenial = quota_gate(ARGV[5], ARGV[6], scopes)
+if qdenial then
+  return qdenial
+end
 local rows = load_budgets(scopes, unit)
-local denial = verdict(scopes, rows, amount)
+local due = period_due(rows)
+if due then
+  return due
+end
+local denial = verdict(scopes, rows, amount, tonumber(ARGV[7]))
 if denial and denial[1] == 'UNIT_MISMATCH_SCOPE' then
   return err(unpack(denial))
 end

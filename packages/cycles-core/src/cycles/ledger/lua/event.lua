@@ -16,6 +16,10 @@ if rec then
   return replay(rec.payload)
 end
 local rows = load_budgets(scopes, unit)
+local due = period_due(rows)
+if due then
+  return due
+end
 if #rows == 0 then
   return err(unpack(missing_budget(scopes)))
 end

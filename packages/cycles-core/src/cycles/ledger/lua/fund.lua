@@ -8,6 +8,10 @@ local b = load_budget(scope, unit)
 if b == nil then
   return err(unpack(missing_budget({scope})))
 end
+local due = period_due({b})
+if due then
+  return due
+end
 if b.st == 'CLOSED' then
   return err('BUDGET_CLOSED', scope)
 end

@@ -10,6 +10,7 @@ if not row then
 end
 local rows = release_hold(row.budgeted, row.unit, row.amount)
 redis.call('HSET', rkey(rid), 'status', 'RELEASED', 'finalized', now)
+quota_uncount(rid)
 finish(rid, now)
 local payload = enc({row.amount, row.unit, ARGV[6] == '1' and budgets_json(rows) or NULL})
 idem_put(ikey, fingerprint, '', payload)

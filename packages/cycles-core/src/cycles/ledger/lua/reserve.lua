@@ -1,12 +1,13 @@
 -- rules.reserve (and its dry run).
 -- KEYS: base, idempotency key
 -- ARGV: now, unit, amount, ttl_ms, grace_period_ms, overage_policy, dry_run (0/1), reservation id,
---       fingerprint, owner ('' | '=tenant'), info json, include balances (0/1), derived scopes...
+--       fingerprint, owner ('' | '=tenant'), info json, include balances (0/1), policy version,
+--       quota counters json (see quota_gate), priority headroom pct, derived scopes...
 local unit, amount = ARGV[2], tonumber(ARGV[3])
 local ttl, grace, policy, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
 local rid, fingerprint, owner = ARGV[8], ARGV[9], opt(ARGV[10])
 local scopes = {}
-for i = 13, #ARGV do
+for i = 16, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -23,13 +24,22 @@ if rec then
   return replay(rec.payload, status)
 end
 
+local qdenial, counters = quota_gate(ARGV[13], ARGV[14], scopes)
+if qdenial then
+  return qdenial
+end
 local rows, hint = load_budgets(scopes, unit, '~hint')
-local denial = verdict(scopes, rows, amount)
-if denial and denial[1] == 'BUDGET_EXCEEDED' and not dry then
+local due = period_due(rows)
+if due then
+  return due
+end
+local pct = tonumber(ARGV[15])
+local denial = verdict(scopes, rows, amount, pct)
+if denial and (denial[1] == 'BUDGET_EXCEEDED' or denial[1] == 'HEADROOM') and not dry then
   -- Lazy expiry: budget held by dead clients goes back before we say no.
   if expire_due(1000) > 0 then
     rows, hint = load_budgets(scopes, unit, '~hint')
-    denial = verdict(scopes, rows, amount)
+    denial = verdict(scopes, rows, amount, pct)
   end
 end
 
@@ -68,6 +78,7 @@ else
     'created', now, 'expires', expires, 'grace', grace, 'policy', policy, 'ext', 0, 'info', ARGV[11])
 end
 redis.call('ZADD', IDX, deadline, rid)
+quota_count(counters, rid)
 keep_key(rid, deadline)
 local payload -- the hot path formats its reply directly (enc() costs about 2 us here)
 if ARGV[12] == '1' then
