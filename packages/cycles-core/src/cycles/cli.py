@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="expire abandoned reservations now (normally done lazily)")
     sweep.set_defaults(handler=_cmd_sweep)
 
+    from cycles.ops_cli import add_ops_commands
+
+    add_ops_commands(sub)
     try:
         from cycles.server.cli import add_server_commands
     except ImportError:  # the server extra is not installed

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections import deque
@@ -52,6 +53,7 @@ from cycles.models import (
     Subject,
     Unit,
 )
+from cycles.shadow import ShadowEvent, ShadowRecorder, ShadowReport, ShadowStore, report_from_store, shadow_store_for
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
 
@@ -127,6 +129,26 @@ class _ClientBase:
         )
         #: Decisions enforcement would have made but shadow mode let through (newest last).
         self.shadow_log: deque[ShadowRecord] = deque(maxlen=shadow_log_size)
+        self._shadow_recorder: ShadowRecorder | None = None
+
+    def publish_shadow(self, record: ShadowRecord) -> None:
+        """Keep a settled shadow decision next to the ledger (a background thread writes it), where
+        ``shadow_report`` and the dashboard read every process's decisions."""
+        if self._shadow_recorder is None:
+            ledger = cast(Any, self).ledger
+            self._shadow_recorder = ShadowRecorder(lambda: shadow_store_for(ledger))
+        self._shadow_recorder.submit(ShadowEvent.from_record(record))
+
+    def _shadow_store(self) -> ShadowStore:
+        if self._shadow_recorder is None:
+            ledger = cast(Any, self).ledger
+            self._shadow_recorder = ShadowRecorder(lambda: shadow_store_for(ledger))
+        self._shadow_recorder.flush()
+        return self._shadow_recorder.store
+
+    def _close_shadow(self) -> None:
+        if self._shadow_recorder is not None:
+            self._shadow_recorder.close()
 
     def _guard_core(
         self,
@@ -548,7 +570,15 @@ class Cycles(_ClientBase):
         """Expire reservations past their deadline now (normally done lazily). Returns how many."""
         return self.ledger.sweep(limit)
 
+    def shadow_report(self, *, tenant: str | None = None, since: str | int | None = "7d") -> ShadowReport:
+        """What enforcement would have done, from every process's shadow decisions on this ledger:
+        would-denies by scope, action and reason, spend prevented, peak overage and a suggested
+        budget per scope. ``since``: ``"7d"``, ``"12h"``, an ISO date or a ms timestamp."""
+        store = self._shadow_store()
+        return report_from_store(store, self.budgets.list(tenant=tenant), tenant=tenant, since=since)
+
     def close(self) -> None:
+        self._close_shadow()
         self.ledger.close()
 
     def __enter__(self) -> Cycles:
@@ -754,7 +784,14 @@ class AsyncCycles(_ClientBase):
     async def sweep(self, limit: int = 1000) -> int:
         return await self.ledger.sweep(limit)
 
+    async def shadow_report(self, *, tenant: str | None = None, since: str | int | None = "7d") -> ShadowReport:
+        """The async twin of ``Cycles.shadow_report``."""
+        store = await asyncio.to_thread(self._shadow_store)
+        budgets = await self.budgets.list(tenant=tenant)
+        return await asyncio.to_thread(report_from_store, store, budgets, tenant=tenant, since=since)
+
     async def aclose(self) -> None:
+        await asyncio.to_thread(self._close_shadow)
         await self.ledger.aclose()
 
     async def __aenter__(self) -> AsyncCycles:

@@ -30,7 +30,7 @@ from cycles.errors import CyclesError, InternalError, LedgerUnavailable, NotFoun
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.ledger.rules import ReservationQuery
 from cycles.models import Balance, ReservationStatus, Unit
-from cycles.server import admin, routes
+from cycles.server import admin, routes, shadow_routes
 from cycles.server._http import MAX_BODY_BYTES, error_body, error_status, new_request_id, trace_id_from
 from cycles.server.access_log import ACCESS_LOGGER, access_record, configure_logging
 from cycles.server.auth import Authenticator, Principal
@@ -332,6 +332,8 @@ def _endpoints(server: CyclesServer) -> list[Endpoint]:
         ep("/admin/keys/{key_id}", "GET", a.get_key, "admin"),
         ep("/admin/keys/{key_id}", "DELETE", a.revoke_key, "admin"),
         ep("/admin/sweep", "POST", a.sweep, "admin"),
+        ep("/v1/shadow/events", "POST", shadow_routes.record_shadow_events, "api"),
+        ep("/v1/shadow/events", "GET", shadow_routes.list_shadow_events, "dual"),
     ]
 
 
