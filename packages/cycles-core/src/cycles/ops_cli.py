@@ -1,8 +1,9 @@
-"""``cycles shadow report``: what operators look at, plugged into the CLI.
+"""``cycles shadow report`` and ``cycles dashboard``: what operators look at, plugged into the CLI.
 
     cycles shadow report [--tenant acme] [--since 7d] [--json] [--ledger URL]
+    cycles dashboard [--ledger URL] [--port 7879] [--no-browser]
 
-``add_ops_commands(subparsers)`` adds it; each sets ``handler`` to ``(Namespace) -> int``.
+``add_ops_commands(subparsers)`` adds both; each sets ``handler`` to ``(Namespace) -> int``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -42,6 +44,18 @@ def add_ops_commands(subparsers: Any) -> None:
     report.add_argument("--admin-key", default=None, help="for an http(s) ledger (default $CYCLES_ADMIN_KEY)")
     _common(report)
     report.set_defaults(handler=cmd_shadow_report)
+
+    dashboard = subparsers.add_parser(
+        "dashboard",
+        help="open the web dashboard on this machine's ledger",
+        description="Serve the dashboard on localhost over a ledger (the embedded SQLite one by default) "
+        "and open it in a browser. `cycles serve --admin-key ...` serves it at /dashboard too.",
+    )
+    dashboard.add_argument("--port", type=int, default=7879, help="port on 127.0.0.1 (default 7879; 0: any free)")
+    dashboard.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    dashboard.add_argument("--admin-key", default=None, help="for an http(s) ledger (default $CYCLES_ADMIN_KEY)")
+    _common(dashboard)
+    dashboard.set_defaults(handler=cmd_dashboard)
 
 
 def open_client(args: argparse.Namespace) -> Cycles:
@@ -102,3 +116,18 @@ def format_report(report: ShadowReport) -> str:
         headers = ["scope", "unit", "allocated", "spent", "would-deny", "prevented", "peak overage", "suggested"]
         lines.append(render_table(headers, rows))
     return "\n".join(lines)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from cycles.dashboard.standalone import run_dashboard
+    except ImportError as exc:
+        print(
+            f"error: cycles dashboard needs the server extra: pip install 'cycles-core[server]' ({exc})",
+            file=sys.stderr,
+        )
+        return 1
+    code: int = run_dashboard(
+        getattr(args, "ledger", None), port=args.port, open_browser=not args.no_browser, admin_key=args.admin_key
+    )
+    return code
