@@ -16,6 +16,11 @@ JSON with a few indexed columns. Ids sort by time (``evt_``/``aud_`` + 12 hex di
 milliseconds + a per-process counter + random), so "newest first" and cursors are one index walk;
 the cursor is the last id returned.
 
+A third, small part holds the governance *objects* (tenants, policies, webhook subscriptions) as
+JSON documents with atomic compare-and-swap updates: ``doc_get``, ``doc_list``, ``doc_swap``,
+``doc_update`` (SQLite table ``cycles_docs``; Redis hash ``<prefix>:{!records}:doc:<kind>`` with a
+per-tenant id set).
+
 Python API (``cycles.ledger.records``)::
 
     store = records_of(ledger)                 # the store of a ledger (cached on it), any local backend
@@ -521,6 +526,40 @@ class RecordStore(abc.ABC):
     def read(self, key: str) -> str | None:
         """The value ``cas`` left at ``key`` (``None`` if absent or expired)."""
 
+    # -- documents: the governance objects (tenants, policies, webhooks, ...) -------------------
+
+    def doc_get(self, kind: str, doc_id: str) -> Record | None:
+        raw = self._doc_get(kind, doc_id)
+        return json.loads(raw) if raw is not None else None
+
+    def doc_list(self, kind: str, *, tenant: str | None = None) -> list[Record]:
+        """Every document of ``kind`` (of one tenant), by id."""
+        return [json.loads(raw) for _, raw in sorted(self._doc_list(kind, tenant))]
+
+    def doc_swap(self, kind: str, doc_id: str, expected: Record | None, new: Record | None) -> bool:
+        """Atomically replace the document holding ``expected`` (``None``: absent) with ``new``
+        (``None`` deletes). ``new["tenant_id"]`` indexes it for ``doc_list(tenant=...)``."""
+        old_raw = _canon(expected) if expected is not None else None
+        new_raw = _canon(new) if new is not None else None
+        tenant = str((new or expected or {}).get("tenant_id") or "")
+        return self._doc_swap(kind, doc_id, tenant, old_raw, new_raw)
+
+    def doc_update(self, kind: str, doc_id: str, change: Callable[[Record | None], Record | None]) -> Record | None:
+        """Read, ``change``, write back if nobody wrote in between (else again); returns the new
+        document. ``change`` may raise to refuse."""
+        while True:
+            current = self.doc_get(kind, doc_id)
+            new = change(None if current is None else json.loads(json.dumps(current)))
+            if new == current or self.doc_swap(kind, doc_id, current, new):
+                return new
+
+    @abc.abstractmethod
+    def _doc_get(self, kind: str, doc_id: str) -> str | None: ...
+    @abc.abstractmethod
+    def _doc_list(self, kind: str, tenant: str | None) -> list[tuple[str, str]]: ...
+    @abc.abstractmethod
+    def _doc_swap(self, kind: str, doc_id: str, tenant: str, old: str | None, new: str | None) -> bool: ...
+
     @abc.abstractmethod
     def _insert(self, kind: Kind, rid: str, tenant: str, body: str) -> None: ...
     @abc.abstractmethod
@@ -547,6 +586,10 @@ class RecordStore(abc.ABC):
         """Release connections."""
 
 
+def _canon(doc: Record) -> str:
+    return json.dumps(doc, separators=(",", ":"), sort_keys=True)
+
+
 def _id_of(kind: Kind, record: Record) -> str:
     value: str = record[_ID_FIELD[kind]]
     return value
@@ -562,6 +605,28 @@ class MemoryRecordStore(RecordStore):
         self._ids: dict[tuple[Kind, str | None], list[str]] = {}
         self._bodies: dict[Kind, dict[str, tuple[str, str]]] = {EVENTS: {}, AUDIT: {}}
         self._kv: dict[str, tuple[str, int | None]] = {}
+        self._docs: dict[str, dict[str, tuple[str, str]]] = {}
+
+    def _doc_get(self, kind: str, doc_id: str) -> str | None:
+        found = self._docs.get(kind, {}).get(doc_id)
+        return found[1] if found else None
+
+    def _doc_list(self, kind: str, tenant: str | None) -> list[tuple[str, str]]:
+        with self._lock:
+            items = list(self._docs.get(kind, {}).items())
+        return [(k, raw) for k, (t, raw) in items if tenant is None or t == tenant]
+
+    def _doc_swap(self, kind: str, doc_id: str, tenant: str, old: str | None, new: str | None) -> bool:
+        with self._lock:
+            docs = self._docs.setdefault(kind, {})
+            found = docs.get(doc_id)
+            if (found[1] if found else None) != old:
+                return False
+            if new is None:
+                docs.pop(doc_id, None)
+            else:
+                docs[doc_id] = (tenant, new)
+            return True
 
     def _insert(self, kind: Kind, rid: str, tenant: str, body: str) -> None:
         with self._lock:
@@ -637,6 +702,14 @@ CREATE TABLE IF NOT EXISTS cycles_records (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS cycles_records_tenant ON cycles_records (kind, tenant, id);
 CREATE TABLE IF NOT EXISTS cycles_kv (key TEXT PRIMARY KEY, value TEXT NOT NULL, expires_ms INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cycles_docs (
+    kind TEXT NOT NULL,
+    id TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    body TEXT NOT NULL,
+    PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS cycles_docs_tenant ON cycles_docs (kind, tenant);
 """
 
 
@@ -692,6 +765,29 @@ class SqliteRecordStore(RecordStore):
             finally:
                 if fd is not None:
                     fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _doc_get(self, kind: str, doc_id: str) -> str | None:
+        with self._tx(write=False) as db:
+            row = db.execute("SELECT body FROM cycles_docs WHERE kind=? AND id=?", (kind, doc_id)).fetchone()
+        return row[0] if row else None
+
+    def _doc_list(self, kind: str, tenant: str | None) -> list[tuple[str, str]]:
+        sql, params = "SELECT id, body FROM cycles_docs WHERE kind=?", [kind]
+        if tenant is not None:
+            sql, params = sql + " AND tenant=?", [kind, tenant]
+        with self._tx(write=False) as db:
+            return [(r[0], r[1]) for r in db.execute(sql, params).fetchall()]
+
+    def _doc_swap(self, kind: str, doc_id: str, tenant: str, old: str | None, new: str | None) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT body FROM cycles_docs WHERE kind=? AND id=?", (kind, doc_id)).fetchone()
+            if (row[0] if row else None) != old:
+                return False
+            if new is None:
+                db.execute("DELETE FROM cycles_docs WHERE kind=? AND id=?", (kind, doc_id))
+            else:
+                db.execute("INSERT OR REPLACE INTO cycles_docs VALUES (?,?,?,?)", (kind, doc_id, tenant, new))
+            return True
 
     def _insert(self, kind: Kind, rid: str, tenant: str, body: str) -> None:
         with self._tx() as db:
@@ -795,6 +891,22 @@ return #ids
 """
 
 
+_DOC_SWAP_LUA = """
+-- KEYS[1] docs hash, KEYS[2] tenant index set prefix target (old), KEYS[3] (new); ARGV: id, old, new, tenant
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur == false then cur = '' else cur = '=' .. cur end
+if cur ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], string.sub(ARGV[3], 2))
+  redis.call('SADD', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+
 class RedisRecordStore(RecordStore):
     """Under ``<prefix>:{!records}:`` beside the ledger (see the module docstring)."""
 
@@ -805,6 +917,28 @@ class RedisRecordStore(RecordStore):
         self.url = "redis://"
         self._cas = client.register_script(_CAS_LUA)
         self._purge_script = client.register_script(_PURGE_LUA)
+        self._doc_swap_script = client.register_script(_DOC_SWAP_LUA)
+
+    def _docs(self, kind: str) -> str:
+        return f"{self.prefix}doc:{kind}"
+
+    def _doc_get(self, kind: str, doc_id: str) -> str | None:
+        raw = self._r.hget(self._docs(kind), doc_id)
+        return _text(raw) if raw is not None else None
+
+    def _doc_list(self, kind: str, tenant: str | None) -> list[tuple[str, str]]:
+        if tenant is None:
+            return [(_text(k), _text(v)) for k, v in self._r.hgetall(self._docs(kind)).items()]
+        ids = sorted(_text(i) for i in self._r.smembers(f"{self._docs(kind)}:t:{tenant}"))
+        if not ids:
+            return []
+        bodies = self._r.hmget(self._docs(kind), ids)
+        return [(i, _text(b)) for i, b in zip(ids, bodies, strict=True) if b is not None]
+
+    def _doc_swap(self, kind: str, doc_id: str, tenant: str, old: str | None, new: str | None) -> bool:
+        args = [doc_id, "" if old is None else "=" + old, "" if new is None else "=" + new]
+        keys = [self._docs(kind), f"{self._docs(kind)}:t:{tenant}"]
+        return bool(self._doc_swap_script(keys=keys, args=args))
 
     def _all(self, kind: Kind) -> str:
         return f"{self.prefix}{kind}:ids"
