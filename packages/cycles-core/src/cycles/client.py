@@ -27,6 +27,7 @@ from cycles.ledger.base import (
     open_async_ledger,
     open_ledger,
 )
+from cycles.ledger.records import RecordStore, records_of
 from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
     Action,
@@ -577,6 +578,23 @@ class Cycles(_ClientBase):
         store = self._shadow_store()
         return report_from_store(store, self.budgets.list(tenant=tenant), tenant=tenant, since=since)
 
+    # -- governance records (cycles.ledger.records) -----------------------------------------
+
+    @property
+    def records(self) -> RecordStore:
+        """The ledger's event and audit store (memory, SQLite, Redis)."""
+        return records_of(self.ledger)
+
+    def events(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """Governance events, newest first. Filters: event_type, category, scope (prefix),
+        correlation_id, request_id, trace_id, since, until, search (see ``EventFilter``)."""
+        return self.records.events(tenant=tenant, limit=limit, **filters)
+
+    def audit(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """Audit entries, newest first. Filters: key_id, operation, resource_type, resource_id,
+        status, status_min, status_max, error_code, since, until, ... (see ``AuditFilter``)."""
+        return self.records.audit(tenant=tenant, limit=limit, **filters)
+
     def close(self) -> None:
         self._close_shadow()
         self.ledger.close()
@@ -789,6 +807,19 @@ class AsyncCycles(_ClientBase):
         store = await asyncio.to_thread(self._shadow_store)
         budgets = await self.budgets.list(tenant=tenant)
         return await asyncio.to_thread(report_from_store, store, budgets, tenant=tenant, since=since)
+
+    @property
+    def records(self) -> RecordStore:
+        """The ledger's event and audit store (its calls block: use ``events``/``audit`` here)."""
+        return records_of(self.ledger)
+
+    async def events(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """As ``Cycles.events``."""
+        return await asyncio.to_thread(functools.partial(self.records.events, tenant=tenant, limit=limit, **filters))
+
+    async def audit(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """As ``Cycles.audit``."""
+        return await asyncio.to_thread(functools.partial(self.records.audit, tenant=tenant, limit=limit, **filters))
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close_shadow)

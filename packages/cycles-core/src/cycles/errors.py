@@ -10,16 +10,23 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 __all__ = [
+    "ADMIN_ERROR_CODES",
     "BudgetClosed",
     "BudgetExceeded",
     "BudgetFrozen",
+    "BudgetNotFound",
     "CyclesError",
     "DebtOutstanding",
     "Denied",
+    "DuplicateResource",
+    "EventNotFound",
     "Forbidden",
     "IdempotencyMismatch",
+    "InsufficientPermissions",
     "InternalError",
     "InvalidRequest",
+    "KeyExpired",
+    "KeyRevoked",
     "LedgerUnavailable",
     "LimitExceeded",
     "MaxExtensionsExceeded",
@@ -28,10 +35,14 @@ __all__ = [
     "ReservationExpired",
     "ReservationFinalized",
     "TenantClosed",
+    "TenantNotFound",
+    "TenantSuspended",
     "ToolNotAllowed",
     "Unauthorized",
     "UnitMismatch",
     "UnpricedModel",
+    "WebhookNotFound",
+    "WebhookUrlInvalid",
     "describe_validation_error",
     "error_for",
 ]
@@ -194,6 +205,66 @@ class UnpricedModel(CyclesError):
     http_status = 400
 
 
+# ---- the governance (admin) plane's codes (cycles-governance-admin ErrorCode) --------------
+
+
+class TenantNotFound(NotFound):
+    code = "TENANT_NOT_FOUND"
+
+
+class TenantSuspended(CyclesError):
+    code = "TENANT_SUSPENDED"
+    http_status = 409
+
+
+class DuplicateResource(CyclesError):
+    code = "DUPLICATE_RESOURCE"
+    http_status = 409
+
+
+class InsufficientPermissions(Forbidden):
+    code = "INSUFFICIENT_PERMISSIONS"
+
+
+class KeyRevoked(Unauthorized):
+    code = "KEY_REVOKED"
+
+
+class KeyExpired(Unauthorized):
+    code = "KEY_EXPIRED"
+
+
+class BudgetNotFound(NotFound):
+    code = "BUDGET_NOT_FOUND"
+
+
+class EventNotFound(NotFound):
+    code = "EVENT_NOT_FOUND"
+
+
+class WebhookNotFound(NotFound):
+    code = "WEBHOOK_NOT_FOUND"
+
+
+class WebhookUrlInvalid(InvalidRequest):
+    code = "WEBHOOK_URL_INVALID"
+
+
+_ADMIN_ERRORS: tuple[type[CyclesError], ...] = (
+    TenantNotFound,
+    TenantSuspended,
+    DuplicateResource,
+    InsufficientPermissions,
+    KeyRevoked,
+    KeyExpired,
+    BudgetNotFound,
+    EventNotFound,
+    WebhookNotFound,
+    WebhookUrlInvalid,
+)
+#: Codes only the governance plane's responses carry (its ErrorCode enum adds them to protocol v0's).
+ADMIN_ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in _ADMIN_ERRORS)
+
 _BY_CODE: dict[str, type[CyclesError]] = {
     cls.code: cls
     for cls in (
@@ -218,6 +289,7 @@ _BY_CODE: dict[str, type[CyclesError]] = {
 }
 
 PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+_BY_CODE.update({cls.code: cls for cls in _ADMIN_ERRORS})
 
 
 def error_for(code: str, message: str = "", **kwargs: Any) -> CyclesError:

@@ -2,13 +2,12 @@
 
 A guard in shadow mode never blocks: when enforcement would have said no, the action runs and a
 ``ShadowRecord`` says why. Each one, once the guarded action has settled, becomes a
-``ShadowEvent`` written next to the ledger, so every worker of every machine that shares the
-ledger adds to one history:
+``reservation.observed_denied`` event in the ledger's governance event store
+(``cycles.ledger.records``), next to the observe-mode decisions a server records there, so every
+worker of every machine that shares the ledger adds to one history:
 
-    memory://   the ledger object's own list (one process)
-    sqlite:///  a ``shadow_events`` table in the ledger's file (every process on the machine)
-    redis://    one stream per tenant, ``{prefix}:{tenant}:shadow`` (every machine)
-    http(s)://  the server's ``/v1/shadow/events`` (the server writes to its own ledger's store)
+    memory:// sqlite:/// redis://   the ledger's event store (``records_of(ledger)``)
+    http(s)://                      the server's ``/v1/shadow/events``, which writes to its own
 
 Writes go through a ``ShadowRecorder``: a daemon thread that takes events off a queue and writes
 them in batches, so a guard never waits on the store. ``flush()`` waits until everything queued is
@@ -23,25 +22,24 @@ scope would need for the spend it saw.
 from __future__ import annotations
 
 import abc
+import hashlib
 import json
 import logging
 import math
 import queue
 import re
-import sqlite3
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
-import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from cycles.errors import InvalidRequest, LedgerUnavailable, error_for
+from cycles.ledger.records import EVENTS, EventFilter, RecordStore, new_event, parse_time, records_of
 from cycles.models import Amount, Balance, Unit, trusted
 from cycles.scopes import derive_scopes
 
@@ -66,6 +64,7 @@ __all__ = [
 log = logging.getLogger("cycles.shadow")
 
 Mode = Literal["shadow", "observe"]
+OBSERVED_DENIED = "reservation.observed_denied"
 #: Events older than this are dropped from the SQLite table and the Redis streams as new ones come.
 RETENTION_MS = 35 * 86_400_000
 MAX_EVENTS_PER_WRITE = 500
@@ -121,7 +120,7 @@ class ShadowEvent:
             if mode not in ("shadow", "observe"):
                 raise InvalidRequest("mode must be 'shadow' or 'observe'")
             return cls(
-                event_id=str(body.get("event_id") or uuid.uuid4().hex)[:64],
+                event_id=str(body.get("event_id") or new_shadow_id(int(body["at_ms"])))[:64],
                 at_ms=int(body["at_ms"]),
                 tenant=tenant,
                 scope=str(body["scope"])[:1024],
@@ -145,7 +144,7 @@ class ShadowEvent:
     def from_record(cls, record: ShadowRecord, mode: Mode = "shadow") -> ShadowEvent:
         subject_scope = derive_scopes(record.subject)[-1]
         return cls(
-            event_id=uuid.uuid4().hex,
+            event_id=new_shadow_id(record.at_ms),
             at_ms=record.at_ms,
             tenant=record.subject.tenant or "_",  # no tenant in the subject: an HTTP server sets the key's
             scope=record.scope or subject_scope,
@@ -160,6 +159,74 @@ class ShadowEvent:
             mode=mode,
             message=record.message[:512],
         )
+
+    def to_event(self) -> dict[str, Any]:
+        """This decision as a governance ``reservation.observed_denied`` Event (its wire shape).
+
+        The spec's payload fields (scope, unit, deny_detail, action, subject, estimated_amount,
+        observe_mode, would_have_blocked_at) plus what only a client that ran the action knows:
+        ``actual_amount``, ``charged_amount``, and ``shadow_mode`` (``shadow``: a client guard;
+        ``observe``: a server's observe mode)."""
+        window = self.at_ms // 3_600_000  # correlation: (tenant, scope, action kind, hour, reason)
+        key = f"{self.tenant}|{self.scope}|{self.action_kind}|{window}|{self.reason_code}"
+        event = new_event(
+            OBSERVED_DENIED,
+            tenant_id=self.tenant,
+            scope=self.scope,
+            source="cycles-client" if self.mode == "shadow" else "cycles-server",
+            correlation_id="obs_" + hashlib.sha256(key.encode()).hexdigest()[:24],
+            now_ms=self.at_ms,
+            data={
+                "scope": self.scope,
+                "unit": self.unit.value,
+                "deny_detail": {"reason_code": self.reason_code, "blocked_by_scope": self.scope},
+                "action": {"kind": self.action_kind, "name": self.action_name},
+                "subject": {"scope_path": self.subject_scope},
+                "estimated_amount": self.estimate,
+                "observe_mode": "OBSERVE",
+                "would_have_blocked_at": self.scope,
+                "actual_amount": self.actual,
+                "charged_amount": self.charged,
+                "shadow_mode": self.mode,
+                "message": self.message or None,
+            },
+        )
+        if self.event_id.startswith("evt_"):
+            event["event_id"] = self.event_id  # the writer's id: a retried write is the same event
+        event["data"] = {k: v for k, v in event["data"].items() if v is not None}
+        return event
+
+    @classmethod
+    def from_event(cls, event: Mapping[str, Any]) -> ShadowEvent:
+        """Read a ``reservation.observed_denied`` Event, ours or a server's observe mode's (which
+        carries no actual: the action did not run)."""
+        data = event.get("data") or {}
+        detail = data.get("deny_detail") or {}
+        action = data.get("action") or {}
+        scope = str(data.get("scope") or event.get("scope") or "")
+        return cls.from_wire(
+            {
+                "event_id": event["event_id"],
+                "at_ms": parse_time(event["timestamp"]),
+                "tenant": event.get("tenant_id") or "_",
+                "scope": scope,
+                "subject_scope": (data.get("subject") or {}).get("scope_path") or scope,
+                "action_kind": action.get("kind") or "",
+                "action_name": action.get("name") or "",
+                "reason_code": detail.get("reason_code") or "UNKNOWN",
+                "unit": data.get("unit") or Unit.USD_MICROCENTS.value,
+                "estimate": data.get("estimated_amount") or 0,
+                "actual": data.get("actual_amount"),
+                "charged": data.get("charged_amount"),
+                "mode": data.get("shadow_mode") or "observe",
+                "message": data.get("message") or "",
+            }
+        )
+
+
+def new_shadow_id(at_ms: int) -> str:
+    """An event id that sorts by time, as the event store's own (``evt_...``)."""
+    return str(new_event(OBSERVED_DENIED, tenant_id="_", now_ms=at_ms)["event_id"])
 
 
 def _nonneg(value: Any) -> int:
@@ -185,143 +252,24 @@ class ShadowStore(abc.ABC):
         """Release connections."""
 
 
-def _keep(e: ShadowEvent, tenant: str | None, since_ms: int, until_ms: int | None) -> bool:
-    return (tenant is None or e.tenant == tenant) and e.at_ms >= since_ms and (until_ms is None or e.at_ms < until_ms)
+class RecordsShadowStore(ShadowStore):
+    """Shadow decisions as ``reservation.observed_denied`` events in the ledger's event store
+    (``cycles.ledger.records``: memory, SQLite table, Redis), beside the observe-mode decisions a
+    server records there: one history, whichever side decided."""
 
-
-class MemoryShadowStore(ShadowStore):
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._events: list[ShadowEvent] = []
-        self._ids: set[str] = set()
+    def __init__(self, records: RecordStore) -> None:
+        self.records = records
 
     def append(self, events: Sequence[ShadowEvent]) -> None:
-        with self._lock:
-            for e in events:
-                if e.event_id not in self._ids:
-                    self._ids.add(e.event_id)
-                    self._events.append(e)
-
-    def scan(self, *, tenant: str | None = None, since_ms: int = 0, until_ms: int | None = None) -> list[ShadowEvent]:
-        with self._lock:
-            found = [e for e in self._events if _keep(e, tenant, since_ms, until_ms)]
-        return sorted(found, key=lambda e: e.at_ms)
-
-
-_SQLITE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS shadow_events (
-    event_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    at_ms INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS shadow_events_tenant_at ON shadow_events (tenant, at_ms);
-CREATE INDEX IF NOT EXISTS shadow_events_at ON shadow_events (at_ms);
-"""
-
-
-class SqliteShadowStore(ShadowStore):
-    """A ``shadow_events`` table in the ledger's own file: every process on the machine shares it."""
-
-    def __init__(self, path: str, *, busy_timeout_ms: int = 10_000) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-        with self._lock:
-            self._db.executescript(_SQLITE_SCHEMA)
-
-    def append(self, events: Sequence[ShadowEvent]) -> None:
-        rows = [(e.event_id, e.tenant, e.at_ms, json.dumps(e.to_wire(), separators=(",", ":"))) for e in events]
-        cutoff = int(time.time() * 1000) - RETENTION_MS
-        try:
-            with self._lock:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    self._db.executemany("INSERT OR IGNORE INTO shadow_events VALUES (?, ?, ?, ?)", rows)
-                    self._db.execute("DELETE FROM shadow_events WHERE at_ms < ?", (cutoff,))
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-        except sqlite3.OperationalError as exc:
-            raise LedgerUnavailable(f"SQLite shadow store {self.path}: {exc}") from exc
-
-    def scan(self, *, tenant: str | None = None, since_ms: int = 0, until_ms: int | None = None) -> list[ShadowEvent]:
-        sql = "SELECT body FROM shadow_events WHERE at_ms >= ? AND at_ms < ?"
-        params: list[Any] = [since_ms, until_ms if until_ms is not None else 2**62]
-        if tenant is not None:
-            sql += " AND tenant = ?"
-            params.append(tenant)
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY at_ms", params).fetchall()
-        return [ShadowEvent.from_wire(json.loads(r[0])) for r in rows]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-
-class RedisShadowStore(ShadowStore):
-    """One stream per tenant (``{prefix}:{tenant}:shadow``: the tenant's hash slot, like its
-    ledger keys) plus a set of the tenants that have any, so a report can cover them all."""
-
-    def __init__(self, client: Any, prefix: str) -> None:
-        self._redis = client
-        self.prefix = prefix
-
-    def _stream(self, tenant: str) -> str:
-        return f"{self.prefix}:{{{tenant}}}:shadow"
-
-    @property
-    def _tenants(self) -> str:
-        return f"{self.prefix}:shadow-tenants"
-
-    def append(self, events: Sequence[ShadowEvent]) -> None:
-        import redis
-
-        cutoff = int(time.time() * 1000) - RETENTION_MS
-        by_tenant: dict[str, list[ShadowEvent]] = defaultdict(list)
         for e in events:
-            by_tenant[e.tenant].append(e)
-        try:
-            for tenant, batch in by_tenant.items():
-                pipe = self._redis.pipeline(transaction=False)
-                stream = self._stream(tenant)
-                for e in batch:
-                    pipe.xadd(stream, {"e": json.dumps(e.to_wire(), separators=(",", ":"))})
-                pipe.xtrim(stream, minid=cutoff, approximate=True)
-                pipe.sadd(self._tenants, tenant)
-                pipe.execute()
-        except redis.RedisError as exc:
-            raise LedgerUnavailable(f"Redis shadow store: {exc}") from exc
+            self.records.append(EVENTS, e.to_event())
 
     def scan(self, *, tenant: str | None = None, since_ms: int = 0, until_ms: int | None = None) -> list[ShadowEvent]:
-        import redis
-
-        try:
-            tenants = [tenant] if tenant is not None else sorted(self._redis.smembers(self._tenants))
-            out: list[ShadowEvent] = []
-            for t in tenants:
-                name = t.decode() if isinstance(t, bytes) else t
-                # Stream ids are the server's clock; at_ms is the writer's. Read a minute either side.
-                start = max(0, since_ms - 60_000)
-                end = "+" if until_ms is None else str(until_ms + 60_000)
-                cursor = str(start)
-                while True:
-                    page = self._redis.xrange(self._stream(name), min=cursor, max=end, count=5000)
-                    for _entry_id, fields in page:
-                        raw = fields.get(b"e") or fields.get("e")
-                        event = ShadowEvent.from_wire(json.loads(raw))
-                        if _keep(event, None, since_ms, until_ms):
-                            out.append(event)
-                    if len(page) < 5000:
-                        break
-                    last = page[-1][0]
-                    cursor = "(" + (last.decode() if isinstance(last, bytes) else last)
-        except redis.RedisError as exc:
-            raise LedgerUnavailable(f"Redis shadow store: {exc}") from exc
-        return sorted(out, key=lambda e: e.at_ms)
+        match = EventFilter(
+            event_type=OBSERVED_DENIED, since=since_ms, until=None if until_ms is None else until_ms - 1
+        )
+        found = self.records.iter(EVENTS, tenant=tenant, match=match, ascending=True)
+        return [ShadowEvent.from_event(r) for r in found]
 
 
 class HttpShadowStore(ShadowStore):
@@ -370,10 +318,6 @@ class HttpShadowStore(ShadowStore):
             params["after_id"] = page["next_after_id"]
 
 
-_memory_stores: weakref.WeakKeyDictionary[Any, MemoryShadowStore] = weakref.WeakKeyDictionary()
-_memory_lock = threading.Lock()
-
-
 def shadow_store_for(ledger: Ledger | AsyncLedger) -> ShadowStore:
     """The shadow store that lives next to ``ledger`` (see the module docstring)."""
     from cycles.ledger.base import ThreadedAsyncLedger
@@ -385,23 +329,6 @@ def shadow_store_for(ledger: Ledger | AsyncLedger) -> ShadowStore:
         store: ShadowStore = own()
         return store
     name = type(ledger).__name__
-    if name == "MemoryLedger":
-        with _memory_lock:
-            memory = _memory_stores.get(ledger)
-            if memory is None:
-                memory = _memory_stores[ledger] = MemoryShadowStore()
-            return memory
-    if name == "SqliteLedger":
-        return SqliteShadowStore(str(getattr(ledger, "path")))  # noqa: B009 - typed loosely on purpose
-    if name in ("RedisLedger", "AsyncRedisLedger"):
-        import redis
-
-        prefix = str(getattr(ledger, "prefix"))  # noqa: B009
-        if name == "RedisLedger":
-            client = getattr(ledger, "_client")  # noqa: B009 - share the ledger's pool
-        else:
-            client = redis.Redis.from_url(_redis_url(ledger))
-        return RedisShadowStore(client, prefix)
     core = getattr(ledger, "_core", None)
     if name in ("HttpLedger", "AsyncHttpLedger") and core is not None:
         return HttpShadowStore(
@@ -409,17 +336,7 @@ def shadow_store_for(ledger: Ledger | AsyncLedger) -> ShadowStore:
             runtime_headers=core._runtime_headers,
             admin_headers=core._admin_headers,
         )
-    raise InvalidRequest(f"no shadow store for a {name}")
-
-
-def _redis_url(ledger: Any) -> str:
-    url = str(ledger.url)
-    if "***" in url:  # the display URL masks the password: reuse the live client's connection settings
-        kwargs = ledger._client.connection_pool.connection_kwargs
-        host, port, db = kwargs.get("host", "127.0.0.1"), kwargs.get("port", 6379), kwargs.get("db", 0)
-        password = urllib.parse.quote(str(kwargs.get("password") or ""))
-        return f"redis://:{password}@{host}:{port}/{db}"
-    return url.split("?", 1)[0]
+    return RecordsShadowStore(records_of(ledger))  # memory, sqlite, redis (InvalidRequest otherwise)
 
 
 # ---- the recorder ---------------------------------------------------------------------------

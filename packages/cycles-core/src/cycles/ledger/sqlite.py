@@ -330,6 +330,16 @@ class _SqliteTxn:
         return a + b
 
 
+def connect(path: str, busy_timeout_ms: int, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL journal (shared by the
+    ledger and the stores that keep their tables in its file)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
 class SqliteLedger(TransactionalLedger):
     def __init__(
         self,
@@ -362,13 +372,7 @@ class SqliteLedger(TransactionalLedger):
         if self._db is not None and self._pid == os.getpid():
             return self._db
         self._pid = os.getpid()
-        db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000
-        )
-        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
-        self._db = db
+        db = self._db = connect(self.path, self._busy_timeout_ms, self.synchronous)
         if fcntl is not None and self.path != ":memory:":
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         with self._locked():

@@ -31,7 +31,7 @@ from cycles.errors import CyclesError, InternalError, LedgerUnavailable, NotFoun
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.ledger.rules import ReservationQuery
 from cycles.models import Balance, ReservationStatus, Unit
-from cycles.server import admin, routes, shadow_routes
+from cycles.server import admin, governance, routes, shadow_routes
 from cycles.server._http import MAX_BODY_BYTES, error_body, error_status, new_request_id, trace_id_from
 from cycles.server.access_log import ACCESS_LOGGER, access_record, configure_logging
 from cycles.server.auth import Authenticator, Principal
@@ -54,6 +54,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 class CyclesServer:
     """Everything a request needs: the ledger, the key store, auth, metrics and settings."""
+
+    gov: governance.Governance  # the governance plane's state (set by governance.install)
 
     def __init__(
         self,
@@ -116,6 +118,7 @@ class CyclesServer:
         headers = request.headers
         request_id = new_request_id()
         trace_id = trace_id_from(headers)
+        scope["cycles.ids"] = (request_id, trace_id)  # for audit entries and events (governance)
         principal = NOBODY
         error: str | None = None
         try:
@@ -290,6 +293,8 @@ class CyclesServer:
     async def aclose(self) -> None:
         await self.ledger.aclose()
         await self.keys.aclose()
+        if getattr(self, "gov", None) is not None:
+            self.gov.records.close()
 
 
 class Endpoint:
@@ -448,7 +453,7 @@ def create_app(
             {"allow": ", ".join(allowed)},
         )
 
-    endpoints = _endpoints(server)
+    endpoints = governance.install(server, _endpoints(server))
     starlette_routes: list[BaseRoute] = [
         Route(e.path, e, methods=[e.method], include_in_schema=False) for e in endpoints
     ]
