@@ -48,6 +48,13 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
+def settled(page: Any) -> None:
+    """Wait until htmx has finished swapping and settling (boosted links swap the body in place)."""
+    page.wait_for_function(
+        "() => window.htmx !== undefined && !document.querySelector('.htmx-request, .htmx-swapping, .htmx-settling')"
+    )
+
+
 def shot(page: Any, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
@@ -98,6 +105,7 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
 
     # The budget set with the CLI, in the tree, with its numbers.
     page.click("nav a[data-page=budgets]")
+    settled(page)
     row = page.locator("tr[data-scope='tenant:acme/workflow:support']")
     row.wait_for()
     assert "$5.0000" in row.inner_text() and "$0.7500" in row.inner_text()  # allocated, reserved
@@ -122,6 +130,7 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
 
     # Live reservations: force-release the one held on the frozen budget.
     page.click("nav a[data-page=reservations]")
+    settled(page)
     live = page.locator(f"tr[data-reservation='{held.reservation_id}']")
     live.wait_for()
     shot(page, "05-reservations")
@@ -131,17 +140,29 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
         assert cy.get_reservation(held.reservation_id).status is ReservationStatus.RELEASED
         assert cy.budgets.get("tenant:acme/workflow:support").reserved == usd(0)
 
-    # Events: filter and export.
-    page.goto(base + "/dashboard/events?tenant=acme&status=COMMITTED")
+    # Events: the audit log has the dashboard's own actions; reservations filter and export.
+    page.click("nav a[data-page=events]")
+    settled(page)
+    page.click("a[data-kind=audit]")
+    page.wait_for_selector("text=releaseReservation")
+    audit = page.inner_text("main")
+    assert "setBudgetStatus" in audit and "fundBudget" in audit and "dashboard" in audit
+    shot(page, "06-audit")
+    page.goto(base + "/dashboard/events?kind=reservations&tenant=acme&status=COMMITTED")
     assert page.locator("tbody tr").count() == 3
-    export = page.request.get(base + "/dashboard/events?tenant=acme&status=COMMITTED&format=csv")
+    export = page.request.get(base + "/dashboard/events?kind=reservations&tenant=acme&status=COMMITTED&format=csv")
     assert export.ok and export.text().count("\n") == 4  # header + 3 rows
-    shot(page, "06-events")
+    audit_json = page.request.get(base + "/dashboard/events?kind=audit&operation=setBudgetStatus&format=json").json()
+    assert [(a["operation"], a["resource_id"], a["status"]) for a in audit_json] == [
+        ("setBudgetStatus", "tenant:acme/workflow:support", 200)
+    ]
 
     # The shadow report: 2 of the 4 globex calls would have been denied. (The events page was
     # filtered to acme and the filter follows the navigation: pick all tenants again.)
     page.click("nav a[data-page=shadow]")
+    settled(page)
     assert "No call would have been denied." in page.inner_text("[data-testid=shadow-summary]")
+    settled(page)  # htmx has wired the new page's filter form
     page.select_option("select[name=tenant]", "")
     page.wait_for_selector("text=calls would have been denied")
     summary = page.inner_text("[data-testid=shadow-summary]")
@@ -158,6 +179,7 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
     page.wait_for_selector("[data-testid=who]")
     assert page.inner_text("[data-testid=who]") == "tenant acme (read-only)"
     page.click("nav a[data-page=budgets]")
+    settled(page)
     page.locator("tr[data-scope='tenant:acme']").wait_for()
     assert page.locator("tr[data-scope='tenant:globex']").count() == 0
     assert page.get_by_role("button", name="Freeze").count() == 0

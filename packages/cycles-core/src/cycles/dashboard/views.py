@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import functools
 import io
 import json
 import secrets
@@ -12,7 +13,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.requests import Request
@@ -23,9 +24,12 @@ from cycles.dashboard import charts
 from cycles.dashboard.auth import COOKIE, LIFETIME_S, Session, SessionSigner, current, require_change, sign_in
 from cycles.dashboard.data import Reader, reader_for, tree, utilisation
 from cycles.errors import CyclesError, InvalidRequest, Unauthorized
+from cycles.ledger.records import records_of
 from cycles.models import ReleaseRequest, ReservationStatus, Unit, format_amount, trusted
-from cycles.server._http import read_body
+from cycles.server._http import error_status, read_body
 from cycles.server.admin import parse_unit
+from cycles.server.auth import ADMIN
+from cycles.server.governance.context import AuditNote
 from cycles.shadow import ShadowEvent, report_from_store
 
 if TYPE_CHECKING:
@@ -36,6 +40,9 @@ __all__ = ["Dashboard", "dashboard_routes"]
 PREFIX = "/dashboard"
 EXPORT_CAP = 10_000
 _UNIT_ARG = {Unit.USD_MICROCENTS: "usd", Unit.TOKENS: "tokens", Unit.CREDITS: "credits", Unit.RISK_POINTS: "risk"}
+_EVENT_KINDS = ("events", "audit", "reservations", "shadow")
+_CATEGORIES = ("budget", "tenant", "api_key", "policy", "reservation", "system", "webhook")
+T = TypeVar("T")
 _STATIC = {"htmx.min.js": "text/javascript", "app.css": "text/css", "htmx.LICENSE": "text/plain"}
 _SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
@@ -241,7 +248,9 @@ class Dashboard:
         if status not in ("ACTIVE", "FROZEN", "CLOSED"):
             raise InvalidRequest("status must be ACTIVE, FROZEN or CLOSED")
         unit = parse_unit(form.get("unit", ""))
-        await self.server.ledger.set_budget_status(scope, status, unit=unit)
+        await self._audited(
+            request, "setBudgetStatus", "budget", scope, self.server.ledger.set_budget_status(scope, status, unit=unit)
+        )
         verb = {"ACTIVE": "unfroze", "FROZEN": "froze", "CLOSED": "closed"}[status]
         return await self._budget_page(request, session, partial=True, flash=f"{verb} {scope}")
 
@@ -255,7 +264,7 @@ class Dashboard:
         amount = parse_amount(str(form.get("amount") or ""), _UNIT_ARG[unit])
         if amount.amount == 0:
             raise InvalidRequest("fund a positive amount")
-        await self.server.ledger.fund_budget(scope, amount)
+        await self._audited(request, "fundBudget", "budget", scope, self.server.ledger.fund_budget(scope, amount))
         return await self._budget_page(request, session, partial=True, flash=f"funded {scope} with {amount}")
 
     async def reservations(self, request: Request, session: Session) -> Response:
@@ -279,55 +288,74 @@ class Dashboard:
         req = trusted(
             ReleaseRequest, idempotency_key=f"dashboard-release:{rid}", reason="force-released from the dashboard"
         )
-        released = await self.server.ledger.release(rid, req)
+        released = await self._audited(
+            request, "releaseReservation", "reservation", rid, self.server.ledger.release(rid, req)
+        )
         return self.render("_released_row.html", rid=rid, released=released.released)
 
     async def events(self, request: Request, session: Session) -> Response:
+        """Governance events, the audit log, reservations and shadow decisions: filters and export."""
         tenant = self._tenant(request, session)
-        kind = request.query_params.get("kind") or "reservations"
-        fmt = request.query_params.get("format")
-        raw_status = request.query_params.get("status") or ""
-        status = ReservationStatus(raw_status) if raw_status in ReservationStatus.__members__ else None
-        action = (request.query_params.get("action") or "").strip()
+        q = request.query_params
+        kind = q.get("kind") or "events"
+        if kind not in _EVENT_KINDS:
+            raise InvalidRequest(f"kind must be one of {', '.join(_EVENT_KINDS)}")
+        fmt = q.get("format")
         limit = EXPORT_CAP if fmt else 100
-        if kind == "shadow":
-            since = int(time.time() * 1000) - 30 * 86_400_000
-            events = await asyncio.to_thread(self._shadow_store().scan, tenant=tenant, since_ms=since)
-            found: list[dict[str, Any]] = [
-                e.to_wire() for e in reversed(events) if not action or action in f"{e.action_kind} {e.action_name}"
-            ][:limit]
-        else:
-            found = []
-            cursor = None
-            while len(found) < limit:
-                rows, cursor = await self.reader.reservations(tenant, status, cursor, limit=200)
-                found += [r.to_wire() for r in rows if not action or action in f"{r.action.kind} {r.action.name}"]
-                if not cursor:
-                    break
-            found = found[:limit]
-        if fmt == "json":
+        filters = {
+            name: (q.get(name) or "").strip()
+            for name in ("status", "action", "event_type", "category", "scope", "operation")
+        }
+        found = await self._event_rows(kind, tenant, session, filters, limit)
+        if fmt in ("json", "csv"):
+            body = json.dumps(found, indent=1) if fmt == "json" else _csv(found)
             return Response(
-                json.dumps(found, indent=1),
-                media_type="application/json",
-                headers={"content-disposition": f'attachment; filename="cycles-{kind}.json"'},
-            )
-        if fmt == "csv":
-            return Response(
-                _csv(found),
-                media_type="text/csv",
-                headers={"content-disposition": f'attachment; filename="cycles-{kind}.csv"'},
+                body,
+                media_type="application/json" if fmt == "json" else "text/csv",
+                headers={"content-disposition": f'attachment; filename="cycles-{kind}.{fmt}"'},
             )
         return self.render(
             "events.html",
             **await self._context(session, tenant, "events"),
             kind=kind,
-            status=status.value if status else "",
-            action=action,
+            kinds=_EVENT_KINDS,
+            filters=filters,
             rows=found,
             shadow_rows=[ShadowEvent.from_wire(e) for e in found] if kind == "shadow" else [],
             statuses=[s.value for s in ReservationStatus],
+            categories=sorted(_CATEGORIES),
             query=request.url.query,
         )
+
+    async def _event_rows(
+        self, kind: str, tenant: str | None, session: Session, f: dict[str, str], limit: int
+    ) -> list[dict[str, Any]]:
+        action = f["action"]
+        if kind == "events":
+            records = records_of(self.server.ledger)
+            options = {k: f[k] for k in ("event_type", "category", "scope") if f[k]}
+            return await asyncio.to_thread(functools.partial(records.events, tenant=tenant, limit=limit, **options))
+        if kind == "audit":
+            records = records_of(self.server.ledger)
+            options = {"operation": f["operation"]} if f["operation"] else {}
+            if session.admin:  # the admin's own entries are filed under __admin__, the tenant in metadata
+                entries = await asyncio.to_thread(functools.partial(records.audit, limit=EXPORT_CAP, **options))
+                mine = [r for r in entries if tenant is None or tenant in (r.get("tenant_id"), _target(r))]
+                return mine[:limit]
+            return await asyncio.to_thread(functools.partial(records.audit, tenant=tenant, limit=limit, **options))
+        if kind == "shadow":
+            since = int(time.time() * 1000) - 30 * 86_400_000
+            events = await asyncio.to_thread(self._shadow_store().scan, tenant=tenant, since_ms=since)
+            return [e.to_wire() for e in reversed(events) if action in f"{e.action_kind} {e.action_name}"][:limit]
+        status = ReservationStatus(f["status"]) if f["status"] in ReservationStatus.__members__ else None
+        found: list[dict[str, Any]] = []
+        cursor = None
+        while len(found) < limit:
+            rows, cursor = await self.reader.reservations(tenant, status, cursor, limit=200)
+            found += [r.to_wire() for r in rows if action in f"{r.action.kind} {r.action.name}"]
+            if not cursor:
+                break
+        return found[:limit]
 
     async def shadow(self, request: Request, session: Session) -> Response:
         tenant = self._tenant(request, session)
@@ -354,6 +382,25 @@ class Dashboard:
             reasons=reasons,
         )
 
+    async def _audited(
+        self, request: Request, operation: str, resource_type: str, resource_id: str, call: Awaitable[T]
+    ) -> T:
+        """Run an operator action and leave an audit entry for it (as the admin API does)."""
+        gov = getattr(self.server, "gov", None)
+        note = AuditNote(resource_id=resource_id, extra={"via": "dashboard"})
+        try:
+            result = await call
+        except CyclesError as exc:
+            if gov is not None:
+                code, status = error_status(exc)
+                await gov.audit(
+                    request, ADMIN, operation, status, resource_type=resource_type, error_code=code, note=note
+                )
+            raise
+        if gov is not None:
+            await gov.audit(request, ADMIN, operation, 200, resource_type=resource_type, note=note)
+        return result
+
     def _shadow_store(self) -> Any:
         from cycles.server.shadow_routes import store_of
 
@@ -366,6 +413,11 @@ async def _form(request: Request) -> dict[str, str]:
         raise InvalidRequest("expected a form (application/x-www-form-urlencoded)")
     body = await read_body(request, 16 * 1024)
     return {k: v[0] for k, v in urllib.parse.parse_qs(body.decode("utf-8", "replace")).items()}
+
+
+def _target(audit: dict[str, Any]) -> str | None:
+    target = (audit.get("metadata") or {}).get("target_tenant_id")
+    return str(target) if target else None
 
 
 def _fmt(unit: Unit) -> Callable[[float], str]:
