@@ -54,6 +54,7 @@ from cycles.models import (
     Subject,
     Unit,
 )
+from cycles.otel import wrap_ledger
 from cycles.shadow import ShadowEvent, ShadowRecorder, ShadowReport, ShadowStore, report_from_store, shadow_store_for
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
@@ -392,7 +393,7 @@ class Cycles(_ClientBase):
             heartbeat=heartbeat,
             shadow_log_size=shadow_log_size,
         )
-        self.ledger: Ledger = ledger if ledger is not None else open_ledger(url, **ledger_options)
+        self.ledger: Ledger = wrap_ledger(ledger if ledger is not None else open_ledger(url, **ledger_options))
         self.budgets = Budgets(self.ledger)
 
     @property
@@ -635,7 +636,9 @@ class AsyncCycles(_ClientBase):
         )
         if isinstance(ledger, Ledger):
             ledger = ThreadedAsyncLedger(ledger)
-        self.ledger: AsyncLedger = ledger if ledger is not None else open_async_ledger(url, **ledger_options)
+        self.ledger: AsyncLedger = wrap_ledger(
+            ledger if ledger is not None else open_async_ledger(url, **ledger_options)
+        )
         self.budgets = AsyncBudgets(self.ledger)
 
     @property

@@ -321,7 +321,9 @@ class HttpShadowStore(ShadowStore):
 def shadow_store_for(ledger: Ledger | AsyncLedger) -> ShadowStore:
     """The shadow store that lives next to ``ledger`` (see the module docstring)."""
     from cycles.ledger.base import ThreadedAsyncLedger
+    from cycles.otel import unwrap
 
+    ledger = unwrap(ledger)
     if isinstance(ledger, ThreadedAsyncLedger):
         return shadow_store_for(ledger.sync)
     own = getattr(ledger, "shadow_store", None)

@@ -194,7 +194,11 @@ class SqliteReader(Reader):
 
 
 def reader_for(ledger: AsyncLedger) -> Reader:
-    if isinstance(ledger, ThreadedAsyncLedger):
+    from cycles.otel import unwrap
+
+    inner = unwrap(ledger)
+    if isinstance(inner, ThreadedAsyncLedger):
+        ledger = inner
         name = type(ledger.sync).__name__
         if name == "MemoryLedger":
             return MemoryReader(ledger, ledger.sync)

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -31,6 +31,7 @@ from cycles.errors import CyclesError, InternalError, LedgerUnavailable, NotFoun
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.ledger.rules import ReservationQuery
 from cycles.models import Balance, ReservationStatus, Unit
+from cycles.otel import instrument, instrument_app, wrap_ledger
 from cycles.server import admin, governance, routes, shadow_routes
 from cycles.server._http import MAX_BODY_BYTES, error_body, error_status, new_request_id, trace_id_from
 from cycles.server.access_log import ACCESS_LOGGER, access_record, configure_logging
@@ -423,7 +424,7 @@ def create_app(
             raise ValueError("API keys cannot be kept in an http(s):// ledger: pass keys_url (memory, sqlite, redis)")
         keys = open_key_store(source)
     server = CyclesServer(
-        ledger,
+        wrap_ledger(ledger),  # traced when cycles.otel.instrument() was called
         keys,
         admin_key=admin_key,
         max_body_bytes=max_body_bytes,
@@ -470,7 +471,7 @@ def create_app(
     )
     starlette.router.redirect_slashes = False  # "/v1/balances/" is not a route: 404, not a 307
     starlette.state.cycles = server
-    return CyclesApp(server, endpoints, starlette)
+    return cast(CyclesApp, instrument_app(CyclesApp(server, endpoints, starlette)))
 
 
 def tune_gc() -> None:
@@ -489,6 +490,8 @@ def tune_gc() -> None:
 def app_from_env(env: Mapping[str, str] | None = None) -> CyclesApp:
     """The app ``cycles serve`` runs in each uvicorn worker, configured through the environment."""
     env = os.environ if env is None else env
+    if env.get("CYCLES_OTEL") == "1":  # spans and metrics to the OpenTelemetry SDK the process configured
+        instrument()
     if env.get("CYCLES_SERVER_LOG_LEVEL"):  # each worker process sets up its own JSON logging
         configure_logging(env["CYCLES_SERVER_LOG_LEVEL"])
     if env.get("CYCLES_SERVER_TUNE_GC") == "1":
