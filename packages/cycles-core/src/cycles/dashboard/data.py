@@ -4,9 +4,9 @@ Budgets, balances and live reservations come through the ledger interface, one p
 The aggregates (spend over time, counts) would take every page of every reservation through
 that interface, so each backend answers them its own cheapest way:
 
-- ``sqlite://``: SQL aggregates on a read-only connection of its own (WAL: never waits for, nor
-  holds up, a writer); indexed by ``reservations_done``.
-- ``memory://``: one pass over the in-process rows under the ledger's lock.
+- ``sqlite://``: SQL (aggregates, one page of reservations) on a read-only connection of its own
+  (WAL: never waits for, nor holds up, a writer); indexed by ``reservations_done``.
+- ``memory://``: one pass over the in-process rows (copied under the ledger's lock).
 - anything else (``redis://``, ``http(s)://``): the most recent ``SAMPLE_PAGES`` pages of settled
   reservations, and the chart says it is a sample.
 """
@@ -14,6 +14,7 @@ that interface, so each backend answers them its own cheapest way:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import sqlite3
 import threading
 import time
@@ -21,8 +22,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from cycles.errors import InvalidRequest
 from cycles.ledger.base import AsyncLedger, ThreadedAsyncLedger
 from cycles.ledger.rules import ReservationQuery
+from cycles.ledger.sqlite import _RES_COLS, _reservation_from
 from cycles.models import Balance, ReservationStatus, ReservationSummary, Unit
 
 __all__ = ["Series", "Totals", "reader_for"]
@@ -133,6 +136,21 @@ class MemoryReader(Reader):
         )
         return n, False
 
+    async def reservations(
+        self, tenant: str | None, status: ReservationStatus | None, cursor: str | None, limit: int = 50
+    ) -> tuple[list[ReservationSummary], str | None]:
+        offset = _offset(cursor)
+        now = int(time.time() * 1000)
+        rows = [
+            r
+            for r in self._rows()
+            if (status is None or r.status is status)
+            and _tenant_ok(r.subject.tenant, tenant)
+            and (status is not ReservationStatus.ACTIVE or r.deadline_ms >= now)
+        ]
+        newest = heapq.nlargest(offset + limit + 1, rows, key=lambda r: (r.created_at_ms, r.reservation_id))
+        return _page_of([r.to_summary() for r in newest[offset:]], offset, limit)
+
     async def spend(self, tenant: str | None, since_ms: int, until_ms: int, buckets: int) -> Series:
         series = Series(since_ms, max(1, (until_ms - since_ms) // buckets), buckets)
         for r in self._rows():
@@ -144,6 +162,20 @@ class MemoryReader(Reader):
 
 def _tenant_ok(owner: str | None, tenant: str | None) -> bool:
     return tenant is None or owner == tenant
+
+
+def _offset(cursor: str | None) -> int:
+    """The dashboard's own page cursors: ``o<offset>`` (the pages are its own, not the protocol's)."""
+    if not cursor:
+        return 0
+    if not cursor.startswith("o") or not cursor[1:].isdigit():
+        raise InvalidRequest("cursor is not one this page issued")
+    return int(cursor[1:])
+
+
+def _page_of(found: list[ReservationSummary], offset: int, limit: int) -> tuple[list[ReservationSummary], str | None]:
+    """``found`` holds up to limit + 1 rows from ``offset``: the extra one says there is a next page."""
+    return found[:limit], (f"o{offset + limit}" if len(found) > limit else None)
 
 
 class SqliteReader(Reader):
@@ -176,6 +208,30 @@ class SqliteReader(Reader):
             params += (tenant,)
         rows = await self._query(sql, params)
         return int(rows[0][0]), False
+
+    async def reservations(
+        self, tenant: str | None, status: ReservationStatus | None, cursor: str | None, limit: int = 50
+    ) -> tuple[list[ReservationSummary], str | None]:
+        """Newest first, straight from the table: the ledger's own listing reads every row (and takes
+        the write lock) to page; this reads one page."""
+        offset = _offset(cursor)
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            params.append(status.value)
+        if status is ReservationStatus.ACTIVE:  # overdue ones are expired already, in all but name
+            where.append("deadline_ms >= ?")
+            params.append(int(time.time() * 1000))
+        if tenant:
+            where.append("tenant = ?")
+            params.append(tenant)
+        sql = (
+            f"SELECT {_RES_COLS} FROM reservations WHERE {' AND '.join(where)} "
+            "ORDER BY created_at_ms DESC, id DESC LIMIT ? OFFSET ?"
+        )
+        rows = await self._query(sql, (*params, limit + 1, offset))
+        return _page_of([_reservation_from(r).to_summary() for r in rows], offset, limit)
 
     async def spend(self, tenant: str | None, since_ms: int, until_ms: int, buckets: int) -> Series:
         series = Series(since_ms, max(1, (until_ms - since_ms) // buckets), buckets)

@@ -26,7 +26,6 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from cycles.dashboard import dashboard_routes
 from cycles.errors import CyclesError, InternalError, LedgerUnavailable, NotFound
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.ledger.rules import ReservationQuery
@@ -463,6 +462,8 @@ def create_app(
         Route("/readyz", server.readyz, methods=["GET"], include_in_schema=False),
         Route("/metrics", server.metrics_endpoint, methods=["GET"], include_in_schema=False),
     ]
+    from cycles.dashboard import dashboard_routes  # here: the dashboard imports the server's modules
+
     starlette_routes += dashboard_routes(server, admin_key)
     starlette = Starlette(
         routes=starlette_routes,
