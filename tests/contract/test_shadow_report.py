@@ -97,3 +97,39 @@ def test_shadow_report_covers_every_process(ledger: Backend, backend: str, capsy
         text = capsys.readouterr().out
         assert "4 calls would have been denied. Enforcement would have prevented $1.2000 of spend." in text
         assert "tenant:shadow/agent:p1" in text
+
+
+def test_a_servers_observe_mode_events_are_in_the_report(ledger: Backend, backend: str) -> None:
+    """What a server in observe mode records (the spec's payload, no actual: nothing ran) counts too."""
+    if ledger.routed:
+        pytest.skip("the server's own event store is read through the server (the other tests)")
+    from cycles.ledger.records import EVENTS, new_event, records_of
+
+    with ledger.open() as cy:
+        cy.budgets.set("tenant:obs", usd(1))
+        records_of(cy.ledger).append(
+            EVENTS,
+            new_event(
+                "reservation.observed_denied",
+                tenant_id="obs",
+                scope="tenant:obs",
+                data={
+                    "scope": "tenant:obs",
+                    "unit": "USD_MICROCENTS",
+                    "deny_detail": {"reason_code": "ACTION_KIND_DENIED"},
+                    "action": {"kind": "tool.email", "name": "send"},
+                    "estimated_amount": usd(0.25).amount,
+                    "observe_mode": "OBSERVE",
+                },
+            ),
+        )
+        report = cy.shadow_report(tenant="obs", since="1h")
+    assert report.would_deny == 1 and report.by_reason == {"ACTION_KIND_DENIED": 1}
+    (event,) = report.events
+    assert (event.mode, event.action_kind, event.estimate, event.actual) == (
+        "observe",
+        "tool.email",
+        usd(0.25).amount,
+        None,
+    )
+    assert report.prevented == {}  # it never ran: nothing spent, nothing to prevent
