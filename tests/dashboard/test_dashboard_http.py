@@ -140,3 +140,10 @@ def test_cycles_dashboard_opens_on_localhost_with_a_one_time_link(tmp_path: Path
         if proc.stderr is not None:
             proc.stderr.close()
     assert proc.returncode in (0, 130)  # 130: stopped with Ctrl-C
+
+
+def test_cycles_dashboard_on_a_server_points_at_the_servers_own(capsys: pytest.CaptureFixture[str]) -> None:
+    from cycles.cli import main
+
+    assert main(["dashboard", "--ledger", "http://cycles.internal:7878/v1", "--no-browser"]) == 0
+    assert "its dashboard is at http://cycles.internal:7878/dashboard" in capsys.readouterr().err

@@ -73,7 +73,10 @@ def test_guard_spans_carry_the_decision_and_genai_attributes(otel: Telemetry) ->
     assert reserve.attributes["cycles.scope"] == "tenant:acme/workflow:wf"
     assert reserve.attributes["cycles.estimate"] == usd(0.40).amount
     assert reserve.attributes["cycles.unit"] == "USD_MICROCENTS"
-    assert reserve.attributes["gen_ai.system"] == "openai" and reserve.attributes["gen_ai.request.model"] == "gpt-4o"
+    assert (
+        reserve.attributes["gen_ai.provider.name"] == "openai"
+        and reserve.attributes["gen_ai.request.model"] == "gpt-4o"
+    )
     rid = reserve.attributes["cycles.reservation_id"]
     (commit,) = otel.finished("cycles.commit")
     assert commit.attributes["cycles.reservation_id"] == rid

@@ -49,11 +49,11 @@ def add_ops_commands(subparsers: Any) -> None:
         "dashboard",
         help="open the web dashboard on this machine's ledger",
         description="Serve the dashboard on localhost over a ledger (the embedded SQLite one by default) "
-        "and open it in a browser. `cycles serve --admin-key ...` serves it at /dashboard too.",
+        "and open it in a browser. A Cycles server (`cycles serve --admin-key ...`) serves its own at "
+        "/dashboard: with --ledger http(s)://... this opens that one.",
     )
     dashboard.add_argument("--port", type=int, default=7879, help="port on 127.0.0.1 (default 7879; 0: any free)")
     dashboard.add_argument("--no-browser", action="store_true", help="do not open a browser")
-    dashboard.add_argument("--admin-key", default=None, help="for an http(s) ledger (default $CYCLES_ADMIN_KEY)")
     _common(dashboard)
     dashboard.set_defaults(handler=cmd_dashboard)
 
@@ -127,7 +127,5 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    code: int = run_dashboard(
-        getattr(args, "ledger", None), port=args.port, open_browser=not args.no_browser, admin_key=args.admin_key
-    )
+    code: int = run_dashboard(getattr(args, "ledger", None), port=args.port, open_browser=not args.no_browser)
     return code

@@ -130,8 +130,8 @@ def _subject_attrs(subject: Subject, action: Any) -> dict[str, Any]:
     if action.kind.split(".", 1)[0] in _LLM_PREFIXES:
         system, _, model = action.name.rpartition(":")
         attrs["gen_ai.request.model"] = model
-        if system:
-            attrs["gen_ai.system"] = system
+        if system:  # gen_ai.system before semconv 1.37, gen_ai.provider.name since
+            attrs["gen_ai.system"] = attrs["gen_ai.provider.name"] = system
         attrs["gen_ai.operation.name"] = "chat" if "chat" in action.kind or "completion" in action.kind else action.kind
     return attrs
 
