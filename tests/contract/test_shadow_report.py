@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -133,3 +136,20 @@ def test_a_servers_observe_mode_events_are_in_the_report(ledger: Backend, backen
         None,
     )
     assert report.prevented == {}  # it never ran: nothing spent, nothing to prevent
+
+
+def test_a_client_never_closed_still_writes_its_shadow_events(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/ledger.db"
+    with Cycles(url) as admin:
+        admin.budgets.set("tenant:exit", usd(0.10))
+    script = (
+        "from cycles import Cycles, Subject, Action, usd\n"
+        f"cy = Cycles({url!r}, mode='shadow', heartbeat=False)\n"
+        "for _ in range(3):\n"
+        "    with cy.guard(Subject(tenant='exit'), Action('llm.completion', 'm'), estimate=usd(0.08)) as g:\n"
+        "        g.commit(usd(0.08))\n"  # and the process ends without cy.close()
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    with Cycles(url) as reader:
+        assert reader.shadow_report(since="1h").would_deny == 2

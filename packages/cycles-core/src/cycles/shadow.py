@@ -22,6 +22,7 @@ scope would need for the spend it saw.
 from __future__ import annotations
 
 import abc
+import atexit
 import hashlib
 import json
 import logging
@@ -33,6 +34,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -355,6 +357,7 @@ class ShadowRecorder:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.dropped = 0
+        atexit.register(_flush_at_exit, weakref.ref(self))  # a client never closed still writes its events
 
     @property
     def store(self) -> ShadowStore:
@@ -422,6 +425,12 @@ class ShadowRecorder:
                     log.warning("could not record %d shadow event(s): %s", len(batch), exc)
                     return
                 time.sleep(0.05 * 4**attempt)
+
+
+def _flush_at_exit(ref: weakref.ref[ShadowRecorder]) -> None:
+    recorder = ref()
+    if recorder is not None:
+        recorder.flush()
 
 
 # ---- the report -----------------------------------------------------------------------------
