@@ -85,7 +85,7 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
                 g.commit(usd(0.20))
     assert held.reservation_id
 
-    page = browser.new_page(viewport={"width": 1360, "height": 860})
+    page = browser.new_page(viewport={"width": 1440, "height": 900})
     page.on("dialog", lambda dialog: dialog.accept())  # the confirm() before freeze / force release
 
     # Sign in: a wrong key is refused, the admin key opens the overview.
@@ -108,7 +108,7 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
     settled(page)
     row = page.locator("tr[data-scope='tenant:acme/workflow:support']")
     row.wait_for()
-    assert "$5.0000" in row.inner_text() and "$0.7500" in row.inner_text()  # allocated, reserved
+    assert "$5.00" in row.inner_text() and "$0.75" in row.inner_text()  # allocated, reserved
     assert row.locator("[data-testid=status]").inner_text() == "active"
     shot(page, "03-budgets")
 

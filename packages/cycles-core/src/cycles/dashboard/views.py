@@ -16,6 +16,7 @@ from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from jinja2 import Environment, PackageLoader, select_autoescape
+from markupsafe import Markup
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
@@ -60,8 +61,15 @@ def _amount(unit: Unit, value: int | None) -> str:
 def _short(unit: Unit, value: float) -> str:
     if unit is Unit.USD_MICROCENTS:
         dollars = value / 100_000_000
-        return f"${dollars:,.2f}" if dollars >= 1 or dollars == 0 else f"${dollars:,.4f}"
+        return f"${dollars:,.2f}" if dollars >= 0.01 or dollars == 0 else f"${dollars:,.4f}"
     return f"{value:,.0f}"
+
+
+def _money(value: Any) -> Markup:
+    """An Amount in short form (``$50.00``), its exact value in a tooltip."""
+    if value is None:
+        return Markup("")
+    return Markup('<span title="{}">{}</span>').format(str(value), _short(value.unit, value.amount))
 
 
 def _wire_amount(value: dict[str, Any] | None) -> str:
@@ -102,7 +110,9 @@ class Dashboard:
             trim_blocks=True,
             lstrip_blocks=True,
         )
-        self.env.filters.update(amount=_amount, wire_amount=_wire_amount, when=_when, ago=_ago, short=_short)
+        self.env.filters.update(
+            amount=_amount, money=_money, wire_amount=_wire_amount, when=_when, ago=_ago, short=_short
+        )
         self.env.globals.update(prefix=PREFIX, utilisation=utilisation)
 
     def login_token(self) -> str:
@@ -238,7 +248,8 @@ class Dashboard:
         budgets = await self.reader.budgets(tenant)
         statuses = await self.reader.statuses(tenant)
         context = await self._context(session, tenant, "budgets")
-        context.update(rows=tree(budgets), statuses=statuses, unit_arg=_UNIT_ARG, flash=flash)
+        any_debt = any(b.debt is not None and b.debt.amount for b in budgets)
+        context.update(rows=tree(budgets), statuses=statuses, unit_arg=_UNIT_ARG, flash=flash, any_debt=any_debt)
         return self.render("_budget_tree.html" if partial else "budgets.html", **context)
 
     async def budget_status(self, request: Request, session: Session) -> Response:
