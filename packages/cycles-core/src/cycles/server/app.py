@@ -280,13 +280,15 @@ class CyclesServer:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(self._sweep_forever()) if self.sweep_interval_s > 0 else None
+        dispatcher = asyncio.create_task(self.gov.dispatcher.run_forever())  # webhooks (governance)
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, dispatcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self.aclose()
 
     async def aclose(self) -> None:

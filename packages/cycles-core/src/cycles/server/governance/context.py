@@ -80,9 +80,18 @@ class Governance:
     """The server's governance state: records (events, audit, objects) beside its ledger."""
 
     def __init__(self, records: RecordStore) -> None:
+        from cycles.server.governance.alerts import Alerts
+        from cycles.server.governance.webhooks import Dispatcher
+
         self.records = records
         self._inline = isinstance(records, MemoryRecordStore)
         self._tenants: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.alerts = Alerts(self)
+        self.dispatcher = Dispatcher(self)
+
+    def alerts_forget(self, tenant: str) -> None:
+        """A tenant's webhooks changed: re-read its alert thresholds."""
+        self.alerts.forget(tenant)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the (blocking) record store off the event loop (inline for memory://)."""
