@@ -436,14 +436,10 @@ def create_app(
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
         # Starlette's Allow names the first matching route's methods; a path has several routes.
-        allowed = sorted(
-            {
-                m
-                for r in starlette_routes
-                if isinstance(r, Route) and r.path_regex.match(request.url.path)
-                for m in (r.methods or ())
-            }
-        )
+        # A literal path (/v1/admin/tenants/bulk-action) is not also its templated sibling's.
+        matching = [r for r in starlette_routes if isinstance(r, Route) and r.path_regex.match(request.url.path)]
+        literal = [r for r in matching if r.path == request.url.path]
+        allowed = sorted({m for r in (literal or matching) for m in (r.methods or ())})
         return server.error_response(
             request,
             405,

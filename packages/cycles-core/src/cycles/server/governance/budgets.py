@@ -38,7 +38,16 @@ from cycles.scopes import parse_scope, scope_tenant
 from cycles.server._http import parse_body, read_body
 from cycles.server.auth import Principal
 from cycles.server.governance.authz import scope_allowed
-from cycles.server.governance.context import Reply, limit_param, note_of, page_after, param
+from cycles.server.governance.context import (
+    Reply,
+    enum_param,
+    limit_param,
+    note_of,
+    page_after,
+    param,
+    sort_ascending,
+    sort_by,
+)
 from cycles.server.governance.tenants import ledger_id_of
 
 if TYPE_CHECKING:
@@ -124,6 +133,26 @@ def ledger_view(b: Balance, doc: dict[str, Any] | None) -> dict[str, Any]:
         if doc.get(name) is not None:
             out[name] = doc[name]
     return out
+
+
+def _ratio(q: Any, name: str) -> float | None:
+    raw = q.get(name)
+    if raw is None:
+        return None
+    try:
+        value: float = float(raw)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number from 0 to 1") from None
+    if not 0.0 <= value <= 1.0:
+        raise InvalidRequest(f"{name} must be a number from 0 to 1")
+    return value
+
+
+def _utilization(view: dict[str, Any]) -> float | None:
+    allocated = int(view["allocated"]["amount"])
+    if allocated <= 0:
+        return None
+    return int(view["spent"]["amount"] + view["reserved"]["amount"]) / allocated
 
 
 def _unit_q(request: Request) -> Unit:
@@ -290,10 +319,14 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
         if "budgets:read" not in p.permissions:
             raise Forbidden("this API key lacks the budgets:read permission")
     prefix = param(q, "scope_prefix", 1024)
-    unit = param(q, "unit", 32)
-    status = param(q, "status", 16)
-    over = param(q, "over_limit", 8)
-    has_debt = param(q, "has_debt", 8)
+    unit = enum_param(q, "unit", tuple(u.value for u in Unit))
+    status = enum_param(q, "status", ("ACTIVE", "FROZEN", "CLOSED"))
+    over = enum_param(q, "over_limit", ("true", "false"))
+    has_debt = enum_param(q, "has_debt", ("true", "false"))
+    util_lo, util_hi = _ratio(q, "utilization_min"), _ratio(q, "utilization_max")
+    search = (param(q, "search", 128) or "").lower()
+    sort_by(q, ("tenant_id", "scope", "unit", "status", "commit_overage_policy", "utilization", "debt"))
+    sort_ascending(q)
     limit = limit_param(q)
     docs = {d["ledger_id"]: d for d in await s.gov.run(s.gov.records.doc_list, "budget", tenant=tenant)}
     views = []
@@ -304,6 +337,8 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
         view = ledger_view(b, docs.get(ledger_id_of(b.scope, unit_of)))
         if prefix is not None and not view["scope"].startswith(prefix):
             continue
+        if search and search not in view["scope"].lower():
+            continue
         if unit is not None and view["unit"] != unit:
             continue
         if status is not None and view["status"] != status:
@@ -312,6 +347,10 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
             continue
         if has_debt is not None and (view["debt"]["amount"] > 0) != (has_debt == "true"):
             continue
+        if util_lo is not None or util_hi is not None:
+            util = _utilization(view)
+            if util is None or (util_lo is not None and util < util_lo) or (util_hi is not None and util > util_hi):
+                continue
         views.append(view)
     page = page_after(views, "ledger_id", param(q, "cursor", 1100), limit)
     return 200, _dumps({"ledgers": page.pop("items"), **page})

@@ -237,13 +237,38 @@ def limit_param(q: QueryParams, default: int = 50, hi: int = 100) -> int:
     return default if value is None else value
 
 
+def enum_param(q: QueryParams, name: str, allowed: tuple[str, ...] | frozenset[str]) -> str | None:
+    """An enum-typed parameter: absent is unset; blank or unknown is 400."""
+    raw = q.get(name)
+    if raw is None:
+        return None
+    if raw.strip() not in allowed:
+        shown = ", ".join(sorted(allowed)) if len(allowed) <= 12 else "the spec's values"
+        raise InvalidRequest(f"{name} must be one of {shown}")
+    return raw.strip()
+
+
+def time_param(q: QueryParams, name: str) -> str | None:
+    """A ``date-time`` parameter: absent is unset; anything else must parse."""
+    from cycles.ledger.records import parse_time
+
+    raw = q.get(name)
+    if raw is None:
+        return None
+    if not raw.strip() or len(raw) > 64 or raw.strip().isdigit():
+        raise InvalidRequest(f"{name} must be an ISO 8601 date-time")
+    parse_time(raw)
+    return raw.strip()
+
+
+def sort_by(q: QueryParams, allowed: tuple[str, ...]) -> str | None:
+    """Validate ``sort_by`` against the operation's enum (the listing keeps its own order: the
+    cursor is the key it pages by)."""
+    return enum_param(q, "sort_by", allowed)
+
+
 def sort_ascending(q: QueryParams) -> bool:
-    value = param(q, "sort_dir", 8)
-    if value is None:
-        return False
-    if value not in ("asc", "desc"):
-        raise InvalidRequest("sort_dir must be asc or desc")
-    return value == "asc"
+    return enum_param(q, "sort_dir", ("asc", "desc")) == "asc"
 
 
 def page_after(items: list[dict[str, Any]], key: str, cursor: str | None, limit: int) -> dict[str, Any]:

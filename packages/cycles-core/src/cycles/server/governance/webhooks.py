@@ -34,6 +34,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -54,7 +55,18 @@ from cycles.errors import (
 from cycles.ledger.records import EVENTS, EventFilter, iso_ms, new_event, parse_time
 from cycles.server._http import parse_body, read_body
 from cycles.server.auth import Principal
-from cycles.server.governance.context import Governance, Reply, limit_param, note_of, page_after, param
+from cycles.server.governance.context import (
+    Governance,
+    Reply,
+    enum_param,
+    limit_param,
+    note_of,
+    page_after,
+    param,
+    sort_ascending,
+    sort_by,
+    time_param,
+)
 
 if TYPE_CHECKING:
     from cycles.server.app import CyclesServer
@@ -64,6 +76,7 @@ __all__ = ["Dispatcher", "sign"]
 logger = logging.getLogger("cycles.server")
 
 SYSTEM = "__system__"
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _TENANT_CATEGORIES = frozenset({"budget", "reservation", "tenant"})
 _ALL_CATEGORIES = frozenset({"budget", "tenant", "api_key", "policy", "reservation", "system", "webhook"})
 DELIVERY_RETENTION_MS = 14 * 24 * 3600 * 1000
@@ -191,8 +204,12 @@ def _check_numbers(req: WebhookCreateRequest | WebhookUpdateRequest) -> None:
     t = req.thresholds
     if t is not None and any(not 0.0 <= x <= 1.0 for x in t.budget_utilization or ()):
         raise InvalidRequest("thresholds.budget_utilization values must be from 0 to 1")
-    if req.headers is not None and len(req.headers) > 32:
-        raise InvalidRequest("at most 32 custom headers")
+    if req.headers is not None:
+        if len(req.headers) > 32:
+            raise InvalidRequest("at most 32 custom headers")
+        for name, value in req.headers.items():
+            if not _HEADER_NAME.match(name) or not value.isprintable() or not value.isascii() or len(value) > 4096:
+                raise InvalidRequest(f"custom header {name[:64]!r}: a token name and a printable ASCII value")
 
 
 def public(doc: dict[str, Any]) -> dict[str, Any]:
@@ -297,8 +314,10 @@ async def list_hooks(s: CyclesServer, request: Request, p: Principal) -> Reply:
         if owner is not None and owner != p.tenant:
             raise Forbidden("webhooks can only be listed within the tenant of this API key")
         owner = p.tenant
-    status = param(q, "status", 16)
-    event_type = param(q, "event_type", 128)
+    status = enum_param(q, "status", ("ACTIVE", "PAUSED", "DISABLED"))
+    sort_by(q, ("url", "tenant_id", "status", "consecutive_failures"))
+    sort_ascending(q)
+    event_type = enum_param(q, "event_type", _event_types())
     search = (param(q, "search", 128) or "").lower()
     docs = [
         public(d)
@@ -390,8 +409,8 @@ async def deliveries(s: CyclesServer, request: Request, p: Principal) -> Reply:
     _tenant_side(p, write=False)
     doc = await _load(s, request, p)
     q = request.query_params
-    status = param(q, "status", 16)
-    lo, hi = parse_time(param(q, "from", 64)), parse_time(param(q, "to", 64))
+    status = enum_param(q, "status", ("PENDING", "SUCCESS", "FAILED", "RETRYING"))
+    lo, hi = parse_time(time_param(q, "from")), parse_time(time_param(q, "to"))
     rows = [
         _delivery_public(d)
         for d in await s.gov.run(s.gov.records.doc_list, "delivery", tenant=doc["subscription_id"])
@@ -625,7 +644,7 @@ class Dispatcher:
         start = time.perf_counter()
         try:
             response = await self._client_().post(sub["url"], content=body, headers=headers)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError) as exc:  # no answer, or headers the transport refused
             return _Result(False, None, int((time.perf_counter() - start) * 1000), f"{type(exc).__name__}: {exc}"[:500])
         ms = int((time.perf_counter() - start) * 1000)
         ok = 200 <= response.status_code < 300
