@@ -1016,6 +1016,9 @@ def records_of(ledger: Any, **options: Any) -> RecordStore:
     """The record store beside ``ledger`` (a Ledger or AsyncLedger of any local backend), created on
     first use and cached on the ledger object. ``options``: ``retention_ms``, ``max_records``."""
     with _attach_lock:
+        ledger = getattr(ledger, "sync", ledger)  # the async face of a local ledger shares its store
+        ledger = getattr(ledger, "inner", ledger)  # the server's observed ledger: the one it watches
+        ledger = getattr(ledger, "sync", ledger)
         store: RecordStore | None = getattr(ledger, _ATTR, None)
         if store is None:
             store = _open_for(ledger, options)
@@ -1027,10 +1030,7 @@ def records_of(ledger: Any, **options: Any) -> RecordStore:
 
 
 def _open_for(ledger: Any, options: dict[str, Any]) -> RecordStore:
-    inner = getattr(ledger, "sync", ledger)  # ThreadedAsyncLedger wraps a sync one
-    if inner is not ledger and getattr(inner, _ATTR, None) is not None:
-        store: RecordStore = getattr(inner, _ATTR)
-        return store
+    inner = ledger
     url = str(getattr(inner, "url", ""))
     scheme = url.split("://", 1)[0].lower()
     if scheme == "memory":

@@ -534,8 +534,12 @@ class Dispatcher:
                 self._wake.clear()
         finally:
             await self.release()
-            if self._client is not None:
-                await self._client.aclose()
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def release(self) -> None:
         with contextlib.suppress(Exception):
