@@ -12,6 +12,7 @@ from cycles import Action, Cycles, ReservationStatus, Subject, tokens
 from cycles.dashboard.data import MemoryReader, Reader, SqliteReader, reader_for
 from cycles.errors import InvalidRequest
 from cycles.ledger.base import ThreadedAsyncLedger
+from cycles.server import create_app
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite"])
@@ -30,6 +31,8 @@ def test_pages_counts_and_spend_match_the_ledger(kind: str, tmp_path: Path) -> N
             held.append(r.reservation_id)
     reader = reader_for(ThreadedAsyncLedger(cy.ledger))
     assert isinstance(reader, MemoryReader if kind == "memory" else SqliteReader)
+    app = create_app(ledger=ThreadedAsyncLedger(cy.ledger), keys_url="memory://", sweep_interval_s=0)
+    assert type(app.server.dashboard.reader) is type(reader)  # under the server's wrapped (observed) ledger
     generic = Reader(ThreadedAsyncLedger(cy.ledger))
 
     async def pages(r: Reader, tenant: str | None, status: ReservationStatus | None) -> list[str]:

@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_server_commands(sub)
+        from cycles.cli_admin import add_admin_commands  # the governance plane (tenants, keys, events, ...)
+
+        add_admin_commands(sub)
     return parser
 
 

@@ -12,7 +12,7 @@ import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -28,6 +28,9 @@ from cycles.ledger.base import (
     open_ledger,
 )
 from cycles.ledger.records import RecordStore, records_of
+
+if TYPE_CHECKING:
+    from cycles.operator import Operator
 from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
     Action,
@@ -586,6 +589,32 @@ class Cycles(_ClientBase):
         """The ledger's event and audit store (memory, SQLite, Redis)."""
         return records_of(self.ledger)
 
+    @property
+    def operator(self) -> Operator:
+        """The governance plane (tenants, keys, budgets, webhooks, events, audit) on this ledger:
+        see ``cycles.operator``. Needs the server extra; over http(s) the ledger's ``admin_key``."""
+        op: Operator | None = self.__dict__.get("_operator")
+        if op is None:
+            from cycles.operator import Operator
+
+            op = self.__dict__["_operator"] = Operator(ledger=self.ledger)
+        return op
+
+    @property
+    def tenants(self) -> Any:
+        """``cy.operator.tenants``: create, list, get, update, suspend, reactivate, close."""
+        return self.operator.tenants
+
+    @property
+    def keys(self) -> Any:
+        """``cy.operator.keys``: create (permissions, scope filter, expiry), list, update, revoke, validate."""
+        return self.operator.keys
+
+    @property
+    def webhooks(self) -> Any:
+        """``cy.operator.webhooks``: create, list, get, update, delete, test, deliveries, replay."""
+        return self.operator.webhooks
+
     def events(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
         """Governance events, newest first. Filters: event_type, category, scope (prefix),
         correlation_id, request_id, trace_id, since, until, search (see ``EventFilter``)."""
@@ -598,6 +627,9 @@ class Cycles(_ClientBase):
 
     def close(self) -> None:
         self._close_shadow()
+        op = self.__dict__.pop("_operator", None)
+        if op is not None:
+            op.close()
         self.ledger.close()
 
     def __enter__(self) -> Cycles:

@@ -15,6 +15,7 @@ __all__ = [
     "BudgetExceeded",
     "BudgetFrozen",
     "BudgetNotFound",
+    "CountMismatch",
     "CyclesError",
     "DebtOutstanding",
     "Denied",
@@ -250,7 +251,13 @@ class WebhookUrlInvalid(InvalidRequest):
     code = "WEBHOOK_URL_INVALID"
 
 
+class CountMismatch(CyclesError):
+    code = "COUNT_MISMATCH"
+    http_status = 409
+
+
 _ADMIN_ERRORS: tuple[type[CyclesError], ...] = (
+    CountMismatch,
     TenantNotFound,
     TenantSuspended,
     DuplicateResource,

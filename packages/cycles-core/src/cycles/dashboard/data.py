@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cycles.errors import InvalidRequest
-from cycles.ledger.base import AsyncLedger, ThreadedAsyncLedger
+from cycles.ledger.base import AsyncLedger
 from cycles.ledger.rules import ReservationQuery
 from cycles.ledger.sqlite import _RES_COLS, _reservation_from
 from cycles.models import Balance, ReservationStatus, ReservationSummary, Unit
@@ -253,16 +253,15 @@ class SqliteReader(Reader):
 
 
 def reader_for(ledger: AsyncLedger) -> Reader:
+    """The fastest reader for the backend under ``ledger`` (which may be wrapped: traced, observed)."""
     from cycles.otel import unwrap
 
-    inner = unwrap(ledger)
-    if isinstance(inner, ThreadedAsyncLedger):
-        ledger = inner
-        name = type(ledger.sync).__name__
-        if name == "MemoryLedger":
-            return MemoryReader(ledger, ledger.sync)
-        if name == "SqliteLedger" and getattr(ledger.sync, "path", ":memory:") != ":memory:":
-            return SqliteReader(ledger, str(ledger.sync.path))  # type: ignore[attr-defined]
+    sync = getattr(unwrap(ledger), "sync", None)  # an embedded ledger under its async face
+    name = type(sync).__name__
+    if name == "MemoryLedger":
+        return MemoryReader(ledger, sync)
+    if name == "SqliteLedger" and getattr(sync, "path", ":memory:") != ":memory:":
+        return SqliteReader(ledger, str(getattr(sync, "path")))  # noqa: B009
     return Reader(ledger)
 
 

@@ -536,21 +536,32 @@ class RecordStore(abc.ABC):
         """Every document of ``kind`` (of one tenant), by id."""
         return [json.loads(raw) for _, raw in sorted(self._doc_list(kind, tenant))]
 
-    def doc_swap(self, kind: str, doc_id: str, expected: Record | None, new: Record | None) -> bool:
+    def doc_swap(
+        self, kind: str, doc_id: str, expected: Record | None, new: Record | None, *, index: str | None = None
+    ) -> bool:
         """Atomically replace the document holding ``expected`` (``None``: absent) with ``new``
-        (``None`` deletes). ``new["tenant_id"]`` indexes it for ``doc_list(tenant=...)``."""
+        (``None`` deletes). ``index`` (default ``new["tenant_id"]``) is what ``doc_list(tenant=...)``
+        selects it by."""
         old_raw = _canon(expected) if expected is not None else None
         new_raw = _canon(new) if new is not None else None
-        tenant = str((new or expected or {}).get("tenant_id") or "")
-        return self._doc_swap(kind, doc_id, tenant, old_raw, new_raw)
+        if index is None:
+            index = str((new or expected or {}).get("tenant_id") or "")
+        return self._doc_swap(kind, doc_id, index, old_raw, new_raw)
 
-    def doc_update(self, kind: str, doc_id: str, change: Callable[[Record | None], Record | None]) -> Record | None:
+    def doc_update(
+        self,
+        kind: str,
+        doc_id: str,
+        change: Callable[[Record | None], Record | None],
+        *,
+        index: str | None = None,
+    ) -> Record | None:
         """Read, ``change``, write back if nobody wrote in between (else again); returns the new
         document. ``change`` may raise to refuse."""
         while True:
             current = self.doc_get(kind, doc_id)
             new = change(None if current is None else json.loads(json.dumps(current)))
-            if new == current or self.doc_swap(kind, doc_id, current, new):
+            if new == current or self.doc_swap(kind, doc_id, current, new, index=index):
                 return new
 
     @abc.abstractmethod
@@ -1005,6 +1016,9 @@ def records_of(ledger: Any, **options: Any) -> RecordStore:
     """The record store beside ``ledger`` (a Ledger or AsyncLedger of any local backend), created on
     first use and cached on the ledger object. ``options``: ``retention_ms``, ``max_records``."""
     with _attach_lock:
+        ledger = getattr(ledger, "sync", ledger)  # the async face of a local ledger shares its store
+        ledger = getattr(ledger, "inner", ledger)  # the server's observed ledger: the one it watches
+        ledger = getattr(ledger, "sync", ledger)
         store: RecordStore | None = getattr(ledger, _ATTR, None)
         if store is None:
             store = _open_for(ledger, options)
@@ -1016,10 +1030,7 @@ def records_of(ledger: Any, **options: Any) -> RecordStore:
 
 
 def _open_for(ledger: Any, options: dict[str, Any]) -> RecordStore:
-    inner = getattr(ledger, "sync", ledger)  # ThreadedAsyncLedger wraps a sync one
-    if inner is not ledger and getattr(inner, _ATTR, None) is not None:
-        store: RecordStore = getattr(inner, _ATTR)
-        return store
+    inner = ledger
     url = str(getattr(inner, "url", ""))
     scheme = url.split("://", 1)[0].lower()
     if scheme == "memory":

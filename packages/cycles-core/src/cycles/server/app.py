@@ -281,13 +281,15 @@ class CyclesServer:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(self._sweep_forever()) if self.sweep_interval_s > 0 else None
+        dispatcher = asyncio.create_task(self.gov.dispatcher.run_forever())  # webhooks (governance)
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, dispatcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self.aclose()
 
     async def aclose(self) -> None:
@@ -437,14 +439,10 @@ def create_app(
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
         # Starlette's Allow names the first matching route's methods; a path has several routes.
-        allowed = sorted(
-            {
-                m
-                for r in starlette_routes
-                if isinstance(r, Route) and r.path_regex.match(request.url.path)
-                for m in (r.methods or ())
-            }
-        )
+        # A literal path (/v1/admin/tenants/bulk-action) is not also its templated sibling's.
+        matching = [r for r in starlette_routes if isinstance(r, Route) and r.path_regex.match(request.url.path)]
+        literal = [r for r in matching if r.path == request.url.path]
+        allowed = sorted({m for r in (literal or matching) for m in (r.methods or ())})
         return server.error_response(
             request,
             405,

@@ -12,6 +12,13 @@ operator endpoint (the legacy ``/admin`` ones included).
     auth        POST /v1/auth/validate, GET /v1/auth/introspect
     records     GET /v1/admin/events, GET /v1/admin/events/{event_id}, GET /v1/events (tenant),
                 GET /v1/admin/audit/logs
+    budgets     POST/GET/PATCH /v1/admin/budgets, POST .../freeze, .../unfreeze, .../fund,
+                GET .../lookup
+    webhooks    /v1/admin/webhooks[/{id}[/test|/deliveries|/replay]], tenant /v1/webhooks[...]
+
+The server's ledger is wrapped in ``alerts.ObservedLedger`` (threshold crossings, exhaustion,
+denials, anomalies become events), and each server process runs ``webhooks.Dispatcher`` (one
+delivers per deployment, by lease).
 """
 
 from __future__ import annotations
@@ -25,7 +32,8 @@ from starlette.requests import Request
 from cycles.errors import Forbidden, InvalidRequest, NotFound, TenantClosed
 from cycles.ledger.records import MemoryRecordStore, RecordStore, records_of
 from cycles.server.auth import Principal
-from cycles.server.governance import apikeys, streams, tenants
+from cycles.server.governance import apikeys, budgets, streams, tenants, webhooks
+from cycles.server.governance.alerts import ObservedLedger, current_request
 from cycles.server.governance.authz import RUNTIME_PERMISSIONS, subject_allowed
 from cycles.server.governance.context import Governance, Handler, Reply, audited
 
@@ -75,6 +83,7 @@ def runtime_guard(route: str, permission: str, handler: Handler) -> Handler:
 
     @functools.wraps(handler)
     async def run(s: CyclesServer, request: Request, p: Principal) -> Reply:
+        current_request.set((request, p))  # for the events this call may cause
         if not p.admin and p.tenant is not None:
             if permission not in p.permissions:
                 raise Forbidden(f"this API key lacks the {permission} permission")
@@ -100,6 +109,7 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
 
     if getattr(server, "gov", None) is None:
         server.gov = Governance(open_records(server.ledger))
+        server.ledger = ObservedLedger(server.ledger, server.gov.alerts)
     for e in endpoints:
         permission = RUNTIME_PERMISSIONS.get(e.route)
         if permission is not None:
@@ -107,7 +117,7 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         legacy = _LEGACY_AUDIT.get(e.route)
         if legacy is not None:
             e.handler = audited(*legacy)(e.handler)
-    t, k, r = tenants, apikeys, streams
+    t, k, r, b, w = tenants, apikeys, streams, budgets, webhooks
 
     def ep(path: str, method: str, handler: Handler, auth: Any) -> Endpoint:
         return Endpoint(server, path, method, handler, auth)
@@ -129,4 +139,43 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/admin/events", "GET", r.list_events, "admin"),
         ep("/v1/admin/events/{event_id}", "GET", r.get_event, "admin"),
         ep("/v1/events", "GET", r.list_tenant_events, "api"),
+        ep("/v1/admin/budgets", "POST", audited("createBudget", "budget")(b.create), "dual"),
+        ep("/v1/admin/budgets", "GET", b.list_budgets, "dual"),
+        ep("/v1/admin/budgets", "PATCH", audited("updateBudget", "budget")(b.update), "admin"),
+        ep("/v1/admin/budgets/freeze", "POST", audited("freezeBudget", "budget")(b.freeze), "admin"),
+        ep("/v1/admin/budgets/unfreeze", "POST", audited("unfreezeBudget", "budget")(b.unfreeze), "admin"),
+        ep("/v1/admin/budgets/fund", "POST", audited("fundBudget", "budget")(b.fund), "dual"),
+        ep("/v1/admin/budgets/lookup", "GET", b.lookup, "dual"),
+        ep("/v1/admin/webhooks", "POST", audited("createWebhookSubscription", "webhook")(w.create_admin), "admin"),
+        ep("/v1/admin/webhooks", "GET", w.list_hooks, "admin"),
+        ep("/v1/admin/webhooks/{subscription_id}", "GET", w.get, "admin"),
+        ep(
+            "/v1/admin/webhooks/{subscription_id}",
+            "PATCH",
+            audited("updateWebhookSubscription", "webhook")(w.update),
+            "admin",
+        ),
+        ep(
+            "/v1/admin/webhooks/{subscription_id}",
+            "DELETE",
+            audited("deleteWebhookSubscription", "webhook")(w.delete),
+            "admin",
+        ),
+        ep(
+            "/v1/admin/webhooks/{subscription_id}/test",
+            "POST",
+            audited("testWebhookSubscription", "webhook")(w.test),
+            "admin",
+        ),
+        ep("/v1/admin/webhooks/{subscription_id}/deliveries", "GET", w.deliveries, "admin"),
+        ep(
+            "/v1/admin/webhooks/{subscription_id}/replay", "POST", audited("replayEvents", "webhook")(w.replay), "admin"
+        ),
+        ep("/v1/webhooks", "POST", audited("createTenantWebhook", "webhook")(w.create_tenant), "api"),
+        ep("/v1/webhooks", "GET", w.list_hooks, "dual"),
+        ep("/v1/webhooks/{subscription_id}", "GET", w.get, "dual"),
+        ep("/v1/webhooks/{subscription_id}", "PATCH", audited("updateTenantWebhook", "webhook")(w.update), "dual"),
+        ep("/v1/webhooks/{subscription_id}", "DELETE", audited("deleteTenantWebhook", "webhook")(w.delete), "dual"),
+        ep("/v1/webhooks/{subscription_id}/test", "POST", audited("testTenantWebhook", "webhook")(w.test), "dual"),
+        ep("/v1/webhooks/{subscription_id}/deliveries", "GET", w.deliveries, "dual"),
     ]

@@ -15,7 +15,16 @@ from cycles.ledger.records import iso_ms, parse_time
 from cycles.server._http import parse_body, read_body
 from cycles.server.auth import Principal
 from cycles.server.governance.authz import ALL_PERMISSIONS, capabilities, check_scope_filter
-from cycles.server.governance.context import Reply, limit_param, note_of, page_after, param, sort_ascending
+from cycles.server.governance.context import (
+    Reply,
+    enum_param,
+    limit_param,
+    note_of,
+    page_after,
+    param,
+    sort_ascending,
+    sort_by,
+)
 from cycles.server.keys import NEVER, KeyInfo
 
 if TYPE_CHECKING:
@@ -33,6 +42,7 @@ class _Body(BaseModel):
 class ApiKeyCreateRequest(_Body):
     tenant_id: Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")]
     name: Annotated[str, StringConstraints(max_length=256)]
+    description: Annotated[str, StringConstraints(max_length=1024)] | None = None
     permissions: list[Permission] | None = None
     scope_filter: list[str] | None = None
     expires_at: str | None = None
@@ -71,6 +81,8 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
     note = note_of(request)
     note.tenant = req.tenant_id
     await _tenant_open(s, req.tenant_id, must_exist=True)
+    if req.expires_at is not None and not req.expires_at.strip():
+        raise InvalidRequest("expires_at must be an ISO 8601 date-time")
     expires_ms = parse_time(req.expires_at) if req.expires_at is not None else None
     if expires_ms is not None and expires_ms <= _now_ms():
         raise InvalidRequest("expires_at is in the past")
@@ -80,7 +92,9 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
         permissions=tuple(dict.fromkeys(req.permissions)) if req.permissions is not None else None,
         scope_filter=check_scope_filter(req.scope_filter or ()),
         expires_at_ms=expires_ms,
-        metadata=req.metadata,
+        metadata={**(req.metadata or {}), "description": req.description}
+        if req.description is not None
+        else req.metadata,
     )
     info = new.info
     note.resource_id = info.key_id
@@ -114,12 +128,11 @@ def _now_ms() -> int:
 async def list_keys(s: CyclesServer, request: Request, p: Principal) -> Reply:
     q = request.query_params
     tenant = param(q, "tenant_id", 128)
-    status = param(q, "status", 16)
-    if status is not None and status not in ("ACTIVE", "REVOKED", "EXPIRED"):
-        raise InvalidRequest("status must be ACTIVE, REVOKED or EXPIRED")
+    status = enum_param(q, "status", ("ACTIVE", "REVOKED", "EXPIRED"))
     search = (param(q, "search", 128) or "").lower()
     limit = limit_param(q)
     sort_ascending(q)
+    sort_by(q, ("key_id", "name", "tenant_id", "status", "created_at", "expires_at"))
     keys = [
         k.to_spec()
         for k in sorted(await s.keys.list(tenant=tenant), key=lambda k: k.key_id)

@@ -80,9 +80,18 @@ class Governance:
     """The server's governance state: records (events, audit, objects) beside its ledger."""
 
     def __init__(self, records: RecordStore) -> None:
+        from cycles.server.governance.alerts import Alerts
+        from cycles.server.governance.webhooks import Dispatcher
+
         self.records = records
         self._inline = isinstance(records, MemoryRecordStore)
         self._tenants: dict[str, tuple[float, dict[str, Any] | None]] = {}
+        self.alerts = Alerts(self)
+        self.dispatcher = Dispatcher(self)
+
+    def alerts_forget(self, tenant: str) -> None:
+        """A tenant's webhooks changed: re-read its alert thresholds."""
+        self.alerts.forget(tenant)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Call the (blocking) record store off the event loop (inline for memory://)."""
@@ -228,13 +237,38 @@ def limit_param(q: QueryParams, default: int = 50, hi: int = 100) -> int:
     return default if value is None else value
 
 
+def enum_param(q: QueryParams, name: str, allowed: tuple[str, ...] | frozenset[str]) -> str | None:
+    """An enum-typed parameter: absent is unset; blank or unknown is 400."""
+    raw = q.get(name)
+    if raw is None:
+        return None
+    if raw.strip() not in allowed:
+        shown = ", ".join(sorted(allowed)) if len(allowed) <= 12 else "the spec's values"
+        raise InvalidRequest(f"{name} must be one of {shown}")
+    return raw.strip()
+
+
+def time_param(q: QueryParams, name: str) -> str | None:
+    """A ``date-time`` parameter: absent is unset; anything else must parse."""
+    from cycles.ledger.records import parse_time
+
+    raw = q.get(name)
+    if raw is None:
+        return None
+    if not raw.strip() or len(raw) > 64 or raw.strip().isdigit():
+        raise InvalidRequest(f"{name} must be an ISO 8601 date-time")
+    parse_time(raw)
+    return raw.strip()
+
+
+def sort_by(q: QueryParams, allowed: tuple[str, ...]) -> str | None:
+    """Validate ``sort_by`` against the operation's enum (the listing keeps its own order: the
+    cursor is the key it pages by)."""
+    return enum_param(q, "sort_by", allowed)
+
+
 def sort_ascending(q: QueryParams) -> bool:
-    value = param(q, "sort_dir", 8)
-    if value is None:
-        return False
-    if value not in ("asc", "desc"):
-        raise InvalidRequest("sort_dir must be asc or desc")
-    return value == "asc"
+    return enum_param(q, "sort_dir", ("asc", "desc")) == "asc"
 
 
 def page_after(items: list[dict[str, Any]], key: str, cursor: str | None, limit: int) -> dict[str, Any]:

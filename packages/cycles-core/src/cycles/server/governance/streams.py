@@ -11,8 +11,18 @@ from starlette.requests import Request
 from cycles.errors import EventNotFound, InsufficientPermissions, InvalidRequest
 from cycles.ledger.records import AUDIT, EVENTS, AuditFilter, EventFilter
 from cycles.server.auth import Principal
-from cycles.server.governance.authz import scope_allowed
-from cycles.server.governance.context import Reply, int_param, limit_param, list_param, param, sort_ascending
+from cycles.server.governance.authz import EVENT_TYPES, scope_allowed
+from cycles.server.governance.context import (
+    Reply,
+    enum_param,
+    int_param,
+    limit_param,
+    list_param,
+    param,
+    sort_ascending,
+    sort_by,
+    time_param,
+)
 
 if TYPE_CHECKING:
     from cycles.server.app import CyclesServer
@@ -21,6 +31,7 @@ __all__ = ["get_event", "list_audit", "list_events", "list_tenant_events"]
 
 #: What listTenantEvents may show a tenant: budget.*, reservation.*, tenant.* (spec).
 _TENANT_CATEGORIES = frozenset({"budget", "reservation", "tenant"})
+_CATEGORIES = ("budget", "tenant", "api_key", "policy", "reservation", "system", "webhook")
 _SORT_BY_EVENTS = ("event_type", "category", "scope", "tenant_id", "timestamp")
 
 
@@ -29,26 +40,25 @@ def _dumps(doc: Any) -> bytes:
 
 
 def _trace(q: QueryParams) -> str | None:
-    value = param(q, "trace_id", 64)
+    raw = q.get("trace_id")
+    value = raw.strip() if raw is not None else None
     if value is not None and (len(value) != 32 or any(c not in "0123456789abcdef" for c in value)):
         raise InvalidRequest("trace_id must be 32 lowercase hex characters")
     return value
 
 
 def _event_filter(q: QueryParams, tenant: str | None) -> EventFilter:
-    sort_by = param(q, "sort_by", 32)
-    if sort_by is not None and sort_by not in _SORT_BY_EVENTS:
-        raise InvalidRequest(f"sort_by must be one of {', '.join(_SORT_BY_EVENTS)}")
+    sort_by(q, _SORT_BY_EVENTS)
     return EventFilter(
         tenant_id=tenant,
-        event_type=param(q, "event_type", 128),
-        category=param(q, "category", 32),
+        event_type=enum_param(q, "event_type", EVENT_TYPES),
+        category=enum_param(q, "category", _CATEGORIES),
         scope=param(q, "scope", 1024),
         correlation_id=param(q, "correlation_id", 256),
         trace_id=_trace(q),
         request_id=param(q, "request_id", 256),
-        since=param(q, "from", 64),
-        until=param(q, "to", 64),
+        since=time_param(q, "from"),
+        until=time_param(q, "to"),
         search=param(q, "search", 128),
     )
 
@@ -99,6 +109,7 @@ async def get_event(s: CyclesServer, request: Request, p: Principal) -> Reply:
 async def list_audit(s: CyclesServer, request: Request, p: Principal) -> Reply:
     q = request.query_params
     tenant = param(q, "tenant_id", 128)
+    sort_by(q, ("timestamp", "operation", "resource_type", "tenant_id", "key_id", "status"))
     match = AuditFilter(
         tenant_id=tenant,
         key_id=param(q, "key_id", 128),
@@ -112,8 +123,8 @@ async def list_audit(s: CyclesServer, request: Request, p: Principal) -> Reply:
         status=int_param(q, "status", 100, 599),
         status_min=int_param(q, "status_min", 100, 599),
         status_max=int_param(q, "status_max", 100, 599),
-        since=param(q, "from", 64),
-        until=param(q, "to", 64),
+        since=time_param(q, "from"),
+        until=time_param(q, "to"),
         search=param(q, "search", 128),
     )
     return await _page(s, AUDIT, q, tenant, match, "logs")

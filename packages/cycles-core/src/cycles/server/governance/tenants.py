@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.requests import Request
 
-from cycles.errors import DuplicateResource, InvalidRequest, TenantNotFound
+from cycles.errors import CountMismatch, DuplicateResource, InvalidRequest, TenantNotFound
 from cycles.ledger.records import iso_ms
 from cycles.models import CommitOveragePolicy
 from cycles.server._http import parse_body, read_body
@@ -29,11 +29,13 @@ from cycles.server.auth import Principal
 from cycles.server.governance.context import (
     AuditNote,
     Reply,
+    enum_param,
     limit_param,
     note_of,
     page_after,
     param,
     sort_ascending,
+    sort_by,
 )
 
 if TYPE_CHECKING:
@@ -109,8 +111,11 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
     _check_settings(req)
     note = note_of(request)
     note.resource_id = note.tenant = req.tenant_id
-    if req.parent_tenant_id is not None:
-        await _load(s, req.parent_tenant_id)
+    if (
+        req.parent_tenant_id is not None
+        and await s.gov.run(s.gov.records.doc_get, "tenant", req.parent_tenant_id) is None
+    ):
+        raise InvalidRequest(f"parent tenant {req.parent_tenant_id[:64]!r} not found")  # createTenant declares no 404
     now = _now()
     doc: dict[str, Any] = {
         "tenant_id": req.tenant_id,
@@ -139,9 +144,7 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
 
 async def list_tenants(s: CyclesServer, request: Request, p: Principal) -> Reply:
     q = request.query_params
-    status = param(q, "status", 16)
-    if status is not None and status not in _STATUSES:
-        raise InvalidRequest("status must be ACTIVE, SUSPENDED or CLOSED")
+    status = enum_param(q, "status", _STATUSES)
     parent = param(q, "parent_tenant_id", 64)
     search = (param(q, "search", 128) or "").lower()
     limit = limit_param(q)
@@ -154,6 +157,7 @@ async def list_tenants(s: CyclesServer, request: Request, p: Principal) -> Reply
         and (not search or search in d["tenant_id"] or search in d["name"].lower())
     ]
     sort_ascending(q)  # validated; tenants page in tenant_id order (the cursor is the last id)
+    sort_by(q, ("tenant_id", "name", "status", "created_at"))
     page = page_after(docs, "tenant_id", param(q, "cursor", 128), limit)
     out: dict[str, Any] = {"tenants": page.pop("items"), **page}
     return 200, _dumps(out)
@@ -363,14 +367,9 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
         and (not search or search in d["tenant_id"] or search in d["name"].lower())
     ]
     if len(chosen) > 500:
-        from cycles.errors import LimitExceeded
-
-        raise LimitExceeded("the filter matches more than 500 tenants: narrow it")
+        raise InvalidRequest("the filter matches more than 500 tenants: narrow it")
     if req.expected_count is not None and req.expected_count != len(chosen):
-        from cycles.errors import error_for
-
-        raise error_for(
-            "COUNT_MISMATCH",
+        raise CountMismatch(
             f"the filter matches {len(chosen)} tenants, not {req.expected_count}",
             details={"matched": len(chosen)},
         )
