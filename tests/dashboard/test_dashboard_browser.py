@@ -118,10 +118,19 @@ def test_operator_signs_in_freezes_releases_and_reads_the_shadow_report(browser:
     assert "froze tenant:acme/workflow:support" in page.inner_text("#budgets .flash-ok").lower()
     with Cycles(base, api_key=api_key) as remote, pytest.raises(BudgetFrozen):
         remote.reserve(Subject(tenant="acme", workflow="support"), LLM, usd(0.10))
-    shot(page, "04-frozen")
+    shot(page, "03-frozen")
+
+    # The refusal is on the overview: 1 reserve denied (the frozen budget), 2 would-denies (shadow mode).
+    page.click("nav a[data-page=overview]")
+    settled(page)
+    assert page.inner_text("[data-testid=denials]") == "1 / 2"
+    shot(page, "04-overview-after-refusal")
+    page.click("nav a[data-page=budgets]")
+    settled(page)
+    nightly = page.locator("tr[data-scope='tenant:acme/workflow:nightly']")
+    nightly.wait_for()
 
     # Fund another budget in place.
-    nightly = page.locator("tr[data-scope='tenant:acme/workflow:nightly']")
     nightly.locator("input[name=amount]").fill("2.50")
     nightly.get_by_role("button", name="Fund").click()
     page.wait_for_selector("text=funded tenant:acme/workflow:nightly")

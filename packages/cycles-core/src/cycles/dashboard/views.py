@@ -25,7 +25,7 @@ from cycles.dashboard import charts
 from cycles.dashboard.auth import COOKIE, LIFETIME_S, Session, SessionSigner, current, require_change, sign_in
 from cycles.dashboard.data import Reader, reader_for, tree, utilisation
 from cycles.errors import CyclesError, InvalidRequest, Unauthorized
-from cycles.ledger.records import records_of
+from cycles.ledger.records import parse_time, records_of
 from cycles.models import ReleaseRequest, ReservationStatus, Unit, format_amount, trusted
 from cycles.server._http import error_status, read_body
 from cycles.server.admin import parse_unit
@@ -208,11 +208,12 @@ class Dashboard:
         tenant = self._tenant(request, session)
         now = int(time.time() * 1000)
         since = now - 24 * 3_600_000
-        budgets, (active, capped), spend, events = await asyncio.gather(
+        budgets, (active, capped), spend, events, denied = await asyncio.gather(
             self.reader.budgets(tenant),
             self.reader.active_count(tenant),
             self.reader.spend(tenant, since, now, 24),
             asyncio.to_thread(self._shadow_store().scan, tenant=tenant, since_ms=since, until_ms=now + 1),
+            self._denied_since(tenant, since),
         )
         statuses = await self.reader.statuses(tenant)
         starts = [since + i * spend.width_ms for i in range(spend.buckets)]
@@ -220,9 +221,11 @@ class Dashboard:
             (unit, sum(points), charts.bar_chart(points, starts, label=f"{unit.value} spent per hour", fmt=_fmt(unit)))
             for unit, points in sorted(spend.points.items(), key=lambda kv: kv[0].value)
         ]
-        denials = [0] * 24
+        denials, would_deny = [0] * 24, [0] * 24
         for e in events:
-            denials[min(23, max(0, (e.at_ms - since) // spend.width_ms))] += 1
+            would_deny[min(23, max(0, (e.at_ms - since) // spend.width_ms))] += 1
+        for at_ms in denied:
+            denials[min(23, max(0, (at_ms - since) // spend.width_ms))] += 1
         closest = sorted((b for b in budgets if utilisation(b) is not None), key=lambda b: -(utilisation(b) or 0.0))[:8]
         return self.render(
             "overview.html",
@@ -233,12 +236,26 @@ class Dashboard:
             spend_charts=spend_charts,
             sampled=spend.sampled,
             denials=sum(denials),
+            would_deny=sum(would_deny),
             denial_chart=charts.bar_chart(
-                denials, starts, label="would-deny decisions per hour", color="var(--warn)", integer=True
+                denials, starts, label="reserves denied per hour", color="var(--danger)", integer=True
+            ),
+            would_deny_chart=charts.bar_chart(
+                would_deny, starts, label="would-deny decisions per hour", color="var(--warn)", integer=True
             ),
             closest=closest,
             statuses=statuses,
         )
+
+    async def _denied_since(self, tenant: str | None, since_ms: int) -> list[int]:
+        """When reserves were denied (the governance plane's ``reservation.denied`` events)."""
+        gov = getattr(self.server, "gov", None)
+        if gov is None:
+            return []
+        found = await gov.run(
+            gov.records.events, tenant=tenant, limit=EXPORT_CAP, event_type="reservation.denied", since=since_ms
+        )
+        return [int(parse_time(e["timestamp"]) or 0) for e in found]
 
     async def budgets(self, request: Request, session: Session) -> Response:
         return await self._budget_page(request, session, partial=False)
