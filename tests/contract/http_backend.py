@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import urllib.request
+from collections.abc import Sequence
 from typing import Any
 
 from cycles.ledger.base import BalanceQuery, Ledger, ReservationQuery
@@ -39,9 +40,25 @@ from cycles.models import (
     ReservationListResponse,
     Unit,
 )
+from cycles.shadow import ShadowEvent, ShadowStore, shadow_store_for
 
 ADMIN_KEY = "contract-admin-key-0123456789abcdef"
 DEFAULT_TENANT = "acme"
+
+
+class _RoutedShadowStore(ShadowStore):
+    """Shadow events written with the key of their tenant, read with the admin key."""
+
+    def __init__(self, ledger: TenantRoutedLedger) -> None:
+        self._ledger = ledger
+        self._admin = shadow_store_for(ledger.admin)
+
+    def append(self, events: Sequence[ShadowEvent]) -> None:
+        for event in events:
+            shadow_store_for(self._ledger._client(event.tenant)).append([event])
+
+    def scan(self, *, tenant: str | None = None, since_ms: int = 0, until_ms: int | None = None) -> list[ShadowEvent]:
+        return self._admin.scan(tenant=tenant, since_ms=since_ms, until_ms=until_ms)
 
 
 class TenantRoutedLedger(Ledger):
@@ -68,6 +85,9 @@ class TenantRoutedLedger(Ledger):
                     api_key = json.loads(resp.read())["api_key"]
                 client = self._clients[tenant] = HttpLedger(self.url, api_key=api_key)
             return client
+
+    def shadow_store(self) -> ShadowStore:
+        return _RoutedShadowStore(self)
 
     def _owner_of(self, reservation_id: str) -> str | None:
         tenant = self._owner.get(reservation_id)

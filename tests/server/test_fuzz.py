@@ -44,6 +44,12 @@ def _as_served(doc: dict[str, Any]) -> dict[str, Any]:
     for param in doc["paths"]["/v1/reservations"]["get"]["parameters"]:
         if param.get("name") in windows:
             param["schema"] = {"type": "string", "anyOf": [{"format": "date-time"}, {"maxLength": 0}]}
+    # The same server serves the governance spec's listTenantEvents on GET /v1/events (its shapes are
+    # fuzzed against that spec in tests/governance): here only its presence in Allow is declared.
+    doc["paths"]["/v1/events"]["get"] = {
+        "operationId": "listTenantEvents",
+        "responses": {code: {"description": "see cycles-governance-admin"} for code in ("200", "400", "401", "403")},
+    }
     return doc
 
 

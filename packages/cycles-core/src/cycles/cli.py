@@ -688,6 +688,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(handler=_cmd_sweep)
 
     add_server_commands(sub, [common])
+    from cycles.cli_admin import add_admin_commands  # the governance plane (tenants, keys, events, ...)
+    from cycles.ops_cli import add_ops_commands  # shadow report, dashboard
+
+    add_admin_commands(sub)
+    add_ops_commands(sub)
     return parser
 
 

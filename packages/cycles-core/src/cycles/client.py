@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
@@ -36,6 +37,10 @@ from cycles.ledger.base import (
     open_async_ledger,
     open_ledger,
 )
+from cycles.ledger.records import RecordStore, records_of
+
+if TYPE_CHECKING:
+    from cycles.operator import Operator
 from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
     Action,
@@ -62,8 +67,10 @@ from cycles.models import (
     Subject,
     Unit,
 )
+from cycles.otel import wrap_ledger
 from cycles.quotas_api import AsyncQuotas, Quotas
 from cycles.run import AsyncRun, Run, _RunCore
+from cycles.shadow import ShadowEvent, ShadowRecorder, ShadowReport, ShadowStore, report_from_store, shadow_store_for
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
 
@@ -139,6 +146,26 @@ class _ClientBase:
         )
         #: Decisions enforcement would have made but shadow mode let through (newest last).
         self.shadow_log: deque[ShadowRecord] = deque(maxlen=shadow_log_size)
+        self._shadow_recorder: ShadowRecorder | None = None
+
+    def publish_shadow(self, record: ShadowRecord) -> None:
+        """Keep a settled shadow decision next to the ledger (a background thread writes it), where
+        ``shadow_report`` and the dashboard read every process's decisions."""
+        if self._shadow_recorder is None:
+            ledger = cast(Any, self).ledger
+            self._shadow_recorder = ShadowRecorder(lambda: shadow_store_for(ledger))
+        self._shadow_recorder.submit(ShadowEvent.from_record(record))
+
+    def _shadow_store(self) -> ShadowStore:
+        if self._shadow_recorder is None:
+            ledger = cast(Any, self).ledger
+            self._shadow_recorder = ShadowRecorder(lambda: shadow_store_for(ledger))
+        self._shadow_recorder.flush()
+        return self._shadow_recorder.store
+
+    def _close_shadow(self) -> None:
+        if self._shadow_recorder is not None:
+            self._shadow_recorder.close()
 
     def _guard_core(
         self,
@@ -425,7 +452,7 @@ class Cycles(_ClientBase):
             heartbeat=heartbeat,
             shadow_log_size=shadow_log_size,
         )
-        self.ledger: Ledger = ledger if ledger is not None else open_ledger(url, **ledger_options)
+        self.ledger: Ledger = wrap_ledger(ledger if ledger is not None else open_ledger(url, **ledger_options))
         self.budgets = Budgets(self.ledger)
         self.quotas = Quotas(self.ledger)
 
@@ -646,7 +673,61 @@ class Cycles(_ClientBase):
         """Expire reservations past their deadline now (normally done lazily). Returns how many."""
         return self.ledger.sweep(limit)
 
+    def shadow_report(self, *, tenant: str | None = None, since: str | int | None = "7d") -> ShadowReport:
+        """What enforcement would have done, from every process's shadow decisions on this ledger:
+        would-denies by scope, action and reason, spend prevented, peak overage and a suggested
+        budget per scope. ``since``: ``"7d"``, ``"12h"``, an ISO date or a ms timestamp."""
+        store = self._shadow_store()
+        return report_from_store(store, self.budgets.list(tenant=tenant), tenant=tenant, since=since)
+
+    # -- governance records (cycles.ledger.records) -----------------------------------------
+
+    @property
+    def records(self) -> RecordStore:
+        """The ledger's event and audit store (memory, SQLite, Redis)."""
+        return records_of(self.ledger)
+
+    @property
+    def operator(self) -> Operator:
+        """The governance plane (tenants, keys, budgets, webhooks, events, audit) on this ledger:
+        see ``cycles.operator``. Needs the server extra; over http(s) the ledger's ``admin_key``."""
+        op: Operator | None = self.__dict__.get("_operator")
+        if op is None:
+            from cycles.operator import Operator
+
+            op = self.__dict__["_operator"] = Operator(ledger=self.ledger)
+        return op
+
+    @property
+    def tenants(self) -> Any:
+        """``cy.operator.tenants``: create, list, get, update, suspend, reactivate, close."""
+        return self.operator.tenants
+
+    @property
+    def keys(self) -> Any:
+        """``cy.operator.keys``: create (permissions, scope filter, expiry), list, update, revoke, validate."""
+        return self.operator.keys
+
+    @property
+    def webhooks(self) -> Any:
+        """``cy.operator.webhooks``: create, list, get, update, delete, test, deliveries, replay."""
+        return self.operator.webhooks
+
+    def events(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """Governance events, newest first. Filters: event_type, category, scope (prefix),
+        correlation_id, request_id, trace_id, since, until, search (see ``EventFilter``)."""
+        return self.records.events(tenant=tenant, limit=limit, **filters)
+
+    def audit(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """Audit entries, newest first. Filters: key_id, operation, resource_type, resource_id,
+        status, status_min, status_max, error_code, since, until, ... (see ``AuditFilter``)."""
+        return self.records.audit(tenant=tenant, limit=limit, **filters)
+
     def close(self) -> None:
+        self._close_shadow()
+        op = self.__dict__.pop("_operator", None)
+        if op is not None:
+            op.close()
         self.ledger.close()
 
     def __enter__(self) -> Cycles:
@@ -685,7 +766,9 @@ class AsyncCycles(_ClientBase):
         )
         if isinstance(ledger, Ledger):
             ledger = ThreadedAsyncLedger(ledger)
-        self.ledger: AsyncLedger = ledger if ledger is not None else open_async_ledger(url, **ledger_options)
+        self.ledger: AsyncLedger = wrap_ledger(
+            ledger if ledger is not None else open_async_ledger(url, **ledger_options)
+        )
         self.budgets = AsyncBudgets(self.ledger)
         self.quotas = AsyncQuotas(self.ledger)
 
@@ -894,7 +977,27 @@ class AsyncCycles(_ClientBase):
     async def sweep(self, limit: int = 1000) -> int:
         return await self.ledger.sweep(limit)
 
+    async def shadow_report(self, *, tenant: str | None = None, since: str | int | None = "7d") -> ShadowReport:
+        """The async twin of ``Cycles.shadow_report``."""
+        store = await asyncio.to_thread(self._shadow_store)
+        budgets = await self.budgets.list(tenant=tenant)
+        return await asyncio.to_thread(report_from_store, store, budgets, tenant=tenant, since=since)
+
+    @property
+    def records(self) -> RecordStore:
+        """The ledger's event and audit store (its calls block: use ``events``/``audit`` here)."""
+        return records_of(self.ledger)
+
+    async def events(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """As ``Cycles.events``."""
+        return await asyncio.to_thread(functools.partial(self.records.events, tenant=tenant, limit=limit, **filters))
+
+    async def audit(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
+        """As ``Cycles.audit``."""
+        return await asyncio.to_thread(functools.partial(self.records.audit, tenant=tenant, limit=limit, **filters))
+
     async def aclose(self) -> None:
+        await asyncio.to_thread(self._close_shadow)
         await self.ledger.aclose()
 
     async def __aenter__(self) -> AsyncCycles:

@@ -14,16 +14,24 @@ __all__ = [
     "ActionKindDenied",
     "ActionKindNotAllowed",
     "ActionQuotaExceeded",
+    "ADMIN_ERROR_CODES",
     "BudgetClosed",
     "BudgetExceeded",
     "BudgetFrozen",
+    "BudgetNotFound",
+    "CountMismatch",
     "CyclesError",
     "DebtOutstanding",
     "Denied",
+    "DuplicateResource",
+    "EventNotFound",
     "Forbidden",
     "IdempotencyMismatch",
+    "InsufficientPermissions",
     "InternalError",
     "InvalidRequest",
+    "KeyExpired",
+    "KeyRevoked",
     "LedgerUnavailable",
     "LimitExceeded",
     "LoopDetected",
@@ -34,11 +42,15 @@ __all__ = [
     "ReservationExpired",
     "ReservationFinalized",
     "TenantClosed",
+    "TenantNotFound",
+    "TenantSuspended",
     "ToolNotAllowed",
     "Unauthorized",
     "UnitMismatch",
     "UnpricedModel",
     "deny_detail_of",
+    "WebhookNotFound",
+    "WebhookUrlInvalid",
     "describe_validation_error",
     "error_for",
 ]
@@ -252,6 +264,72 @@ class UnpricedModel(CyclesError):
     http_status = 400
 
 
+# ---- the governance (admin) plane's codes (cycles-governance-admin ErrorCode) --------------
+
+
+class TenantNotFound(NotFound):
+    code = "TENANT_NOT_FOUND"
+
+
+class TenantSuspended(CyclesError):
+    code = "TENANT_SUSPENDED"
+    http_status = 409
+
+
+class DuplicateResource(CyclesError):
+    code = "DUPLICATE_RESOURCE"
+    http_status = 409
+
+
+class InsufficientPermissions(Forbidden):
+    code = "INSUFFICIENT_PERMISSIONS"
+
+
+class KeyRevoked(Unauthorized):
+    code = "KEY_REVOKED"
+
+
+class KeyExpired(Unauthorized):
+    code = "KEY_EXPIRED"
+
+
+class BudgetNotFound(NotFound):
+    code = "BUDGET_NOT_FOUND"
+
+
+class EventNotFound(NotFound):
+    code = "EVENT_NOT_FOUND"
+
+
+class WebhookNotFound(NotFound):
+    code = "WEBHOOK_NOT_FOUND"
+
+
+class WebhookUrlInvalid(InvalidRequest):
+    code = "WEBHOOK_URL_INVALID"
+
+
+class CountMismatch(CyclesError):
+    code = "COUNT_MISMATCH"
+    http_status = 409
+
+
+_ADMIN_ERRORS: tuple[type[CyclesError], ...] = (
+    CountMismatch,
+    TenantNotFound,
+    TenantSuspended,
+    DuplicateResource,
+    InsufficientPermissions,
+    KeyRevoked,
+    KeyExpired,
+    BudgetNotFound,
+    EventNotFound,
+    WebhookNotFound,
+    WebhookUrlInvalid,
+)
+#: Codes only the governance plane's responses carry (its ErrorCode enum adds them to protocol v0's).
+ADMIN_ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in _ADMIN_ERRORS)
+
 _BY_CODE: dict[str, type[CyclesError]] = {
     cls.code: cls
     for cls in (
@@ -279,6 +357,7 @@ _BY_CODE: dict[str, type[CyclesError]] = {
 }
 
 PROTOCOL_ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+_BY_CODE.update({cls.code: cls for cls in _ADMIN_ERRORS})
 
 
 def deny_detail_of(code: str, details: Mapping[str, Any]) -> dict[str, Any]:

@@ -443,6 +443,7 @@ class _GuardCore:
                     self._note_charged(actual, response.charged or actual)
                     if record is not None:
                         record.charged = self.charged
+            self._publish_shadow()
             return None
         req = trusted(
             CommitRequest,
@@ -461,7 +462,17 @@ class _GuardCore:
             response_e = yield from _retrying(_Call("event", (event,)))
             self._note_charged(actual, response_e.charged or actual)
         self.state = "settled"
+        self._publish_shadow()
         return None
+
+    def _publish_shadow(self) -> None:
+        """A shadowed action has settled: hand its record to the client, which stores it."""
+        if self.shadow is not None:
+            if self.shadow.actual is None and self.state == "settled":
+                self.shadow.actual, self.shadow.charged = self.final_actual(), self.charged
+            publish = getattr(self.owner, "publish_shadow", None)
+            if publish is not None:
+                publish(self.shadow)
 
     def _event_request(self, actual: Amount, key: str | None = None) -> EventCreateRequest:
         return trusted(
@@ -484,6 +495,7 @@ class _GuardCore:
             self.state = "released"
             return None
         self.state = "released"
+        self._publish_shadow()
         if self.reservation is None or self.reservation.reservation_id is None:
             return None
         req = trusted(ReleaseRequest, idempotency_key=self.key + ":release", reason=reason[:256])

@@ -50,7 +50,9 @@ SCHEMA_VERSION = 2  # 2: the kv table (recurring budgets, quotas): older code mu
 #: version N -> the statements that take a ledger from version N to N + 1, run in order at open.
 MIGRATIONS: dict[int, tuple[str, ...]] = {1: ()}  # 1 -> 2: only new tables, created by SCHEMA's IF NOT EXISTS
 _OUR_TABLES = frozenset({"meta", "budgets", "reservations", "idempotency"})  # what a v1 ledger has
-_KEY_STORE_TABLES = frozenset({"api_keys"})  # cycles.server.keys keeps API keys in the same file
+# Tables other Cycles stores keep in the ledger's file (API keys; events, audit and their documents),
+# which may be created before the ledger's own: a file holding only these is still a new ledger.
+_KEY_STORE_TABLES = frozenset({"api_keys", "cycles_records", "cycles_kv", "cycles_docs"})
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
@@ -357,6 +359,17 @@ class _SqliteTxn:
         return a + b
 
 
+def connect(path: str, busy_timeout_ms: int, synchronous: str = "NORMAL") -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL journal (shared by the
+    ledger and the stores that keep their tables in its file)."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    db.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    _schema_version(db, path)  # refuses another program's database before writing anything (even WAL)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={synchronous}")
+    return db
+
+
 class SqliteLedger(TransactionalLedger):
     def __init__(
         self,
@@ -402,14 +415,7 @@ class SqliteLedger(TransactionalLedger):
         if self._db is not None and self._pid == os.getpid():
             return self._db
         self._pid = os.getpid()
-        db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=self._busy_timeout_ms / 1000
-        )
-        self._db = db
-        db.execute(f"PRAGMA busy_timeout={int(self._busy_timeout_ms)}")
-        _schema_version(db, self.path)  # refuses another program's database before writing anything
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute(f"PRAGMA synchronous={self.synchronous}")
+        db = self._db = connect(self.path, self._busy_timeout_ms, self.synchronous)
         if fcntl is not None and self.path != ":memory:":
             self._lock_fd = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
         with self._locked():

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from cycles.errors import PROTOCOL_ERROR_CODES, CyclesError, InvalidRequest
+from cycles.errors import ADMIN_ERROR_CODES, PROTOCOL_ERROR_CODES, CyclesError, InvalidRequest
 
 __all__ = [
     "JSON_HEADERS",
@@ -41,7 +41,7 @@ _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
-_ERROR_CODES = frozenset(PROTOCOL_ERROR_CODES)
+_ERROR_CODES = frozenset(PROTOCOL_ERROR_CODES) | frozenset(ADMIN_ERROR_CODES)  # governance routes
 
 JSON_HEADERS = {"content-type": "application/json"}
 

@@ -45,6 +45,7 @@ __all__ = [
     "list_keys",
     "list_policies",
     "update_policy",
+    "parse_unit",
     "revoke_key",
     "sweep",
     "set_budget",
@@ -95,14 +96,19 @@ def _json_list(name: str, items: list[bytes]) -> bytes:
     return b'{"' + name.encode() + b'":[' + b",".join(items) + b"]}"
 
 
-def _unit_param(request: Request) -> Unit | None:
-    raw = (request.query_params.get("unit") or "").strip()
+def parse_unit(raw: str) -> Unit | None:
+    """A unit name from a query or a form (``""``: none given)."""
+    raw = raw.strip()
     if not raw:
         return None
     try:
         return Unit(raw)
     except ValueError:
         raise InvalidRequest(f"unit must be one of {', '.join(u.value for u in Unit)}") from None
+
+
+def _unit_param(request: Request) -> Unit | None:
+    return parse_unit(request.query_params.get("unit") or "")
 
 
 def _tenant_param(request: Request) -> str | None:

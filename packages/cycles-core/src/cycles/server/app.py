@@ -18,7 +18,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -30,7 +30,8 @@ from cycles.errors import CyclesError, Denied, InternalError, LedgerUnavailable,
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.ledger.rules import ReservationQuery
 from cycles.models import Balance, ReservationStatus, Unit
-from cycles.server import admin, routes
+from cycles.otel import instrument, instrument_app, wrap_ledger
+from cycles.server import admin, governance, routes, shadow_routes
 from cycles.server._http import MAX_BODY_BYTES, error_body, error_status, new_request_id, trace_id_from
 from cycles.server.access_log import ACCESS_LOGGER, access_record, configure_logging
 from cycles.server.auth import Authenticator, Principal
@@ -53,6 +54,8 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 
 class CyclesServer:
     """Everything a request needs: the ledger, the key store, auth, metrics and settings."""
+
+    gov: governance.Governance  # the governance plane's state (set by governance.install)
 
     def __init__(
         self,
@@ -115,6 +118,7 @@ class CyclesServer:
         headers = request.headers
         request_id = new_request_id()
         trace_id = trace_id_from(headers)
+        scope["cycles.ids"] = (request_id, trace_id)  # for audit entries and events (governance)
         principal = NOBODY
         error: str | None = None
         try:
@@ -278,18 +282,22 @@ class CyclesServer:
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(self._sweep_forever()) if self.sweep_interval_s > 0 else None
+        dispatcher = asyncio.create_task(self.gov.dispatcher.run_forever())  # webhooks (governance)
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            for task in (sweeper, dispatcher):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await self.aclose()
 
     async def aclose(self) -> None:
         await self.ledger.aclose()
         await self.keys.aclose()
+        if getattr(self, "gov", None) is not None:
+            self.gov.records.close()
 
 
 class Endpoint:
@@ -335,6 +343,8 @@ def _endpoints(server: CyclesServer) -> list[Endpoint]:
         ep("/admin/sweep", "POST", a.sweep, "admin"),
         ep("/admin/policies", "POST", a.update_policy, "admin"),
         ep("/admin/policies", "GET", a.list_policies, "admin"),
+        ep("/v1/shadow/events", "POST", shadow_routes.record_shadow_events, "api"),
+        ep("/v1/shadow/events", "GET", shadow_routes.list_shadow_events, "dual"),
     ]
 
 
@@ -418,7 +428,7 @@ def create_app(
             raise ValueError("API keys cannot be kept in an http(s):// ledger: pass keys_url (memory, sqlite, redis)")
         keys = open_key_store(source)
     server = CyclesServer(
-        ledger,
+        wrap_ledger(ledger),  # traced when cycles.otel.instrument() was called
         keys,
         admin_key=admin_key,
         max_body_bytes=max_body_bytes,
@@ -432,14 +442,10 @@ def create_app(
 
     async def not_allowed(request: Request, exc: Exception) -> Response:
         # Starlette's Allow names the first matching route's methods; a path has several routes.
-        allowed = sorted(
-            {
-                m
-                for r in starlette_routes
-                if isinstance(r, Route) and r.path_regex.match(request.url.path)
-                for m in (r.methods or ())
-            }
-        )
+        # A literal path (/v1/admin/tenants/bulk-action) is not also its templated sibling's.
+        matching = [r for r in starlette_routes if isinstance(r, Route) and r.path_regex.match(request.url.path)]
+        literal = [r for r in matching if r.path == request.url.path]
+        allowed = sorted({m for r in (literal or matching) for m in (r.methods or ())})
         return server.error_response(
             request,
             405,
@@ -448,7 +454,7 @@ def create_app(
             {"allow": ", ".join(allowed)},
         )
 
-    endpoints = _endpoints(server)
+    endpoints = governance.install(server, _endpoints(server))
     starlette_routes: list[BaseRoute] = [
         Route(e.path, e, methods=[e.method], include_in_schema=False) for e in endpoints
     ]
@@ -457,6 +463,9 @@ def create_app(
         Route("/readyz", server.readyz, methods=["GET"], include_in_schema=False),
         Route("/metrics", server.metrics_endpoint, methods=["GET"], include_in_schema=False),
     ]
+    from cycles.dashboard import dashboard_routes  # here: the dashboard imports the server's modules
+
+    starlette_routes += dashboard_routes(server, admin_key)
     starlette = Starlette(
         routes=starlette_routes,
         exception_handlers={404: not_found, 405: not_allowed},
@@ -464,7 +473,7 @@ def create_app(
     )
     starlette.router.redirect_slashes = False  # "/v1/balances/" is not a route: 404, not a 307
     starlette.state.cycles = server
-    return CyclesApp(server, endpoints, starlette)
+    return cast(CyclesApp, instrument_app(CyclesApp(server, endpoints, starlette)))
 
 
 def tune_gc() -> None:
@@ -483,6 +492,8 @@ def tune_gc() -> None:
 def app_from_env(env: Mapping[str, str] | None = None) -> CyclesApp:
     """The app ``cycles serve`` runs in each uvicorn worker, configured through the environment."""
     env = os.environ if env is None else env
+    if env.get("CYCLES_OTEL") == "1":  # spans and metrics to the OpenTelemetry SDK the process configured
+        instrument()
     if env.get("CYCLES_SERVER_LOG_LEVEL"):  # each worker process sets up its own JSON logging
         configure_logging(env["CYCLES_SERVER_LOG_LEVEL"])
     if env.get("CYCLES_SERVER_TUNE_GC") == "1":

@@ -27,11 +27,14 @@ _MAX_KEY_LEN = 512
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """``tenant`` is the effective tenant; ``None`` with ``admin`` set means the operator."""
+    """``tenant`` is the effective tenant; ``None`` with ``admin`` set means the operator.
+    ``permissions`` and ``scope_filter`` are a tenant key's (see ``cycles.server.keys.KeyInfo``)."""
 
     tenant: str | None
     key_id: str | None = None
     admin: bool = False
+    permissions: frozenset[str] = frozenset()
+    scope_filter: tuple[str, ...] = ()
 
 
 ADMIN = Principal(tenant=None, admin=True)
@@ -68,12 +71,21 @@ class Authenticator:
         info: KeyInfo | None = await self.keys.verify(api_key)
         if info is None:
             self._cache.pop(digest, None)
-            raise Unauthorized("invalid or revoked API key")
-        principal = Principal(tenant=info.tenant, key_id=info.key_id)
+            raise Unauthorized("invalid, revoked or expired API key")
+        principal = Principal(
+            tenant=info.tenant,
+            key_id=info.key_id,
+            permissions=frozenset(info.effective_permissions),
+            scope_filter=info.scope_filter,
+        )
         if self._ttl > 0:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[digest] = (now + self._ttl, principal)
+            # an expiring key is remembered no longer than it lives
+            until = now + self._ttl
+            if info.expires_at_ms is not None:
+                until = min(until, now + (info.expires_at_ms - time.time() * 1000) / 1000)
+            self._cache[digest] = (until, principal)
         return principal
 
     def admin(self, headers: Headers) -> Principal:

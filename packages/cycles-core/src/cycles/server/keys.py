@@ -19,8 +19,10 @@ from __future__ import annotations
 import abc
 import asyncio
 import builtins
+import dataclasses
 import hashlib
 import hmac
+import json
 import re
 import secrets
 import sqlite3
@@ -32,8 +34,10 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from cycles.errors import InvalidRequest, NotFound
+from cycles.ledger.records import iso_ms
 
 __all__ = [
+    "DEFAULT_PERMISSIONS",
     "KeyInfo",
     "KeyStore",
     "MemoryKeyStore",
@@ -44,6 +48,7 @@ __all__ = [
     "open_key_store",
 ]
 
+NEVER = "9999-12-31T23:59:59.999Z"
 _KEY = re.compile(r"^cyc_([0-9a-f]{16})_[0-9a-f]{64}$")
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 _TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
@@ -72,25 +77,122 @@ def _check_key_id(key_id: str) -> None:
         raise NotFound(f"API key {key_id[:32]!r} not found")
 
 
+#: What a key may do when it was created without a permission list (and every key made before
+#: keys had permissions): the governance spec's default for tenant keys (createApiKey).
+DEFAULT_PERMISSIONS: tuple[str, ...] = (
+    "reservations:create",
+    "reservations:commit",
+    "reservations:release",
+    "reservations:extend",
+    "reservations:list",
+    "balances:read",
+    "budgets:read",
+    "budgets:write",
+    "policies:read",
+    "policies:write",
+)
+
+
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
-    """What the store knows about a key (never the key itself)."""
+    """What the store knows about a key (never the key itself).
+
+    ``permissions`` are the governance spec's ``Permission`` values (``None``: the default runtime
+    set, ``DEFAULT_PERMISSIONS``); ``scope_filter`` limits the key to budgets at or under those
+    scopes (``workspace:prod`` or ``tenant:acme/workspace:prod``; empty: the whole tenant);
+    ``expires_at_ms`` makes it stop working at that instant.
+    """
 
     key_id: str
     tenant: str
     created_at_ms: int
     revoked_at_ms: int | None = None
     name: str | None = None
+    permissions: tuple[str, ...] | None = None
+    scope_filter: tuple[str, ...] = ()
+    expires_at_ms: int | None = None
+    metadata: dict[str, Any] | None = None
+    revoked_reason: str | None = None
 
     @property
     def active(self) -> bool:
-        return self.revoked_at_ms is None
+        return self.revoked_at_ms is None and not self.expired()
+
+    def expired(self, now_ms: int | None = None) -> bool:
+        return self.expires_at_ms is not None and self.expires_at_ms <= (_now_ms() if now_ms is None else now_ms)
+
+    @property
+    def effective_permissions(self) -> tuple[str, ...]:
+        return DEFAULT_PERMISSIONS if self.permissions is None else self.permissions
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at_ms is not None:
+            return "REVOKED"
+        return "EXPIRED" if self.expired() else "ACTIVE"
+
+    @property
+    def key_prefix(self) -> str:
+        return f"cyc_{self.key_id}"
+
+    def attrs_json(self) -> str | None:
+        """The governance attributes as stored (``None`` for a key that has none)."""
+        attrs = {
+            k: v
+            for k, v in (
+                ("permissions", list(self.permissions) if self.permissions is not None else None),
+                ("scope_filter", list(self.scope_filter) or None),
+                ("expires_at_ms", self.expires_at_ms),
+                ("metadata", self.metadata),
+                ("revoked_reason", self.revoked_reason),
+            )
+            if v is not None
+        }
+        return json.dumps(attrs, separators=(",", ":"), sort_keys=True) if attrs else None
+
+    def with_attrs(self, raw: str | None) -> KeyInfo:
+        if not raw:
+            return self
+        a = json.loads(raw)
+        perms = a.get("permissions")
+        return dataclasses.replace(
+            self,
+            permissions=tuple(perms) if perms is not None else None,
+            scope_filter=tuple(a.get("scope_filter") or ()),
+            expires_at_ms=a.get("expires_at_ms"),
+            metadata=a.get("metadata"),
+            revoked_reason=a.get("revoked_reason"),
+        )
+
+    def to_spec(self) -> dict[str, Any]:
+        """The governance spec's ``ApiKey``. A key without expiry reads ``expires_at`` 9999-12-31
+        (the schema requires the field; the spec allows keys that never expire)."""
+        out: dict[str, Any] = {
+            "key_id": self.key_id,
+            "tenant_id": self.tenant,
+            "key_prefix": self.key_prefix,
+            "permissions": list(self.effective_permissions),
+            "status": self.status,
+            "created_at": iso_ms(self.created_at_ms),
+            "expires_at": iso_ms(self.expires_at_ms) if self.expires_at_ms is not None else NEVER,
+        }
+        if self.name is not None:
+            out["name"] = self.name
+        if self.scope_filter:
+            out["scope_filter"] = list(self.scope_filter)
+        if self.revoked_at_ms is not None:
+            out["revoked_at"] = iso_ms(self.revoked_at_ms)
+        if self.revoked_reason is not None:
+            out["revoked_reason"] = self.revoked_reason
+        if self.metadata is not None:
+            out["metadata"] = self.metadata
+        return out
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key_id": self.key_id, "tenant": self.tenant, "created_at_ms": self.created_at_ms}
         if self.name is not None:
             out["name"] = self.name
-        out["status"] = "ACTIVE" if self.active else "REVOKED"
+        out["status"] = self.status
         if self.revoked_at_ms is not None:
             out["revoked_at_ms"] = self.revoked_at_ms
         return out
@@ -107,12 +209,12 @@ class NewKey:
         return {**self.info.to_wire(), "api_key": self.api_key}
 
 
-def _mint(tenant: str, name: str | None) -> tuple[KeyInfo, str, str]:
+def _mint(tenant: str, name: str | None, **attrs: Any) -> tuple[KeyInfo, str, str]:
     _check_tenant(tenant)
     _check_name(name)
     key_id = secrets.token_hex(8)
     api_key = f"cyc_{key_id}_{secrets.token_hex(32)}"
-    return KeyInfo(key_id, tenant, _now_ms(), None, name), api_key, key_digest(api_key)
+    return KeyInfo(key_id, tenant, _now_ms(), None, name, **attrs), api_key, key_digest(api_key)
 
 
 def _key_id_of(api_key: str) -> str | None:
@@ -129,13 +231,34 @@ class KeyStore(abc.ABC):
 
     url: str = ""
 
-    async def create(self, tenant: str, *, name: str | None = None) -> NewKey:
-        info, api_key, digest = _mint(tenant, name)
+    async def create(
+        self,
+        tenant: str,
+        *,
+        name: str | None = None,
+        permissions: tuple[str, ...] | None = None,
+        scope_filter: tuple[str, ...] = (),
+        expires_at_ms: int | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> NewKey:
+        info, api_key, digest = _mint(
+            tenant,
+            name,
+            permissions=permissions,
+            scope_filter=scope_filter,
+            expires_at_ms=expires_at_ms,
+            metadata=metadata,
+        )
         await self._insert(info, digest)
         return NewKey(info, api_key)
 
     async def verify(self, api_key: str) -> KeyInfo | None:
-        """The key's record if it is one of ours and not revoked, else ``None``."""
+        """The key's record if it is one of ours, not revoked and not expired, else ``None``."""
+        info = await self.identify(api_key)
+        return info if info is not None and info.active else None
+
+    async def identify(self, api_key: str) -> KeyInfo | None:
+        """The key's record if it is one of ours (whatever its status), else ``None``."""
         key_id = _key_id_of(api_key)
         if key_id is None:
             return None
@@ -143,16 +266,29 @@ class KeyStore(abc.ABC):
         if found is None:
             return None
         info, digest = found
-        if not _matches(digest, api_key) or not info.active:
-            return None
-        return info
+        return info if _matches(digest, api_key) else None
 
-    async def revoke(self, key_id: str) -> KeyInfo:
+    async def revoke(self, key_id: str, *, reason: str | None = None) -> KeyInfo:
         """Revoke a key (idempotent: revoking a revoked key returns it unchanged)."""
         _check_key_id(key_id)
         info = await self._revoke(key_id, _now_ms())
         if info is None:
             raise NotFound(f"API key {key_id} not found")
+        if reason and info.revoked_reason is None:
+            info = dataclasses.replace(info, revoked_reason=reason[:512])
+            await self._update(info)
+        return info
+
+    async def update(self, key_id: str, **changes: Any) -> KeyInfo:
+        """Change ``name``, ``permissions``, ``scope_filter`` or ``metadata`` of a key."""
+        allowed = {"name", "permissions", "scope_filter", "metadata"}
+        if not set(changes) <= allowed:
+            raise InvalidRequest(f"only {', '.join(sorted(allowed))} of a key can change")
+        info = await self.get(key_id)
+        if "name" in changes:
+            _check_name(changes["name"])
+        info = dataclasses.replace(info, **changes)
+        await self._update(info)
         return info
 
     async def get(self, key_id: str) -> KeyInfo:
@@ -181,6 +317,9 @@ class KeyStore(abc.ABC):
     async def _revoke(self, key_id: str, now_ms: int) -> KeyInfo | None: ...
     @abc.abstractmethod
     async def _list(self, tenant: str | None) -> builtins.list[KeyInfo]: ...
+    @abc.abstractmethod
+    async def _update(self, info: KeyInfo) -> None:
+        """Write ``name`` and the governance attributes of an existing key."""
 
 
 class MemoryKeyStore(KeyStore):
@@ -201,10 +340,16 @@ class MemoryKeyStore(KeyStore):
         if found is None:
             return None
         info, digest = found
-        if info.active:
-            info = KeyInfo(info.key_id, info.tenant, info.created_at_ms, now_ms, info.name)
+        if info.revoked_at_ms is None:
+            info = dataclasses.replace(info, revoked_at_ms=now_ms)
             self._keys[key_id] = (info, digest)
         return info
+
+    async def _update(self, info: KeyInfo) -> None:
+        found = self._keys.get(info.key_id)
+        if found is not None:
+            stored = found[0]
+            self._keys[info.key_id] = (dataclasses.replace(info, revoked_at_ms=stored.revoked_at_ms), found[1])
 
     async def _list(self, tenant: str | None) -> list[KeyInfo]:
         return [info for info, _ in self._keys.values() if tenant is None or info.tenant == tenant]
@@ -221,11 +366,11 @@ CREATE TABLE IF NOT EXISTS api_keys (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS api_keys_tenant ON api_keys (tenant);
 """
-_SQLITE_COLS = "key_id, tenant, created_at_ms, revoked_at_ms, name, digest"
+_SQLITE_COLS = "key_id, tenant, created_at_ms, revoked_at_ms, name, digest, attrs"
 
 
 def _info_from(row: tuple[Any, ...]) -> tuple[KeyInfo, str]:
-    return KeyInfo(row[0], row[1], row[2], row[3], row[4]), row[5]
+    return KeyInfo(row[0], row[1], row[2], row[3], row[4]).with_attrs(row[6]), row[5]
 
 
 class SqliteKeyStore(KeyStore):
@@ -245,6 +390,13 @@ class SqliteKeyStore(KeyStore):
         self._db.execute("PRAGMA journal_mode=WAL")
         with self._lock:
             self._db.executescript(_SQLITE_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(api_keys)").fetchall()}
+            if "attrs" not in columns:  # keys made before permissions: they keep the defaults
+                try:
+                    self._db.execute("ALTER TABLE api_keys ADD COLUMN attrs TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def _run(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         with self._lock:
@@ -255,8 +407,14 @@ class SqliteKeyStore(KeyStore):
 
     async def _insert(self, info: KeyInfo, digest: str) -> None:
         await self._call(
-            "INSERT INTO api_keys (key_id, tenant, digest, name, created_at_ms, revoked_at_ms) VALUES (?,?,?,?,?,NULL)",
-            (info.key_id, info.tenant, digest, info.name, info.created_at_ms),
+            "INSERT INTO api_keys (key_id, tenant, digest, name, created_at_ms, revoked_at_ms, attrs) "
+            "VALUES (?,?,?,?,?,NULL,?)",
+            (info.key_id, info.tenant, digest, info.name, info.created_at_ms, info.attrs_json()),
+        )
+
+    async def _update(self, info: KeyInfo) -> None:
+        await self._call(
+            "UPDATE api_keys SET name=?, attrs=? WHERE key_id=?", (info.name, info.attrs_json(), info.key_id)
         )
 
     async def _lookup(self, key_id: str) -> tuple[KeyInfo, str] | None:
@@ -340,12 +498,15 @@ class RedisKeyStore(KeyStore):
     def _from_hash(key_id: str, h: dict[str, str]) -> tuple[KeyInfo, str]:
         revoked = h.get("revoked_at_ms")
         info = KeyInfo(key_id, h["tenant"], int(h["created_at_ms"]), int(revoked) if revoked else None, h.get("name"))
-        return info, h["digest"]
+        return info.with_attrs(h.get("attrs")), h["digest"]
 
     async def _insert(self, info: KeyInfo, digest: str) -> None:
         fields = {"tenant": info.tenant, "digest": digest, "created_at_ms": str(info.created_at_ms)}
         if info.name is not None:
             fields["name"] = info.name
+        attrs = info.attrs_json()
+        if attrs is not None:
+            fields["attrs"] = attrs
         pipe = self._redis.pipeline(transaction=True)
         pipe.hset(self._key(info.key_id), mapping=fields)
         pipe.sadd(self._ids, info.key_id)
@@ -362,6 +523,20 @@ class RedisKeyStore(KeyStore):
         await self._redis.hsetnx(key, "revoked_at_ms", str(now_ms))  # first revocation wins
         found = await self._lookup(key_id)
         return found[0] if found else None
+
+    async def _update(self, info: KeyInfo) -> None:
+        key = self._key(info.key_id)
+        pipe = self._redis.pipeline(transaction=True)
+        if info.name is None:
+            pipe.hdel(key, "name")
+        else:
+            pipe.hset(key, "name", info.name)
+        attrs = info.attrs_json()
+        if attrs is None:
+            pipe.hdel(key, "attrs")
+        else:
+            pipe.hset(key, "attrs", attrs)
+        await pipe.execute()
 
     async def _list(self, tenant: str | None) -> list[KeyInfo]:
         ids = sorted(await self._redis.smembers(self._ids))

@@ -31,6 +31,7 @@ from cycles.models import (
 from cycles.server._http import model_json, parse_body, parse_ms, read_body
 from cycles.server.access_log import AUDIT_LOGGER
 from cycles.server.auth import Principal, require_tenant_param
+from cycles.server.governance.authz import scope_allowed, subject_allowed
 
 if TYPE_CHECKING:
     from cycles.server.app import CyclesServer
@@ -91,6 +92,8 @@ def _own_subject(subject: Subject, principal: Principal) -> None:
         subject.tenant = tenant
     elif subject.tenant != tenant:
         raise Forbidden(f"subject.tenant {subject.tenant!r} is not the tenant of this API key")
+    if principal.scope_filter and not subject_allowed(principal.scope_filter, subject):
+        raise Forbidden("the subject is outside this API key's scope_filter")
 
 
 def _reservation_id(request: Request) -> str:
@@ -265,6 +268,8 @@ async def balances(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest("include_children must be true or false")
     query = BalanceQuery(**filters, include_children=raw_children in ("true", "1"), limit=_limit(q), cursor=_cursor(q))
     res = await s.timed("balances", s.ledger.balances(query, tenant=p.tenant))
+    if p.scope_filter:  # a scope-filtered key sees only the budgets inside its filter
+        res.balances = [b for b in res.balances if scope_allowed(p.scope_filter, b.scope)]
     return 200, model_json(res)
 
 
@@ -308,6 +313,8 @@ async def list_reservations(s: CyclesServer, request: Request, p: Principal) -> 
         cursor=_cursor(q),
     )
     res = await s.timed("list_reservations", s.ledger.list_reservations(query, tenant=p.tenant))
+    if p.scope_filter:
+        res.reservations = [r for r in res.reservations if subject_allowed(p.scope_filter, r.subject)]
     return 200, model_json(res)
 
 

@@ -1,0 +1,385 @@
+"""Runtime events and alerts, observed on the server's ledger: reservation denials, threshold
+crossings, exhaustion, burn-rate and denial-rate anomalies.
+
+``ObservedLedger`` wraps the server's ledger. After every reserve, commit and event it looks at
+the balances the ledger returned (the server asks for them):
+
+* ``budget.threshold_crossed`` -- utilisation ``(spent + reserved) / allocated`` rose to or past a
+  threshold: the spec's defaults 0.80, 0.95, 1.0, plus any ``thresholds.budget_utilization`` of the
+  tenant's webhook subscriptions. Once per crossing: the highest threshold announced for a budget is
+  kept in the record store and moved with compare-and-set, so of several servers seeing the same
+  crossing exactly one announces it; when utilisation falls back below a threshold (funding, a
+  release, a new period) the mark falls with it and the next rise announces again.
+* ``budget.exhausted`` -- remaining reached zero or less (once, until it is positive again).
+* ``reservation.denied`` -- a reservation refused by a budget (reason, scope, amount, subject).
+* ``reservation.denial_rate_spike`` -- over ``rate_window_seconds`` (default 300 s) more than
+  ``denial_rate_threshold`` (default 10%) of a tenant's reservations were denied (at least 10
+  samples); once per window.
+* ``budget.burn_rate_anomaly`` -- a budget's spend over the last ``burn_rate_window_seconds``
+  (default 300 s) ran at ``burn_rate_multiplier`` (default 3x) its average rate over the previous
+  hour; once per window.
+
+Rates are measured per server process (each sees its share of the traffic); the once-per-window
+marks are shared, so a spike is announced once per deployment.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from cycles.errors import Denied
+from cycles.ledger.base import AsyncLedger, BalanceQuery, ReservationQuery
+from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.quotas import PolicyEdit, ScopePolicy
+from cycles.models import (
+    Amount,
+    Balance,
+    BalanceResponse,
+    Caps,
+    CommitRequest,
+    CommitResponse,
+    DecisionRequest,
+    DecisionResponse,
+    EventCreateRequest,
+    EventCreateResponse,
+    ReleaseRequest,
+    ReleaseResponse,
+    ReservationCreateRequest,
+    ReservationCreateResponse,
+    ReservationDetail,
+    ReservationExtendRequest,
+    ReservationExtendResponse,
+    ReservationListResponse,
+    Unit,
+)
+from cycles.scopes import derive_scopes, scope_tenant
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+    from cycles.server.auth import Principal
+    from cycles.server.governance.context import Governance
+
+__all__ = ["DEFAULT_THRESHOLDS", "ObservedLedger", "current_request"]
+
+DEFAULT_THRESHOLDS = (0.8, 0.95, 1.0)
+_THRESHOLDS_TTL_S = 5.0
+
+#: (request, principal) of the runtime call being served (set by the runtime guard).
+current_request: contextvars.ContextVar[tuple[Request, Principal] | None] = contextvars.ContextVar(
+    "cycles_current_request", default=None
+)
+
+
+def utilization(b: Balance) -> float | None:
+    allocated = b.allocated.amount if b.allocated else 0
+    if allocated <= 0:
+        return None
+    used = (b.spent.amount if b.spent else 0) + (b.reserved.amount if b.reserved else 0)
+    return used / allocated
+
+
+class _Rates:
+    """Per-tenant denial counts and per-budget spend samples, in this process."""
+
+    def __init__(self) -> None:
+        self.decisions: dict[str, deque[tuple[float, bool]]] = {}
+        self.spend: dict[str, deque[tuple[float, int]]] = {}
+
+    def decision(self, tenant: str, denied: bool, now: float, window: float) -> tuple[int, int]:
+        q = self.decisions.setdefault(tenant, deque())
+        q.append((now, denied))
+        while q and q[0][0] < now - window:
+            q.popleft()
+        if len(self.decisions) > 10_000:
+            self.decisions.clear()
+        return sum(1 for _, d in q if d), len(q)
+
+    def spent(self, key: str, spent: int, now: float, horizon: float) -> deque[tuple[float, int]]:
+        q = self.spend.setdefault(key, deque())
+        if not q or q[-1][1] != spent:
+            q.append((now, spent))
+        while len(q) > 2 and q[1][0] < now - horizon:
+            q.popleft()
+        if len(self.spend) > 100_000:
+            self.spend.clear()
+        return q
+
+
+class Alerts:
+    """Turns ledger results into events (see the module docstring)."""
+
+    def __init__(self, gov: Governance) -> None:
+        self.gov = gov
+        self.rates = _Rates()
+        self._levels: dict[str, str] = {}  # local copy of the shared marks: skips CAS when nothing moved
+        self._thresholds: dict[str, tuple[float, tuple[float, ...], dict[str, Any]]] = {}
+
+    async def settings(self, tenant: str) -> tuple[tuple[float, ...], dict[str, Any]]:
+        """Thresholds for a tenant's budgets: the defaults plus its webhooks' own; and the rate settings."""
+        now = time.monotonic()
+        hit = self._thresholds.get(tenant)
+        if hit is not None and hit[0] > now:
+            return hit[1], hit[2]
+        levels = set(DEFAULT_THRESHOLDS)
+        rates: dict[str, Any] = {}
+        for hook in await self.gov.run(self.gov.records.doc_list, "webhook", tenant=tenant):
+            cfg = hook.get("thresholds") or {}
+            levels.update(float(x) for x in cfg.get("budget_utilization") or ())
+            for k, v in cfg.items():
+                if k != "budget_utilization":
+                    rates.setdefault(k, v)
+        out = tuple(sorted(x for x in levels if x > 0))
+        self._thresholds[tenant] = (now + _THRESHOLDS_TTL_S, out, rates)
+        return out, rates
+
+    def forget(self, tenant: str) -> None:
+        self._thresholds.pop(tenant, None)
+
+    async def balances(self, balances: list[Balance] | None) -> None:
+        for b in balances or ():
+            tenant = scope_tenant(b.scope)
+            if tenant is None:
+                continue
+            thresholds, rates = await self.settings(tenant)
+            await self._crossing(b, tenant, thresholds)
+            await self._burn_rate(b, tenant, rates)
+
+    async def _crossing(self, b: Balance, tenant: str, thresholds: tuple[float, ...]) -> None:
+        util = utilization(b)
+        if util is None:
+            return
+        unit = b.allocated.unit if b.allocated else b.remaining.unit
+        key = f"alert:{b.scope}#{unit.value}"
+        level = max((t for t in thresholds if t <= util + 1e-12), default=0.0)
+        exhausted = b.remaining.amount <= 0
+        want = f"{level:g}|{int(exhausted)}"
+        if self._levels.get(key) == want:
+            return
+        current = await self.gov.run(self.gov.records.read, key)
+        while current != want:
+            if await self.gov.run(self.gov.records.cas, key, current, want):
+                break
+            current = await self.gov.run(self.gov.records.read, key)
+        else:
+            self._levels[key] = want
+            return  # another server moved it already
+        self._levels[key] = want
+        old_level, old_exhausted = (float(current.split("|")[0]), current.endswith("|1")) if current else (0.0, False)
+        crossed = [t for t in thresholds if old_level < t <= level]
+        for t in crossed:
+            await self._emit(
+                "budget.threshold_crossed",
+                tenant,
+                b.scope,
+                {**_numbers(b, unit), "threshold": t, "utilization": round(util, 6), "direction": "rising"},
+            )
+        if exhausted and not old_exhausted:
+            await self._emit(
+                "budget.exhausted",
+                tenant,
+                b.scope,
+                {**_numbers(b, unit), "threshold": 1.0, "utilization": round(util, 6)},
+            )
+
+    async def _burn_rate(self, b: Balance, tenant: str, rates: dict[str, Any]) -> None:
+        if b.spent is None:
+            return
+        window = float(rates.get("burn_rate_window_seconds", 300))
+        multiplier = float(rates.get("burn_rate_multiplier", 3.0))
+        now = time.time()
+        unit = b.spent.unit
+        key = f"{b.scope}#{unit.value}"
+        samples = self.rates.spent(key, b.spent.amount, now, 12 * window)
+        if len(samples) < 3:
+            return
+        recent = [s for s in samples if s[0] >= now - window]
+        older = [s for s in samples if s[0] < now - window]
+        if not recent or not older:
+            return
+        first_t, first_spent = samples[0]
+        split_t, split_spent = older[-1]
+        if split_t - first_t < window:  # need at least a window of history for a baseline
+            return
+        baseline = (split_spent - first_spent) / ((split_t - first_t) / 60)
+        current = (b.spent.amount - split_spent) / max((now - split_t) / 60, 1e-9)
+        if baseline <= 0 or current < multiplier * baseline:
+            return
+        if not await self.gov.run(
+            self.gov.records.cas, f"burn:{key}:{int(now // window)}", None, "1", ttl_ms=int(2 * window * 1000)
+        ):
+            return
+        remaining = b.remaining.amount
+        data = {
+            "scope": b.scope,
+            "unit": unit.value,
+            "current_rate": round(current, 6),
+            "baseline_rate": round(baseline, 6),
+            "multiplier": round(current / baseline, 3),
+            "window_seconds": int(window),
+        }
+        if current > 0 and remaining > 0:
+            data["projected_exhaustion_minutes"] = round(remaining / current, 3)
+        await self._emit("budget.burn_rate_anomaly", tenant, b.scope, data)
+
+    async def decision(self, tenant: str | None, denied: bool) -> None:
+        if tenant is None:
+            return
+        _, rates = await self.settings(tenant)
+        window = float(rates.get("rate_window_seconds", 300))
+        threshold = float(rates.get("denial_rate_threshold", 0.1))
+        now = time.time()
+        n_denied, total = self.rates.decision(tenant, denied, now, window)
+        if not denied or total < 10 or n_denied / total <= threshold:
+            return
+        mark = f"spike:denial:{tenant}:{int(now // window)}"
+        if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(2 * window * 1000)):
+            return
+        data = {
+            "metric": "denial_rate",
+            "current_rate": round(n_denied / (window / 60), 6),
+            "threshold_rate": threshold,
+            "window_seconds": int(window),
+            "sample_count": total,
+        }
+        await self._emit("reservation.denial_rate_spike", tenant, f"tenant:{tenant}", data)
+
+    async def denied(self, req: ReservationCreateRequest, tenant: str | None, reason: str, scope: str | None) -> None:
+        scopes = derive_scopes(req.subject)
+        owner = tenant or (scope_tenant(scopes[0]) if scopes else None) or "__system__"
+        where = scope or (scopes[-1] if scopes else None)
+        data: dict[str, Any] = {
+            "scope": where,
+            "unit": req.estimate.unit.value,
+            "reason_code": reason,
+            "requested_amount": req.estimate.amount,
+            "subject": req.subject.model_dump(exclude_none=True, mode="json"),
+            "action": req.action.model_dump(exclude_none=True, mode="json"),
+        }
+        await self._emit("reservation.denied", owner, where, {k: v for k, v in data.items() if v is not None})
+
+    async def _emit(self, event_type: str, tenant: str, scope: str | None, data: dict[str, Any]) -> None:
+        ctx = current_request.get()
+        request, principal = ctx if ctx is not None else (None, None)
+        await self.gov.emit(event_type, request, principal, tenant_id=tenant, scope=scope, data=data)
+
+
+def _numbers(b: Balance, unit: Unit) -> dict[str, Any]:
+    return {
+        "scope": b.scope,
+        "unit": unit.value,
+        "allocated": b.allocated.amount if b.allocated else 0,
+        "remaining": b.remaining.amount,
+        "spent": b.spent.amount if b.spent else 0,
+        "reserved": b.reserved.amount if b.reserved else 0,
+    }
+
+
+class ObservedLedger(AsyncLedger):
+    """The server's ledger with ``Alerts`` watching its results. Everything else passes through."""
+
+    def __init__(self, inner: AsyncLedger, alerts: Alerts) -> None:
+        self.inner = inner
+        self.alerts = alerts
+        self.url = inner.url
+
+    def __getattr__(self, name: str) -> Any:  # backend extras (sync, prefix, ...)
+        return getattr(self.inner, name)
+
+    async def _safely(self, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            import logging
+
+            logging.getLogger("cycles.server").warning("could not record an event", exc_info=True)
+
+    async def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
+        try:
+            res = await self.inner.reserve(req, tenant=tenant)
+        except Denied as exc:
+            if not req.dry_run:
+                await self._safely(self.alerts.denied(req, tenant, exc.code, exc.scope))
+                await self._safely(self.alerts.decision(tenant or req.subject.tenant, True))
+            raise
+        if not req.dry_run:
+            denied = res.decision.value == "DENY"
+            if denied:
+                await self._safely(self.alerts.denied(req, tenant, res.reason_code or "BUDGET_EXCEEDED", None))
+            await self._safely(self.alerts.decision(tenant or req.subject.tenant, denied))
+            await self._safely(self.alerts.balances(res.balances))
+        return res
+
+    async def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse:
+        res = await self.inner.commit(reservation_id, req, tenant=tenant)
+        await self._safely(self.alerts.balances(res.balances))
+        return res
+
+    async def release(self, reservation_id: str, req: ReleaseRequest, *, tenant: str | None = None) -> ReleaseResponse:
+        res = await self.inner.release(reservation_id, req, tenant=tenant)
+        await self._safely(self.alerts.balances(res.balances))
+        return res
+
+    async def event(self, req: EventCreateRequest, *, tenant: str | None = None) -> EventCreateResponse:
+        res = await self.inner.event(req, tenant=tenant)
+        await self._safely(self.alerts.balances(res.balances))
+        return res
+
+    async def extend(
+        self, reservation_id: str, req: ReservationExtendRequest, *, tenant: str | None = None
+    ) -> ReservationExtendResponse:
+        return await self.inner.extend(reservation_id, req, tenant=tenant)
+
+    async def decide(self, req: DecisionRequest, *, tenant: str | None = None) -> DecisionResponse:
+        return await self.inner.decide(req, tenant=tenant)
+
+    async def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse:
+        return await self.inner.balances(query, tenant=tenant)
+
+    async def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
+        return await self.inner.get_reservation(reservation_id, tenant=tenant)
+
+    async def list_reservations(self, query: ReservationQuery, *, tenant: str | None = None) -> ReservationListResponse:
+        return await self.inner.list_reservations(query, tenant=tenant)
+
+    async def set_budget(
+        self,
+        scope: str,
+        amount: Amount,
+        *,
+        overdraft_limit: Amount | None = None,
+        caps: Caps | None = None,
+        period: PeriodSpec | None = None,
+    ) -> Balance:
+        b = await self.inner.set_budget(scope, amount, overdraft_limit=overdraft_limit, caps=caps, period=period)
+        await self._safely(self.alerts.balances([b]))  # a smaller allocation may cross a threshold
+        return b
+
+    async def fund_budget(self, scope: str, amount: Amount) -> Balance:
+        b = await self.inner.fund_budget(scope, amount)
+        await self._safely(self.alerts.balances([b]))  # funding lowers utilisation: the marks fall
+        return b
+
+    async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
+        return await self.inner.set_budget_status(scope, status, unit=unit)
+
+    async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
+        return await self.inner.get_budget(scope, unit=unit)
+
+    async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
+        return await self.inner.list_budgets(tenant=tenant)
+
+    async def sweep(self, limit: int = 1000) -> int:
+        return await self.inner.sweep(limit)
+
+    async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
+        return await self.inner.update_policy(scope, edit)
+
+    async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
+        return await self.inner.list_policies(tenant=tenant)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

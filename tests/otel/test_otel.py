@@ -1,0 +1,174 @@
+"""OpenTelemetry: spans and metrics read back from the SDK's in-memory exporters."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import cycles.otel
+from cycles import Action, BudgetExceeded, Cycles, Subject, tokens, usd
+from cycles.server import create_app
+from cycles.server.testing import ServerThread
+
+ADMIN = "otel-admin-key-0123456789"
+LLM = Action("llm.completion", "openai:gpt-4o")
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.spans = InMemorySpanExporter()
+        self.tracer_provider = TracerProvider()
+        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
+        self.reader = InMemoryMetricReader()
+        self.meter_provider = MeterProvider(metric_readers=[self.reader])
+
+    def finished(self, name: str | None = None) -> list[Any]:
+        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
+
+    def points(self, metric: str) -> list[Any]:
+        data = self.reader.get_metrics_data()
+        assert data is not None
+        return [
+            p
+            for rm in data.resource_metrics
+            for sm in rm.scope_metrics
+            for m in sm.metrics
+            if m.name == metric
+            for p in m.data.data_points
+        ]
+
+
+@pytest.fixture
+def otel() -> Iterator[Telemetry]:
+    t = Telemetry()
+    cycles.otel.instrument(
+        tracer_provider=t.tracer_provider, meter_provider=t.meter_provider, scope_gauges=True, max_scopes=2
+    )
+    try:
+        yield t
+    finally:
+        cycles.otel.uninstrument()
+        t.meter_provider.shutdown()
+        t.tracer_provider.shutdown()
+
+
+def test_guard_spans_carry_the_decision_and_genai_attributes(otel: Telemetry) -> None:
+    with Cycles("memory://", heartbeat=False) as cy:
+        cy.budgets.set("tenant:acme", usd(1))
+        with cy.guard(Subject(tenant="acme", workflow="wf"), LLM, estimate=usd(0.40)) as g:
+            g.commit(usd(0.30), metrics={"tokens_input": 120, "tokens_output": 40})
+        with pytest.raises(BudgetExceeded), cy.guard(Subject(tenant="acme"), LLM, estimate=usd(5)):
+            pass
+    (reserve, denied) = otel.finished("cycles.reserve")
+    assert reserve.attributes["cycles.decision"] == "ALLOW"
+    assert reserve.attributes["cycles.scope"] == "tenant:acme/workflow:wf"
+    assert reserve.attributes["cycles.estimate"] == usd(0.40).amount
+    assert reserve.attributes["cycles.unit"] == "USD_MICROCENTS"
+    assert (
+        reserve.attributes["gen_ai.provider.name"] == "openai"
+        and reserve.attributes["gen_ai.request.model"] == "gpt-4o"
+    )
+    rid = reserve.attributes["cycles.reservation_id"]
+    (commit,) = otel.finished("cycles.commit")
+    assert commit.attributes["cycles.reservation_id"] == rid
+    assert commit.attributes["cycles.actual"] == usd(0.30).amount
+    assert (commit.attributes["gen_ai.usage.input_tokens"], commit.attributes["gen_ai.usage.output_tokens"]) == (
+        120,
+        40,
+    )
+    # a denial is a decision: an event on the span, not an error status
+    assert denied.attributes["cycles.decision"] == "DENY"
+    assert denied.attributes["cycles.reason_code"] == "BUDGET_EXCEEDED"
+    (event,) = denied.events
+    assert event.name == "cycles.denied" and event.attributes["cycles.denied_scope"] == "tenant:acme"
+    assert denied.status.status_code.name == "UNSET"
+
+    decisions = {
+        (p.attributes["cycles.operation"], p.attributes["cycles.decision"], p.attributes["cycles.reason_code"]): p.value
+        for p in otel.points("cycles.decisions")
+    }
+    assert decisions[("reserve", "ALLOW", "")] == 1
+    assert decisions[("reserve", "DENY", "BUDGET_EXCEEDED")] == 1
+    assert decisions[("commit", "ALLOW", "")] == 1
+    (latency_allow, latency_deny) = sorted(
+        otel.points("cycles.reserve.duration"), key=lambda p: p.attributes["cycles.decision"]
+    )
+    assert latency_allow.count == 1 and latency_deny.count == 1
+    (ratio,) = otel.points("cycles.commit.actual_to_estimate")
+    assert ratio.count == 1 and ratio.sum == pytest.approx(0.75)
+
+
+def test_scope_gauges_are_opt_in_and_capped(otel: Telemetry) -> None:
+    with Cycles("memory://", heartbeat=False) as cy:
+        for name in ("a", "b", "c"):
+            cy.budgets.set(f"tenant:{name}", tokens(100 + ord(name)))
+        cy.budgets.list()  # the gauges see what the client reads
+    remaining = {p.attributes["cycles.scope"]: p.value for p in otel.points("cycles.budget.remaining")}
+    assert remaining == {"tenant:a": 197, "tenant:b": 198}  # max_scopes=2: c is left out, and counted
+    (dropped,) = otel.points("cycles.budget.scopes_dropped")
+    assert dropped.value == 1
+
+
+def test_one_trace_covers_the_agent_the_client_and_the_server(otel: Telemetry, tmp_path: Path) -> None:
+    app = create_app(f"sqlite:///{tmp_path}/ledger.db", admin_key=ADMIN, sweep_interval_s=0, access_log=False)
+    with ServerThread(app) as srv:
+        httpx.post(
+            srv.url + "/admin/budgets",
+            json={"scope": "tenant:acme", "amount": {"unit": "USD_MICROCENTS", "amount": usd(1).amount}},
+            headers={"X-Admin-API-Key": ADMIN},
+        ).raise_for_status()
+        key = httpx.post(srv.url + "/admin/keys", json={"tenant": "acme"}, headers={"X-Admin-API-Key": ADMIN}).json()
+        agent = otel.tracer_provider.get_tracer("agent")
+        with (
+            Cycles(srv.url, api_key=key["api_key"], heartbeat=False) as cy,
+            agent.start_as_current_span("agent.step"),
+            cy.guard(Subject(tenant="acme"), LLM, estimate=usd(0.10)) as g,
+        ):
+            g.commit(usd(0.05))
+    (step,) = otel.finished("agent.step")
+    trace_id = step.context.trace_id
+    client_reserve = next(
+        s
+        for s in otel.finished("cycles.reserve")
+        if s.kind.name == "CLIENT" and s.parent.span_id == step.context.span_id
+    )
+    server_span = next(s for s in otel.finished("POST /v1/reservations"))
+    server_reserve = next(s for s in otel.finished("cycles.reserve") if s is not client_reserve)
+    # agent -> client reserve -> (HTTP, traceparent) -> server request -> server's ledger reserve
+    assert {client_reserve.context.trace_id, server_span.context.trace_id, server_reserve.context.trace_id} == {
+        trace_id
+    }
+    assert server_span.parent.span_id == client_reserve.context.span_id
+    assert server_reserve.parent.span_id == server_span.context.span_id
+    assert server_span.kind.name == "SERVER" and server_span.attributes["http.response.status_code"] == 200
+    assert server_reserve.attributes["cycles.decision"] == "ALLOW"
+    assert otel.finished("POST /v1/reservations/{reservation_id}/commit")
+
+
+def test_without_instrument_nothing_is_wrapped() -> None:
+    with Cycles("memory://") as cy:
+        assert type(cy.ledger).__name__ == "MemoryLedger"
+
+
+def test_a_missing_opentelemetry_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_otel(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name.startswith("opentelemetry"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_otel)
+    with pytest.raises(ImportError, match=r"pip install 'cycles-core\[otel\]'"):
+        cycles.otel.instrument()
