@@ -285,3 +285,38 @@ def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
         ("createWebhookSubscription", 201, "admin"),
     ]
     assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_one_dispatcher_per_deployment(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest, receiver: Receiver, admin_spec: Any, runtime_spec: Any
+) -> None:
+    """Two servers over one ledger: both run a dispatcher, one delivers; each event arrives once."""
+    from cycles.server import create_app
+    from cycles.server.testing import ServerThread
+
+    from .conftest import ADMIN_KEY
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/shared.db"
+    else:
+        from tests.redis.backend import fresh_redis_url
+
+        url = fresh_redis_url(request)
+    with (
+        ServerThread(create_app(url, admin_key=ADMIN_KEY, sweep_interval_s=0)) as one,
+        ServerThread(create_app(url, admin_key=ADMIN_KEY, sweep_interval_s=0)) as two,
+    ):
+        a, b = Api(one.url, admin_spec, runtime_spec), Api(two.url, admin_spec, runtime_spec)
+        try:
+            a.tenant("acme")
+            _hook(a, receiver)
+            for i in range(10):
+                (a if i % 2 else b).a("PATCH", "/v1/admin/tenants/acme", json={"name": f"n{i}"})
+            receiver.wait_for(lambda: len(receiver.received) >= 10, "ten deliveries")
+            ids = [e["event_id"] for e in receiver.events()]
+            assert len(ids) == len(set(ids)) == 10  # each event once, from whichever server leads
+        finally:
+            a.close()
+            b.close()
+    assert len(receiver.received) == 10

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cycles.errors import Denied
@@ -81,29 +82,48 @@ def utilization(b: Balance) -> float | None:
 
 
 class _Rates:
-    """Per-tenant denial counts and per-budget spend samples, in this process."""
+    """Per-tenant decision counts and per-budget spend samples, in this process, in O(1) per call:
+    decisions are counted in buckets of a tenth of the window, spend is sampled once per bucket."""
 
     def __init__(self) -> None:
-        self.decisions: dict[str, deque[tuple[float, bool]]] = {}
+        # tenant -> deque of [bucket_start_s, denied, total]; plus running sums
+        self.decisions: dict[str, tuple[deque[list[float]], list[int]]] = {}
+        # budget -> deque of (bucket_start_s, spent at the first observation in that bucket)
         self.spend: dict[str, deque[tuple[float, int]]] = {}
 
     def decision(self, tenant: str, denied: bool, now: float, window: float) -> tuple[int, int]:
-        q = self.decisions.setdefault(tenant, deque())
-        q.append((now, denied))
-        while q and q[0][0] < now - window:
-            q.popleft()
-        if len(self.decisions) > 10_000:
-            self.decisions.clear()
-        return sum(1 for _, d in q if d), len(q)
+        found = self.decisions.get(tenant)
+        if found is None:
+            if len(self.decisions) > 10_000:
+                self.decisions.clear()
+            found = self.decisions[tenant] = (deque(), [0, 0])
+        buckets, sums = found
+        step = window / 10
+        start = now - now % step
+        if not buckets or buckets[-1][0] != start:
+            buckets.append([start, 0, 0])
+        buckets[-1][1] += int(denied)
+        buckets[-1][2] += 1
+        sums[0] += int(denied)
+        sums[1] += 1
+        while buckets and buckets[0][0] <= now - window:
+            old = buckets.popleft()
+            sums[0] -= int(old[1])
+            sums[1] -= int(old[2])
+        return sums[0], sums[1]
 
-    def spent(self, key: str, spent: int, now: float, horizon: float) -> deque[tuple[float, int]]:
-        q = self.spend.setdefault(key, deque())
-        if not q or q[-1][1] != spent:
-            q.append((now, spent))
+    def spent(self, key: str, spent: int, now: float, window: float, horizon: float) -> deque[tuple[float, int]]:
+        q = self.spend.get(key)
+        if q is None:
+            if len(self.spend) > 100_000:
+                self.spend.clear()
+            q = self.spend[key] = deque()
+        step = window / 10
+        start = now - now % step
+        if not q or q[-1][0] != start:
+            q.append((start, spent))
         while len(q) > 2 and q[1][0] < now - horizon:
             q.popleft()
-        if len(self.spend) > 100_000:
-            self.spend.clear()
         return q
 
 
@@ -113,6 +133,8 @@ class Alerts:
     def __init__(self, gov: Governance) -> None:
         self.gov = gov
         self.rates = _Rates()
+        #: seconds since the epoch (tests move it)
+        self.clock: Callable[[], float] = time.time
         self._levels: dict[str, str] = {}  # local copy of the shared marks: skips CAS when nothing moved
         self._thresholds: dict[str, tuple[float, tuple[float, ...], dict[str, Any]]] = {}
 
@@ -188,20 +210,16 @@ class Alerts:
             return
         window = float(rates.get("burn_rate_window_seconds", 300))
         multiplier = float(rates.get("burn_rate_multiplier", 3.0))
-        now = time.time()
+        now = self.clock()
         unit = b.spent.unit
         key = f"{b.scope}#{unit.value}"
-        samples = self.rates.spent(key, b.spent.amount, now, 12 * window)
-        if len(samples) < 3:
-            return
-        recent = [s for s in samples if s[0] >= now - window]
-        older = [s for s in samples if s[0] < now - window]
-        if not recent or not older:
-            return
+        samples = self.rates.spent(key, b.spent.amount, now, window, 12 * window)
+        # the last sample at least a window old splits "recent" from the baseline before it
+        split = next((s for s in reversed(samples) if s[0] <= now - window), None)
         first_t, first_spent = samples[0]
-        split_t, split_spent = older[-1]
-        if split_t - first_t < window:  # need at least a window of history for a baseline
+        if split is None or split[0] - first_t < window:  # need a window of history for a baseline
             return
+        split_t, split_spent = split
         baseline = (split_spent - first_spent) / ((split_t - first_t) / 60)
         current = (b.spent.amount - split_spent) / max((now - split_t) / 60, 1e-9)
         if baseline <= 0 or current < multiplier * baseline:
@@ -229,7 +247,7 @@ class Alerts:
         _, rates = await self.settings(tenant)
         window = float(rates.get("rate_window_seconds", 300))
         threshold = float(rates.get("denial_rate_threshold", 0.1))
-        now = time.time()
+        now = self.clock()
         n_denied, total = self.rates.decision(tenant, denied, now, window)
         if not denied or total < 10 or n_denied / total <= threshold:
             return
