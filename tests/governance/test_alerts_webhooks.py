@@ -98,6 +98,10 @@ def test_denials_become_events(api: Api) -> None:
     assert denied.status_code == 409 or denied.json().get("decision") == "DENY"
     events = api.a("GET", "/v1/admin/events?event_type=reservation.denied").json()["events"]
     assert len(events) == 1
+    overview = api.a("GET", "/v1/admin/overview").json()
+    assert overview["recent_denials"][0]["event_id"] == events[0]["event_id"]
+    assert overview["recent_denials_by_reason"] == {"BUDGET_EXCEEDED": 1}
+    assert overview["tenant_counts"]["active"] == 1 and overview["budget_counts"]["total"] == 1
     data = events[0]["data"]
     assert data["reason_code"] == "BUDGET_EXCEEDED" and data["requested_amount"] == 500
     assert data["subject"]["workflow"] == "w1" and events[0]["tenant_id"] == "acme"

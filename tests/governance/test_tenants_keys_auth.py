@@ -52,6 +52,8 @@ def test_suspend_blocks_new_reservations_and_close_cascades(api: Api) -> None:
     api.a("PATCH", "/v1/admin/tenants/acme", json={"status": "ACTIVE"})
     assert api.reserve(key, {"tenant": "acme"}, 100).status_code == 200
 
+    open_one = api.reserve(key, {"tenant": "acme"}, 300)
+    assert open_one.status_code == 200
     closed = api.a("PATCH", "/v1/admin/tenants/acme", json={"status": "CLOSED"})
     assert closed.status_code == 200 and closed.json()["status"] == "CLOSED" and "closed_at" in closed.json()
     # keys revoked by the cascade: the runtime refuses the key
@@ -78,7 +80,9 @@ def test_suspend_blocks_new_reservations_and_close_cascades(api: Api) -> None:
     again = api.a("GET", "/v1/admin/events?correlation_id=tenant_close:acme").json()["events"]
     assert len(again) == len(events)
     budget = api.a("GET", "/admin/budgets/tenant:acme").json()
-    assert budget["scope"] == "tenant:acme"
+    assert budget["scope"] == "tenant:acme" and budget["reserved"]["amount"] == 0  # the drain released it
+    listed = api.a("GET", "/v1/reservations?tenant=acme&status=ACTIVE").json()["reservations"]
+    assert listed == []
 
 
 def test_keys_secret_once_hashed_validate_revoke_expire(api: Api) -> None:
