@@ -62,25 +62,8 @@ async def overview(s: CyclesServer, request: Request, p: Principal) -> Reply:
             "with_debt": len(debt),
             "by_unit": dict(Counter(v["unit"] for v in views)),
         },
-        "over_limit_scopes": [
-            {
-                "scope": v["scope"],
-                "unit": v["unit"],
-                "allocated": v["allocated"]["amount"],
-                "remaining": v["remaining"]["amount"],
-                "debt": v["debt"]["amount"],
-            }
-            for v in over[:10]
-        ],  # fmt: skip
-        "debt_scopes": [
-            {
-                "scope": v["scope"],
-                "unit": v["unit"],
-                "debt": v["debt"]["amount"],
-                "overdraft_limit": v["overdraft_limit"]["amount"],
-            }
-            for v in debt[:10]
-        ],  # fmt: skip
+        "over_limit_scopes": [_amounts(v, "allocated", "remaining", "debt") for v in over[:10]],
+        "debt_scopes": [_amounts(v, "debt", "overdraft_limit") for v in debt[:10]],
         "webhook_counts": {
             "total": len(hooks),
             "active": sum(1 for h in hooks if h["status"] == "ACTIVE"),
