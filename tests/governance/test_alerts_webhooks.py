@@ -324,3 +324,34 @@ def test_one_dispatcher_per_deployment(
             a.close()
             b.close()
     assert len(receiver.received) == 10
+
+
+def test_overdraft_debt_becomes_an_event(api: Api) -> None:
+    api.tenant("acme")
+    r = api.a(
+        "POST",
+        "/admin/budgets",
+        json={
+            "scope": "tenant:acme",
+            "amount": {"unit": USD, "amount": 1000},
+            "overdraft_limit": {"unit": USD, "amount": 500},
+        },
+    )
+    assert r.status_code == 201
+    key = api.key("acme")
+    held = api.k(
+        key,
+        "POST",
+        "/v1/reservations",
+        json={"idempotency_key": "r1", "subject": {"tenant": "acme"}, "action": {"kind": "llm", "name": "m"},
+              "estimate": {"unit": USD, "amount": 1000}, "overage_policy": "ALLOW_WITH_OVERDRAFT"},
+    )  # fmt: skip
+    assert held.status_code == 200, held.text
+    rid = held.json()["reservation_id"]
+    done = api.k(key, "POST", f"/v1/reservations/{rid}/commit",
+                 json={"idempotency_key": "c1", "actual": {"unit": USD, "amount": 1200}})  # fmt: skip
+    assert done.status_code == 200, done.text
+    events = api.a("GET", "/v1/admin/events?event_type=budget.debt_incurred").json()["events"]
+    assert len(events) == 1
+    assert events[0]["data"]["debt_incurred"] == 200 and events[0]["data"]["total_debt"] == 200
+    assert events[0]["data"]["overdraft_limit"] == 500

@@ -11,6 +11,8 @@ the balances the ledger returned (the server asks for them):
   crossing exactly one announces it; when utilisation falls back below a threshold (funding, a
   release, a new period) the mark falls with it and the next rise announces again.
 * ``budget.exhausted`` -- remaining reached zero or less (once, until it is positive again).
+* ``budget.debt_incurred`` -- a commit left more debt than before (overdraft); and
+  ``budget.over_limit_entered`` / ``budget.over_limit_exited`` when ``is_over_limit`` flips.
 * ``reservation.denied`` -- a reservation refused by a budget (reason, scope, amount, subject).
 * ``reservation.denial_rate_spike`` -- over ``rate_window_seconds`` (default 300 s) more than
   ``denial_rate_threshold`` (default 10%) of a tenant's reservations were denied (at least 10
@@ -176,7 +178,9 @@ class Alerts:
         key = f"alert:{b.scope}#{unit.value}"
         level = max((t for t in thresholds if t <= util + 1e-12), default=0.0)
         exhausted = b.remaining.amount <= 0
-        want = f"{level:g}|{int(exhausted)}"
+        over = bool(b.is_over_limit)
+        debt = b.debt.amount if b.debt else 0
+        want = f"{level:g}|{int(exhausted)}|{int(over)}|{debt}"
         if self._levels.get(key) == want:
             return
         current = await self.gov.run(self.gov.records.read, key)
@@ -188,7 +192,8 @@ class Alerts:
             self._levels[key] = want
             return  # another server moved it already
         self._levels[key] = want
-        old_level, old_exhausted = (float(current.split("|")[0]), current.endswith("|1")) if current else (0.0, False)
+        parts = [*(current or "0|0|0|0").split("|"), "0", "0"]
+        old_level, old_exhausted, old_over, old_debt = float(parts[0]), parts[1] == "1", parts[2] == "1", int(parts[3])
         crossed = [t for t in thresholds if old_level < t <= level]
         for t in crossed:
             await self._emit(
@@ -204,6 +209,17 @@ class Alerts:
                 b.scope,
                 {**_numbers(b, unit), "threshold": 1.0, "utilization": round(util, 6)},
             )
+        limit = b.overdraft_limit.amount if b.overdraft_limit else 0
+        if debt > old_debt:
+            incurred = {"scope": b.scope, "unit": unit.value, "debt_incurred": debt - old_debt, "total_debt": debt}
+            await self._emit("budget.debt_incurred", tenant, b.scope, {**incurred, "overdraft_limit": limit})
+        if over != old_over:
+            data: dict[str, Any] = {"scope": b.scope, "unit": unit.value, "debt": debt, "overdraft_limit": limit}
+            data["is_over_limit"] = over
+            if limit > 0:
+                data["debt_utilization"] = round(debt / limit, 6)
+            event = "budget.over_limit_entered" if over else "budget.over_limit_exited"
+            await self._emit(event, tenant, b.scope, data)
 
     async def _burn_rate(self, b: Balance, tenant: str, rates: dict[str, Any]) -> None:
         if b.spent is None:
