@@ -355,3 +355,31 @@ def test_overdraft_debt_becomes_an_event(api: Api) -> None:
     assert len(events) == 1
     assert events[0]["data"]["debt_incurred"] == 200 and events[0]["data"]["total_debt"] == 200
     assert events[0]["data"]["overdraft_limit"] == 500
+
+
+def test_bulk_actions_on_budgets_and_webhooks(api: Api, receiver: Receiver) -> None:
+    api.tenant("acme")
+    for ws in ("a", "b", "c"):
+        api.budget(f"tenant:acme/workspace:{ws}", 100)
+    body = {"filter": {"tenant_id": "acme", "scope_prefix": "tenant:acme/workspace:"}, "action": "CREDIT",
+            "amount": {"unit": USD, "amount": 50}, "idempotency_key": "k1"}  # fmt: skip
+    wrong = api.a("POST", "/v1/admin/budgets/bulk-action", json={**body, "expected_count": 2})
+    assert wrong.status_code == 409 and wrong.json()["error"] == "COUNT_MISMATCH"
+    done = api.a("POST", "/v1/admin/budgets/bulk-action", json={**body, "expected_count": 3}).json()
+    assert done["total_matched"] == 3 and len(done["succeeded"]) == 3 and not done["failed"]
+    ledgers = api.a("GET", "/v1/admin/budgets?tenant_id=acme&scope_prefix=tenant:acme/workspace:").json()["ledgers"]
+    assert {x["allocated"]["amount"] for x in ledgers} == {150}
+    assert len(api.a("GET", "/v1/admin/events?event_type=budget.funded").json()["events"]) == 3
+    sid, _ = _hook(api, receiver)
+    paused = api.a(
+        "POST",
+        "/v1/admin/webhooks/bulk-action",
+        json={"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "p"},
+    ).json()
+    assert paused["succeeded"] == [{"id": sid}]
+    assert api.a("GET", f"/v1/admin/webhooks/{sid}").json()["status"] == "PAUSED"
+    ops = [
+        x["operation"]
+        for x in api.a("GET", "/v1/admin/audit/logs?operation=bulkActionBudgets,bulkActionWebhooks").json()["logs"]
+    ]
+    assert ops == ["bulkActionWebhooks", "bulkActionBudgets", "bulkActionBudgets"]

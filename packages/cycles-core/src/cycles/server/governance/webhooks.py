@@ -745,3 +745,80 @@ class Dispatcher:
         records = self.gov.records
         current = await self.gov.run(records.doc_get, "delivery", d["delivery_id"])
         await self.gov.run(records.doc_swap, "delivery", d["delivery_id"], current, d, index=d["subscription_id"])
+
+
+class WebhookBulkFilter(_Body):
+    tenant_id: str | None = None
+    status: Literal["ACTIVE", "PAUSED", "DISABLED"] | None = None
+    event_type: str | None = None
+    search: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class WebhookBulkActionRequest(_Body):
+    filter: WebhookBulkFilter
+    action: Literal["PAUSE", "RESUME", "DELETE"]
+    expected_count: int | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    """bulkActionWebhooks: PAUSE, RESUME or DELETE every subscription the filter matches."""
+    from cycles.errors import CountMismatch
+
+    req = parse_body(WebhookBulkActionRequest, await read_body(request, s.max_body_bytes))
+    f = req.filter
+    if not f.model_fields_set:
+        raise InvalidRequest("filter must name at least one of tenant_id, status, event_type, search")
+    if f.event_type is not None and f.event_type not in _event_types():
+        raise InvalidRequest(f"unknown event type {f.event_type[:64]!r}")
+    if req.expected_count is not None and req.expected_count < 0:
+        raise InvalidRequest("expected_count must be 0 or more")
+    search = (f.search or "").lower()
+    rows = [
+        d
+        for d in await s.gov.run(s.gov.records.doc_list, "webhook", tenant=f.tenant_id)
+        if (f.status is None or d["status"] == f.status)
+        and (f.event_type is None or f.event_type in d["event_types"])
+        and (not search or search in (d.get("name") or "").lower() or search in d["url"].lower())
+    ]
+    if len(rows) > 500:
+        raise InvalidRequest("the filter matches more than 500 subscriptions: narrow it")
+    if req.expected_count is not None and req.expected_count != len(rows):
+        raise CountMismatch(f"the filter matches {len(rows)} subscriptions, not {req.expected_count}")
+    target = {"PAUSE": "PAUSED", "RESUME": "ACTIVE", "DELETE": None}[req.action]
+    succeeded, failed, skipped = [], [], []
+    for d in rows:
+        sid = d["subscription_id"]
+        if target is not None and d["status"] == target:
+            skipped.append({"id": sid, "reason": f"already {target}"})
+            continue
+        owner = await s.gov.tenant(d["tenant_id"], fresh=True) if d["tenant_id"] != SYSTEM else None
+        if owner is not None and owner["status"] == "CLOSED":
+            failed.append({"id": sid, "error_code": "TENANT_CLOSED", "message": "the owning tenant is closed"})
+            continue
+        if target is None:
+            ok = await s.gov.run(s.gov.records.doc_swap, "webhook", sid, d, None)
+            event, data = "webhook.deleted", {"subscription_id": sid, "previous_status": d["status"]}
+        else:
+            new = {**d, "status": target, "updated_at": iso_ms(_now_ms())}
+            if target == "ACTIVE":
+                new["consecutive_failures"] = 0
+            ok = await s.gov.run(s.gov.records.doc_swap, "webhook", sid, d, new)
+            event = "webhook.paused" if target == "PAUSED" else "webhook.resumed"
+            data = {"subscription_id": sid, "previous_status": d["status"], "new_status": target}
+        if not ok:
+            failed.append({"id": sid, "error_code": "INTERNAL_ERROR", "message": "changed concurrently: retry"})
+            continue
+        s.gov.alerts_forget(d["tenant_id"])
+        await s.gov.emit(event, request, p, tenant_id=d["tenant_id"], data=data)
+        succeeded.append({"id": sid})
+    note_of(request).resource_id = f"bulk:{req.idempotency_key}"
+    out = {
+        "action": req.action,
+        "total_matched": len(rows),
+        "succeeded": succeeded,
+        "failed": failed,
+        "skipped": skipped,
+        "idempotency_key": req.idempotency_key,
+    }
+    return 200, _dumps(out)
