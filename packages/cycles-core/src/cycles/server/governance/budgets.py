@@ -40,6 +40,7 @@ from cycles.server.auth import Principal
 from cycles.server.governance.authz import scope_allowed
 from cycles.server.governance.context import (
     Reply,
+    bulk_reply,
     enum_param,
     limit_param,
     note_of,
@@ -561,12 +562,4 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
     note = note_of(request)
     note.tenant, note.resource_id = f.tenant_id, f"bulk:{req.idempotency_key}"
     note.extra["matched"] = len(rows)
-    out = {
-        "action": req.action,
-        "total_matched": len(rows),
-        "succeeded": succeeded,
-        "failed": failed,
-        "skipped": skipped,
-        "idempotency_key": req.idempotency_key,
-    }
-    return 200, _dumps(out)
+    return bulk_reply(req.action, len(rows), (succeeded, failed, skipped), req.idempotency_key)

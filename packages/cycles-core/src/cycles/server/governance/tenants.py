@@ -29,6 +29,7 @@ from cycles.server.auth import Principal
 from cycles.server.governance.context import (
     AuditNote,
     Reply,
+    bulk_reply,
     enum_param,
     limit_param,
     note_of,
@@ -414,12 +415,4 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
         except Exception as exc:  # noqa: BLE001 - reported per row
             code = getattr(exc, "code", "INTERNAL_ERROR")
             failed.append({"id": tid, "error_code": code, "message": str(getattr(exc, "message", exc))[:200]})
-    out = {
-        "action": req.action,
-        "total_matched": len(chosen),
-        "succeeded": succeeded,
-        "failed": failed,
-        "skipped": skipped,
-        "idempotency_key": req.idempotency_key,
-    }
-    return 200, _dumps(out)
+    return bulk_reply(req.action, len(chosen), (succeeded, failed, skipped), req.idempotency_key)

@@ -58,6 +58,7 @@ from cycles.server.auth import Principal
 from cycles.server.governance.context import (
     Governance,
     Reply,
+    bulk_reply,
     enum_param,
     limit_param,
     note_of,
@@ -813,12 +814,4 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
         await s.gov.emit(event, request, p, tenant_id=d["tenant_id"], data=data)
         succeeded.append({"id": sid})
     note_of(request).resource_id = f"bulk:{req.idempotency_key}"
-    out = {
-        "action": req.action,
-        "total_matched": len(rows),
-        "succeeded": succeeded,
-        "failed": failed,
-        "skipped": skipped,
-        "idempotency_key": req.idempotency_key,
-    }
-    return 200, _dumps(out)
+    return bulk_reply(req.action, len(rows), (succeeded, failed, skipped), req.idempotency_key)
