@@ -152,7 +152,16 @@ def test_budgets_on_spec_paths(api: Api) -> None:
     assert len(api.k(key, "GET", "/v1/admin/budgets").json()["ledgers"]) == 1
 
 
+def allow_loopback(api: Api) -> None:
+    """The receiver listens on http://127.0.0.1: a development setting (the spec's default blocks
+    plain http and loopback, against SSRF)."""
+    body = {"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8"]}
+    r = api.a("PUT", "/v1/admin/config/webhook-security", json=body)
+    assert r.status_code == 200 and r.json()["allow_http"] is True
+
+
 def _hook(api: Api, receiver: Receiver, **extra: Any) -> tuple[str, str]:
+    allow_loopback(api)
     body = {"url": receiver.url, "event_types": ["budget.threshold_crossed", "tenant.updated"], **extra}
     r = api.a("POST", "/v1/admin/webhooks?tenant_id=acme", json=body)
     assert r.status_code == 201, r.text
@@ -217,6 +226,19 @@ def test_webhook_auto_disables_after_consecutive_failures(api: Api, receiver: Re
 
 def test_tenant_self_service_webhooks_stay_within_the_boundary(api: Api, receiver: Receiver) -> None:
     api.tenant("acme")
+    remote = api.a(
+        "POST",
+        "/v1/admin/webhooks?tenant_id=acme",
+        json={"url": "http://example.com/x", "event_types": ["budget.exhausted"]},
+    )
+    assert remote.status_code == 400 and remote.json()["error"] == "WEBHOOK_URL_INVALID"  # http is off by default
+    local = api.a(
+        "POST",
+        "/v1/admin/webhooks?tenant_id=acme",
+        json={"url": "https://127.0.0.1/x", "event_types": ["budget.exhausted"]},
+    )
+    assert local.status_code == 400 and "blocked range" in local.json()["message"]  # loopback: the SSRF guard
+    allow_loopback(api)
     writer = api.key("acme", permissions=["webhooks:write", "webhooks:read"])
     bad = api.k(writer, "POST", "/v1/webhooks", json={"url": receiver.url, "event_types": ["api_key.created"]})
     assert bad.status_code == 400
@@ -225,12 +247,6 @@ def test_tenant_self_service_webhooks_stay_within_the_boundary(api: Api, receive
     reader = api.key("acme")  # default permissions: no webhooks:*
     assert api.k(reader, "GET", "/v1/webhooks").status_code == 403
     assert len(api.k(writer, "GET", "/v1/webhooks").json()["subscriptions"]) == 1
-    remote = api.a(
-        "POST",
-        "/v1/admin/webhooks?tenant_id=acme",
-        json={"url": "http://example.com/x", "event_types": ["budget.exhausted"]},
-    )
-    assert remote.status_code == 400 and remote.json()["error"] == "WEBHOOK_URL_INVALID"
 
 
 def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
@@ -251,6 +267,7 @@ def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
               "period_start": "2026-12-01T00:00:00Z", "period_end": "2027-01-01T00:00:00Z"},
     )  # fmt: skip
     assert budget.status_code == 201
+    allow_loopback(api)  # only because this test's receiver is on http://127.0.0.1
     hook = api.a(
         "POST",
         "/v1/admin/webhooks?tenant_id=acme",
@@ -286,6 +303,7 @@ def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
         ("createTenant", 201, "admin"),
         ("createApiKey", 201, "admin"),
         ("createBudget", 201, "admin"),
+        ("updateWebhookSecurityConfig", 200, "admin"),
         ("createWebhookSubscription", 201, "admin"),
     ]
     assert len(receiver.received) == 1

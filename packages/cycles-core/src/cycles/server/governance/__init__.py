@@ -148,6 +148,13 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/admin/budgets/fund", "POST", audited("fundBudget", "budget")(b.fund), "dual"),
         ep("/v1/admin/budgets/lookup", "GET", b.lookup, "dual"),
         ep("/v1/admin/budgets/bulk-action", "POST", audited("bulkActionBudgets", "budget")(b.bulk_action), "admin"),
+        ep("/v1/admin/config/webhook-security", "GET", w.get_security, "admin"),
+        ep(
+            "/v1/admin/config/webhook-security",
+            "PUT",
+            audited("updateWebhookSecurityConfig", "config")(w.put_security),
+            "admin",
+        ),
         ep("/v1/admin/webhooks/bulk-action", "POST", audited("bulkActionWebhooks", "webhook")(w.bulk_action), "admin"),
         ep("/v1/admin/webhooks", "POST", audited("createWebhookSubscription", "webhook")(w.create_admin), "admin"),
         ep("/v1/admin/webhooks", "GET", w.list_hooks, "admin"),
