@@ -176,7 +176,11 @@ class WebhookSecurityConfig(_Body):
 
 async def security_config(s: CyclesServer) -> dict[str, Any]:
     """The deployment's WebhookSecurityConfig (the spec's defaults until an operator sets one)."""
-    doc = await s.gov.run(s.gov.records.doc_get, "config", "webhook-security")
+    return await _config(s.gov)
+
+
+async def _config(gov: Governance) -> dict[str, Any]:
+    doc = await gov.run(gov.records.doc_get, "config", "webhook-security")
     return {
         "blocked_cidr_ranges": list(DEFAULT_BLOCKED),
         "allowed_url_patterns": [],
@@ -737,10 +741,7 @@ class Dispatcher:
             "traceparent": f"00-{trace}-{secrets.token_hex(8)}-01",
         }
         start = time.perf_counter()
-        doc = await self.gov.run(self.gov.records.doc_get, "config", "webhook-security")
-        config = {"blocked_cidr_ranges": list(DEFAULT_BLOCKED), "allowed_url_patterns": [], "allow_http": False}
-        config.update({k: v for k, v in (doc or {}).items() if k != "tenant_id"})
-        problem = await check_url(None, sub["url"], config)
+        problem = await check_url(None, sub["url"], await _config(self.gov))
         if problem is not None:  # re-checked at delivery: DNS may have changed since creation
             return _Result(False, None, 0, problem)
         try:
