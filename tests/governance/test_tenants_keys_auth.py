@@ -233,3 +233,20 @@ def test_lifecycle_events_listed_filtered_and_paged(api: Api) -> None:
     reader = api.key("acme", permissions=["events:read"])
     mine = api.k(reader, "GET", "/v1/events").json()["events"]
     assert {e["tenant_id"] for e in mine} == {"acme"} and "api_key.created" not in {e["event_type"] for e in mine}
+
+
+def test_tenant_bulk_action(api: Api) -> None:
+    for t in ("aaa", "bbb", "ccc"):
+        api.tenant(t)
+    api.a("PATCH", "/v1/admin/tenants/ccc", json={"status": "SUSPENDED"})
+    body = {"filter": {"status": "ACTIVE"}, "action": "SUSPEND", "idempotency_key": "b1"}
+    mismatch = api.a("POST", "/v1/admin/tenants/bulk-action", json={**body, "expected_count": 3})
+    assert mismatch.status_code == 409 and mismatch.json()["error"] == "COUNT_MISMATCH"
+    done = api.a("POST", "/v1/admin/tenants/bulk-action", json={**body, "expected_count": 2}).json()
+    assert done["total_matched"] == 2 and sorted(r["id"] for r in done["succeeded"]) == ["aaa", "bbb"]
+    statuses = {t["tenant_id"]: t["status"] for t in api.a("GET", "/v1/admin/tenants").json()["tenants"]}
+    assert statuses == {"aaa": "SUSPENDED", "bbb": "SUSPENDED", "ccc": "SUSPENDED"}
+    again = api.a("POST", "/v1/admin/tenants/bulk-action", json={"filter": {"search": "a"}, "action": "SUSPEND",
+                                                                 "idempotency_key": "b2"}).json()  # fmt: skip
+    assert again["skipped"] == [{"id": "aaa", "reason": "already SUSPENDED"}]
+    assert len(api.a("GET", "/v1/admin/events?event_type=tenant.suspended").json()["events"]) == 3
