@@ -114,7 +114,8 @@ class _Rates:
             sums[1] -= int(old[2])
         return sums[0], sums[1]
 
-    def spent(self, key: str, spent: int, now: float, window: float, horizon: float) -> deque[tuple[float, int]]:
+    def spent(self, key: str, spent: int, now: float, window: float, horizon: float) -> deque[tuple[float, int]] | None:
+        """The samples, when this observation opened a new bucket (else ``None``: nothing to check)."""
         q = self.spend.get(key)
         if q is None:
             if len(self.spend) > 100_000:
@@ -122,8 +123,9 @@ class _Rates:
             q = self.spend[key] = deque()
         step = window / 10
         start = now - now % step
-        if not q or q[-1][0] != start:
-            q.append((start, spent))
+        if q and q[-1][0] == start:
+            return None
+        q.append((start, spent))
         while len(q) > 2 and q[1][0] < now - horizon:
             q.popleft()
         return q
@@ -230,6 +232,8 @@ class Alerts:
         unit = b.spent.unit
         key = f"{b.scope}#{unit.value}"
         samples = self.rates.spent(key, b.spent.amount, now, window, 12 * window)
+        if samples is None:  # checked at most once per tenth of a window
+            return
         # the last sample at least a window old splits "recent" from the baseline before it
         split = next((s for s in reversed(samples) if s[0] <= now - window), None)
         first_t, first_spent = samples[0]
