@@ -98,6 +98,10 @@ def test_denials_become_events(api: Api) -> None:
     assert denied.status_code == 409 or denied.json().get("decision") == "DENY"
     events = api.a("GET", "/v1/admin/events?event_type=reservation.denied").json()["events"]
     assert len(events) == 1
+    overview = api.a("GET", "/v1/admin/overview").json()
+    assert overview["recent_denials"][0]["event_id"] == events[0]["event_id"]
+    assert overview["recent_denials_by_reason"] == {"BUDGET_EXCEEDED": 1}
+    assert overview["tenant_counts"]["active"] == 1 and overview["budget_counts"]["total"] == 1
     data = events[0]["data"]
     assert data["reason_code"] == "BUDGET_EXCEEDED" and data["requested_amount"] == 500
     assert data["subject"]["workflow"] == "w1" and events[0]["tenant_id"] == "acme"
@@ -148,7 +152,16 @@ def test_budgets_on_spec_paths(api: Api) -> None:
     assert len(api.k(key, "GET", "/v1/admin/budgets").json()["ledgers"]) == 1
 
 
+def allow_loopback(api: Api) -> None:
+    """The receiver listens on http://127.0.0.1: a development setting (the spec's default blocks
+    plain http and loopback, against SSRF)."""
+    body = {"allow_http": True, "blocked_cidr_ranges": ["10.0.0.0/8"]}
+    r = api.a("PUT", "/v1/admin/config/webhook-security", json=body)
+    assert r.status_code == 200 and r.json()["allow_http"] is True
+
+
 def _hook(api: Api, receiver: Receiver, **extra: Any) -> tuple[str, str]:
+    allow_loopback(api)
     body = {"url": receiver.url, "event_types": ["budget.threshold_crossed", "tenant.updated"], **extra}
     r = api.a("POST", "/v1/admin/webhooks?tenant_id=acme", json=body)
     assert r.status_code == 201, r.text
@@ -213,6 +226,19 @@ def test_webhook_auto_disables_after_consecutive_failures(api: Api, receiver: Re
 
 def test_tenant_self_service_webhooks_stay_within_the_boundary(api: Api, receiver: Receiver) -> None:
     api.tenant("acme")
+    remote = api.a(
+        "POST",
+        "/v1/admin/webhooks?tenant_id=acme",
+        json={"url": "http://example.com/x", "event_types": ["budget.exhausted"]},
+    )
+    assert remote.status_code == 400 and remote.json()["error"] == "WEBHOOK_URL_INVALID"  # http is off by default
+    local = api.a(
+        "POST",
+        "/v1/admin/webhooks?tenant_id=acme",
+        json={"url": "https://127.0.0.1/x", "event_types": ["budget.exhausted"]},
+    )
+    assert local.status_code == 400 and "blocked range" in local.json()["message"]  # loopback: the SSRF guard
+    allow_loopback(api)
     writer = api.key("acme", permissions=["webhooks:write", "webhooks:read"])
     bad = api.k(writer, "POST", "/v1/webhooks", json={"url": receiver.url, "event_types": ["api_key.created"]})
     assert bad.status_code == 400
@@ -221,12 +247,6 @@ def test_tenant_self_service_webhooks_stay_within_the_boundary(api: Api, receive
     reader = api.key("acme")  # default permissions: no webhooks:*
     assert api.k(reader, "GET", "/v1/webhooks").status_code == 403
     assert len(api.k(writer, "GET", "/v1/webhooks").json()["subscriptions"]) == 1
-    remote = api.a(
-        "POST",
-        "/v1/admin/webhooks?tenant_id=acme",
-        json={"url": "http://example.com/x", "event_types": ["budget.exhausted"]},
-    )
-    assert remote.status_code == 400 and remote.json()["error"] == "WEBHOOK_URL_INVALID"
 
 
 def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
@@ -247,6 +267,7 @@ def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
               "period_start": "2026-12-01T00:00:00Z", "period_end": "2027-01-01T00:00:00Z"},
     )  # fmt: skip
     assert budget.status_code == 201
+    allow_loopback(api)  # only because this test's receiver is on http://127.0.0.1
     hook = api.a(
         "POST",
         "/v1/admin/webhooks?tenant_id=acme",
@@ -282,6 +303,101 @@ def test_operator_walkthrough_over_http(api: Api, receiver: Receiver) -> None:
         ("createTenant", 201, "admin"),
         ("createApiKey", 201, "admin"),
         ("createBudget", 201, "admin"),
+        ("updateWebhookSecurityConfig", 200, "admin"),
         ("createWebhookSubscription", 201, "admin"),
     ]
     assert len(receiver.received) == 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_one_dispatcher_per_deployment(
+    backend: str, tmp_path: Any, request: pytest.FixtureRequest, receiver: Receiver, admin_spec: Any, runtime_spec: Any
+) -> None:
+    """Two servers over one ledger: both run a dispatcher, one delivers; each event arrives once."""
+    from cycles.server import create_app
+    from cycles.server.testing import ServerThread
+
+    from .conftest import ADMIN_KEY
+
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp_path}/shared.db"
+    else:
+        from tests.redis.backend import fresh_redis_url
+
+        url = fresh_redis_url(request)
+    with (
+        ServerThread(create_app(url, admin_key=ADMIN_KEY, sweep_interval_s=0)) as one,
+        ServerThread(create_app(url, admin_key=ADMIN_KEY, sweep_interval_s=0)) as two,
+    ):
+        a, b = Api(one.url, admin_spec, runtime_spec), Api(two.url, admin_spec, runtime_spec)
+        try:
+            a.tenant("acme")
+            _hook(a, receiver)
+            for i in range(10):
+                (a if i % 2 else b).a("PATCH", "/v1/admin/tenants/acme", json={"name": f"n{i}"})
+            receiver.wait_for(lambda: len(receiver.received) >= 10, "ten deliveries")
+            ids = [e["event_id"] for e in receiver.events()]
+            assert len(ids) == len(set(ids)) == 10  # each event once, from whichever server leads
+        finally:
+            a.close()
+            b.close()
+    assert len(receiver.received) == 10
+
+
+def test_overdraft_debt_becomes_an_event(api: Api) -> None:
+    api.tenant("acme")
+    r = api.a(
+        "POST",
+        "/admin/budgets",
+        json={
+            "scope": "tenant:acme",
+            "amount": {"unit": USD, "amount": 1000},
+            "overdraft_limit": {"unit": USD, "amount": 500},
+        },
+    )
+    assert r.status_code == 201
+    key = api.key("acme")
+    held = api.k(
+        key,
+        "POST",
+        "/v1/reservations",
+        json={"idempotency_key": "r1", "subject": {"tenant": "acme"}, "action": {"kind": "llm", "name": "m"},
+              "estimate": {"unit": USD, "amount": 1000}, "overage_policy": "ALLOW_WITH_OVERDRAFT"},
+    )  # fmt: skip
+    assert held.status_code == 200, held.text
+    rid = held.json()["reservation_id"]
+    done = api.k(key, "POST", f"/v1/reservations/{rid}/commit",
+                 json={"idempotency_key": "c1", "actual": {"unit": USD, "amount": 1200}})  # fmt: skip
+    assert done.status_code == 200, done.text
+    events = api.a("GET", "/v1/admin/events?event_type=budget.debt_incurred").json()["events"]
+    assert len(events) == 1
+    assert events[0]["data"]["debt_incurred"] == 200 and events[0]["data"]["total_debt"] == 200
+    assert events[0]["data"]["overdraft_limit"] == 500
+
+
+def test_bulk_actions_on_budgets_and_webhooks(api: Api, receiver: Receiver) -> None:
+    api.tenant("acme")
+    for ws in ("a", "b", "c"):
+        api.budget(f"tenant:acme/workspace:{ws}", 100)
+    body = {"filter": {"tenant_id": "acme", "scope_prefix": "tenant:acme/workspace:"}, "action": "CREDIT",
+            "amount": {"unit": USD, "amount": 50}, "idempotency_key": "k1"}  # fmt: skip
+    wrong = api.a("POST", "/v1/admin/budgets/bulk-action", json={**body, "expected_count": 2})
+    assert wrong.status_code == 409 and wrong.json()["error"] == "COUNT_MISMATCH"
+    done = api.a("POST", "/v1/admin/budgets/bulk-action", json={**body, "expected_count": 3}).json()
+    assert done["total_matched"] == 3 and len(done["succeeded"]) == 3 and not done["failed"]
+    ledgers = api.a("GET", "/v1/admin/budgets?tenant_id=acme&scope_prefix=tenant:acme/workspace:").json()["ledgers"]
+    assert {x["allocated"]["amount"] for x in ledgers} == {150}
+    assert len(api.a("GET", "/v1/admin/events?event_type=budget.funded").json()["events"]) == 3
+    sid, _ = _hook(api, receiver)
+    paused = api.a(
+        "POST",
+        "/v1/admin/webhooks/bulk-action",
+        json={"filter": {"tenant_id": "acme"}, "action": "PAUSE", "idempotency_key": "p"},
+    ).json()
+    assert paused["succeeded"] == [{"id": sid}]
+    assert api.a("GET", f"/v1/admin/webhooks/{sid}").json()["status"] == "PAUSED"
+    ops = [
+        x["operation"]
+        for x in api.a("GET", "/v1/admin/audit/logs?operation=bulkActionBudgets,bulkActionWebhooks").json()["logs"]
+    ]
+    assert ops == ["bulkActionWebhooks", "bulkActionBudgets", "bulkActionBudgets"]

@@ -59,6 +59,8 @@ def test_operator_walkthrough_with_cycles_commands(
             "--period-start", "2026-12-01T00:00:00Z", "--period-end", "2027-01-01T00:00:00Z", *base,
         )  # fmt: skip
         assert code == 0 and "ACTIVE" in out
+        # the receiver is on http://127.0.0.1: allowed for this test only (the default blocks it)
+        assert run(capsys, "webhooks", "security", "--allow-http", "--blocked", "10.0.0.0/8", *base)[0] == 0
         code, hook_secret, _ = run(
             capsys, "webhooks", "create", "--tenant", "acme", "--url", receiver.url,
             "--event", "budget.threshold_crossed", "--threshold", "0.8", *base,
@@ -80,7 +82,13 @@ def test_operator_walkthrough_with_cycles_commands(
 
         code, out, _ = run(capsys, "audit", "--format", "jsonl", *base)
         steps = [json.loads(line)["operation"] for line in out.splitlines()][::-1]
-        assert steps == ["createTenant", "createApiKey", "createBudget", "createWebhookSubscription"]
+        assert steps == [
+            "createTenant",
+            "createApiKey",
+            "createBudget",
+            "updateWebhookSecurityConfig",
+            "createWebhookSubscription",
+        ]
         code, out, _ = run(capsys, "events", "--type", "budget.threshold_crossed", "--format", "csv", *base)
         rows = list(csv.DictReader(io.StringIO(out)))
         assert len(rows) == 1 and rows[0]["scope"] == "tenant:acme/workspace:support"

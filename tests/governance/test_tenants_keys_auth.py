@@ -52,6 +52,8 @@ def test_suspend_blocks_new_reservations_and_close_cascades(api: Api) -> None:
     api.a("PATCH", "/v1/admin/tenants/acme", json={"status": "ACTIVE"})
     assert api.reserve(key, {"tenant": "acme"}, 100).status_code == 200
 
+    open_one = api.reserve(key, {"tenant": "acme"}, 300)
+    assert open_one.status_code == 200
     closed = api.a("PATCH", "/v1/admin/tenants/acme", json={"status": "CLOSED"})
     assert closed.status_code == 200 and closed.json()["status"] == "CLOSED" and "closed_at" in closed.json()
     # keys revoked by the cascade: the runtime refuses the key
@@ -78,7 +80,9 @@ def test_suspend_blocks_new_reservations_and_close_cascades(api: Api) -> None:
     again = api.a("GET", "/v1/admin/events?correlation_id=tenant_close:acme").json()["events"]
     assert len(again) == len(events)
     budget = api.a("GET", "/admin/budgets/tenant:acme").json()
-    assert budget["scope"] == "tenant:acme"
+    assert budget["scope"] == "tenant:acme" and budget["reserved"]["amount"] == 0  # the drain released it
+    listed = api.a("GET", "/v1/reservations?tenant=acme&status=ACTIVE").json()["reservations"]
+    assert listed == []
 
 
 def test_keys_secret_once_hashed_validate_revoke_expire(api: Api) -> None:
@@ -229,3 +233,20 @@ def test_lifecycle_events_listed_filtered_and_paged(api: Api) -> None:
     reader = api.key("acme", permissions=["events:read"])
     mine = api.k(reader, "GET", "/v1/events").json()["events"]
     assert {e["tenant_id"] for e in mine} == {"acme"} and "api_key.created" not in {e["event_type"] for e in mine}
+
+
+def test_tenant_bulk_action(api: Api) -> None:
+    for t in ("aaa", "bbb", "ccc"):
+        api.tenant(t)
+    api.a("PATCH", "/v1/admin/tenants/ccc", json={"status": "SUSPENDED"})
+    body = {"filter": {"status": "ACTIVE"}, "action": "SUSPEND", "idempotency_key": "b1"}
+    mismatch = api.a("POST", "/v1/admin/tenants/bulk-action", json={**body, "expected_count": 3})
+    assert mismatch.status_code == 409 and mismatch.json()["error"] == "COUNT_MISMATCH"
+    done = api.a("POST", "/v1/admin/tenants/bulk-action", json={**body, "expected_count": 2}).json()
+    assert done["total_matched"] == 2 and sorted(r["id"] for r in done["succeeded"]) == ["aaa", "bbb"]
+    statuses = {t["tenant_id"]: t["status"] for t in api.a("GET", "/v1/admin/tenants").json()["tenants"]}
+    assert statuses == {"aaa": "SUSPENDED", "bbb": "SUSPENDED", "ccc": "SUSPENDED"}
+    again = api.a("POST", "/v1/admin/tenants/bulk-action", json={"filter": {"search": "a"}, "action": "SUSPEND",
+                                                                 "idempotency_key": "b2"}).json()  # fmt: skip
+    assert again["skipped"] == [{"id": "aaa", "reason": "already SUSPENDED"}]
+    assert len(api.a("GET", "/v1/admin/events?event_type=tenant.suspended").json()["events"]) == 3

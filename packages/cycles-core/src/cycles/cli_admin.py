@@ -115,6 +115,10 @@ def add_admin_commands(sub: Any) -> None:
     for name in ("show", "delete", "test", "deliveries", "enable", "pause"):
         p = ws.add_parser(name, help=f"{name} a subscription")
         p.add_argument("subscription_id")
+    p = ws.add_parser("security", help="show or change the URL rules (https only, blocked ranges, allowed patterns)")
+    p.add_argument("--allow-http", action=argparse.BooleanOptionalAction, default=None, help="development only")
+    p.add_argument("--blocked", action="append", default=None, help="CIDR webhook hosts may not resolve into")
+    p.add_argument("--allowed-pattern", action="append", default=None, help="glob URLs must match (repeatable)")
     p = ws.add_parser("replay", help="re-deliver past events")
     p.add_argument("subscription_id")
     p.add_argument("--since", default=None)
@@ -319,6 +323,18 @@ def _webhooks(args: argparse.Namespace) -> int:
         elif a == "replay":
             res = op.webhooks.replay(args.subscription_id, since=args.since, until=args.until, event_types=args.event)
             _out(args, res, f"replay {res['replay_id']}: {res['events_queued']} event(s) queued")
+        elif a == "security":
+            changes = {
+                k: v
+                for k, v in (
+                    ("allow_http", args.allow_http),
+                    ("blocked_cidr_ranges", args.blocked),
+                    ("allowed_url_patterns", args.allowed_pattern),
+                )
+                if v is not None
+            }
+            res = op.webhooks.security(**changes)
+            _out(args, res, json.dumps(res))
         elif a == "delete":
             op.webhooks.delete(args.subscription_id)
             _out(args, {"deleted": args.subscription_id}, f"deleted {args.subscription_id}")

@@ -320,6 +320,13 @@ class _Webhooks:
         )["deliveries"]
         return result
 
+    def security(self, **config: Any) -> Json:
+        """The WebhookSecurityConfig; with arguments (``allow_http``, ``blocked_cidr_ranges``,
+        ``allowed_url_patterns``) it is changed first."""
+        path = "/v1/admin/config/webhook-security"
+        result: Json = self._op.call("PUT", path, json=config) if config else self._op.call("GET", path)
+        return result
+
     def replay(self, subscription_id: str, **window: Any) -> Json:
         result: Json = self._op.call("POST", f"/v1/admin/webhooks/{subscription_id}/replay", json=_params(window))
         return result

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from cycles.errors import Forbidden, InvalidRequest, NotFound, TenantClosed
 from cycles.ledger.records import MemoryRecordStore, RecordStore, records_of
 from cycles.server.auth import Principal
-from cycles.server.governance import apikeys, budgets, streams, tenants, webhooks
+from cycles.server.governance import apikeys, budgets, overview, streams, tenants, webhooks
 from cycles.server.governance.alerts import ObservedLedger, current_request
 from cycles.server.governance.authz import RUNTIME_PERMISSIONS, subject_allowed
 from cycles.server.governance.context import Governance, Handler, Reply, audited
@@ -136,6 +136,7 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/auth/validate", "POST", k.validate, "admin"),
         ep("/v1/auth/introspect", "GET", k.introspect, "dual"),
         ep("/v1/admin/audit/logs", "GET", r.list_audit, "admin"),
+        ep("/v1/admin/overview", "GET", overview.overview, "admin"),
         ep("/v1/admin/events", "GET", r.list_events, "admin"),
         ep("/v1/admin/events/{event_id}", "GET", r.get_event, "admin"),
         ep("/v1/events", "GET", r.list_tenant_events, "api"),
@@ -146,6 +147,15 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/admin/budgets/unfreeze", "POST", audited("unfreezeBudget", "budget")(b.unfreeze), "admin"),
         ep("/v1/admin/budgets/fund", "POST", audited("fundBudget", "budget")(b.fund), "dual"),
         ep("/v1/admin/budgets/lookup", "GET", b.lookup, "dual"),
+        ep("/v1/admin/budgets/bulk-action", "POST", audited("bulkActionBudgets", "budget")(b.bulk_action), "admin"),
+        ep("/v1/admin/config/webhook-security", "GET", w.get_security, "admin"),
+        ep(
+            "/v1/admin/config/webhook-security",
+            "PUT",
+            audited("updateWebhookSecurityConfig", "config")(w.put_security),
+            "admin",
+        ),
+        ep("/v1/admin/webhooks/bulk-action", "POST", audited("bulkActionWebhooks", "webhook")(w.bulk_action), "admin"),
         ep("/v1/admin/webhooks", "POST", audited("createWebhookSubscription", "webhook")(w.create_admin), "admin"),
         ep("/v1/admin/webhooks", "GET", w.list_hooks, "admin"),
         ep("/v1/admin/webhooks/{subscription_id}", "GET", w.get, "admin"),

@@ -11,6 +11,8 @@ the balances the ledger returned (the server asks for them):
   crossing exactly one announces it; when utilisation falls back below a threshold (funding, a
   release, a new period) the mark falls with it and the next rise announces again.
 * ``budget.exhausted`` -- remaining reached zero or less (once, until it is positive again).
+* ``budget.debt_incurred`` -- a commit left more debt than before (overdraft); and
+  ``budget.over_limit_entered`` / ``budget.over_limit_exited`` when ``is_over_limit`` flips.
 * ``reservation.denied`` -- a reservation refused by a budget (reason, scope, amount, subject).
 * ``reservation.denial_rate_spike`` -- over ``rate_window_seconds`` (default 300 s) more than
   ``denial_rate_threshold`` (default 10%) of a tenant's reservations were denied (at least 10
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextvars
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from cycles.errors import Denied
@@ -83,29 +86,50 @@ def utilization(b: Balance) -> float | None:
 
 
 class _Rates:
-    """Per-tenant denial counts and per-budget spend samples, in this process."""
+    """Per-tenant decision counts and per-budget spend samples, in this process, in O(1) per call:
+    decisions are counted in buckets of a tenth of the window, spend is sampled once per bucket."""
 
     def __init__(self) -> None:
-        self.decisions: dict[str, deque[tuple[float, bool]]] = {}
+        # tenant -> deque of [bucket_start_s, denied, total]; plus running sums
+        self.decisions: dict[str, tuple[deque[list[float]], list[int]]] = {}
+        # budget -> deque of (bucket_start_s, spent at the first observation in that bucket)
         self.spend: dict[str, deque[tuple[float, int]]] = {}
 
     def decision(self, tenant: str, denied: bool, now: float, window: float) -> tuple[int, int]:
-        q = self.decisions.setdefault(tenant, deque())
-        q.append((now, denied))
-        while q and q[0][0] < now - window:
-            q.popleft()
-        if len(self.decisions) > 10_000:
-            self.decisions.clear()
-        return sum(1 for _, d in q if d), len(q)
+        found = self.decisions.get(tenant)
+        if found is None:
+            if len(self.decisions) > 10_000:
+                self.decisions.clear()
+            found = self.decisions[tenant] = (deque(), [0, 0])
+        buckets, sums = found
+        step = window / 10
+        start = now - now % step
+        if not buckets or buckets[-1][0] != start:
+            buckets.append([start, 0, 0])
+        buckets[-1][1] += int(denied)
+        buckets[-1][2] += 1
+        sums[0] += int(denied)
+        sums[1] += 1
+        while buckets and buckets[0][0] <= now - window:
+            old = buckets.popleft()
+            sums[0] -= int(old[1])
+            sums[1] -= int(old[2])
+        return sums[0], sums[1]
 
-    def spent(self, key: str, spent: int, now: float, horizon: float) -> deque[tuple[float, int]]:
-        q = self.spend.setdefault(key, deque())
-        if not q or q[-1][1] != spent:
-            q.append((now, spent))
+    def spent(self, key: str, spent: int, now: float, window: float, horizon: float) -> deque[tuple[float, int]] | None:
+        """The samples, when this observation opened a new bucket (else ``None``: nothing to check)."""
+        q = self.spend.get(key)
+        if q is None:
+            if len(self.spend) > 100_000:
+                self.spend.clear()
+            q = self.spend[key] = deque()
+        step = window / 10
+        start = now - now % step
+        if q and q[-1][0] == start:
+            return None
+        q.append((start, spent))
         while len(q) > 2 and q[1][0] < now - horizon:
             q.popleft()
-        if len(self.spend) > 100_000:
-            self.spend.clear()
         return q
 
 
@@ -115,6 +139,8 @@ class Alerts:
     def __init__(self, gov: Governance) -> None:
         self.gov = gov
         self.rates = _Rates()
+        #: seconds since the epoch (tests move it)
+        self.clock: Callable[[], float] = time.time
         self._levels: dict[str, str] = {}  # local copy of the shared marks: skips CAS when nothing moved
         self._thresholds: dict[str, tuple[float, tuple[float, ...], dict[str, Any]]] = {}
 
@@ -156,7 +182,9 @@ class Alerts:
         key = f"alert:{b.scope}#{unit.value}"
         level = max((t for t in thresholds if t <= util + 1e-12), default=0.0)
         exhausted = b.remaining.amount <= 0
-        want = f"{level:g}|{int(exhausted)}"
+        over = bool(b.is_over_limit)
+        debt = b.debt.amount if b.debt else 0
+        want = f"{level:g}|{int(exhausted)}|{int(over)}|{debt}"
         if self._levels.get(key) == want:
             return
         current = await self.gov.run(self.gov.records.read, key)
@@ -168,7 +196,8 @@ class Alerts:
             self._levels[key] = want
             return  # another server moved it already
         self._levels[key] = want
-        old_level, old_exhausted = (float(current.split("|")[0]), current.endswith("|1")) if current else (0.0, False)
+        parts = [*(current or "0|0|0|0").split("|"), "0", "0"]
+        old_level, old_exhausted, old_over, old_debt = float(parts[0]), parts[1] == "1", parts[2] == "1", int(parts[3])
         crossed = [t for t in thresholds if old_level < t <= level]
         for t in crossed:
             await self._emit(
@@ -184,26 +213,35 @@ class Alerts:
                 b.scope,
                 {**_numbers(b, unit), "threshold": 1.0, "utilization": round(util, 6)},
             )
+        limit = b.overdraft_limit.amount if b.overdraft_limit else 0
+        if debt > old_debt:
+            incurred = {"scope": b.scope, "unit": unit.value, "debt_incurred": debt - old_debt, "total_debt": debt}
+            await self._emit("budget.debt_incurred", tenant, b.scope, {**incurred, "overdraft_limit": limit})
+        if over != old_over:
+            data: dict[str, Any] = {"scope": b.scope, "unit": unit.value, "debt": debt, "overdraft_limit": limit}
+            data["is_over_limit"] = over
+            if limit > 0:
+                data["debt_utilization"] = round(debt / limit, 6)
+            event = "budget.over_limit_entered" if over else "budget.over_limit_exited"
+            await self._emit(event, tenant, b.scope, data)
 
     async def _burn_rate(self, b: Balance, tenant: str, rates: dict[str, Any]) -> None:
         if b.spent is None:
             return
         window = float(rates.get("burn_rate_window_seconds", 300))
         multiplier = float(rates.get("burn_rate_multiplier", 3.0))
-        now = time.time()
+        now = self.clock()
         unit = b.spent.unit
         key = f"{b.scope}#{unit.value}"
-        samples = self.rates.spent(key, b.spent.amount, now, 12 * window)
-        if len(samples) < 3:
+        samples = self.rates.spent(key, b.spent.amount, now, window, 12 * window)
+        if samples is None:  # checked at most once per tenth of a window
             return
-        recent = [s for s in samples if s[0] >= now - window]
-        older = [s for s in samples if s[0] < now - window]
-        if not recent or not older:
-            return
+        # the last sample at least a window old splits "recent" from the baseline before it
+        split = next((s for s in reversed(samples) if s[0] <= now - window), None)
         first_t, first_spent = samples[0]
-        split_t, split_spent = older[-1]
-        if split_t - first_t < window:  # need at least a window of history for a baseline
+        if split is None or split[0] - first_t < window:  # need a window of history for a baseline
             return
+        split_t, split_spent = split
         baseline = (split_spent - first_spent) / ((split_t - first_t) / 60)
         current = (b.spent.amount - split_spent) / max((now - split_t) / 60, 1e-9)
         if baseline <= 0 or current < multiplier * baseline:
@@ -231,7 +269,7 @@ class Alerts:
         _, rates = await self.settings(tenant)
         window = float(rates.get("rate_window_seconds", 300))
         threshold = float(rates.get("denial_rate_threshold", 0.1))
-        now = time.time()
+        now = self.clock()
         n_denied, total = self.rates.decision(tenant, denied, now, window)
         if not denied or total < 10 or n_denied / total <= threshold:
             return

@@ -40,6 +40,7 @@ from cycles.server.auth import Principal
 from cycles.server.governance.authz import scope_allowed
 from cycles.server.governance.context import (
     Reply,
+    bulk_reply,
     enum_param,
     limit_param,
     note_of,
@@ -432,32 +433,12 @@ async def fund(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise UnitMismatch(f"amount must be in the budget's unit {unit.value}")
     if req.operation in ("RESET_SPENT", "REPAY_DEBT"):
         raise InvalidRequest(f"{req.operation} is not supported by this server yet (CREDIT, DEBIT, RESET are)")
-    await _guard_tenant(s, scope)
     note = note_of(request)
     note.resource_id, note.tenant = ledger_id_of(scope, unit.value), scope_tenant(scope)
-    async with _Lease(s, scope, unit):
-        b = await _balance(s, scope, unit)
-        doc = await _doc(s, scope, unit)
-        if (doc or {}).get("status") == "FROZEN":
-            from cycles.errors import BudgetFrozen
-
-            raise BudgetFrozen(f"budget {scope} ({unit.value}) is frozen", details={"scope": scope})
-        before = ledger_view(b, doc)
-        allocated = b.allocated.amount if b.allocated else 0
-        if req.operation == "CREDIT":
-            after = await s.ledger.fund_budget(scope, req.amount)
-        else:
-            new_alloc = allocated - req.amount.amount if req.operation == "DEBIT" else req.amount.amount
-            if req.operation == "DEBIT" and b.remaining.amount - req.amount.amount < 0:
-                raise DuplicateResource(
-                    f"DEBIT of {req.amount.amount} would take remaining below zero ({b.remaining.amount})"
-                )
-            after = await s.ledger.set_budget(scope, Amount(unit=unit, amount=new_alloc))
-    view = ledger_view(after, doc)
+    before, view = await _fund_one(s, request, p, scope, unit, req.operation, req.amount, req.reason)
     note.before, note.after = before, view
     if req.reason:
         note.extra["reason"] = req.reason
-    await _budget_event(s, request, p, _FUND_EVENTS[req.operation], view, req.operation, before, req.reason)
     body = {
         "operation": req.operation,
         "previous_allocated": before["allocated"],
@@ -469,3 +450,116 @@ async def fund(s: CyclesServer, request: Request, p: Principal) -> Reply:
         "timestamp": _now(),
     }
     return 200, _dumps(body)
+
+
+async def _fund_one(
+    s: CyclesServer,
+    request: Request,
+    p: Principal,
+    scope: str,
+    unit: Unit,
+    operation: str,
+    amount: Amount,
+    reason: str | None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One CREDIT / DEBIT / RESET under the budget's lease; returns (before, after) views."""
+    await _guard_tenant(s, scope)
+    async with _Lease(s, scope, unit):
+        b = await _balance(s, scope, unit)
+        doc = await _doc(s, scope, unit)
+        if (doc or {}).get("status") == "FROZEN":
+            from cycles.errors import BudgetFrozen
+
+            raise BudgetFrozen(f"budget {scope} ({unit.value}) is frozen", details={"scope": scope})
+        before = ledger_view(b, doc)
+        allocated = b.allocated.amount if b.allocated else 0
+        if operation == "CREDIT":
+            after = await s.ledger.fund_budget(scope, amount)
+        else:
+            new_alloc = allocated - amount.amount if operation == "DEBIT" else amount.amount
+            if operation == "DEBIT" and b.remaining.amount - amount.amount < 0:
+                raise DuplicateResource(
+                    f"DEBIT of {amount.amount} would take remaining below zero ({b.remaining.amount})"
+                )
+            after = await s.ledger.set_budget(scope, Amount(unit=unit, amount=new_alloc))
+    view = ledger_view(after, doc)
+    await _budget_event(s, request, p, _FUND_EVENTS[operation], view, operation, before, reason)
+    return before, view
+
+
+class BudgetBulkFilter(_Body):
+    tenant_id: str
+    scope_prefix: str | None = None
+    unit: Unit | None = None
+    status: Literal["ACTIVE", "FROZEN", "CLOSED"] | None = None
+    over_limit: bool | None = None
+    has_debt: bool | None = None
+    utilization_min: float | None = None
+    utilization_max: float | None = None
+    search: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class BudgetBulkActionRequest(_Body):
+    filter: BudgetBulkFilter
+    action: Literal["CREDIT", "DEBIT", "RESET", "REPAY_DEBT", "RESET_SPENT"]
+    amount: Amount | None = None
+    spent: Amount | None = None
+    reason: Annotated[str, StringConstraints(max_length=512)] | None = None
+    expected_count: int | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    """bulkActionBudgets: one funding operation on every budget the filter matches (at most 500;
+    ``expected_count`` must match when given). Each row succeeds or fails on its own."""
+    from cycles.errors import CountMismatch
+
+    req = parse_body(BudgetBulkActionRequest, await read_body(request, s.max_body_bytes))
+    f = req.filter
+    if req.action in ("RESET_SPENT", "REPAY_DEBT"):
+        raise InvalidRequest(f"{req.action} is not supported by this server yet (CREDIT, DEBIT, RESET are)")
+    if req.amount is None:
+        raise InvalidRequest(f"{req.action} needs an amount")
+    if req.expected_count is not None and req.expected_count < 0:
+        raise InvalidRequest("expected_count must be 0 or more")
+    for bound in (f.utilization_min, f.utilization_max):
+        if bound is not None and not 0.0 <= bound <= 1.0:
+            raise InvalidRequest("utilization bounds must be from 0 to 1")
+    docs = {d["ledger_id"]: d for d in await s.gov.run(s.gov.records.doc_list, "budget", tenant=f.tenant_id)}
+    rows = []
+    for b in await s.ledger.list_budgets(tenant=f.tenant_id):
+        unit_of = (b.allocated.unit if b.allocated else b.remaining.unit).value
+        v = ledger_view(b, docs.get(ledger_id_of(b.scope, unit_of)))
+        util = _utilization(v)
+        if (
+            (f.scope_prefix is None or v["scope"].startswith(f.scope_prefix))
+            and (f.unit is None or v["unit"] == f.unit.value)
+            and (f.status is None or v["status"] == f.status)
+            and (f.over_limit is None or v["is_over_limit"] == f.over_limit)
+            and (f.has_debt is None or (v["debt"]["amount"] > 0) == f.has_debt)
+            and (f.utilization_min is None or (util is not None and util >= f.utilization_min))
+            and (f.utilization_max is None or (util is not None and util <= f.utilization_max))
+            and (not f.search or f.search.lower() in v["scope"].lower())
+        ):
+            rows.append(v)
+    if len(rows) > 500:
+        raise InvalidRequest("the filter matches more than 500 budgets: narrow it")
+    if req.expected_count is not None and req.expected_count != len(rows):
+        raise CountMismatch(f"the filter matches {len(rows)} budgets, not {req.expected_count}")
+    succeeded, failed, skipped = [], [], []
+    for v in rows:
+        if v["unit"] != req.amount.unit.value:
+            skipped.append({"id": v["ledger_id"], "reason": f"unit is {v['unit']}"})
+            continue
+        try:
+            await _fund_one(s, request, p, v["scope"], Unit(v["unit"]), req.action, req.amount, req.reason)
+            succeeded.append({"id": v["ledger_id"]})
+        except Exception as exc:  # noqa: BLE001 - reported per row
+            code = str(getattr(exc, "code", "INTERNAL_ERROR"))
+            failed.append(
+                {"id": v["ledger_id"], "error_code": code, "message": str(getattr(exc, "message", exc))[:200]}
+            )
+    note = note_of(request)
+    note.tenant, note.resource_id = f.tenant_id, f"bulk:{req.idempotency_key}"
+    note.extra["matched"] = len(rows)
+    return bulk_reply(req.action, len(rows), (succeeded, failed, skipped), req.idempotency_key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -280,3 +281,17 @@ def page_after(items: list[dict[str, Any]], key: str, cursor: str | None, limit:
     if out["has_more"]:
         out["next_cursor"] = str(page[-1][key])
     return {"items": page, **out}
+
+
+def bulk_reply(action: str, matched: int, outcomes: tuple[list[Any], list[Any], list[Any]], key: str) -> Reply:
+    """A bulk action's response (Tenant/Budget/WebhookBulkActionResponse share it)."""
+    succeeded, failed, skipped = outcomes
+    body = {
+        "action": action,
+        "total_matched": matched,
+        "succeeded": succeeded,
+        "failed": failed,
+        "skipped": skipped,
+        "idempotency_key": key,
+    }
+    return 200, json.dumps(body, separators=(",", ":")).encode()

@@ -29,6 +29,7 @@ from cycles.server.auth import Principal
 from cycles.server.governance.context import (
     AuditNote,
     Reply,
+    bulk_reply,
     enum_param,
     limit_param,
     note_of,
@@ -249,7 +250,9 @@ async def close_cascade(s: CyclesServer, request: Request, p: Principal, tenant_
     async def first(kind: str, object_id: str) -> bool:
         return await s.gov.run(records.cas, f"cascade:{tenant_id}:{kind}:{object_id}", None, "done")
 
-    for balance in await s.ledger.list_budgets(tenant=tenant_id):
+    balances = await s.ledger.list_budgets(tenant=tenant_id)  # reserved amounts before the drain
+    await _drain_reservations(s, tenant_id)
+    for balance in balances:
         unit = balance.allocated.unit if balance.allocated else balance.remaining.unit
         await s.ledger.set_budget_status(balance.scope, "CLOSED", unit=unit)
         ledger_id = ledger_id_of(balance.scope, unit.value)
@@ -303,6 +306,30 @@ async def close_cascade(s: CyclesServer, request: Request, p: Principal, tenant_
         )
         done += 1
     return done
+
+
+async def _drain_reservations(s: CyclesServer, tenant_id: str) -> int:
+    """Release every ACTIVE reservation of the tenant (reason ``tenant_closed``; no overage debt):
+    what they held returns to the budgets before those close. Idempotent by request key."""
+    from cycles.errors import CyclesError
+    from cycles.ledger.rules import ReservationQuery
+    from cycles.models import ReleaseRequest, ReservationStatus
+
+    released = 0
+    for _ in range(1000):  # bounded: 200 per page
+        page = await s.ledger.list_reservations(
+            ReservationQuery(tenant=tenant_id, status=ReservationStatus.ACTIVE, limit=200), tenant=tenant_id
+        )
+        if not page.reservations:
+            break
+        for r in page.reservations:
+            req = ReleaseRequest(idempotency_key=f"tenant-close-{r.reservation_id}"[:256], reason="tenant_closed")
+            try:
+                await s.ledger.release(r.reservation_id, req, tenant=tenant_id)
+                released += 1
+            except CyclesError:  # finalized or expired meanwhile: nothing left to drain
+                pass
+    return released
 
 
 def ledger_id_of(scope: str, unit: str) -> str:
@@ -388,12 +415,4 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
         except Exception as exc:  # noqa: BLE001 - reported per row
             code = getattr(exc, "code", "INTERNAL_ERROR")
             failed.append({"id": tid, "error_code": code, "message": str(getattr(exc, "message", exc))[:200]})
-    out = {
-        "action": req.action,
-        "total_matched": len(chosen),
-        "succeeded": succeeded,
-        "failed": failed,
-        "skipped": skipped,
-        "idempotency_key": req.idempotency_key,
-    }
-    return 200, _dumps(out)
+    return bulk_reply(req.action, len(chosen), (succeeded, failed, skipped), req.idempotency_key)

@@ -19,8 +19,10 @@ Non-2xx or no answer: retried with exponential backoff (``retry_policy``: 1 s, 2
 ``disable_after_failures`` consecutive failed attempts (default 10) disable the subscription and
 emit ``webhook.disabled``; a success resets the count. Delivery records are kept 14 days.
 
-Plain ``http://`` URLs are accepted for loopback hosts, or anywhere with
-``CYCLES_WEBHOOK_ALLOW_HTTP=1`` (development); otherwise a URL must be ``https://``.
+URLs are checked against the deployment's ``WebhookSecurityConfig`` (``GET/PUT
+/v1/admin/config/webhook-security``) at creation, update and every delivery: ``https://`` only
+unless ``allow_http``; only ``allowed_url_patterns`` if any are set; and never a host that resolves
+into ``blocked_cidr_ranges`` (default: RFC 1918, loopback, link-local, IPv6 private -- no SSRF).
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import hmac
 import ipaddress
 import json
 import logging
-import os
 import re
 import secrets
 import time
@@ -58,6 +59,7 @@ from cycles.server.auth import Principal
 from cycles.server.governance.context import (
     Governance,
     Reply,
+    bulk_reply,
     enum_param,
     limit_param,
     note_of,
@@ -155,20 +157,103 @@ def _event_types() -> frozenset[str]:
     return EVENT_TYPES
 
 
-def _check_url(url: str) -> None:
+DEFAULT_BLOCKED = (
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "::1/128",
+    "fc00::/7",
+)
+
+
+class WebhookSecurityConfig(_Body):
+    blocked_cidr_ranges: list[str] | None = None
+    allowed_url_patterns: list[str] | None = None
+    allow_http: bool | None = None
+
+
+async def security_config(s: CyclesServer) -> dict[str, Any]:
+    """The deployment's WebhookSecurityConfig (the spec's defaults until an operator sets one)."""
+    return await _config(s.gov)
+
+
+async def _config(gov: Governance) -> dict[str, Any]:
+    doc = await gov.run(gov.records.doc_get, "config", "webhook-security")
+    return {
+        "blocked_cidr_ranges": list(DEFAULT_BLOCKED),
+        "allowed_url_patterns": [],
+        "allow_http": False,
+        **{k: v for k, v in (doc or {}).items() if k != "tenant_id"},
+    }
+
+
+async def get_security(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    return 200, _dumps(await security_config(s))
+
+
+async def put_security(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    req = parse_body(WebhookSecurityConfig, await read_body(request, s.max_body_bytes))
+    for cidr in req.blocked_cidr_ranges or ():
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            raise InvalidRequest(f"blocked_cidr_ranges: {cidr[:64]!r} is not a CIDR range") from None
+    before = await security_config(s)
+    after = {**before, **req.model_dump(exclude_none=True)}
+
+    def change(current: dict[str, Any] | None) -> dict[str, Any]:
+        return {**after, "tenant_id": ""}
+
+    await s.gov.run(s.gov.records.doc_update, "config", "webhook-security", change)
+    note = note_of(request)
+    note.resource_id, note.before, note.after = "webhook-security", before, after
+    return 200, _dumps(after)
+
+
+async def _addresses(host: str, port: int) -> list[str]:
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port)
+    except OSError:
+        return []
+    return sorted({str(info[4][0]) for info in infos})
+
+
+async def check_url(s: CyclesServer | None, url: str, config: dict[str, Any] | None = None) -> str | None:
+    """Why ``url`` may not receive webhooks under the security config, or ``None``. A host that
+    does not resolve now is let through here and checked again at each delivery."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise WebhookUrlInvalid(f"webhook url must be an absolute http(s) URL, got {url[:200]!r}")
-    if parts.scheme == "http" and os.environ.get("CYCLES_WEBHOOK_ALLOW_HTTP") != "1":
-        host = parts.hostname
-        try:
-            loopback = ipaddress.ip_address(host).is_loopback
-        except ValueError:
-            loopback = host == "localhost"
-        if not loopback:
-            raise WebhookUrlInvalid(
-                "webhook url must be https:// (http:// only for loopback or CYCLES_WEBHOOK_ALLOW_HTTP=1)"
-            )
+        return "webhook url must be an absolute http(s) URL"
+    if config is None:
+        assert s is not None
+        config = await security_config(s)
+    if parts.scheme == "http" and not config.get("allow_http"):
+        return "webhook url must be https:// (allow_http is off in the webhook security config)"
+    patterns = config.get("allowed_url_patterns") or []
+    if patterns and not any(fnmatch.fnmatchcase(url, pat) for pat in patterns):
+        return "webhook url matches none of the allowed_url_patterns"
+    blocked = [ipaddress.ip_network(c, strict=False) for c in config.get("blocked_cidr_ranges") or ()]
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return "webhook url has an invalid port"
+    for addr in await _addresses(parts.hostname, port):
+        ip = ipaddress.ip_address(addr.split("%", 1)[0])
+        if any(ip.version == net.version and ip in net for net in blocked):
+            return f"webhook url resolves to {addr}, inside a blocked range (webhook security config)"
+    return None
+
+
+async def _check_url(s: CyclesServer, url: str) -> None:
+    problem = await check_url(s, url)
+    if problem is not None:
+        raise WebhookUrlInvalid(problem)
 
 
 def _check_selectors(types: list[str], categories: list[str], owner: str) -> None:
@@ -243,7 +328,7 @@ async def _create(s: CyclesServer, request: Request, p: Principal, owner: str) -
     req = parse_body(WebhookCreateRequest, await read_body(request, s.max_body_bytes))
     if not req.event_types:
         raise InvalidRequest("event_types must name at least one event type")
-    _check_url(req.url)
+    await _check_url(s, req.url)
     _check_selectors(req.event_types, req.event_categories or [], owner)
     _check_numbers(req)
     await _owner_open(s, owner)
@@ -340,7 +425,7 @@ async def update(s: CyclesServer, request: Request, p: Principal) -> Reply:
     note = note_of(request)
     note.resource_id, note.tenant = before["subscription_id"], owner
     if req.url is not None:
-        _check_url(req.url)
+        await _check_url(s, req.url)
     changes = req.model_dump(exclude_none=True, mode="json")
     types = changes.get("event_types", before["event_types"])
     cats = changes.get("event_categories", before.get("event_categories") or [])
@@ -507,6 +592,7 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._leader_until = 0.0
+        self._seen: dict[str, None] = {}
 
     def wake(self) -> None:
         loop, event = self._loop, self._wake
@@ -567,6 +653,10 @@ class Dispatcher:
         cursor = await self.gov.run(records.read, "webhook:cursor")
         subs = [d for d in await self.gov.run(records.doc_list, "webhook") if d["status"] == "ACTIVE"]
         horizon = f"evt_{max(_now_ms() - _LAG_MS, 0):012x}"
+        if not subs:  # nobody to tell: move past what is there (events are not queued for later)
+            if cursor is None or cursor < horizon:
+                await self.gov.run(records.cas, "webhook:cursor", cursor, horizon)
+            return
         new_cursor = cursor
         while True:
             page, nxt = await self.gov.run(records.page, EVENTS, cursor=new_cursor or None, limit=500, ascending=True)
@@ -586,9 +676,14 @@ class Dispatcher:
     async def enqueue(self, sub: dict[str, Any], event: dict[str, Any], *, suffix: str = "") -> bool:
         """A PENDING delivery of ``event`` to ``sub`` (once per pair, or per replay)."""
         now = _now_ms()
+        key = f"{sub['subscription_id']}|{event['event_id']}|{suffix}"
+        if key in self._seen:  # enqueued by this process already (the lag window is re-read)
+            return False
+        if len(self._seen) > 100_000:
+            self._seen.clear()
+        self._seen[key] = None
         pair = hashlib.sha256((sub["subscription_id"] + event["event_id"] + suffix).encode()).hexdigest()[:20]
         did = f"dlv_{now:012x}_{pair}"
-        key = f"{sub['subscription_id']}|{event['event_id']}|{suffix}"
         if not await self.gov.run(self.gov.records.cas, f"dlv:{key}", None, did, ttl_ms=DELIVERY_RETENTION_MS):
             return False
         delivery = {
@@ -646,6 +741,9 @@ class Dispatcher:
             "traceparent": f"00-{trace}-{secrets.token_hex(8)}-01",
         }
         start = time.perf_counter()
+        problem = await check_url(None, sub["url"], await _config(self.gov))
+        if problem is not None:  # re-checked at delivery: DNS may have changed since creation
+            return _Result(False, None, 0, problem)
         try:
             response = await self._client_().post(sub["url"], content=body, headers=headers)
         except (httpx.HTTPError, ValueError) as exc:  # no answer, or headers the transport refused
@@ -735,3 +833,72 @@ class Dispatcher:
         records = self.gov.records
         current = await self.gov.run(records.doc_get, "delivery", d["delivery_id"])
         await self.gov.run(records.doc_swap, "delivery", d["delivery_id"], current, d, index=d["subscription_id"])
+
+
+class WebhookBulkFilter(_Body):
+    tenant_id: str | None = None
+    status: Literal["ACTIVE", "PAUSED", "DISABLED"] | None = None
+    event_type: str | None = None
+    search: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class WebhookBulkActionRequest(_Body):
+    filter: WebhookBulkFilter
+    action: Literal["PAUSE", "RESUME", "DELETE"]
+    expected_count: int | None = None
+    idempotency_key: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    """bulkActionWebhooks: PAUSE, RESUME or DELETE every subscription the filter matches."""
+    from cycles.errors import CountMismatch
+
+    req = parse_body(WebhookBulkActionRequest, await read_body(request, s.max_body_bytes))
+    f = req.filter
+    if not f.model_fields_set:
+        raise InvalidRequest("filter must name at least one of tenant_id, status, event_type, search")
+    if f.event_type is not None and f.event_type not in _event_types():
+        raise InvalidRequest(f"unknown event type {f.event_type[:64]!r}")
+    if req.expected_count is not None and req.expected_count < 0:
+        raise InvalidRequest("expected_count must be 0 or more")
+    search = (f.search or "").lower()
+    rows = [
+        d
+        for d in await s.gov.run(s.gov.records.doc_list, "webhook", tenant=f.tenant_id)
+        if (f.status is None or d["status"] == f.status)
+        and (f.event_type is None or f.event_type in d["event_types"])
+        and (not search or search in (d.get("name") or "").lower() or search in d["url"].lower())
+    ]
+    if len(rows) > 500:
+        raise InvalidRequest("the filter matches more than 500 subscriptions: narrow it")
+    if req.expected_count is not None and req.expected_count != len(rows):
+        raise CountMismatch(f"the filter matches {len(rows)} subscriptions, not {req.expected_count}")
+    target = {"PAUSE": "PAUSED", "RESUME": "ACTIVE", "DELETE": None}[req.action]
+    succeeded, failed, skipped = [], [], []
+    for d in rows:
+        sid = d["subscription_id"]
+        if target is not None and d["status"] == target:
+            skipped.append({"id": sid, "reason": f"already {target}"})
+            continue
+        owner = await s.gov.tenant(d["tenant_id"], fresh=True) if d["tenant_id"] != SYSTEM else None
+        if owner is not None and owner["status"] == "CLOSED":
+            failed.append({"id": sid, "error_code": "TENANT_CLOSED", "message": "the owning tenant is closed"})
+            continue
+        if target is None:
+            ok = await s.gov.run(s.gov.records.doc_swap, "webhook", sid, d, None)
+            event, data = "webhook.deleted", {"subscription_id": sid, "previous_status": d["status"]}
+        else:
+            new = {**d, "status": target, "updated_at": iso_ms(_now_ms())}
+            if target == "ACTIVE":
+                new["consecutive_failures"] = 0
+            ok = await s.gov.run(s.gov.records.doc_swap, "webhook", sid, d, new)
+            event = "webhook.paused" if target == "PAUSED" else "webhook.resumed"
+            data = {"subscription_id": sid, "previous_status": d["status"], "new_status": target}
+        if not ok:
+            failed.append({"id": sid, "error_code": "INTERNAL_ERROR", "message": "changed concurrently: retry"})
+            continue
+        s.gov.alerts_forget(d["tenant_id"])
+        await s.gov.emit(event, request, p, tenant_id=d["tenant_id"], data=data)
+        succeeded.append({"id": sid})
+    note_of(request).resource_id = f"bulk:{req.idempotency_key}"
+    return bulk_reply(req.action, len(rows), (succeeded, failed, skipped), req.idempotency_key)
