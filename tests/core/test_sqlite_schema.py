@@ -24,6 +24,7 @@ def test_an_older_file_is_upgraded_and_keeps_its_budgets(tmp_path: Path) -> None
     with sqlite3.connect(path) as db:
         db.execute("DROP TABLE kv")
         db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+        db.execute("PRAGMA user_version=1")
     with Cycles(f"sqlite:///{path}") as cy:
         assert cy.budgets.get("tenant:acme").allocated == tokens(100)
         cy.budgets.set("tenant:acme", tokens(100), period="day")
@@ -35,5 +36,6 @@ def test_a_file_from_a_newer_cycles_is_refused(tmp_path: Path) -> None:
     Cycles(f"sqlite:///{path}").close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+        db.execute("PRAGMA user_version=99")  # what a newer Cycles stamps on the file
     with pytest.raises(InvalidRequest, match="newer Cycles"):
         Cycles(f"sqlite:///{path}")

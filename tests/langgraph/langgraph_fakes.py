@@ -7,6 +7,7 @@ for ``fake-model`` so one reply of USAGE costs exactly CALL_COST.
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,6 +23,9 @@ from cycles import Cycles, usd
 
 USAGE = UsageMetadata(input_tokens=1000, output_tokens=500, total_tokens=1500)
 CALL_COST = usd("0.30")  # USAGE at $100 / $400 per million input / output tokens
+# The fake reads its replies from one generator, which two threads may not advance at once
+# ("generator already executing"): tests that share one model across threads take turns here.
+_NEXT_REPLY = threading.Lock()
 
 
 class FakeChat(GenericFakeChatModel):
@@ -42,7 +46,8 @@ class FakeChat(GenericFakeChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         self.calls.append(kwargs)
-        return super()._generate(messages, stop, run_manager, **kwargs)
+        with _NEXT_REPLY:
+            return super()._generate(messages, stop, run_manager, **kwargs)
 
 
 def reply(text: str = "", *, tool: str | None = None, **args: Any) -> AIMessage:
