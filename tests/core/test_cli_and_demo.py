@@ -196,3 +196,24 @@ def test_the_demo_figures_do_not_depend_on_the_pace(tmp_path: Path) -> None:
     paced = run_demo(f"sqlite:///{tmp_path}/b.db", simulated_minutes=10, replay_seconds=0.3, out=io.StringIO())
     assert fast.unguarded.spent_microcents == paced.unguarded.spent_microcents
     assert fast.guarded.calls == paced.guarded.calls
+
+
+def test_the_demo_stops_a_repeated_tool_call_with_the_loop_guard_not_the_budget(tmp_path: Path) -> None:
+    from cycles.demo import LOOP_GUARD
+
+    out = io.StringIO()
+    url = f"sqlite:///{tmp_path}/loop.db"
+    result = run_demo(url, simulated_minutes=5, replay_seconds=0, out=out)
+    looping = result.looping
+    assert looping is not None and looping.stopped_by == "loop_guard"
+    assert looping.tool_calls == LOOP_GUARD and looping.model_calls == LOOP_GUARD + 1  # its model calls all differ
+    assert "LOOP_DETECTED" not in looping.reason and "loop detected" in looping.reason
+    text = out.getvalue()
+    assert "DENIED: ACTION_QUOTA_EXCEEDED: loop detected" in text and "stopped by the loop guard" in text
+    with Cycles(url) as cy:
+        (scope,) = [b.scope for b in cy.budgets.list(tenant="demo") if "stuck-search" in b.scope]
+        balance = cy.budgets.get(scope)
+        assert balance.spent is not None and balance.spent.amount == looping.spent_microcents
+        assert balance.reserved is not None and balance.reserved.amount == 0
+        assert looping.left_microcents == balance.remaining.amount > 0  # the budget was not what stopped it
+    assert result.to_json()["loop_guard"] == {"max_repeats": LOOP_GUARD, **vars(looping)}

@@ -23,6 +23,9 @@ def test_the_doc_has_the_patterns_the_issue_asks_for() -> None:
         "Per-run budget with graceful degradation to a cheaper model",
         "Shadow rollout",
         "Tokens and dollars together",
+        "A shared pool with priorities",
+        "Recurring daily budget",
+        "Quota of emails per run",
     ]
 
 

@@ -195,7 +195,7 @@ async def test_shadow_mode_forwards_everything_and_records_would_deny(env: Env) 
     assert [c["tool"] for c in env.upstream_calls()] == ["drop_table", "deploy", "deploy"]
     logged = "".join(env.server_stderr)
     assert "would deny drop_table" in logged
-    assert "would deny tool.mcp deploy" in logged
+    assert "would deny unknown.call deploy" in logged  # no spec prefix: unknown.call
 
 
 async def test_ledger_errors_fail_closed_unless_fail_open(env: Env) -> None:

@@ -579,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="the runaway-agent demo (offline; takes about 5 s, 2 s with --fast)",
         description="A writer/evaluator loop that never converges, first without Cycles, then with every "
-        "model call guarded. The model is simulated (no network, no key) and priced like gpt-4o; the "
+        "model call guarded, then an agent repeating one tool call, stopped by the loop guard. The model is "
+        "simulated (no network, no key) and priced like gpt-4o; the "
         "unguarded loop runs --minutes of simulated time, replayed in --seconds. Runs on a throw-away "
         "ledger unless --ledger is given.",
     )

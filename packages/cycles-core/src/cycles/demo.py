@@ -2,7 +2,11 @@
 
 Act 1 runs the loop with no guard for an hour of simulated time and shows the spend climbing. Act 2
 runs the same loop with every model call guarded by Cycles under a small workflow budget: Cycles
-says no before the call that would overspend, and the loop ends with a clear denial.
+says no before the call that would overspend, and the loop ends with a clear denial. Act 3 is the
+loop a budget is slow to catch: an agent stuck asking for the same tool call with the same
+arguments. Its model calls differ (the context grows) but the tool call does not, so the loop guard
+(``cy.quotas.set_loop_guard``; the call's fingerprint is ``with_args_fingerprint``) refuses the
+repeat long before the run's budget would.
 
 The model is simulated (no network, no API key) but priced like the real one through
 ``cycles.pricing``: each call's cost is its token usage at the model's published prices, and each
@@ -25,14 +29,15 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from cycles.client import Cycles
-from cycles.errors import Denied
+from cycles.errors import Denied, LoopDetected
+from cycles.ledger.quotas import with_args_fingerprint
 from cycles.models import MICROCENTS_PER_USD, Action, Amount, Subject, usd
 from cycles.pricing import estimate_cost, price_usage
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["DemoResult", "PhaseStats", "run_demo"]
+__all__ = ["DemoResult", "LoopStats", "PhaseStats", "run_demo"]
 
 MODEL = "openai:gpt-4o"
 CONTEXT_WINDOW = 128_000  # gpt-4o's
@@ -42,6 +47,10 @@ WRITER_OUTPUT_TOKENS = 620
 EVALUATOR_OUTPUT_TOKENS = 40
 FIRST_TOKEN_S = 0.6  # simulated latency: time to first token ...
 TOKENS_PER_S = 80.0  # ... then decoding speed
+LOOP_GUARD = 3  # act 3: identical tool calls a run may make
+LOOP_TOOL, LOOP_ARGS = "search_docs", {"query": "refund policy", "top_k": 5}
+LOOP_TOOL_COST = usd("0.002")  # what one search costs (a search API's price)
+LOOP_RUN_BUDGET = usd("0.50")
 
 
 @dataclass
@@ -77,19 +86,33 @@ class PhaseStats:
 
 
 @dataclass
+class LoopStats:
+    """Act 3: a run whose agent repeats one tool call."""
+
+    model_calls: int = 0
+    tool_calls: int = 0  # the searches that ran
+    spent_microcents: int = 0  # what the run's scope spent (model calls and searches)
+    left_microcents: int = 0  # what its budget still had when it was stopped
+    stopped_by: str = ""  # "loop_guard", or "budget" / "nothing" if something else happened
+    reason: str = ""
+
+
+@dataclass
 class DemoResult:
     unguarded: PhaseStats
     guarded: PhaseStats
     budget: Amount
     ledger_url: str
+    looping: LoopStats | None = None
 
     def to_json(self) -> dict[str, object]:
-        """``cycles demo --json``: both phases' figures (amounts in USD micro-cents)."""
+        """``cycles demo --json``: every act's figures (amounts in USD micro-cents)."""
         phases = {"without_cycles": self.unguarded, "with_cycles": self.guarded}
         return {
             "model": MODEL,
             "budget": self.budget.to_wire(),
             **{name: {**asdict(p), "simulated_s": round(p.simulated_s, 3)} for name, p in phases.items()},
+            "loop_guard": {"max_repeats": LOOP_GUARD, **asdict(self.looping)} if self.looping else None,
         }
 
 
@@ -212,6 +235,7 @@ def run_demo(
     # Act 2 ---------------------------------------------------------------------------------
     with _ledger(ledger_url) as url:
         guarded = _guarded_act(console, url, budget, limit_s, replay_seconds)
+        looping = _loop_act(console, url)
 
     # Summary -------------------------------------------------------------------------------
     stopped = {
@@ -235,7 +259,14 @@ def run_demo(
         "  how             every model call reserved its worst-case cost first; the call that could have\n"
         "                  overspent was refused before it reached the model."
     )
-    return DemoResult(free, guarded, budget, url)
+    if looping.stopped_by == "loop_guard":
+        console.print(
+            f"  stuck tool call stopped by the [green]loop guard[/] at identical call {looping.tool_calls + 1} "
+            f"({LOOP_TOOL}), with {dollars(looping.left_microcents)} of the run's budget left"
+        )
+    else:
+        console.print(f"  stuck tool call not stopped by the loop guard: {looping.stopped_by} ({looping.reason})")
+    return DemoResult(free, guarded, budget, url, looping)
 
 
 @contextmanager
@@ -290,6 +321,51 @@ def _guarded_act(console: Console, url: str, budget: Amount, limit_s: float, rep
             f"   ledger: {dollars(balance.spent.amount if balance.spent else 0)} spent, "
             f"{dollars(balance.remaining.amount)} left, {dollars(balance.reserved.amount if balance.reserved else 0)}"
             " held by unfinished calls"
+        )
+    return stats
+
+
+def _loop_act(console: Console, url: str) -> LoopStats:
+    """A run whose agent asks for the same search again and again; the loop guard stops the repeat."""
+    stats = LoopStats()
+    args = ", ".join(f"{k}={v!r}" for k, v in LOOP_ARGS.items())
+    console.print(
+        f"\n[bold]3) A stuck tool call, loop guard on ({LOOP_GUARD} identical calls per run), "
+        f"{dollars(LOOP_RUN_BUDGET.amount)} run budget:[/]"
+    )
+    with Cycles(url) as cy:
+        cy.quotas.set_loop_guard("tenant:demo", LOOP_GUARD)  # on for every run of the tenant
+        run = cy.run(Subject(tenant="demo", agent="researcher"), budgets=[LOOP_RUN_BUDGET], name="stuck-search")
+        context = SYSTEM_PROMPT_TOKENS
+        try:
+            with run:
+                for _ in range(LOOP_GUARD + 2):  # the guard stops it at LOOP_GUARD + 1
+                    action = Action("llm.completion", MODEL, tags=["researcher"])
+                    estimate = estimate_cost(MODEL, input_tokens=context, max_output_tokens=MAX_OUTPUT_TOKENS)
+                    with run.guard(action, estimate) as g:  # a different call each time: the context grows
+                        usage = SimulatedModel().complete("evaluator", context)
+                        g.commit(_cost(usage))
+                    stats.model_calls += 1
+                    context += usage.output_tokens + 200  # the answer and the search results join the history
+                    search = with_args_fingerprint(Action("tool.call", LOOP_TOOL), LOOP_ARGS)
+                    with run.guard(search, LOOP_TOOL_COST):  # the same call each time
+                        stats.tool_calls += 1
+                    console.print(f"   model call {stats.model_calls}, then {LOOP_TOOL}({args}): ran")
+                stats.stopped_by, stats.reason = "nothing", f"{LOOP_GUARD + 2} identical calls ran"
+        except LoopDetected as exc:
+            stats.stopped_by, stats.reason = "loop_guard", exc.message
+            console.print(f"   model call {stats.model_calls}, then {LOOP_TOOL}({args}): [red]DENIED: {exc}[/]")
+        except Denied as exc:
+            stats.stopped_by, stats.reason = "budget", exc.message
+            console.print(f"[red]   DENIED: {exc}[/]")
+        balance = cy.budgets.get(run.scope, LOOP_RUN_BUDGET.unit)
+        stats.spent_microcents = balance.spent.amount if balance.spent else 0
+        stats.left_microcents = balance.remaining.amount
+        console.print(
+            f"   ledger: the run spent {dollars(stats.spent_microcents)}, its budget had "
+            f"{dollars(stats.left_microcents)} left: the loop guard, not the budget, stopped it"
+            if stats.stopped_by == "loop_guard"
+            else f"   ledger: the run spent {dollars(stats.spent_microcents)}"
         )
     return stats
 

@@ -53,6 +53,7 @@ from cycles import (
     current_run,
     for_each,
     risk_points,
+    with_args_fingerprint,
 )
 from cycles.guard import OnFailure
 from cycles.pricing import approx_messages_tokens, estimate_cost, price_usage
@@ -336,7 +337,7 @@ class CyclesHooks:
         current_tool_call.set(call)  # for the after-tool hook, and a budgeted() tool run by this call
         original = getattr(ctx.tool, "_original_tool", None)
         name = str(getattr(original, "name", None) or ctx.tool_name)
-        action = Action("tool.call", name)
+        action = with_args_fingerprint(Action("tool.call", name), ctx.tool_input)
         cost = self.tool_costs.get(ctx.tool_name)
         if run is not None:
             try:

@@ -12,7 +12,7 @@ from crewai.tools import BaseTool
 from crewai.tools.tool_failure import ToolFailure, ToolFailurePolicy
 from pydantic import PrivateAttr
 
-from cycles import Action, Amount, Cycles, CyclesError, Denied, Run, Subject, current_run
+from cycles import Action, Amount, Cycles, CyclesError, Denied, Run, Subject, current_run, with_args_fingerprint
 from cycles_crewai._common import OnDeny, blocked_result, current_tool_call
 
 __all__ = ["BudgetedTool", "budgeted"]
@@ -53,7 +53,7 @@ class _Budget:
                 f"budgeted tool {tool_name!r} has no Cycles client or subject: pass cycles= and subject= "
                 "to budgeted(), or run the crew inside cycles_crewai.enable(...)"
             )
-        action = self.action or Action("tool.call", tool_name)
+        action = with_args_fingerprint(self.action or Action("tool.call", tool_name), dict(kwargs))
         estimate = self.estimate(kwargs) if callable(self.estimate) else self.estimate
         run = current_run()
         step = (

@@ -25,7 +25,7 @@ from langchain_core.messages import BaseMessage, ToolMessage, UsageMetadata
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.runnables import ensure_config
 
-from cycles import Action, Amount, Cycles, CyclesError, Guard, usd
+from cycles import Action, Amount, Cycles, CyclesError, Guard, usd, with_args_fingerprint
 from cycles_langgraph._common import (
     Model,
     SubjectLike,
@@ -162,7 +162,8 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         estimate = tool_cost(self.tool_estimate, name)
         if covered.get():
             return  # CyclesMiddleware reserved this call
-        self._start(run_id, metadata, Action("tool.call", name), estimate, None)
+        action = with_args_fingerprint(Action("tool.call", name), input_str if inputs is None else inputs)
+        self._start(run_id, metadata, action, estimate, None)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         call = self._pop(run_id)

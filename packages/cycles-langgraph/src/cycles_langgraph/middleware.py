@@ -21,7 +21,7 @@ from langchain_core.runnables import ensure_config
 from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command
 
-from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Denied, Guard, Subject, usd
+from cycles import Action, Amount, AsyncCycles, AsyncGuard, Cycles, Denied, Guard, Subject, usd, with_args_fingerprint
 from cycles_langgraph._common import (
     Model,
     SubjectLike,
@@ -196,7 +196,8 @@ class CyclesMiddleware(AgentMiddleware[AgentState[Any], Any, Any]):
 
     def _tool_plan(self, request: ToolCallRequest) -> tuple[Action, Amount]:
         name = request.tool_call["name"]
-        return Action("tool.call", name), tool_cost(self.tool_estimate, name)
+        action = with_args_fingerprint(Action("tool.call", name), request.tool_call.get("args"))
+        return action, tool_cost(self.tool_estimate, name)
 
 
 class _ToolFailed(Exception):

@@ -29,6 +29,7 @@ from cycles import (
     NotFound,
     ShadowRecord,
     risk_points,
+    with_args_fingerprint,
 )
 from cycles.models import Unit, format_amount
 from cycles_mcp.policy import Match, Policy
@@ -111,9 +112,13 @@ class Gate:
             on_failure=on_failure,
         )
 
-    async def admit(self, run: AsyncRun, tool: str, *, idempotency_key: str | None = None) -> Admission:
+    async def admit(
+        self, run: AsyncRun, tool: str, arguments: Any = None, *, idempotency_key: str | None = None
+    ) -> Admission:
         """Reserve every unit of the tool's cost as steps of ``run`` (all or none), ahead of the call:
-        a step is begun only when the call is forwarded, so one that never was is released."""
+        a step is begun only when the call is forwarded, so one that never was is released. The
+        steps carry the action kind the policy gives the tool and the fingerprint of its name and
+        ``arguments`` (for a loop guard); the session's run id is the key of ``per_run`` quotas."""
         match = self.policy.match(tool)
         if match.denied:
             text = (
@@ -127,11 +132,12 @@ class Gate:
         if not match.cost:
             return Admission(match, True)
         admission = Admission(match, True)
+        action = with_args_fingerprint(Action(match.kind, tool), {} if arguments is None else arguments)
         try:
             await self.start_run(run)
             for amount in match.cost:
                 key = None if idempotency_key is None else f"{idempotency_key}:{amount.unit.value.lower()}"
-                guard = self.step(run, Action(match.kind, tool), amount, key, match.on_failure)
+                guard = self.step(run, action, amount, key, match.on_failure)
                 await guard.start(begin=False)
                 admission.guards.append(guard)
                 if guard.shadow is not None:
@@ -170,10 +176,15 @@ class Gate:
             admission.guards.clear()
 
     async def call(
-        self, run: AsyncRun, tool: str, forward: Callable[[], Awaitable[T]], failed: Callable[[T], bool]
+        self,
+        run: AsyncRun,
+        tool: str,
+        forward: Callable[[], Awaitable[T]],
+        failed: Callable[[T], bool],
+        arguments: Any = None,
     ) -> T | Admission:
         """Admit, forward, settle. Returns the refused ``Admission`` instead of calling ``forward``."""
-        admission = await self.admit(run, tool)
+        admission = await self.admit(run, tool, arguments)
         log.info(
             "%s %s in %s: %s", "forward" if admission.allowed else "refuse", tool, run.id, admission.match.describe()
         )
@@ -237,7 +248,11 @@ class Gate:
                 "Ask the user to set one (cycles budget set ...) for the policy's subject."
             )
         where = f" at {scope}" if isinstance(scope, str) else ""
-        return f"{head} {denial.code}{where}: {denial.message}. Do not retry it; ask the user to review the budget."
+        code = denial.reason_code if isinstance(denial, Denied) else denial.code  # e.g. LOOP_DETECTED
+        detail = denial.details.get("deny_detail") if isinstance(denial.details, dict) else None
+        fix = detail.get("suggested_fix") if isinstance(detail, dict) else None  # quotas, loop guard
+        advice = f"{fix}." if isinstance(fix, str) and fix else "Do not retry it; ask the user to review the budget."
+        return f"{head} {code}{where}: {denial.message}. {advice}"
 
 
 def _unit(value: Any, cost: tuple[Amount, ...]) -> Unit | None:

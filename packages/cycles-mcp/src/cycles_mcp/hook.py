@@ -95,7 +95,7 @@ async def _handle(event: str, gate: Gate, run: AsyncRun, data: dict[str, Any]) -
         return "", 0
     tool = _field(data, "tool_name")
     key = "cc:" + _field(data, "tool_use_id")
-    admission = await gate.admit(run, tool, idempotency_key=key)
+    admission = await gate.admit(run, tool, data.get("tool_input"), idempotency_key=key)
     if event == "pre":
         if admission.allowed:
             return "", 0

@@ -27,6 +27,7 @@ from typing import Any
 
 from cycles import Amount, InvalidRequest, Subject, credits, risk_points, tokens, usd
 from cycles.models import CommitOveragePolicy
+from cycles_mcp.kinds import kind_for_tool
 
 __all__ = ["Match", "Policy", "PolicyError", "ToolRule", "load_policy", "parse_policy"]
 
@@ -99,7 +100,7 @@ class Policy:
     session_budget: tuple[Amount, ...] = ()
     keep_session_budgets: bool = False
     tools: tuple[ToolRule, ...] = ()
-    action_kind: str = "tool.mcp"
+    action_kind: str | None = None  #: None: each tool's kind by the spec's MCP prefixes (cycles_mcp.kinds)
     ttl_ms: int | None = None  #: None: 60 s in the proxy (kept alive by heartbeat), 10 min for hooks
     overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
     shadow: bool = False
@@ -116,19 +117,23 @@ class Policy:
     def match(self, tool: str) -> Match:
         for pattern in self.deny:
             if fnmatchcase(tool, pattern):
-                return Match(tool, True, (), pattern, self.action_kind)
+                return Match(tool, True, (), pattern, self.kind_of(tool))
         if self.allow is not None and not any(fnmatchcase(tool, p) for p in self.allow):
-            return Match(tool, True, (), "allow (not listed)", self.action_kind)
+            return Match(tool, True, (), "allow (not listed)", self.kind_of(tool))
         rule = self._exact.get(tool) or _most_specific(tool, self.tools)
         if rule is not None:
             where = f'[tools."{rule.pattern}"]'
             if rule.denied:
-                return Match(tool, True, (), where, rule.kind or self.action_kind)
+                return Match(tool, True, (), where, rule.kind or self.kind_of(tool))
             on_failure = rule.on_failure or self.on_failure
-            return Match(tool, False, rule.cost, where, rule.kind or self.action_kind, on_failure)
+            return Match(tool, False, rule.cost, where, rule.kind or self.kind_of(tool), on_failure)
         if self.default_cost:
-            return Match(tool, False, self.default_cost, "default_cost", self.action_kind, self.on_failure)
-        return Match(tool, False, (), "", self.action_kind)
+            return Match(tool, False, self.default_cost, "default_cost", self.kind_of(tool), self.on_failure)
+        return Match(tool, False, (), "", self.kind_of(tool))
+
+    def kind_of(self, tool: str) -> str:
+        """The policy's ``action_kind`` if it names one, else the kind the spec's MCP prefixes give."""
+        return self.action_kind or kind_for_tool(tool)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -223,7 +228,7 @@ class _Parser:
             session_budget=self.budget(data.get("session_budget")),
             keep_session_budgets=self.flag(data, "keep_session_budgets"),
             tools=tuple(self.tool(name, spec) for name, spec in tools_table.items()),
-            action_kind=self.kind(data.get("action_kind", "tool.mcp"), "action_kind"),
+            action_kind=self.kind(data["action_kind"], "action_kind") if "action_kind" in data else None,
             ttl_ms=ttl,
             overage_policy=overage_policy,
             shadow=self.flag(data, "shadow"),
@@ -246,7 +251,7 @@ class _Parser:
 
     def kind(self, value: Any, where: str) -> str:
         if not isinstance(value, str) or not 1 <= len(value) <= 64:
-            raise self.fail(where, "must be an action kind string of 1 to 64 characters, e.g. tool.mcp")
+            raise self.fail(where, "must be an action kind string of 1 to 64 characters, e.g. message.email.send")
         return value
 
     def on_failure(self, value: Any, where: str) -> str:

@@ -187,7 +187,9 @@ class ProxyServer:
                 request, types.CallToolResult, progress_callback=_progress_to(ctx)
             )
 
-        result = await self.gate.call(run, params.name, forward, failed=lambda r: bool(r.is_error))
+        result = await self.gate.call(
+            run, params.name, forward, failed=lambda r: bool(r.is_error), arguments=params.arguments
+        )
         if isinstance(result, Admission):
             return refusal_result(result)
         return result

@@ -50,7 +50,7 @@ from agents import (
 from agents.tool_context import ToolContext
 from pydantic import BaseModel
 
-from cycles import Action, Amount, AsyncCycles, AsyncRun, Decision, Denied, Subject, usd
+from cycles import Action, Amount, AsyncCycles, AsyncRun, Decision, Denied, Subject, usd, with_args_fingerprint
 from cycles.guard import AsyncGuard, OnFailure
 from cycles.pricing import approx_messages_tokens, estimate_cost
 from cycles_openai_agents.model import CyclesModel, usage_price
@@ -191,7 +191,7 @@ class CyclesRunHooks(RunHooks[Any]):
         key = self._tool_key(context, tool.name)
         guard: AsyncGuard | None = run.peek(key)
         if guard is None:  # no guardrail reserved it: reserve now
-            guard = self._tool_guard(run, agent, tool.name, None)
+            guard = self._tool_guard(run, agent, context, tool.name, None)
             try:
                 await guard.start()
             except Denied as denial:
@@ -272,7 +272,7 @@ class CyclesRunHooks(RunHooks[Any]):
             key = self._tool_key(context, context.tool_name)
             if run.peek(key) is not None:  # run twice (pre-approval): reserve once
                 return ToolGuardrailFunctionOutput.allow(output_info={"reserved": "already"})
-            guard = self._tool_guard(run, data.agent, context.tool_name, cost)
+            guard = self._tool_guard(run, data.agent, context, context.tool_name, cost)
             try:
                 await guard.start(begin=False)  # reserved ahead: it begins in on_tool_start
             except Denied as denial:
@@ -409,14 +409,19 @@ class CyclesRunHooks(RunHooks[Any]):
         call_id = context.tool_call_id if isinstance(context, ToolContext) else tool_name
         return ("tool", call_id)
 
-    def _tool_guard(self, run: AsyncRun, agent: Agent[Any], tool_name: str, cost: Amount | None) -> AsyncGuard:
+    def _tool_guard(
+        self, run: AsyncRun, agent: Agent[Any], context: RunContextWrapper[Any], tool_name: str, cost: Amount | None
+    ) -> AsyncGuard:
         subject = self.subject_for(agent)
         if self.tool_scopes:
             subject = subject.merged(toolset=_LEVEL_VALUE.sub("_", tool_name)[:128])
         estimate = cost if cost is not None else self.tool_costs.get(tool_name, self.default_tool_cost)
         on_failure: OnFailure = "charge" if tool_name in self.charge_failed_tools else "release"
+        action = Action("tool.call", tool_name)
+        if isinstance(context, ToolContext):  # the model's arguments (JSON text), for the loop guard
+            action = with_args_fingerprint(action, context.tool_arguments)
         return run.guard(
-            Action("tool.call", tool_name),
+            action,
             estimate,
             subject=subject,
             metadata={"agent": agent.name},

@@ -23,6 +23,7 @@ counters and the budget in one atomic step.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -235,7 +236,13 @@ FINGERPRINT_KEY = "args_fingerprint"  # in Action.policy_keys["custom"]
 
 
 def args_fingerprint(name: str, args: Any) -> str:
-    """Tool name + canonical (sorted-key JSON) arguments, hashed: equal calls, equal fingerprints."""
+    """Tool name + canonical (sorted-key JSON) arguments, hashed: equal calls, equal fingerprints.
+
+    Arguments given as JSON text (the raw ``arguments`` of an OpenAI tool call) are parsed first,
+    so every adapter and the MCP gate agree whether a framework hands over the text or the object."""
+    if isinstance(args, str | bytes):
+        with contextlib.suppress(ValueError):  # plain text: hashed as it is
+            args = json.loads(args)
     body = json.dumps([name, args], sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:32]
 

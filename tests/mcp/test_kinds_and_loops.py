@@ -1,0 +1,124 @@
+"""Action kinds (the spec's MCP prefixes, a policy's per-tool ``kind``), per-kind quotas per session
+and the loop guard, through the real proxy over real transports and through the Claude Code hooks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mcp import Client
+
+from cycles import Cycles, Unit, risk_points
+from cycles.testing import assert_ledger_invariant
+from cycles_mcp.kinds import FALLBACK_KIND, MCP_TOOL_PREFIXES, kind_for_tool
+from cycles_mcp.policy import parse_policy
+from tests.mcp.conftest import Env
+from tests.mcp.test_hook import hook
+
+SPEC = Path(__file__).resolve().parents[2] / ".." / "shared" / "spec" / "cycles-action-kinds-v0.1.26.yaml"
+
+POLICY = """
+tenant = "acme"
+default_cost = { risk_points = 1 }
+session_budget = { risk_points = 100 }
+
+[tools."deploy"]
+kind = "code.deploy"
+cost = { risk_points = 5 }
+"""
+
+
+def _text(result: Any) -> str:
+    return "".join(getattr(c, "text", "") for c in result.content)
+
+
+def test_the_prefix_table_is_the_specs_and_the_longest_prefix_wins() -> None:
+    registry = yaml.safe_load(SPEC.read_text(encoding="utf-8"))["x-action-kind-registry"]["kinds"]
+    expected = {k["kind"]: tuple(k["mcp_tool_prefixes"]) for k in registry if k.get("mcp_tool_prefixes")}
+    assert dict(MCP_TOOL_PREFIXES) == expected
+    assert kind_for_tool("send_email_to_customer") == "message.email.send"
+    assert kind_for_tool("Search") == "web.search"  # matched case-insensitively
+    assert kind_for_tool("chat_send_update") == "message.chat.post"  # not llm.completion's "chat_"
+    assert kind_for_tool("chat_summarize") == "llm.completion"
+    assert kind_for_tool("deploy") == FALLBACK_KIND == "unknown.call"  # "deploy_" needs the underscore
+
+
+def test_the_policy_kind_beats_the_convention() -> None:
+    policy = parse_policy(POLICY)
+    assert policy.match("deploy").kind == "code.deploy"  # [tools."deploy"] kind
+    assert policy.match("send_email").kind == "message.email.send"  # the spec's prefix
+    assert policy.match("frobnicate").kind == "unknown.call"
+    fixed = parse_policy('action_kind = "payment.charge"\n' + POLICY)  # one kind for every tool ...
+    assert fixed.match("send_email").kind == "payment.charge"
+    assert fixed.match("deploy").kind == "code.deploy"  # ... but a tool's own kind still comes first
+
+
+async def test_a_per_run_kind_quota_lets_exactly_two_calls_through_per_session(env: Env) -> None:
+    """max_calls=2 per_run on web.search (the kind "search" maps to) and on code.deploy (the policy's
+    kind for "deploy"): each MCP session is one run, so each gets exactly two of each through."""
+    with Cycles(env.ledger) as cy:
+        cy.quotas.set("tenant:acme", action_kind="web.search", max_calls=2, window="per_run")
+        cy.quotas.set("tenant:acme", action_kind="code.deploy", max_calls=2, window="per_run")
+    outcomes: list[list[bool]] = []
+    refusals: list[str] = []
+    with env.http_server(env.proxy_args(env.policy(POLICY))) as url:
+        for _ in range(2):  # two sessions, one after the other
+            async with Client(url, mode="legacy") as client:
+                ran = []
+                for n in range(4):
+                    result = await client.call_tool("search", {"query": f"q{n}"})
+                    ran.append(not result.is_error)
+                    if result.is_error:
+                        refusals.append(_text(result))
+                for n in range(3):
+                    result = await client.call_tool("deploy", {"service": f"s{n}"})
+                    ran.append(not result.is_error)
+                outcomes.append(ran)
+    assert outcomes == [[True, True, False, False, True, True, False]] * 2
+    assert [c["tool"] for c in env.upstream_calls()] == ["search", "search", "deploy", "deploy"] * 2
+    assert all("ACTION_QUOTA_EXCEEDED" in t and "web.search" in t and "not run" in t for t in refusals)
+    with Cycles(env.ledger) as cy:
+        sessions = [b.scope for b in cy.budgets.list(tenant="acme") if "/workflow:" in b.scope]
+        assert len(sessions) == 2
+        for scope in sessions:  # the refused calls reserved nothing: 2 searches (1) + 2 deploys (5)
+            balance = cy.budgets.get(scope, unit=Unit.RISK_POINTS)
+            assert balance.spent == risk_points(12) and balance.reserved == risk_points(0)
+        assert_ledger_invariant(cy)
+
+
+async def test_the_loop_guard_stops_a_repeated_identical_call_and_not_other_arguments(env: Env) -> None:
+    with Cycles(env.ledger) as cy:
+        cy.quotas.set_loop_guard("tenant:acme", 2)
+    async with env.stdio_client(env.proxy_args(env.policy(POLICY))) as client:
+        same = [await client.call_tool("search", {"query": "refund policy", "lang": "en"}) for _ in range(2)]
+        reordered = await client.call_tool("search", {"lang": "en", "query": "refund policy"})  # same call
+        other = await client.call_tool("search", {"query": "shipping", "lang": "en"})
+    assert not any(r.is_error for r in same) and not other.is_error
+    assert reordered.is_error
+    text = _text(reordered)
+    assert "LOOP_DETECTED" in text and "not run" in text and "change the arguments" in text
+    assert [c["tool"] for c in env.upstream_calls()] == ["search"] * 3
+
+
+def test_the_hooks_carry_the_fingerprint_of_the_tool_input(env: Env) -> None:
+    env.policy('tenant = "acme"\ndefault_cost = { risk_points = 1 }\nsession_budget = { risk_points = 60 }\n')
+    with Cycles(env.ledger) as cy:
+        cy.quotas.set_loop_guard("tenant:acme", 2)
+
+    def pre(tool_use_id: str, command: str) -> dict[str, Any] | None:
+        payload = {"tool_name": "Bash", "tool_input": {"command": command}, "tool_use_id": tool_use_id}
+        done = hook(env, "pre", hook_event_name="PreToolUse", **payload)
+        assert done.returncode == 0, done.stderr
+        post = hook(env, "post", hook_event_name="PostToolUse", tool_response={"stdout": "ok"}, **payload)
+        assert post.returncode == 0, post.stderr  # replays pre's reservation (same key, same fingerprint)
+        return json.loads(done.stdout) if done.stdout.strip() else None
+
+    assert pre("toolu_1", "ls") is None
+    assert pre("toolu_2", "ls") is None
+    refused = pre("toolu_3", "ls")
+    assert refused is not None
+    reason = refused["hookSpecificOutput"]["permissionDecisionReason"]
+    assert refused["hookSpecificOutput"]["permissionDecision"] == "deny" and "LOOP_DETECTED" in reason
+    assert pre("toolu_4", "ls -la") is None  # other arguments
