@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import rules
+from cycles.ledger.limits import DEFAULT_LIMITS, RateLimiter, TenantLimits
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
 from cycles.models import (
     Amount,
@@ -186,8 +187,12 @@ class TransactionalLedger(Ledger):
         clock: Callable[[], int] | None = None,
         include_balances: bool = False,
         retention_ms: int = rules.IDEMPOTENCY_RETENTION_MS,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
         self._clock = clock or _wall_clock_ms
+        #: What one tenant may make the ledger keep (see ``cycles.ledger.limits``).
+        self.limits = limits
+        self._rate = RateLimiter(limits.max_reservations_per_second)
         self._next_sweep_ms = 0
         #: How long finished reservations and idempotency records are kept (replays and audits read
         #: them); older ones are forgotten a little at a time by the lazy sweep.
@@ -204,6 +209,11 @@ class TransactionalLedger(Ledger):
             self._housekeeping(txn, fn)
             return fn(txn, *args)
 
+    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read-only operation: no housekeeping, and a store may serve it outside the write lock."""
+        with self._transaction(write=False) as txn:
+            return fn(txn, *args)
+
     def _housekeeping(self, txn: Txn, fn: Callable[..., Any]) -> None:
         """At most once per ``lazy_sweep_interval_ms``, as a side effect of an ordinary write: expire
         overdue reservations and forget records past retention (skipped when the write is a sweep)."""
@@ -212,6 +222,8 @@ class TransactionalLedger(Ledger):
             rules.sweep(txn, self.lazy_sweep_limit, self.retention_ms)
 
     def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
+        if self._rate.rate > 0 and not req.dry_run:
+            self._rate.take(tenant if tenant is not None else req.subject.tenant)
         return self._write(rules.reserve, req, tenant)
 
     def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse:
@@ -232,13 +244,13 @@ class TransactionalLedger(Ledger):
         return self._write(rules.event, req, tenant)
 
     def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse:
-        return self._write(rules.balances, query, tenant)
+        return self._read(rules.balances, query, tenant)
 
     def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
         return self._write(rules.get_reservation, reservation_id, tenant)
 
     def list_reservations(self, query: ReservationQuery, *, tenant: str | None = None) -> ReservationListResponse:
-        return self._write(rules.list_reservations, query, tenant)
+        return self._read(rules.list_reservations, query, tenant)
 
     def set_budget(
         self, scope: str, amount: Amount, *, overdraft_limit: Amount | None = None, caps: Caps | None = None
@@ -252,10 +264,10 @@ class TransactionalLedger(Ledger):
         return self._write(rules.set_budget_status, scope, unit, status)
 
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
-        return self._write(rules.get_budget, scope, unit)
+        return self._read(rules.get_budget, scope, unit)
 
     def list_budgets(self, *, tenant: str | None = None) -> list[Balance]:
-        return self._write(rules.list_budgets, tenant)
+        return self._read(rules.list_budgets, tenant)
 
     def sweep(self, limit: int = 1000) -> int:
         return self._write(rules.sweep, limit, self.retention_ms)

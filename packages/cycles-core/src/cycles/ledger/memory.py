@@ -6,6 +6,7 @@ unexpected exception half-way through an operation leaves the store as it was.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import threading
 from collections import deque
@@ -17,6 +18,8 @@ from pydantic import BaseModel
 
 from cycles.errors import CyclesError
 from cycles.ledger.base import TransactionalLedger
+from cycles.ledger.limits import DEFAULT_LIMITS, TenantLimits
+from cycles.ledger.paging import ReservationScan, sorted_after
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import ReservationStatus, Unit
 
@@ -35,15 +38,46 @@ class _Store:
         self.idempotency: dict[_IdemKey, IdempotencyRecord] = {}
         self.deadlines: list[tuple[int, str]] = []  # heap of (deadline_ms, reservation_id); stale entries skipped
         self.finished: deque[tuple[int, str]] = deque()  # (finished_at_ms, reservation_id), oldest first
+        # Indexes for O(page) reads. Reservations: sorted (created_at_ms, id) per owner and for all;
+        # purged ids are left in place and skipped until a compaction (when half are dead).
+        self.by_owner: dict[str | None, list[tuple[int, str]]] = {}
+        self.by_time: list[tuple[int, str]] = []
+        self.dead_keys = 0
+        # Budgets: sorted (scope, unit) per tenant and for all (budgets are never deleted).
+        self.budget_keys: dict[str | None, list[tuple[str, str]]] = {}
+        self.all_budget_keys: list[tuple[str, str]] = []
+        self.active: dict[str | None, int] = {}  # ACTIVE reservations per owner
+
+    def index_reservation(self, row: ReservationRow) -> None:
+        key = (row.created_at_ms, row.reservation_id)
+        for keys in (self.by_owner.setdefault(row.tenant, []), self.by_time):
+            if not keys or keys[-1] < key:
+                keys.append(key)  # the usual case: time moves forward
+            else:
+                bisect.insort(keys, key)
+
+    def forget_reservation(self, rid: str) -> None:
+        if self.reservations.pop(rid, None) is not None:
+            self.dead_keys += 1
+            if self.dead_keys > 1024 and self.dead_keys * 2 > len(self.by_time):
+                live = self.reservations
+                self.by_time = [k for k in self.by_time if k[1] in live]
+                self.by_owner = {
+                    owner: kept for owner, keys in self.by_owner.items() if (kept := [k for k in keys if k[1] in live])
+                }
+                self.dead_keys = 0
 
 
 class _MemoryTxn:
-    __slots__ = ("_budgets", "_idem", "_popped", "_reservations", "_store", "include_balances", "now_ms")
+    __slots__ = ("_budgets", "_idem", "_popped", "_reservations", "_store", "include_balances", "limits", "now_ms")
 
-    def __init__(self, store: _Store, now_ms: int, include_balances: bool) -> None:
+    def __init__(
+        self, store: _Store, now_ms: int, include_balances: bool, limits: TenantLimits = DEFAULT_LIMITS
+    ) -> None:
         self._store = store
         self.now_ms = now_ms
         self.include_balances = include_balances
+        self.limits = limits
         self._budgets: dict[tuple[str, Unit], BudgetRow] = {}
         self._reservations: dict[str, ReservationRow] = {}
         self._idem: dict[_IdemKey, IdempotencyRecord] = {}
@@ -82,6 +116,15 @@ class _MemoryTxn:
             if all_tenants or row.tenant == tenant:
                 yield row
 
+    def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterator[BudgetRow]:
+        store = self._store
+        keys = store.all_budget_keys if all_tenants else store.budget_keys.get(tenant, [])
+        for i in sorted_after(keys, False, after):
+            scope, unit = keys[i]
+            row = store.budgets.get((scope, Unit(unit)))
+            if row is not None:
+                yield row
+
     # reservations
     def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         row = self._reservations.get(reservation_id)
@@ -104,6 +147,18 @@ class _MemoryTxn:
         for reservation_id, row in list(self._reservations.items()):
             if reservation_id not in self._store.reservations and (all_tenants or row.tenant == tenant):
                 yield row
+
+    def page_reservations(self, scan: ReservationScan) -> Iterator[ReservationRow]:
+        store = self._store
+        keys = store.by_time if scan.all_tenants else store.by_owner.get(scan.tenant, [])
+        statuses = scan.statuses
+        for i in sorted_after(keys, scan.descending, scan.after):
+            row = store.reservations.get(keys[i][1])
+            if row is not None and (statuses is None or row.status in statuses):
+                yield row
+
+    def active_reservations(self, owner: str | None) -> int:
+        return self._store.active.get(owner, 0)
 
     def due_reservations(self, now_ms: int, limit: int) -> list[str]:
         heap = self._store.deadlines
@@ -146,7 +201,7 @@ class _MemoryTxn:
         while finished and purged < limit and finished[0][0] < older_than_ms:
             _, rid = finished.popleft()
             if rid not in self._reservations:
-                store.reservations.pop(rid, None)
+                store.forget_reservation(rid)
             purged += 1
         return purged
 
@@ -156,15 +211,28 @@ class _MemoryTxn:
         for key, budget in self._budgets.items():
             if key not in store.budgets:
                 store.units.setdefault(key[0], []).append(key[1])
+                index = (key[0], key[1].value)
+                bisect.insort(store.budget_keys.setdefault(budget.tenant, []), index)
+                bisect.insort(store.all_budget_keys, index)
             store.budgets[key] = budget
+        active = store.active
         for reservation_id, row in self._reservations.items():
             before = store.reservations.get(reservation_id)
             store.reservations[reservation_id] = row
+            if before is None:
+                store.index_reservation(row)
             if row.status is ReservationStatus.ACTIVE:
+                if before is None:
+                    active[row.tenant] = active.get(row.tenant, 0) + 1
                 if before is None or before.deadline_ms != row.deadline_ms:
                     heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
             elif before is not None and before.status is ReservationStatus.ACTIVE:
                 store.finished.append((self.now_ms, reservation_id))
+                left = active.get(row.tenant, 1) - 1
+                if left:
+                    active[row.tenant] = left
+                else:
+                    active.pop(row.tenant, None)
         store.idempotency.update(self._idem)
 
     def undo(self) -> None:
@@ -187,8 +255,9 @@ class MemoryLedger(TransactionalLedger):
         clock: Callable[[], int] | None = None,
         include_balances: bool = False,
         retention_ms: int = DEFAULT_RETENTION_MS,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(clock, include_balances, retention_ms)
+        super().__init__(clock, include_balances, retention_ms, limits)
         self.url = "memory://"
         self._store = _Store()
         self._lock = threading.Lock()
@@ -196,7 +265,7 @@ class MemoryLedger(TransactionalLedger):
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[_MemoryTxn]:
         with self._lock:
-            txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
+            txn = _MemoryTxn(self._store, self._clock(), self.include_balances, self.limits)
             try:
                 yield txn
             except CyclesError:
@@ -210,7 +279,7 @@ class MemoryLedger(TransactionalLedger):
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         # The base class's contextmanager costs more than this whole in-memory transaction: inline it.
         with self._lock:
-            txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
+            txn = _MemoryTxn(self._store, self._clock(), self.include_balances, self.limits)
             try:
                 self._housekeeping(txn, fn)
                 result = fn(txn, *args)
@@ -230,5 +299,6 @@ def open_memory(
     clock: Callable[[], int] | None = None,
     include_balances: bool = False,
     retention_ms: int = MemoryLedger.DEFAULT_RETENTION_MS,
+    limits: TenantLimits = DEFAULT_LIMITS,
 ) -> MemoryLedger:
-    return MemoryLedger(clock=clock, include_balances=include_balances, retention_ms=retention_ms)
+    return MemoryLedger(clock=clock, include_balances=include_balances, retention_ms=retention_ms, limits=limits)

@@ -107,8 +107,11 @@ from cycles.errors import (
     ReservationFinalized,
     UnitMismatch,
 )
+from cycles.identifiers import is_identifier
 from cycles.ledger import rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
+from cycles.ledger.limits import DEFAULT_LIMITS
+from cycles.ledger.paging import ReservationScan
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
     Action,
@@ -156,8 +159,7 @@ DEFAULT_RETRIES = 2
 SWEEP_ROUND_ROBIN = 10
 
 _UNIT_ORDER = tuple(sorted(Unit, key=lambda u: u.value))  # the order budget_units reports (as sqlite)
-_TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 _REASON = {"BUDGET_NOT_FOUND": "BUDGET_NOT_FOUND", "OVER_LIMIT": "OVERDRAFT_LIMIT_EXCEEDED"}
 # Failures after which a retry may succeed: connection loss, timeouts, LOADING, failover, cluster
 # resharding, OOM under maxmemory. Everything else from Redis is a bug here: INTERNAL_ERROR.
@@ -543,6 +545,7 @@ class _Snapshot:
     """
 
     include_balances = False
+    limits = DEFAULT_LIMITS
 
     def __init__(self, now_ms: int, budgets: Iterable[BudgetRow] = (), reservations: Iterable[ReservationRow] = ()):
         self.now_ms = now_ms
@@ -573,6 +576,30 @@ class _Snapshot:
     def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterator[ReservationRow]:
         return (r for r in self._reservations.values() if all_tenants or r.tenant == tenant)
 
+    def page_reservations(self, scan: ReservationScan) -> Iterator[ReservationRow]:
+        statuses, descending, after = scan.statuses, scan.descending, scan.after
+        rows = sorted(
+            (
+                r
+                for r in self.iter_reservations(scan.tenant, scan.all_tenants)
+                if statuses is None or r.status in statuses
+            ),
+            key=lambda r: (r.created_at_ms, r.reservation_id),
+            reverse=descending,
+        )
+        for r in rows:
+            key = (r.created_at_ms, r.reservation_id)
+            if after is None or (key < after if descending else key > after):
+                yield r
+
+    def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterator[BudgetRow]:
+        for b in sorted(self.iter_budgets(tenant, all_tenants), key=lambda b: (b.scope, b.unit.value)):
+            if after is None or (b.scope, b.unit.value) > after:
+                yield b
+
+    def active_reservations(self, owner: str | None) -> int:
+        return 0
+
     def due_reservations(self, now_ms: int, limit: int) -> list[str]:
         return []
 
@@ -591,11 +618,11 @@ def _reservation_tag(reservation_id: str) -> str | None:
     if not reservation_id.startswith("rsv_"):
         return None
     tenant, sep, suffix = reservation_id[4:].rpartition("_")
-    if not _HEX32.match(suffix):
+    if not _HEX32.fullmatch(suffix):
         return None
     if not sep:
         return NO_TENANT_TAG
-    return tenant if _TENANT.match(tenant) else None
+    return tenant if is_identifier(tenant) else None
 
 
 def _new_reservation_id(tenant: str | None) -> str:

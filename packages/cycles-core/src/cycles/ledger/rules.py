@@ -41,6 +41,9 @@ from cycles.errors import (
     ReservationFinalized,
     UnitMismatch,
 )
+from cycles.identifiers import is_identifier
+from cycles.ledger.limits import TenantLimits, check_active_limit, check_metadata
+from cycles.ledger.paging import ReservationScan, decode_position, encode_position, keyset_page
 from cycles.models import (
     Action,
     Amount,
@@ -278,6 +281,7 @@ class Txn(Protocol):
 
     now_ms: int
     include_balances: bool  # put Balance snapshots into reserve/commit/release/event responses
+    limits: TenantLimits  # per-tenant bounds on storage (metadata size, ACTIVE reservations)
 
     def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None: ...
     def get_budgets(self, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
@@ -290,6 +294,19 @@ class Txn(Protocol):
     def get_reservation(self, reservation_id: str) -> ReservationRow | None: ...
     def put_reservation(self, row: ReservationRow) -> None: ...
     def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterable[ReservationRow]: ...
+    def page_reservations(self, scan: ReservationScan) -> Iterable[ReservationRow]:
+        """Rows in ``(created_at_ms, reservation_id)`` order (see ``ReservationScan``) from an
+        index: the cost is what the caller reads, not what the store holds."""
+        ...
+
+    def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterable[BudgetRow]:
+        """Budgets in ``(scope, unit)`` order strictly after ``after``, from an index."""
+        ...
+
+    def active_reservations(self, owner: str | None) -> int:
+        """How many ACTIVE reservations ``owner`` holds (a maintained count, not a scan)."""
+        ...
+
     def due_reservations(self, now_ms: int, limit: int) -> list[str]: ...
     def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None: ...
     def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None: ...
@@ -524,6 +541,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
         return replay
 
+    check_metadata(txn.limits, req.metadata)
     verdict = evaluate(txn, req.subject, req.estimate)
     # Lazy expiry: budget held by dead clients goes back before we say no.
     if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and expire_due(txn, limit=1000):
@@ -547,6 +565,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
 
     if verdict.denial is not None:
         raise verdict.denial
+    owner = tenant if tenant is not None else req.subject.tenant
+    check_active_limit(txn.limits, txn.active_reservations(owner), owner)
 
     amount = req.estimate.amount
     for budget in verdict.budgets:
@@ -555,7 +575,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
     now = txn.now_ms
     row_r = ReservationRow(  # positional: this runs on every reservation, keyword parsing is not free
         new_reservation_id(),
-        tenant if tenant is not None else req.subject.tenant,
+        owner,
         _ACTIVE,
         req.subject,
         req.action,
@@ -756,6 +776,7 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
     row.status = ReservationStatus.COMMITTED
     row.committed = charged
     row.finalized_at_ms = txn.now_ms
+    check_metadata(txn.limits, req.metadata, "commit metadata")
     row.committed_metadata = req.metadata
     txn.put_reservation(row)
     released = row.amount - req.actual.amount
@@ -893,6 +914,11 @@ class SubjectFilter:
     def pairs(self) -> list[tuple[str, str]]:
         return [(lvl, v) for lvl in LEVELS if (v := getattr(self, lvl)) not in (None, "")]
 
+    def matchable(self) -> bool:
+        """Whether any stored row could match: stored levels are identifiers, so a filter value that
+        is not one matches nothing (and must never reach an index key)."""
+        return all(is_identifier(value) for _, value in self.pairs())
+
     def matches_scope(self, scope: str) -> bool:
         levels = dict(parse_scope(scope))
         return all(levels.get(lvl) == v for lvl, v in self.pairs())
@@ -972,11 +998,19 @@ def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceRespon
         raise InvalidRequest("at least one of tenant, workspace, app, workflow, agent, toolset is required")
     if tenant is not None and query.tenant not in (None, "", tenant):
         raise Forbidden("balances can only be queried within the authenticated tenant")
+    _check_limit(query.limit)
+    if not query.matchable():
+        return trusted(BalanceResponse, balances=[], next_cursor=None, has_more=False)
     effective = tenant if tenant is not None else query.tenant
-    rows = [row for row in txn.iter_budgets(effective, all_tenants=effective is None) if query.matches_scope(row.scope)]
-    rows.sort(key=lambda r: (r.scope, r.unit.value))
     binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
-    page, next_cursor = _page(rows, query.limit, query.cursor, binding)
+    after = decode_position(query.cursor, binding, (str, str))
+    page, position = keyset_page(
+        txn.page_budgets(effective, effective is None, after),
+        lambda r: r if query.matches_scope(r.scope) else None,
+        lambda r: (r.scope, r.unit.value),
+        query.limit,
+    )
+    next_cursor = encode_position(position, binding) if position is not None else None
     return trusted(
         BalanceResponse,
         balances=[r.to_balance() for r in page],
@@ -997,11 +1031,20 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
             raise InvalidRequest(f"{name}: the lower bound is after the upper bound")
     if query.sort_dir not in ("asc", "desc"):
         raise InvalidRequest("sort_dir must be asc or desc")
+    _check_limit(query.limit)
+    if not query.matchable():
+        return trusted(ReservationListResponse, reservations=[], next_cursor=None, has_more=False)
     effective = tenant if tenant is not None else (query.tenant or None)
 
-    def keep(r: ReservationRow) -> bool:
+    def keep(r: ReservationRow) -> ReservationRow | None:
+        # A read writes nothing (it may run outside the write lock): an overdue reservation is
+        # shown as the EXPIRED it is, and the sweep or the next write returns its amount.
         if r.status is ReservationStatus.ACTIVE and txn.now_ms > r.deadline_ms:
-            _expire(txn, r)
+            r = r.copy()
+            r.status = ReservationStatus.EXPIRED
+        return r if _matches(r) else None
+
+    def _matches(r: ReservationRow) -> bool:
         if query.status is not None and r.status is not query.status:
             return False
         if query.idempotency_key is not None and r.idempotency_key != query.idempotency_key:
@@ -1024,9 +1067,6 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
                 return False
         return True
 
-    rows = [r for r in txn.iter_reservations(effective, all_tenants=effective is None) if keep(r)]
-    key = SORT_KEYS.get(query.sort_by or "created_at_ms", SORT_KEYS["created_at_ms"])
-    rows.sort(key=lambda r: (key(r), r.reservation_id), reverse=query.sort_dir == "desc")
     binding = hashlib.sha256(
         repr(
             (
@@ -1045,7 +1085,29 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
             )
         ).encode()
     ).hexdigest()[:16]
-    page, next_cursor = _page(rows, query.limit, query.cursor, binding)
+    if (query.sort_by or "created_at_ms") == "created_at_ms":  # the default order: an index walk
+        statuses: tuple[ReservationStatus, ...] | None
+        if query.status is None:
+            statuses = None
+        elif query.status is ReservationStatus.EXPIRED:  # overdue ACTIVE rows read as EXPIRED
+            statuses = (ReservationStatus.EXPIRED, _ACTIVE)
+        else:
+            statuses = (query.status,)
+        after = decode_position(query.cursor, binding, (int, str))
+        page, position = keyset_page(
+            txn.page_reservations(
+                ReservationScan(effective, effective is None, statuses, query.sort_dir == "desc", after)
+            ),
+            keep,
+            lambda r: (r.created_at_ms, r.reservation_id),
+            query.limit,
+        )
+        next_cursor = encode_position(position, binding) if position is not None else None
+    else:  # other sort keys have no index: sorted in full (bounded by the tenant's retained rows)
+        rows = [k for r in txn.iter_reservations(effective, all_tenants=effective is None) if (k := keep(r))]
+        key = SORT_KEYS[query.sort_by or "created_at_ms"]
+        rows.sort(key=lambda r: (key(r), r.reservation_id), reverse=query.sort_dir == "desc")
+        page, next_cursor = _page(rows, query.limit, query.cursor, binding)
     summaries = []
     for r in page:
         s = r.to_summary()

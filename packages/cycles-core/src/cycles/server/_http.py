@@ -37,8 +37,8 @@ __all__ = [
 #: them grow, and 64 KiB leaves room for those while bounding what one request can make us parse.
 MAX_BODY_BYTES = 64 * 1024
 
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
-_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _ERROR_CODES = frozenset(PROTOCOL_ERROR_CODES)
@@ -57,13 +57,13 @@ def trace_id_from(headers: Mapping[str, str]) -> str:
     ``X-Cycles-Trace-Id``, else a fresh id. Malformed headers are ignored, never rejected."""
     parent = headers.get("traceparent")
     if parent:
-        m = _TRACEPARENT.match(parent.strip())
+        m = _TRACEPARENT.fullmatch(parent.strip())
         if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
             return m.group(1)
     flat = headers.get("x-cycles-trace-id")
     if flat:
         flat = flat.strip()
-        if _TRACE_ID.match(flat) and flat != _ZERO_TRACE:
+        if _TRACE_ID.fullmatch(flat) and flat != _ZERO_TRACE:
             return flat
     while True:
         fresh = os.urandom(16).hex()
