@@ -30,6 +30,7 @@ __all__ = [
     "DEFAULT_LIMITS",
     "RateLimiter",
     "TenantLimits",
+    "active_limit_error",
     "check_active_limit",
     "check_metadata",
     "limits_from_query",
@@ -95,12 +96,16 @@ def check_metadata(limits: TenantLimits, metadata: dict[str, Any] | None, what: 
 def check_active_limit(limits: TenantLimits, active: int, owner: str | None) -> None:
     cap = limits.max_active_reservations
     if cap and active >= cap:
-        raise LimitExceeded(
-            f"tenant {owner or '(none)'} holds {active} ACTIVE reservations, the most this ledger allows; "
-            "commit or release some first",
-            details={"limit": "max_active_reservations", "max": cap},
-            retry_after_s=ACTIVE_RETRY_AFTER_S,
-        )
+        raise active_limit_error(cap, active, owner)
+
+
+def active_limit_error(cap: int, active: int, owner: str | None) -> LimitExceeded:
+    return LimitExceeded(
+        f"tenant {owner or '(none)'} holds {active} ACTIVE reservations, the most this ledger allows; "
+        "commit or release some first",
+        details={"limit": "max_active_reservations", "max": cap},
+        retry_after_s=ACTIVE_RETRY_AFTER_S,
+    )
 
 
 class RateLimiter:

@@ -71,8 +71,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -110,8 +112,15 @@ from cycles.errors import (
 from cycles.identifiers import is_identifier
 from cycles.ledger import rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
-from cycles.ledger.limits import DEFAULT_LIMITS
-from cycles.ledger.paging import ReservationScan
+from cycles.ledger.limits import (
+    DEFAULT_LIMITS,
+    RateLimiter,
+    TenantLimits,
+    active_limit_error,
+    check_metadata,
+    limits_from_query,
+)
+from cycles.ledger.paging import SCAN_BUDGET, ReservationScan, peek_position
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
     Action,
@@ -143,6 +152,8 @@ from cycles.models import (
 from cycles.scopes import derive_scopes, parse_scope, scope_tenant
 
 __all__ = ["AsyncRedisLedger", "RedisLedger", "open_async_redis", "open_redis"]
+
+logger = logging.getLogger("cycles.ledger")
 
 T = TypeVar("T")
 
@@ -390,6 +401,8 @@ class _Context:
     idempotency_key: str = ""
     endpoint: str = ""
     scope: str = ""
+    owner: str | None = None
+    active_limit: int = 0
 
 
 class _ScriptError(Exception):
@@ -500,6 +513,8 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
             f"idempotency key {key!r} was already used on {endpoint} with a different payload",
             details={"idempotency_key": key, "endpoint": endpoint},
         )
+    if tag == "LIMIT_EXCEEDED":
+        return active_limit_error(ctx.active_limit, args[0], ctx.owner)
     if tag == "TOO_LARGE":
         return InvalidRequest(f"the Redis ledger keeps amounts below 2**53; this would make {args[0]}")
     return InternalError(f"unexpected reply from a Cycles Lua script: {tag} {args}")
@@ -547,8 +562,16 @@ class _Snapshot:
     include_balances = False
     limits = DEFAULT_LIMITS
 
-    def __init__(self, now_ms: int, budgets: Iterable[BudgetRow] = (), reservations: Iterable[ReservationRow] = ()):
+    def __init__(
+        self,
+        now_ms: int,
+        budgets: Iterable[BudgetRow] = (),
+        reservations: Iterable[ReservationRow] = (),
+        complete: bool = True,
+    ):
         self.now_ms = now_ms
+        #: False for a window read from an index: reading past its end raises ``_NeedMore``.
+        self.complete = complete
         self._budgets = {(b.scope, b.unit): b for b in budgets}
         self._reservations = {r.reservation_id: r for r in reservations}
 
@@ -591,11 +614,15 @@ class _Snapshot:
             key = (r.created_at_ms, r.reservation_id)
             if after is None or (key < after if descending else key > after):
                 yield r
+        if not self.complete:
+            raise _NeedMore
 
     def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterator[BudgetRow]:
         for b in sorted(self.iter_budgets(tenant, all_tenants), key=lambda b: (b.scope, b.unit.value)):
             if after is None or (b.scope, b.unit.value) > after:
                 yield b
+        if not self.complete:
+            raise _NeedMore
 
     def active_reservations(self, owner: str | None) -> int:
         return 0
@@ -611,6 +638,54 @@ class _Snapshot:
 
     def purge(self, older_than_ms: int, limit: int) -> int:
         raise RuntimeError("a Redis read snapshot is read-only")
+
+
+class _NeedMore(Exception):
+    """A page read past the end of the index window it was given: fetch a larger one."""
+
+
+def _budget_from_packed(scope: str, unit: str, packed: str, caps: str | None) -> BudgetRow:
+    """A budget from its field in the slot's budgets hash (common.lua ``parse_budget``)."""
+    a, s, r, d, o, x, st = packed.split(",", 6)
+    return BudgetRow(
+        scope,
+        Unit(unit),
+        scope_tenant(scope),
+        int(a),
+        int(s),
+        int(r),
+        int(d),
+        int(o),
+        x == "1",
+        st,
+        _caps(caps) if caps else None,
+    )
+
+
+def _row_from_hash(rid: str, f: list[Any]) -> list[Any]:
+    """A reservation hash's RFIELDS (common.lua) as ``reservation_json`` would send them."""
+    status, tenant, unit, amount, budgeted, created, expires, grace, policy, committed, finalized, ext, info, cmeta = (
+        None if v is None else _str(v) for v in f
+    )
+    return [
+        rid, status, tenant, unit, int(amount or 0), budgeted or "", int(created or 0), int(expires or 0),
+        int(grace or 0), policy, None if committed is None else int(committed),
+        None if finalized is None else int(finalized), int(ext or 0), from_json(info) if info else None,
+        from_json(cmeta) if cmeta else None,
+    ]  # fmt: skip
+
+
+def _lex_after(member: str | None, descending: bool) -> tuple[str, str]:
+    """ZRANGE ... BYLEX bounds for "strictly after ``member``" in the given direction."""
+    if descending:
+        return ("(" + member if member is not None else "+"), "-"
+    return ("(" + member if member is not None else "-"), "+"
+
+
+_RFIELDS = (
+    "status", "tenant", "unit", "amount", "budgeted", "created", "expires", "grace", "policy",
+    "committed", "finalized", "ext", "info", "cmeta",
+)  # fmt: skip
 
 
 def _reservation_tag(reservation_id: str) -> str | None:
@@ -638,7 +713,15 @@ class _RedisCore:
 
     url: str
 
-    def __init__(self, *, url: str, prefix: str, clock: Callable[[], int] | None, include_balances: bool) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        prefix: str,
+        clock: Callable[[], int] | None,
+        include_balances: bool,
+        limits: TenantLimits = DEFAULT_LIMITS,
+    ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise InvalidRequest(f"invalid Redis key prefix {prefix!r}: non-empty, without braces")
         self.url = url
@@ -648,6 +731,9 @@ class _RedisCore:
         self.include_balances = include_balances
         self._global = self._base(GLOBAL_TAG)
         self._registry = self._global + "tenants"
+        #: What one tenant may make the ledger keep (see ``cycles.ledger.limits``).
+        self.limits = limits
+        self._rate = RateLimiter(limits.max_reservations_per_second)
 
     def _base(self, tag: str) -> str:
         return f"{self.prefix}:{{{tag}}}:"
@@ -678,6 +764,9 @@ class _RedisCore:
         unit = req.estimate.unit
         idem_tenant = rules.idempotency_tenant(tenant, subject.tenant)
         owner = tenant if tenant is not None else subject.tenant
+        check_metadata(self.limits, req.metadata)
+        if not req.dry_run:
+            self._rate.take(owner)
         raw = yield self._call(
             "reserve",
             tag,
@@ -692,10 +781,21 @@ class _RedisCore:
             _opt(owner),
             _info(req),
             self._flag(),
+            self.limits.max_active_reservations,
             *scopes,
             key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
         )
-        reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="reserve"))
+        reply = _open(
+            raw,
+            lambda: _Context(
+                scopes,
+                unit,
+                idempotency_key=req.idempotency_key,
+                endpoint="reserve",
+                owner=owner,
+                active_limit=self.limits.max_active_reservations,
+            ),
+        )
         rid, expires_at, rows, denial, caps_list = reply.payload
         caps = _merge(caps_list) if denial is None else None
         if denial is not None:
@@ -776,6 +876,7 @@ class _RedisCore:
 
     def _commit(self, reservation_id: str, req: CommitRequest, tenant: str | None) -> _Flow[CommitResponse]:
         _check_amount(req.actual)
+        check_metadata(self.limits, req.metadata, "commit metadata")
         raw = yield self._settle_call(
             "commit",
             reservation_id,
@@ -902,28 +1003,142 @@ class _RedisCore:
         return _Snapshot(min(r.now_ms for r in replies), budgets)
 
     def _balances(self, query: BalanceQuery, tenant: str | None) -> _Flow[BalanceResponse]:
-        rules.balances(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
+        checked = rules.balances(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
+        if not query.matchable():
+            return checked
         effective = tenant if tenant is not None else query.tenant
-        if effective is None:
+        if effective is None:  # an operator's query across every tenant: all slots, in full
             tags = yield from self._tags()
-        else:
-            tags = [effective] if effective else []
-        snapshot = yield from self._budget_snapshot(tags)
-        return rules.balances(snapshot, query, tenant)
+            snapshot = yield from self._budget_snapshot(tags)
+            return rules.balances(snapshot, query, tenant)
+        if not effective:
+            return checked
+        # One tenant: a window of its sorted budget index after the cursor, as large as the page
+        # needs (grown only when filters drop rows). Plain reads: no script walks the tenant.
+        base = self._base(effective)
+        yield from self._backfill_budget_index(base)
+        after = peek_position(query.cursor, (str, str))
+        want = query.limit + 1
+        while True:
+            lo, hi = _lex_after(None if after is None else f"{after[0]}\0{after[1]}", False)
+            members = yield _Command(("ZRANGE", base + "bix", lo, hi, "BYLEX", "LIMIT", "0", str(want)))
+            keys = [_str(m).split("\0", 1) for m in members]
+            budgets: list[BudgetRow] = []
+            if keys:
+                fields = [f"{scope}|{unit}{suffix}" for scope, unit in keys for suffix in ("", "|caps")]
+                values = yield _Command(("HMGET", base + "budgets", *fields))
+                for i, (scope, unit) in enumerate(keys):
+                    packed, caps = values[2 * i], values[2 * i + 1]
+                    if packed is not None:
+                        budgets.append(_budget_from_packed(scope, unit, _str(packed), caps and _str(caps)))
+            try:
+                return rules.balances(_Snapshot(0, budgets, complete=len(members) < want), query, tenant)
+            except _NeedMore:
+                want = min(want * 4, SCAN_BUDGET + 1)
+
+    def _backfill_budget_index(self, base: str) -> _Flow[None]:
+        """Budgets created before the index existed are added to it once per slot."""
+        if (yield _Command(("EXISTS", base + "bixv"))):
+            return
+        names = yield _Command(("HKEYS", base + "budgets"))
+        members = []
+        for name in names:
+            scope, sep, unit = _str(name).rpartition("|")
+            if sep and unit in Unit.__members__:
+                members += ["0", f"{scope}\0{unit}"]
+        if members:
+            yield _Command(("ZADD", base + "bix", *members))
+        yield _Command(("SET", base + "bixv", "1"))
 
     def _list_reservations(self, query: ReservationQuery, tenant: str | None) -> _Flow[ReservationListResponse]:
-        rules.list_reservations(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
+        checked = rules.list_reservations(_Snapshot(0), query, tenant)  # the rules' own checks of the query
+        if not query.matchable():
+            return checked
         effective = tenant if tenant is not None else (query.tenant or None)
-        if effective is None:
-            tags = yield from self._tags()
-        else:  # a tenant's reservations: its slot, plus those it made for tenant-less subjects
-            tags = [effective, NO_TENANT_TAG]
-        if not tags:
-            return rules.list_reservations(_Snapshot(0), query, tenant)
-        raws = yield [self._call("snapshot_reservations", t) for t in tags]
-        replies = [_open(r) for r in raws]
-        rows = [_reservation(row) for reply in replies for row in reply.payload]
-        return rules.list_reservations(_Snapshot(min(r.now_ms for r in replies), (), rows), query, tenant)
+        if effective is None or (query.sort_by or "created_at_ms") != "created_at_ms":
+            # Every tenant (an operator's query), or an order no index keeps: the slots in full.
+            if effective is None:
+                tags = yield from self._tags()
+            else:
+                tags = [effective, NO_TENANT_TAG]
+            if not tags:
+                return checked
+            raws = yield [self._call("snapshot_reservations", t) for t in tags]
+            replies = [_open(r) for r in raws]
+            rows = [r for reply in replies for raw in reply.payload if (r := self._parse_row(raw)) is not None]
+            return rules.list_reservations(_Snapshot(min(r.now_ms for r in replies), (), rows), query, tenant)
+        # One tenant, newest or oldest first: its rows are in two slots (its own, and the tenant-less
+        # one for subjects without a tenant), each with a sorted index per owner. Read a window of
+        # both after the cursor, as large as the page needs; plain reads, no script.
+        indexes = [self._base(effective), self._base(NO_TENANT_TAG)]
+        for base in indexes:
+            yield from self._backfill_reservation_index(base)
+        after = peek_position(query.cursor, (int, str))
+        descending = query.sort_dir == "desc"
+        lo, hi = _lex_after(None if after is None else f"{after[0]:013d}:{after[1]}", descending)
+        rev = ("REV",) if descending else ()
+        want = query.limit + 1
+        while True:
+            found = yield [
+                _Command(("ZRANGE", base + "ix:" + effective, lo, hi, "BYLEX", *rev, "LIMIT", "0", str(want)))
+                for base in indexes
+            ]
+            merged = sorted(
+                ((_str(m), base) for base, members in zip(indexes, found, strict=True) for m in members),
+                reverse=descending,
+            )[:want]
+            complete = all(len(members) < want for members in found)
+            snapshot = yield from self._reservation_window(merged, "ix:" + effective, complete)
+            try:
+                return rules.list_reservations(snapshot, query, tenant)
+            except _NeedMore:
+                want = min(want * 4, SCAN_BUDGET + 1)
+
+    def _reservation_window(self, members: list[tuple[str, str]], index: str, complete: bool) -> _Flow[_Snapshot]:
+        steps: list[_Call | _Command] = [_Command(("HMGET", base + "r:" + m[14:], *_RFIELDS)) for m, base in members]
+        if self._clock is None:
+            steps.append(_Command(("TIME",)))
+        replies = (yield steps) if steps else []
+        now_ms = (
+            int(self._clock())
+            if self._clock is not None
+            else int(_str(replies[-1][0])) * 1000 + int(_str(replies[-1][1])) // 1000
+        )
+        rows: list[ReservationRow] = []
+        stale: list[_Call | _Command] = []
+        for (member, base), fields in zip(members, replies, strict=False):
+            if fields[0] is None:  # the hash is gone (its key TTL ran out first): drop the entry
+                stale.append(_Command(("ZREM", base + index, member)))
+                continue
+            row = self._parse_row(_row_from_hash(member[14:], fields))
+            if row is not None:
+                rows.append(row)
+        if stale:
+            yield stale
+        return _Snapshot(now_ms, (), rows, complete=complete)
+
+    def _parse_row(self, raw: list[Any]) -> ReservationRow | None:
+        """A stored reservation, or None (logged) when it cannot be read back: one bad row must
+        not fail every listing of its tenant."""
+        try:
+            return _reservation(raw)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            logger.error("unreadable reservation %s skipped: %s", raw[0] if raw else "?", type(exc).__name__)
+            return None
+
+    def _backfill_reservation_index(self, base: str) -> _Flow[None]:
+        """Reservations made before the listing index existed are added to it once per slot."""
+        if (yield _Command(("EXISTS", base + "ixv"))):
+            return
+        ids = [_str(r) for r in (yield _Command(("ZRANGE", base + "idx", "0", "-1")))]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            fields = yield [_Command(("HMGET", base + "r:" + rid, "tenant", "created")) for rid in chunk]
+            for rid, (owner, created) in zip(chunk, fields, strict=True):
+                if created is not None:
+                    owner_key = base + "ix:" + (_str(owner) if owner is not None else "")
+                    yield _Command(("ZADD", owner_key, "0", f"{int(_str(created)):013d}:{rid}"))
+        yield _Command(("SET", base + "ixv", "1"))
 
     # -- operator plane --
 
@@ -1018,6 +1233,9 @@ class _RedisCore:
 # ---- URL and client options ----------------------------------------------------------------
 
 
+_LIMIT_OPTIONS = frozenset(f.name for f in dataclasses.fields(TenantLimits))
+
+
 @dataclass(slots=True)
 class _Options:
     url: str  # for redis-py, without our own query options
@@ -1028,6 +1246,7 @@ class _Options:
     multiplex: bool
     retries: int
     client_kwargs: dict[str, Any]
+    limits: TenantLimits
 
 
 def _parse_url(url: str, options: dict[str, Any], retry_class: type[Any]) -> _Options:
@@ -1035,7 +1254,7 @@ def _parse_url(url: str, options: dict[str, Any], retry_class: type[Any]) -> _Op
     ours: dict[str, str] = {}
     theirs: list[tuple[str, str]] = []
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in ("prefix", "cluster", "include_balances", "retries", "multiplex"):
+        if k in ("prefix", "cluster", "include_balances", "retries", "multiplex") or k in _LIMIT_OPTIONS:
             ours[k] = v
         else:
             theirs.append((k, v))
@@ -1056,7 +1275,8 @@ def _parse_url(url: str, options: dict[str, Any], retry_class: type[Any]) -> _Op
     }
     kwargs.update(options)
     multiplex = _flag_option(options.pop("multiplex", ours.get("multiplex", True)))
-    return _Options(clean, display, prefix, cluster, include_balances, multiplex, retries, kwargs)
+    limits = options.pop("limits", None) or limits_from_query(ours)
+    return _Options(clean, display, prefix, cluster, include_balances, multiplex, retries, kwargs, limits)
 
 
 def _flag_option(value: object) -> bool:
@@ -1082,8 +1302,9 @@ class RedisLedger(_RedisCore, Ledger):
         prefix: str = DEFAULT_PREFIX,
         clock: Callable[[], int] | None = None,
         include_balances: bool = False,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances)
+        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances, limits=limits)
         self._client = client
         self._where = _where(url)
 
@@ -1480,8 +1701,9 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         include_balances: bool = False,
         multiplex: bool = True,
         retries: int = DEFAULT_RETRIES,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances)
+        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances, limits=limits)
         self._client = client
         self._where = _where(url)
         pool = getattr(client, "connection_pool", None)
@@ -1590,7 +1812,12 @@ def open_redis(url: str = "redis://127.0.0.1:6379/0", **options: Any) -> RedisLe
         else:
             client = redis.Redis.from_url(opts.url, **opts.client_kwargs)
     return RedisLedger(
-        client, url=opts.display_url, prefix=opts.prefix, clock=clock, include_balances=opts.include_balances
+        client,
+        url=opts.display_url,
+        prefix=opts.prefix,
+        clock=clock,
+        include_balances=opts.include_balances,
+        limits=opts.limits,
     )
 
 
@@ -1612,4 +1839,5 @@ def open_async_redis(url: str = "redis://127.0.0.1:6379/0", **options: Any) -> A
         include_balances=opts.include_balances,
         multiplex=opts.multiplex,
         retries=opts.retries,
+        limits=opts.limits,
     )

@@ -8,6 +8,7 @@ local b = load_budget(scope, unit)
 if b == nil then
   b = {scope = scope, unit = unit, field = scope .. '|' .. unit, a = 0, s = 0, r = 0, d = 0, o = 0, x = false,
        st = 'ACTIVE', caps = nil}
+  redis.call('ZADD', BUDGET_INDEX, 0, scope .. '\0' .. unit)
 end
 if b.st == 'CLOSED' then
   return err('BUDGET_CLOSED', scope)
