@@ -107,6 +107,11 @@ class Ledger(abc.ABC):
     def sweep(self, limit: int = 1000) -> int:
         """Expire reservations past their deadline (returning their amounts); purge old idempotency records."""
 
+    def count_active(self) -> int | None:
+        """ACTIVE reservations across all tenants, from a maintained count (never a scan of rows),
+        or ``None`` when the backend keeps no such total (Redis: the counts live per slot)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 
@@ -162,6 +167,10 @@ class AsyncLedger(abc.ABC):
     async def list_budgets(self, *, tenant: str | None = None) -> list[Balance]: ...
     @abc.abstractmethod
     async def sweep(self, limit: int = 1000) -> int: ...
+
+    async def count_active(self) -> int | None:
+        """See ``Ledger.count_active``."""
+        return None
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -338,6 +347,9 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._call(self.sync.sweep, limit)
+
+    async def count_active(self) -> int | None:
+        return await self._call(self.sync.count_active)
 
     async def aclose(self) -> None:
         await self._call(self.sync.close)

@@ -47,6 +47,7 @@ class _Store:
         self.budget_keys: dict[str | None, list[tuple[str, str]]] = {}
         self.all_budget_keys: list[tuple[str, str]] = []
         self.active: dict[str | None, int] = {}  # ACTIVE reservations per owner
+        self.active_total = 0
 
     def index_reservation(self, row: ReservationRow) -> None:
         key = (row.created_at_ms, row.reservation_id)
@@ -224,10 +225,12 @@ class _MemoryTxn:
             if row.status is ReservationStatus.ACTIVE:
                 if before is None:
                     active[row.tenant] = active.get(row.tenant, 0) + 1
+                    store.active_total += 1
                 if before is None or before.deadline_ms != row.deadline_ms:
                     heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
             elif before is not None and before.status is ReservationStatus.ACTIVE:
                 store.finished.append((self.now_ms, reservation_id))
+                store.active_total -= 1
                 left = active.get(row.tenant, 1) - 1
                 if left:
                     active[row.tenant] = left
@@ -261,6 +264,9 @@ class MemoryLedger(TransactionalLedger):
         self.url = "memory://"
         self._store = _Store()
         self._lock = threading.Lock()
+
+    def count_active(self) -> int:
+        return self._store.active_total
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[_MemoryTxn]:

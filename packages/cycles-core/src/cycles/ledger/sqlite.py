@@ -593,6 +593,12 @@ class SqliteLedger(TransactionalLedger):
                 self._checkpointer = _Checkpointer(self.path, self._checkpoint_interval_s, self._busy_timeout_ms)
                 self._checkpointer.start()
 
+    def count_active(self) -> int:
+        """The sum of the per-tenant ACTIVE counts (one row per tenant, not per reservation)."""
+        with self._transaction(write=False) as txn:
+            found = txn._db.execute("SELECT coalesce(sum(active), 0) FROM active_counts").fetchone()
+        return int(found[0])
+
     def checkpoint(self) -> None:
         """A PASSIVE WAL checkpoint now, outside any writer's transaction (it never blocks writers)."""
         if self.path != ":memory:":

@@ -174,6 +174,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{args.workers} worker(s)",
         file=sys.stderr,
     )
+    from cycles.server.shedding import uvicorn_options
+
     config = uvicorn.Config(
         "cycles.server.app:app_from_env",
         factory=True,
@@ -183,8 +185,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # ours is structured and leaves out query strings and keys
         log_level=args.log_level,
         loop=args.loop,
-        http=args.http,
         server_header=False,
+        **uvicorn_options(args.http),  # header/idle timeouts and a connection limit (server/shedding.py)
     )
     sock = listen_socket(args.host, args.port)
     if args.workers > 1:
