@@ -190,6 +190,11 @@ class TransactionalLedger(Ledger):
     lazy_sweep_interval_ms = 1000
     #: How many records one lazy sweep may touch: it runs inside somebody's write transaction.
     lazy_sweep_limit = 100
+    #: Retention purge paced by writes: every ``PURGE_EVERY`` writes forget up to this many records
+    #: each past retention. A write adds at most two (a reservation row, an idempotency record), so
+    #: the purge keeps pace with any sustained write rate and the store stays flat.
+    purge_per_write = 4
+    PURGE_EVERY = 16
 
     def __init__(
         self,
@@ -203,6 +208,7 @@ class TransactionalLedger(Ledger):
         self.limits = limits
         self._rate = RateLimiter(limits.max_reservations_per_second)
         self._next_sweep_ms = 0
+        self._writes = 0
         #: How long finished reservations and idempotency records are kept (replays and audits read
         #: them); older ones are forgotten a little at a time by the lazy sweep.
         self.retention_ms = retention_ms
@@ -225,10 +231,18 @@ class TransactionalLedger(Ledger):
 
     def _housekeeping(self, txn: Txn, fn: Callable[..., Any]) -> None:
         """At most once per ``lazy_sweep_interval_ms``, as a side effect of an ordinary write: expire
-        overdue reservations and forget records past retention (skipped when the write is a sweep)."""
-        if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
+        overdue reservations and forget records past retention (skipped when the write is a sweep).
+        Between those, every ``PURGE_EVERY``-th write also purges (see ``purge_per_write``)."""
+        if fn is rules.sweep:
+            return
+        if txn.now_ms >= self._next_sweep_ms:
             self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
             rules.sweep(txn, self.lazy_sweep_limit, self.retention_ms)
+            return
+        self._writes += 1
+        if self._writes >= self.PURGE_EVERY:  # work proportional to writes, amortised
+            self._writes = 0
+            txn.purge(txn.now_ms - self.retention_ms, self.PURGE_EVERY * self.purge_per_write)
 
     def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
         if self._rate.rate > 0 and not req.dry_run:

@@ -109,7 +109,7 @@ def active_limit_error(cap: int, active: int, owner: str | None) -> LimitExceede
 
 
 class RateLimiter:
-    """Token buckets per tenant: ``rate`` reservations a second, bursts up to ``rate``."""
+    """Token buckets per tenant: ``rate`` reservations a second, bursts up to ``max(1, rate)``."""
 
     def __init__(self, rate: float, clock: Any = time.monotonic, max_tenants: int = 100_000) -> None:
         self.rate = rate
@@ -123,8 +123,9 @@ class RateLimiter:
             return
         now = self._clock()
         with self._lock:
-            tokens, at = self._buckets.get(tenant, (self.rate, now))
-            tokens = min(self.rate, tokens + (now - at) * self.rate)
+            burst = max(1.0, self.rate)
+            tokens, at = self._buckets.get(tenant, (burst, now))
+            tokens = min(burst, tokens + (now - at) * self.rate)
             if tokens < 1.0:
                 self._buckets[tenant] = (tokens, now)
                 wait = (1.0 - tokens) / self.rate

@@ -91,7 +91,7 @@ def _unit_param(request: Request) -> Unit | None:
 
 
 def _tenant_param(request: Request) -> str | None:
-    tenant = (request.query_params.get("tenant") or "").strip() or None
+    tenant = request.query_params.get("tenant") or None  # checked whole: "acme\n" is not "acme"
     return None if tenant is None else check_identifier(tenant, "tenant")
 
 

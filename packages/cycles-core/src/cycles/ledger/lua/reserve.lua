@@ -73,6 +73,9 @@ else
   redis.call('HSET', rk, 'status', 'ACTIVE', 'unit', unit, 'amount', amount, 'budgeted', table.concat(budgeted, ' '),
     'created', now, 'expires', expires, 'grace', grace, 'policy', policy, 'ext', 0, 'info', ARGV[11])
 end
+if redis.call('ZCARD', IDX) == 0 then -- a fresh slot: nothing written before the listing index
+  redis.call('SET', base .. 'ixv', '1')
+end
 redis.call('ZADD', IDX, deadline, rid)
 redis.call('ZADD', owner_index(owner), 0, index_member(now, rid))
 redis.call('HSET', ACTIVE, owner or '', active + 1)
