@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import os
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -244,6 +246,11 @@ class Fingerprint:
     @property
     def digest(self) -> str:
         if self._digest is None:
+            ready = getattr(_ready, "digest", None)  # computed before a store's lock (see prepare_digest)
+            if ready is not None and ready[0] is self.request and ready[1] == self.extra:
+                digest: str = ready[2]
+                self._digest = digest
+                return digest
             request = self.request
             if _has_free_form_dicts(request):  # user dicts: key order is the caller's, so canonicalise
                 body = json.dumps(
@@ -264,6 +271,20 @@ class Fingerprint:
         if other.request is self.request:
             return True
         return other.digest == self.digest
+
+
+_ready = threading.local()
+
+
+@contextlib.contextmanager
+def prepared_digest(request: BaseModel, *extra: str) -> Iterator[None]:
+    """Compute ``request``'s fingerprint now -- before a store takes its write lock -- for the
+    ``Fingerprint`` the operation makes of the same request object in this thread."""
+    _ready.digest = (request, extra, Fingerprint(request, *extra).digest)
+    try:
+        yield
+    finally:
+        _ready.digest = None
 
 
 @dataclass(slots=True)
