@@ -179,18 +179,9 @@ def open_backend(name: str, tmp: Path) -> tuple[Ledger, str, Callable[[], None]]
 
 
 def drop_redis(prefix: str) -> None:
-    import redis
+    from bench_redis import drop  # the same clean-up as the Redis benchmark (bench/ is on sys.path)
 
-    client = redis.Redis.from_url(REDIS_URL)
-    batch = []
-    for k in client.scan_iter(match=f"{prefix}:*", count=1000):
-        batch.append(k)
-        if len(batch) >= 1000:
-            client.unlink(*batch)
-            batch.clear()
-    if batch:
-        client.unlink(*batch)
-    client.close()
+    drop(REDIS_URL, prefix)
 
 
 def scaling(backends: list[str], sizes: list[int], tmp: Path) -> bool:

@@ -159,3 +159,20 @@ def test_budget_debt_decision_is_documented(ledger: Ledger) -> None:
         assert balance.debt is not None and balance.debt.amount == 200 and not balance.is_over_limit
         with pytest.raises(expected):
             ledger.reserve(reserve(tenant, 10))
+
+
+def test_memory_keeps_the_same_limits_and_counts() -> None:
+    """memory:// (one process) has the same limits, from the same URL options."""
+    ledger = open_ledger("memory://?max_active_reservations=2&max_metadata_bytes=64")
+    fund(ledger, MALLORY, ALICE)
+    first = ledger.reserve(reserve(MALLORY, 0)).reservation_id
+    ledger.reserve(reserve(MALLORY, 0))
+    with pytest.raises(LimitExceeded):
+        ledger.reserve(reserve(MALLORY, 0))
+    ledger.reserve(reserve(ALICE, 0))
+    assert ledger.count_active() == 3
+    ledger.release(first or "", release())
+    assert ledger.count_active() == 2
+    ledger.reserve(reserve(MALLORY, 0))
+    with pytest.raises(InvalidRequest):
+        ledger.reserve(reserve(ALICE, 0, metadata={"blob": "x" * 100}))

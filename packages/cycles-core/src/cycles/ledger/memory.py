@@ -13,12 +13,13 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel
 
 from cycles.errors import CyclesError
 from cycles.ledger.base import TransactionalLedger
-from cycles.ledger.limits import DEFAULT_LIMITS, TenantLimits
+from cycles.ledger.limits import DEFAULT_LIMITS, TenantLimits, limits_from_query
 from cycles.ledger.paging import ReservationScan, sorted_after
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import ReservationStatus, Unit
@@ -305,6 +306,13 @@ def open_memory(
     clock: Callable[[], int] | None = None,
     include_balances: bool = False,
     retention_ms: int = MemoryLedger.DEFAULT_RETENTION_MS,
-    limits: TenantLimits = DEFAULT_LIMITS,
+    limits: TenantLimits | None = None,
 ) -> MemoryLedger:
-    return MemoryLedger(clock=clock, include_balances=include_balances, retention_ms=retention_ms, limits=limits)
+    """``memory://``, with limits as query options (``memory://?max_active_reservations=100``)."""
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    return MemoryLedger(
+        clock=clock,
+        include_balances=include_balances,
+        retention_ms=retention_ms,
+        limits=limits or limits_from_query(query),
+    )

@@ -30,6 +30,10 @@ traffic a tenant). ``{!}`` holds the few global keys::
     <p>:{<t>}:idx                     zset    reservation id -> deadline (expires_at + grace) while
                                               ACTIVE, purge time (finished + 24 h) once finished
     <p>:{<t>}:i:<endpoint>:<tenant>:<key>   string  idempotency record, TTL 24 h
+    <p>:{<t>}:ix:<owner>              zset    "<created_at_ms, 13 digits>:<id>" (scores 0) of the owner's
+                                              reservations in the slot: keyset-paged listing (ZRANGE BYLEX)
+    <p>:{<t>}:bix                     zset    "<scope>\0<unit>" of every budget: keyset-paged balances
+    <p>:{<t>}:active                  hash    owner -> ACTIVE reservations it holds (the per-tenant limit)
     <p>:{!}:tenants                   set     every tag with budgets (list_budgets, round-robin sweep)
     <p>:{!}:due, <p>:{!}:duev         zset, hash  tag -> a lower bound of the earliest time something
                                               in the slot falls due; tag -> version (for the sweep's CAS)
@@ -218,7 +222,6 @@ _SCRIPT_NAMES = (
     "get_budget",
     "get_reservation",
     "snapshot_budgets",
-    "snapshot_reservations",
     "sweep_slot",
     "touch",
     "due_tags",
@@ -640,6 +643,9 @@ class _Snapshot:
         raise RuntimeError("a Redis read snapshot is read-only")
 
 
+_GONE = object()  # a reservation hash that no longer exists
+
+
 class _NeedMore(Exception):
     """A page read past the end of the index window it was given: fetch a larger one."""
 
@@ -978,7 +984,8 @@ class _RedisCore:
             balances=self._balances_of(rows, unit),
         )
 
-    # -- reads: scripts expire what is due and return rows; rules answers over a snapshot --
+    # -- reads: plain commands over the indexes (no script walks a tenant); rules answers over a
+    # snapshot of what was read, showing overdue reservations as EXPIRED without writing --
 
     def _get_reservation(self, reservation_id: str, tenant: str | None) -> _Flow[ReservationDetail]:
         tag = _reservation_tag(reservation_id)
@@ -1063,10 +1070,13 @@ class _RedisCore:
                 tags = [effective, NO_TENANT_TAG]
             if not tags:
                 return checked
-            raws = yield [self._call("snapshot_reservations", t) for t in tags]
-            replies = [_open(r) for r in raws]
-            rows = [r for reply in replies for raw in reply.payload if (r := self._parse_row(raw)) is not None]
-            return rules.list_reservations(_Snapshot(min(r.now_ms for r in replies), (), rows), query, tenant)
+            # Plain reads of each slot's rows (its time index, then the rows in batches): the work
+            # is the client's, and no script holds Redis for the length of a tenant.
+            ranges = yield [_Command(("ZRANGE", self._base(t) + "idx", "0", "-1")) for t in tags]
+            targets = [(self._base(t), _str(rid)) for t, ids in zip(tags, ranges, strict=True) for rid in ids]
+            now_ms, found = yield from self._read_rows(targets)
+            rows = [row for row in found if row is not None]
+            return rules.list_reservations(_Snapshot(now_ms, (), rows), query, tenant)
         # One tenant, newest or oldest first: its rows are in two slots (its own, and the tenant-less
         # one for subjects without a tenant), each with a sorted index per owner. Read a window of
         # both after the cursor, as large as the page needs; plain reads, no script.
@@ -1095,27 +1105,31 @@ class _RedisCore:
                 want = min(want * 4, SCAN_BUDGET + 1)
 
     def _reservation_window(self, members: list[tuple[str, str]], index: str, complete: bool) -> _Flow[_Snapshot]:
-        steps: list[_Call | _Command] = [_Command(("HMGET", base + "r:" + m[14:], *_RFIELDS)) for m, base in members]
-        if self._clock is None:
-            steps.append(_Command(("TIME",)))
-        replies = (yield steps) if steps else []
-        now_ms = (
-            int(self._clock())
-            if self._clock is not None
-            else int(_str(replies[-1][0])) * 1000 + int(_str(replies[-1][1])) // 1000
-        )
-        rows: list[ReservationRow] = []
-        stale: list[_Call | _Command] = []
-        for (member, base), fields in zip(members, replies, strict=False):
-            if fields[0] is None:  # the hash is gone (its key TTL ran out first): drop the entry
-                stale.append(_Command(("ZREM", base + index, member)))
-                continue
-            row = self._parse_row(_row_from_hash(member[14:], fields))
-            if row is not None:
-                rows.append(row)
+        now_ms, found = yield from self._read_rows([(base, m[14:]) for m, base in members])
+        stale: list[_Call | _Command] = [
+            _Command(("ZREM", base + index, member))  # the hash is gone (its key TTL ran out first)
+            for (member, base), row in zip(members, found, strict=True)
+            if row is _GONE
+        ]
         if stale:
             yield stale
+        rows = [row for row in found if isinstance(row, ReservationRow)]
         return _Snapshot(now_ms, (), rows, complete=complete)
+
+    def _read_rows(self, targets: list[tuple[str, str]]) -> _Flow[tuple[int, list[Any]]]:
+        """The reservation rows ``(slot base, id)``, in order, read with pipelined HMGETs in batches
+        (``_GONE`` for a missing hash, ``None`` for one that cannot be read), and the server time."""
+        now_ms = int(self._clock()) if self._clock is not None else 0
+        if self._clock is None:
+            t = yield _Command(("TIME",))
+            now_ms = int(_str(t[0])) * 1000 + int(_str(t[1])) // 1000
+        found: list[Any] = []
+        for start in range(0, len(targets), 500):
+            chunk = targets[start : start + 500]
+            replies = yield [_Command(("HMGET", base + "r:" + rid, *_RFIELDS)) for base, rid in chunk]
+            for (_, rid), fields in zip(chunk, replies, strict=True):
+                found.append(_GONE if fields[0] is None else self._parse_row(_row_from_hash(rid, fields)))
+        return now_ms, found
 
     def _parse_row(self, raw: list[Any]) -> ReservationRow | None:
         """A stored reservation, or None (logged) when it cannot be read back: one bad row must
