@@ -67,7 +67,12 @@ def test_metadata_is_bounded(make_url: UrlFactory) -> None:
         assert rid is not None
         with pytest.raises(InvalidRequest):
             ledger.commit(rid, commit(5).model_copy(update={"metadata": {"blob": "y" * 2000}}))
+        refused = ledger.get_budget(f"tenant:{MALLORY}")  # the refused commit wrote nothing
+        assert refused.spent is not None and refused.spent.amount == 0
+        assert refused.reserved is not None and refused.reserved.amount == 10
         ledger.commit(rid, commit(5))
+        done = ledger.get_budget(f"tenant:{MALLORY}")
+        assert done.spent is not None and done.spent.amount == 5
     finally:
         ledger.close()
 

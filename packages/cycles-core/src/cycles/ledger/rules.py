@@ -246,7 +246,7 @@ class Fingerprint:
     @property
     def digest(self) -> str:
         if self._digest is None:
-            ready = getattr(_ready, "digest", None)  # computed before a store's lock (see prepare_digest)
+            ready = getattr(_ready, "digest", None)  # computed before a store's lock (see prepared_digest)
             if ready is not None and ready[0] is self.request and ready[1] == self.extra:
                 digest: str = ready[2]
                 self._digest = digest
@@ -792,12 +792,12 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
             f"actual is in {req.actual.unit.value} but the reservation is in {row.unit.value}",
             details={"requested_unit": req.actual.unit.value, "expected_units": [row.unit.value]},
         )
+    check_metadata(txn.limits, req.metadata, "commit metadata")
     budgets = _budgets_for(txn, row.budgeted_scopes, row.unit)
     charged = _settle_budgets(txn, budgets, row, req.actual.amount, row.overage_policy)
     row.status = ReservationStatus.COMMITTED
     row.committed = charged
     row.finalized_at_ms = txn.now_ms
-    check_metadata(txn.limits, req.metadata, "commit metadata")
     row.committed_metadata = req.metadata
     txn.put_reservation(row)
     released = row.amount - req.actual.amount
