@@ -172,6 +172,8 @@ LAZY_EXPIRY = 100
 DEFAULT_RETRIES = 2
 #: Registry slots each sweep also visits in round-robin order.
 SWEEP_ROUND_ROBIN = 10
+#: Reservations one sweep script expires at most: each script stays short, as Redis runs one at a time.
+SWEEP_BATCH = 100
 
 _UNIT_ORDER = tuple(sorted(Unit, key=lambda u: u.value))  # the order budget_units reports (as sqlite)
 _HEX32 = re.compile(r"[0-9a-f]{32}")
@@ -1224,8 +1226,7 @@ class _RedisCore:
         seen = set()
         for tag, version in due:
             seen.add(tag)
-            raw = yield self._call("sweep_slot", tag, max(0, limit - expired))
-            count, next_deadline = _open(raw).payload
+            count, next_deadline = yield from self._sweep_slot(tag, limit - expired)
             expired += count
             yield _Call(
                 _SCRIPTS["cas"],
@@ -1236,12 +1237,23 @@ class _RedisCore:
             tag = _str(tag)
             if tag in seen:
                 continue
-            raw = yield self._call("sweep_slot", tag, max(0, limit - expired))
-            count, next_deadline = _open(raw).payload
+            count, next_deadline = yield from self._sweep_slot(tag, limit - expired)
             expired += count
             if next_deadline is not None:
                 yield _Call(_SCRIPTS["touch"], (self._global,), (self._now(), tag, next_deadline))
         return expired
+
+    def _sweep_slot(self, tag: str, limit: int) -> _Flow[tuple[int, Any]]:
+        """Expire up to ``limit`` in one slot, ``SWEEP_BATCH`` per script: Redis runs one script at a
+        time, so a slot with thousands due must not hold every other client for their length."""
+        expired, next_deadline = 0, None
+        while True:
+            batch = max(0, min(SWEEP_BATCH, limit - expired))
+            raw = yield self._call("sweep_slot", tag, batch)
+            count, next_deadline = _open(raw).payload
+            expired += count
+            if count < batch or batch == 0:
+                return expired, next_deadline
 
 
 # ---- URL and client options ----------------------------------------------------------------
