@@ -217,6 +217,9 @@ def _reservation_from(row: tuple[Any, ...]) -> ReservationRow:
     )
 
 
+#: A reservation's JSON columns, serialised by ``SqliteLedger._write`` before the write lock.
+_serialised = threading.local()
+
 #: Rows moved to the quarantine table by this process (see ``_SqliteTxn._parse``).
 quarantined_rows = 0
 _UNPARSEABLE = (ValueError, TypeError, KeyError, IndexError)
@@ -366,14 +369,21 @@ class _SqliteTxn:
             )
             return
         self._new_reservations.add(row.reservation_id)
+        ready = getattr(_serialised, "reserve", None)  # computed before the write lock (SqliteLedger._write)
+        if ready is not None and ready[0] is row.subject and ready[1] is row.action and ready[2] is row.metadata:
+            subject_json, action_json, metadata_json = ready[3:]
+        else:
+            subject_json = row.subject.model_dump_json(exclude_none=True)
+            action_json = row.action.model_dump_json(exclude_none=True)
+            metadata_json = _dumps(row.metadata)
         self._db.execute(
             _INSERT_RES,
             (
                 row.reservation_id,
                 row.tenant,
                 row.status.value,
-                row.subject.model_dump_json(exclude_none=True),
-                row.action.model_dump_json(exclude_none=True),
+                subject_json,
+                action_json,
                 row.unit.value,
                 row.amount,
                 json.dumps(row.budgeted_scopes),
@@ -387,7 +397,7 @@ class _SqliteTxn:
                 row.committed,
                 row.finalized_at_ms,
                 row.extensions,
-                _dumps(row.metadata),
+                metadata_json,
                 _dumps(row.committed_metadata),
             ),
         )
@@ -645,7 +655,23 @@ class SqliteLedger(TransactionalLedger):
                     raise LedgerUnavailable(f"SQLite commit failed: {exc}") from exc
 
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Writers queue for one lock: the request's digest is computed before joining the queue."""
+        """Writers queue for one lock: the request's digest (and a reservation's JSON columns) are
+        computed before joining the queue, so the lock is held for the SQL alone."""
+        if fn is rules.reserve:
+            req = args[0]
+            _serialised.reserve = (
+                req.subject,
+                req.action,
+                req.metadata,
+                req.subject.model_dump_json(exclude_none=True),
+                req.action.model_dump_json(exclude_none=True),
+                _dumps(req.metadata),
+            )
+            try:
+                with rules.prepared_digest(req):
+                    return super()._write(fn, *args)
+            finally:
+                _serialised.reserve = None
         if fn in _KEYED_FIRST:
             with rules.prepared_digest(args[0]):
                 return super()._write(fn, *args)
