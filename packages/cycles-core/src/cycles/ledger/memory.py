@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -22,21 +23,70 @@ from cycles.ledger.base import TransactionalLedger
 from cycles.ledger.limits import DEFAULT_LIMITS, TenantLimits, limits_from_query
 from cycles.ledger.paging import ReservationScan, sorted_after
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
-from cycles.models import ReservationStatus, Unit
+from cycles.models import Action, CommitOveragePolicy, ReservationStatus, Subject, Unit
 
 __all__ = ["MemoryLedger", "open_memory"]
 
 T = TypeVar("T")
 
 _IdemKey = tuple[str, str, str]
+#: A finished reservation as stored: strings, numbers and tuples of them only, which the garbage
+#: collector stops tracking, so a retention window of finished rows costs it nothing to walk.
+_Packed = tuple[Any, ...]
+#: An idempotency record as stored: (fingerprint digest, response JSON, created_at_ms), untracked too.
+_PackedRecord = tuple[str, Any, int]
+
+
+_json_of: dict[tuple[Any, ...], str] = {}
+
+
+def _model_json(model: Subject | Action) -> str:
+    """A subject's or action's JSON, memoised by value: agents reuse a handful of each."""
+    if isinstance(model, Subject):
+        dims = model.dimensions
+        key: tuple[Any, ...] = (
+            model.tenant, model.workspace, model.app, model.workflow, model.agent, model.toolset,
+            None if dims is None else tuple(dims.items()),
+        )  # fmt: skip
+    else:
+        key = (model.kind, model.name, None if model.tags is None else tuple(model.tags))
+    found = _json_of.get(key)
+    if found is None:
+        if len(_json_of) >= 4096:  # bounded, as scopes' derivation cache
+            _json_of.clear()
+        found = _json_of[key] = model.model_dump_json(exclude_none=True)
+    return found
+
+
+def _pack(row: ReservationRow) -> _Packed:
+    return (
+        row.reservation_id, row.tenant, row.status.value, _model_json(row.subject),
+        _model_json(row.action), row.unit.value, row.amount, tuple(row.budgeted_scopes),
+        tuple(row.affected_scopes), row.created_at_ms, row.expires_at_ms, row.grace_period_ms,
+        row.overage_policy.value, row.idempotency_key, row.committed, row.finalized_at_ms, row.extensions,
+        None if row.metadata is None else json.dumps(row.metadata, separators=(",", ":")),
+        None if row.committed_metadata is None else json.dumps(row.committed_metadata, separators=(",", ":")),
+    )  # fmt: skip
+
+
+def _unpack(p: _Packed) -> ReservationRow:
+    return ReservationRow(
+        p[0], p[1], ReservationStatus(p[2]), Subject.model_validate_json(p[3]), Action.model_validate_json(p[4]),
+        Unit(p[5]), p[6], list(p[7]), list(p[8]), p[9], p[10], p[11], CommitOveragePolicy(p[12]), p[13], p[14],
+        p[15], p[16], None if p[17] is None else json.loads(p[17]), None if p[18] is None else json.loads(p[18]),
+    )  # fmt: skip
+
+
+def _live(stored: ReservationRow | _Packed) -> ReservationRow:
+    return stored if isinstance(stored, ReservationRow) else _unpack(stored)
 
 
 class _Store:
     def __init__(self) -> None:
         self.budgets: dict[tuple[str, Unit], BudgetRow] = {}
         self.units: dict[str, list[Unit]] = {}
-        self.reservations: dict[str, ReservationRow] = {}
-        self.idempotency: dict[_IdemKey, IdempotencyRecord] = {}
+        self.reservations: dict[str, ReservationRow | _Packed] = {}  # ACTIVE rows live, finished ones packed
+        self.idempotency: dict[_IdemKey, _PackedRecord] = {}
         self.deadlines: list[tuple[int, str]] = []  # heap of (deadline_ms, reservation_id); stale entries skipped
         self.finished: deque[tuple[int, str]] = deque()  # (finished_at_ms, reservation_id), oldest first
         # Indexes for O(page) reads. Reservations: sorted (created_at_ms, id) per owner and for all;
@@ -82,7 +132,7 @@ class _MemoryTxn:
         self.limits = limits
         self._budgets: dict[tuple[str, Unit], BudgetRow] = {}
         self._reservations: dict[str, ReservationRow] = {}
-        self._idem: dict[_IdemKey, IdempotencyRecord] = {}
+        self._idem: dict[_IdemKey, _PackedRecord] = {}
         self._popped: list[tuple[int, str]] = []
 
     # budgets
@@ -134,7 +184,9 @@ class _MemoryTxn:
             stored = self._store.reservations.get(reservation_id)
             if stored is None:
                 return None
-            row = self._reservations[reservation_id] = stored.copy()
+            row = self._reservations[reservation_id] = (
+                stored.copy() if isinstance(stored, ReservationRow) else _unpack(stored)
+            )
         return row
 
     def put_reservation(self, row: ReservationRow) -> None:
@@ -142,7 +194,8 @@ class _MemoryTxn:
 
     def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterator[ReservationRow]:
         for reservation_id, stored in list(self._store.reservations.items()):
-            if all_tenants or stored.tenant == tenant:
+            owner = stored.tenant if isinstance(stored, ReservationRow) else stored[1]
+            if all_tenants or owner == tenant:
                 row = self.get_reservation(reservation_id)
                 if row is not None:
                     yield row
@@ -156,8 +209,11 @@ class _MemoryTxn:
         statuses = scan.statuses
         for i in sorted_after(keys, scan.descending, scan.after):
             row = store.reservations.get(keys[i][1])
-            if row is not None and (statuses is None or row.status in statuses):
-                yield row
+            if row is None:
+                continue
+            status = row.status if isinstance(row, ReservationRow) else ReservationStatus(row[2])
+            if statuses is None or status in statuses:
+                yield _live(row)
 
     def active_reservations(self, owner: str | None) -> int:
         return self._store.active.get(owner, 0)
@@ -169,14 +225,19 @@ class _MemoryTxn:
             entry = heapq.heappop(heap)
             self._popped.append(entry)
             row = self._store.reservations.get(entry[1])
-            if row is not None and row.status is ReservationStatus.ACTIVE and row.deadline_ms == entry[0]:
+            if (
+                isinstance(row, ReservationRow)
+                and row.status is ReservationStatus.ACTIVE
+                and row.deadline_ms == entry[0]
+            ):
                 due.append(entry[1])
         return due
 
     # idempotency
     def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None:
         k = (tenant, endpoint, key)
-        return self._idem.get(k) or self._store.idempotency.get(k)
+        found = self._idem.get(k) or self._store.idempotency.get(k)
+        return None if found is None else IdempotencyRecord(*found)
 
     def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None:
         # Kept as a digest string and JSON bytes, like the SQLite store: records live for the whole
@@ -185,7 +246,7 @@ class _MemoryTxn:
         fingerprint = record.fingerprint if isinstance(record.fingerprint, str) else record.fingerprint.digest
         response = record.response
         body = response.model_dump_json(exclude_none=True).encode() if isinstance(response, BaseModel) else response
-        self._idem[(tenant, endpoint, key)] = IdempotencyRecord(fingerprint, body, record.created_at_ms)
+        self._idem[(tenant, endpoint, key)] = (fingerprint, body, record.created_at_ms)
 
     def purge(self, older_than_ms: int, limit: int) -> int:
         """Forget the oldest records first. Both queues are in time order (dict insertion order for
@@ -195,7 +256,7 @@ class _MemoryTxn:
         idem = store.idempotency
         while idem and purged < limit:
             key = next(iter(idem))
-            if idem[key].created_at_ms >= older_than_ms:
+            if idem[key][2] >= older_than_ms:
                 break
             del idem[key]
             purged += 1
@@ -219,17 +280,21 @@ class _MemoryTxn:
             store.budgets[key] = budget
         active = store.active
         for reservation_id, row in self._reservations.items():
-            before = store.reservations.get(reservation_id)
-            store.reservations[reservation_id] = row
-            if before is None:
-                store.index_reservation(row)
+            stored = store.reservations.get(reservation_id)
+            live = stored if isinstance(stored, ReservationRow) else None  # packed rows are finished
+            was_active = live is not None and live.status is ReservationStatus.ACTIVE
             if row.status is ReservationStatus.ACTIVE:
-                if before is None:
+                store.reservations[reservation_id] = row
+                if stored is None:
                     active[row.tenant] = active.get(row.tenant, 0) + 1
                     store.active_total += 1
-                if before is None or before.deadline_ms != row.deadline_ms:
+                if live is None or live.deadline_ms != row.deadline_ms:
                     heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
-            elif before is not None and before.status is ReservationStatus.ACTIVE:
+            elif was_active or stored is None:
+                store.reservations[reservation_id] = _pack(row)  # finished: kept compact until purged
+            if stored is None:
+                store.index_reservation(row)
+            if was_active and row.status is not ReservationStatus.ACTIVE:
                 store.finished.append((self.now_ms, reservation_id))
                 store.active_total -= 1
                 left = active.get(row.tenant, 1) - 1
