@@ -273,6 +273,14 @@ def soak(backends: list[str], phase_s: float, tmp: Path) -> None:
                     f"({pairs:,} pairs so far)",
                     flush=True,
                 )
+            if name == "memory":  # retained rows the garbage collector has to walk
+                t = time.perf_counter()
+                gc.collect()
+                print(
+                    f"soak memory  full gc {1e3 * (time.perf_counter() - t):.1f} ms over "
+                    f"{len(gc.get_objects()):,} tracked objects",
+                    flush=True,
+                )
         finally:
             ledger.close()
             cleanup()
