@@ -43,7 +43,7 @@ def test_pages_need_a_session_and_changes_need_the_admin(served: tuple[str, str]
             data={"scope": "tenant:none", "unit": "USD_MICROCENTS", "amount": "abc"},
             headers={"HX-Request": "true"},
         )
-        assert r.status_code == 200 and r.headers["hx-retarget"] == "#flash" and "not a number" in r.text
+        assert r.status_code == 200 and r.headers["hx-retarget"] == "#flash" and "is not an amount" in r.text
         assert "default-src 'self'" in c.get("/dashboard").headers["content-security-policy"]
 
 

@@ -96,9 +96,9 @@ def test_cli_on_the_embedded_ledger_and_its_errors(tmp_path: Path, capsys: pytes
     base = ("--ledger", f"sqlite:///{tmp_path}/l.db")
     assert run(capsys, "tenants", "create", "acme", "--name", "Acme", *base)[0] == 0
     code, out, err = run(capsys, "tenants", "create", "acme", "--name", "Other", *base)
-    assert code == 2 and "DUPLICATE_RESOURCE" in err and out == ""
+    assert code == 1 and "DUPLICATE_RESOURCE" in err and out == ""
     code, out, err = run(capsys, "tenants", "show", "ghost", *base)
-    assert code == 2 and err.strip() == "error: TENANT_NOT_FOUND: tenant 'ghost' not found"
+    assert code == 1 and err.strip() == "error: TENANT_NOT_FOUND: tenant 'ghost' not found"
     code, out, _ = run(capsys, "tenants", "list", "--json", *base)
     assert [t["tenant_id"] for t in json.loads(out)] == ["acme"]
     code, out, _ = run(capsys, "api-keys", "create", "--tenant", "acme", "--name", "k", "--json", *base)

@@ -84,7 +84,7 @@ class SpecValidator:
         with self.path.open() as f:
             loaded: dict[str, Any] = yaml.safe_load(f)
         extensions = self.path.parent / "cycles-protocol-extensions-v0.1.26.yaml"
-        if extensions.exists():
+        if self.path.name == "cycles-protocol-v0.yaml" and extensions.exists():  # runtime extensions only
             with extensions.open() as f:
                 with_extensions(loaded, yaml.safe_load(f))
         return loaded
