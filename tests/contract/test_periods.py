@@ -188,6 +188,20 @@ def test_debt_is_repaid_from_the_next_periods_allocation(tcy: Cycles, clock: Clo
     spend(tcy, 70)
 
 
+def test_idle_periods_repay_debt_as_if_crossed_one_at_a_time(tcy: Cycles, clock: Clock) -> None:
+    """Nobody reads or writes on 3/29: the budget on 3/30 is what two boundaries give, and the
+    first write there makes it so for good (reads alone never change a budget)."""
+    tcy.budgets.set("tenant:acme", tokens(100), period="day", timezone=BERLIN, overdraft_limit=tokens(500))
+    r = tcy.reserve(ACME, LLM, tokens(100), overage_policy=CommitOveragePolicy.ALLOW_WITH_OVERDRAFT)
+    assert r.reservation_id
+    tcy.commit(r.reservation_id, tokens(250))
+    clock.at(2026, 3, 30, 1, tz=BERLIN)
+    assert amounts(bal(tcy, "tenant:acme")) == (100, 50, 0, 0, 50)
+    assert amounts(bal(tcy, "tenant:acme")) == (100, 50, 0, 0, 50)  # the read changed nothing
+    spend(tcy, 50)
+    assert amounts(bal(tcy, "tenant:acme")) == (100, 100, 0, 0, 0)
+
+
 def test_more_debt_than_an_allocation_stays_debt(tcy: Cycles, clock: Clock) -> None:
     tcy.budgets.set("tenant:acme", tokens(100), period="day", timezone=BERLIN, overdraft_limit=tokens(500))
     r = tcy.reserve(ACME, LLM, tokens(100), overage_policy=CommitOveragePolicy.ALLOW_WITH_OVERDRAFT)

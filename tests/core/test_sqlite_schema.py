@@ -28,7 +28,7 @@ def test_an_older_file_is_upgraded_and_keeps_its_budgets(tmp_path: Path) -> None
     with Cycles(f"sqlite:///{path}") as cy:
         assert cy.budgets.get("tenant:acme").allocated == tokens(100)
         cy.budgets.set("tenant:acme", tokens(100), period="day")
-    assert _version(path) == SCHEMA_VERSION == 2
+    assert _version(path) == SCHEMA_VERSION == 3
 
 
 def test_a_file_from_a_newer_cycles_is_refused(tmp_path: Path) -> None:

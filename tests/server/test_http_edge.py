@@ -210,13 +210,14 @@ class Exploding(ThreadedAsyncLedger):
 
 
 @pytest.mark.parametrize(
-    ("exc", "hint"),
+    ("exc", "hint", "status"),
     [
-        (RuntimeError("secret internal detail at /srv/db"), "internal error"),
-        (LedgerUnavailable("connection refused to 10.0.0.7:6379"), "retry with the same idempotency key"),
+        (RuntimeError("secret internal detail at /srv/db"), "internal error", 500),
+        (LedgerUnavailable("connection refused to 10.0.0.7:6379"), "retry with the same idempotency key", 503),
     ],
 )
-async def test_failures_are_500_without_internals(spec: Any, exc: Exception, hint: str) -> None:
+async def test_failures_are_5xx_without_internals(spec: Any, exc: Exception, hint: str, status: int) -> None:
+    """An unexpected failure is 500; an unreachable ledger is 503 with Retry-After (retryable)."""
     keys = MemoryKeyStore()
     app = create_app(ledger=Exploding(exc), keys=keys, sweep_interval_s=0)
     api_key = (await keys.create("acme")).api_key
@@ -224,9 +225,10 @@ async def test_failures_are_500_without_internals(spec: Any, exc: Exception, hin
         transport=httpx.ASGITransport(app=app), base_url="http://t", event_hooks=validating_hooks(spec)
     ) as c:
         r = await c.post("/v1/reservations", json=reserve_body(), headers={"X-Cycles-API-Key": api_key})
-    assert r.status_code == 500
+    assert r.status_code == status
     assert r.json()["error"] == "INTERNAL_ERROR"
     assert hint in r.json()["message"]
+    assert ("retry-after" in r.headers) is (status == 503)
     assert "10.0.0.7" not in r.text and "/srv/db" not in r.text and "Traceback" not in r.text
     assert r.json()["request_id"] == r.headers["x-request-id"]
 

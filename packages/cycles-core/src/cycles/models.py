@@ -13,7 +13,9 @@ from decimal import ROUND_HALF_UP, Decimal
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from cycles.identifiers import IDENTIFIER_MAX, IDENTIFIER_PATTERN, check_finite_json
 
 __all__ = [
     "Action",
@@ -55,8 +57,11 @@ INT64_MAX = 2**63 - 1
 MICROCENTS_PER_USD = 100_000_000
 
 IdempotencyKey = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-# Scope ids use ":" and "/" as delimiters, so subject levels keep to the spec's portable charset.
-SubjectField = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")]
+# Scope ids use ":" and "/" as delimiters, so subject levels keep to the spec's portable charset
+# (checked once, in cycles.identifiers).
+SubjectField = Annotated[str, StringConstraints(min_length=1, max_length=IDENTIFIER_MAX, pattern=IDENTIFIER_PATTERN)]
+#: Free-form JSON maps: finite numbers only (NaN/Infinity would be stored as null).
+JsonMap = Annotated[dict[str, Any], AfterValidator(check_finite_json)]
 
 
 class Unit(StrEnum):
@@ -86,9 +91,12 @@ class ReservationStatus(StrEnum):
 
 
 class _Wire(BaseModel):
-    """Base of every wire model: unknown fields are errors, as ``additionalProperties: false``."""
+    """Base of every wire model: unknown fields are errors, as ``additionalProperties: false``.
 
-    model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=False)
+    Assignments are validated too: ``subject.workflow = "run 42/x"`` raises, as the constructor
+    would, so a value no check saw can never reach a scope, a key or a stored row."""
+
+    model_config = ConfigDict(extra="forbid", frozen=False, use_enum_values=False, validate_assignment=True)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -247,7 +255,7 @@ class StandardMetrics(_Wire):
     tokens_output: Annotated[int, Field(ge=0)] | None = None
     latency_ms: Annotated[int, Field(ge=0)] | None = None
     model_version: Annotated[str, StringConstraints(max_length=128)] | None = None
-    custom: dict[str, Any] | None = None
+    custom: JsonMap | None = None
 
 
 # ---- requests -------------------------------------------------------------------------------
@@ -258,7 +266,7 @@ class DecisionRequest(_Wire):
     subject: Subject
     action: Action
     estimate: Amount
-    metadata: dict[str, Any] | None = None
+    metadata: JsonMap | None = None
 
 
 class ReservationCreateRequest(_Wire):
@@ -270,7 +278,7 @@ class ReservationCreateRequest(_Wire):
     grace_period_ms: Annotated[int, Field(ge=0, le=60_000)] = 5_000
     overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
     dry_run: bool = False
-    metadata: dict[str, Any] | None = None
+    metadata: JsonMap | None = None
     #: v0.1.26: OBSERVE evaluates with dry-run semantics and records an observed_denied/allowed event;
     #: absent, the tenant's observe_mode governs (ENFORCE by default). DISABLED means ENFORCE.
     observe_mode: Literal["DISABLED", "OBSERVE", "ENFORCE"] | None = None
@@ -280,7 +288,7 @@ class CommitRequest(_Wire):
     idempotency_key: IdempotencyKey
     actual: Amount
     metrics: StandardMetrics | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: JsonMap | None = None
 
 
 class ReleaseRequest(_Wire):
@@ -291,7 +299,7 @@ class ReleaseRequest(_Wire):
 class ReservationExtendRequest(_Wire):
     idempotency_key: IdempotencyKey
     extend_by_ms: Annotated[int, Field(ge=1, le=86_400_000)]
-    metadata: dict[str, Any] | None = None
+    metadata: JsonMap | None = None
 
 
 class EventCreateRequest(_Wire):
@@ -302,7 +310,7 @@ class EventCreateRequest(_Wire):
     overage_policy: CommitOveragePolicy = CommitOveragePolicy.ALLOW_IF_AVAILABLE
     metrics: StandardMetrics | None = None
     client_time_ms: Annotated[int, Field(ge=0)] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: JsonMap | None = None
 
 
 # ---- responses ------------------------------------------------------------------------------
@@ -408,8 +416,8 @@ class ReservationSummary(_Wire):
     scope_path: str
     affected_scopes: list[str]
     committed: Amount | None = None
-    metadata: dict[str, Any] | None = None
-    committed_metadata: dict[str, Any] | None = None
+    metadata: JsonMap | None = None
+    committed_metadata: JsonMap | None = None
 
 
 class ReservationDetail(ReservationSummary):

@@ -8,16 +8,14 @@ id is one of those paths; ``parse_scope`` checks one written by a person.
 
 from __future__ import annotations
 
-import re
-
 from cycles.errors import InvalidRequest
+from cycles.identifiers import is_identifier
 from cycles.models import Subject
 
 __all__ = ["LEVELS", "derive_scopes", "parse_scope", "scope_tenant"]
 
 LEVELS: tuple[str, ...] = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
 _LEVEL_RANK = {level: rank for rank, level in enumerate(LEVELS)}
-_VALUE = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
 
 
 _derived: dict[tuple[str | None, ...], tuple[str, ...]] = {}
@@ -55,7 +53,7 @@ def parse_scope(scope: str) -> list[tuple[str, str]]:
             raise InvalidRequest(
                 f"invalid scope {scope!r}: {part!r} is not 'level:value' with level one of {', '.join(LEVELS)}"
             )
-        if not _VALUE.match(value):
+        if not is_identifier(value):
             raise InvalidRequest(f"invalid scope {scope!r}: value {value!r} must match ^[a-zA-Z0-9_.-]+$")
         rank = _LEVEL_RANK[level]
         if rank <= last_rank:

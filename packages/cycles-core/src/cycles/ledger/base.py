@@ -21,6 +21,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import rules
+from cycles.ledger.limits import DEFAULT_LIMITS, RateLimiter, TenantLimits
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
@@ -125,6 +126,11 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
+    def count_active(self) -> int | None:
+        """ACTIVE reservations across all tenants, from a maintained count (never a scan of rows),
+        or ``None`` when the backend keeps no such total (Redis: the counts live per slot)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""
 
@@ -191,6 +197,10 @@ class AsyncLedger(abc.ABC):
     @abc.abstractmethod
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
+    async def count_active(self) -> int | None:
+        """See ``Ledger.count_active``."""
+        return None
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
@@ -209,15 +219,25 @@ class TransactionalLedger(Ledger):
     lazy_sweep_interval_ms = 1000
     #: How many records one lazy sweep may touch: it runs inside somebody's write transaction.
     lazy_sweep_limit = 100
+    #: Retention purge paced by writes: every ``PURGE_EVERY`` writes forget up to this many records
+    #: each past retention. A write adds at most two (a reservation row, an idempotency record), so
+    #: the purge keeps pace with any sustained write rate and the store stays flat.
+    purge_per_write = 4
+    PURGE_EVERY = 16
 
     def __init__(
         self,
         clock: Callable[[], int] | None = None,
         include_balances: bool = False,
         retention_ms: int = rules.IDEMPOTENCY_RETENTION_MS,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
         self._clock = clock or _wall_clock_ms
+        #: What one tenant may make the ledger keep (see ``cycles.ledger.limits``).
+        self.limits = limits
+        self._rate = RateLimiter(limits.max_reservations_per_second)
         self._next_sweep_ms = 0
+        self._writes = 0
         #: How long finished reservations and idempotency records are kept (replays and audits read
         #: them); older ones are forgotten a little at a time by the lazy sweep.
         self.retention_ms = retention_ms
@@ -233,14 +253,29 @@ class TransactionalLedger(Ledger):
             self._housekeeping(txn, fn)
             return fn(txn, *args)
 
+    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read-only operation: no housekeeping, and a store may serve it outside the write lock."""
+        with self._transaction(write=False) as txn:
+            return fn(txn, *args)
+
     def _housekeeping(self, txn: Txn, fn: Callable[..., Any]) -> None:
         """At most once per ``lazy_sweep_interval_ms``, as a side effect of an ordinary write: expire
-        overdue reservations and forget records past retention (skipped when the write is a sweep)."""
-        if txn.now_ms >= self._next_sweep_ms and fn is not rules.sweep:
+        overdue reservations and forget records past retention (skipped when the write is a sweep).
+        Between those, every ``PURGE_EVERY``-th write also purges (see ``purge_per_write``)."""
+        if fn is rules.sweep:
+            return
+        if txn.now_ms >= self._next_sweep_ms:
             self._next_sweep_ms = txn.now_ms + self.lazy_sweep_interval_ms
             rules.sweep(txn, self.lazy_sweep_limit, self.retention_ms)
+            return
+        self._writes += 1
+        if self._writes >= self.PURGE_EVERY:  # work proportional to writes, amortised
+            self._writes = 0
+            txn.purge(txn.now_ms - self.retention_ms, self.PURGE_EVERY * self.purge_per_write)
 
     def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
+        if self._rate.rate > 0 and not req.dry_run:
+            self._rate.take(tenant if tenant is not None else req.subject.tenant)
         return self._write(rules.reserve, req, tenant)
 
     def commit(self, reservation_id: str, req: CommitRequest, *, tenant: str | None = None) -> CommitResponse:
@@ -261,13 +296,13 @@ class TransactionalLedger(Ledger):
         return self._write(rules.event, req, tenant)
 
     def balances(self, query: BalanceQuery, *, tenant: str | None = None) -> BalanceResponse:
-        return self._write(rules.balances, query, tenant)
+        return self._read(rules.balances, query, tenant)
 
     def get_reservation(self, reservation_id: str, *, tenant: str | None = None) -> ReservationDetail:
         return self._write(rules.get_reservation, reservation_id, tenant)
 
     def list_reservations(self, query: ReservationQuery, *, tenant: str | None = None) -> ReservationListResponse:
-        return self._write(rules.list_reservations, query, tenant)
+        return self._read(rules.list_reservations, query, tenant)
 
     def set_budget(
         self,
@@ -286,6 +321,8 @@ class TransactionalLedger(Ledger):
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._write(rules.set_budget_status, scope, unit, status)
 
+    # The operator plane's reads go through the write path: like Redis's scripts, they show a budget
+    # after lazy expiry (the runtime plane's balances and listings are the reads that skip it).
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return self._write(rules.get_budget, scope, unit)
 
@@ -386,6 +423,9 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self._call(self.sync.list_policies, tenant=tenant)
+
+    async def count_active(self) -> int | None:
+        return await self._call(self.sync.count_active)
 
     async def aclose(self) -> None:
         await self._call(self.sync.close)

@@ -6,48 +6,144 @@ unexpected exception half-way through an operation leaves the store as it was.
 
 from __future__ import annotations
 
+import bisect
 import heapq
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel
 
 from cycles.errors import CyclesError
 from cycles.ledger.base import TransactionalLedger
+from cycles.ledger.limits import DEFAULT_LIMITS, TenantLimits, limits_from_query
+from cycles.ledger.paging import ReservationScan, sorted_after
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
-from cycles.models import ReservationStatus, Unit
+from cycles.models import Action, CommitOveragePolicy, ReservationStatus, Subject, Unit
 
 __all__ = ["MemoryLedger", "open_memory"]
 
 T = TypeVar("T")
 
 _IdemKey = tuple[str, str, str]
+#: A finished reservation as stored: strings, numbers and tuples of them only, which the garbage
+#: collector stops tracking, so a retention window of finished rows costs it nothing to walk.
+_Packed = tuple[Any, ...]
+#: An idempotency record as stored: (fingerprint digest, response JSON, created_at_ms), untracked too.
+_PackedRecord = tuple[str, Any, int]
+
+
+_json_of: dict[tuple[Any, ...], str] = {}
+
+
+def _model_json(model: Subject | Action) -> str:
+    """A subject's or action's JSON, memoised by value: agents reuse a handful of each."""
+    if isinstance(model, Subject):
+        dims = model.dimensions
+        key: tuple[Any, ...] = (
+            model.tenant, model.workspace, model.app, model.workflow, model.agent, model.toolset,
+            None if dims is None else tuple(dims.items()),
+        )  # fmt: skip
+    else:
+        key = (model.kind, model.name, None if model.tags is None else tuple(model.tags))
+    found = _json_of.get(key)
+    if found is None:
+        if len(_json_of) >= 4096:  # bounded, as scopes' derivation cache
+            _json_of.clear()
+        found = _json_of[key] = model.model_dump_json(exclude_none=True)
+    return found
+
+
+def _pack(row: ReservationRow) -> _Packed:
+    return (
+        row.reservation_id, row.tenant, row.status.value, _model_json(row.subject),
+        _model_json(row.action), row.unit.value, row.amount, tuple(row.budgeted_scopes),
+        tuple(row.affected_scopes), row.created_at_ms, row.expires_at_ms, row.grace_period_ms,
+        row.overage_policy.value, row.idempotency_key, row.committed, row.finalized_at_ms, row.extensions,
+        None if row.metadata is None else json.dumps(row.metadata, separators=(",", ":")),
+        None if row.committed_metadata is None else json.dumps(row.committed_metadata, separators=(",", ":")),
+    )  # fmt: skip
+
+
+def _unpack(p: _Packed) -> ReservationRow:
+    return ReservationRow(
+        p[0], p[1], ReservationStatus(p[2]), Subject.model_validate_json(p[3]), Action.model_validate_json(p[4]),
+        Unit(p[5]), p[6], list(p[7]), list(p[8]), p[9], p[10], p[11], CommitOveragePolicy(p[12]), p[13], p[14],
+        p[15], p[16], None if p[17] is None else json.loads(p[17]), None if p[18] is None else json.loads(p[18]),
+    )  # fmt: skip
+
+
+def _live(stored: ReservationRow | _Packed) -> ReservationRow:
+    return stored if isinstance(stored, ReservationRow) else _unpack(stored)
 
 
 class _Store:
     def __init__(self) -> None:
         self.budgets: dict[tuple[str, Unit], BudgetRow] = {}
         self.units: dict[str, list[Unit]] = {}
-        self.reservations: dict[str, ReservationRow] = {}
-        self.idempotency: dict[_IdemKey, IdempotencyRecord] = {}
+        self.reservations: dict[str, ReservationRow | _Packed] = {}  # ACTIVE rows live, finished ones packed
+        self.idempotency: dict[_IdemKey, _PackedRecord] = {}
         self.deadlines: list[tuple[int, str]] = []  # heap of (deadline_ms, reservation_id); stale entries skipped
         self.finished: deque[tuple[int, str]] = deque()  # (finished_at_ms, reservation_id), oldest first
+        # Indexes for O(page) reads. Reservations: sorted (created_at_ms, id) per owner and for all;
+        # purged ids are left in place and skipped until a compaction (when half are dead).
+        self.by_owner: dict[str | None, list[tuple[int, str]]] = {}
+        self.by_time: list[tuple[int, str]] = []
+        self.dead_keys = 0
+        # Budgets: sorted (scope, unit) per tenant and for all (budgets are never deleted).
+        self.budget_keys: dict[str | None, list[tuple[str, str]]] = {}
+        self.all_budget_keys: list[tuple[str, str]] = []
+        self.active: dict[str | None, int] = {}  # ACTIVE reservations per owner
+        self.active_total = 0
         self.meta: dict[str, str] = {}  # rules.Txn.get_meta: periods, quota rules and counters
+
+    def index_reservation(self, row: ReservationRow) -> None:
+        key = (row.created_at_ms, row.reservation_id)
+        for keys in (self.by_owner.setdefault(row.tenant, []), self.by_time):
+            if not keys or keys[-1] < key:
+                keys.append(key)  # the usual case: time moves forward
+            else:
+                bisect.insort(keys, key)
+
+    def forget_reservation(self, rid: str) -> None:
+        if self.reservations.pop(rid, None) is not None:
+            self.dead_keys += 1
+            if self.dead_keys > 1024 and self.dead_keys * 2 > len(self.by_time):
+                live = self.reservations
+                self.by_time = [k for k in self.by_time if k[1] in live]
+                self.by_owner = {
+                    owner: kept for owner, keys in self.by_owner.items() if (kept := [k for k in keys if k[1] in live])
+                }
+                self.dead_keys = 0
 
 
 class _MemoryTxn:
-    __slots__ = ("_budgets", "_idem", "_meta", "_popped", "_reservations", "_store", "include_balances", "now_ms")
+    __slots__ = (
+        "_budgets",
+        "_idem",
+        "_meta",
+        "_popped",
+        "_reservations",
+        "_store",
+        "include_balances",
+        "limits",
+        "now_ms",
+    )
 
-    def __init__(self, store: _Store, now_ms: int, include_balances: bool) -> None:
+    def __init__(
+        self, store: _Store, now_ms: int, include_balances: bool, limits: TenantLimits = DEFAULT_LIMITS
+    ) -> None:
         self._store = store
         self.now_ms = now_ms
         self.include_balances = include_balances
+        self.limits = limits
         self._budgets: dict[tuple[str, Unit], BudgetRow] = {}
         self._reservations: dict[str, ReservationRow] = {}
-        self._idem: dict[_IdemKey, IdempotencyRecord] = {}
+        self._idem: dict[_IdemKey, _PackedRecord] = {}
         self._popped: list[tuple[int, str]] = []
         self._meta: dict[str, str | None] = {}
 
@@ -84,6 +180,15 @@ class _MemoryTxn:
             if all_tenants or row.tenant == tenant:
                 yield row
 
+    def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterator[BudgetRow]:
+        store = self._store
+        keys = store.all_budget_keys if all_tenants else store.budget_keys.get(tenant, [])
+        for i in sorted_after(keys, False, after):
+            scope, unit = keys[i]
+            row = store.budgets.get((scope, Unit(unit)))
+            if row is not None:
+                yield row
+
     # reservations
     def get_reservation(self, reservation_id: str) -> ReservationRow | None:
         row = self._reservations.get(reservation_id)
@@ -91,7 +196,9 @@ class _MemoryTxn:
             stored = self._store.reservations.get(reservation_id)
             if stored is None:
                 return None
-            row = self._reservations[reservation_id] = stored.copy()
+            row = self._reservations[reservation_id] = (
+                stored.copy() if isinstance(stored, ReservationRow) else _unpack(stored)
+            )
         return row
 
     def put_reservation(self, row: ReservationRow) -> None:
@@ -99,13 +206,29 @@ class _MemoryTxn:
 
     def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterator[ReservationRow]:
         for reservation_id, stored in list(self._store.reservations.items()):
-            if all_tenants or stored.tenant == tenant:
+            owner = stored.tenant if isinstance(stored, ReservationRow) else stored[1]
+            if all_tenants or owner == tenant:
                 row = self.get_reservation(reservation_id)
                 if row is not None:
                     yield row
         for reservation_id, row in list(self._reservations.items()):
             if reservation_id not in self._store.reservations and (all_tenants or row.tenant == tenant):
                 yield row
+
+    def page_reservations(self, scan: ReservationScan) -> Iterator[ReservationRow]:
+        store = self._store
+        keys = store.by_time if scan.all_tenants else store.by_owner.get(scan.tenant, [])
+        statuses = scan.statuses
+        for i in sorted_after(keys, scan.descending, scan.after):
+            row = store.reservations.get(keys[i][1])
+            if row is None:
+                continue
+            status = row.status if isinstance(row, ReservationRow) else ReservationStatus(row[2])
+            if statuses is None or status in statuses:
+                yield _live(row)
+
+    def active_reservations(self, owner: str | None) -> int:
+        return self._store.active.get(owner, 0)
 
     def due_reservations(self, now_ms: int, limit: int) -> list[str]:
         heap = self._store.deadlines
@@ -114,14 +237,19 @@ class _MemoryTxn:
             entry = heapq.heappop(heap)
             self._popped.append(entry)
             row = self._store.reservations.get(entry[1])
-            if row is not None and row.status is ReservationStatus.ACTIVE and row.deadline_ms == entry[0]:
+            if (
+                isinstance(row, ReservationRow)
+                and row.status is ReservationStatus.ACTIVE
+                and row.deadline_ms == entry[0]
+            ):
                 due.append(entry[1])
         return due
 
     # idempotency
     def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None:
         k = (tenant, endpoint, key)
-        return self._idem.get(k) or self._store.idempotency.get(k)
+        found = self._idem.get(k) or self._store.idempotency.get(k)
+        return None if found is None else IdempotencyRecord(*found)
 
     def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None:
         # Kept as a digest string and JSON bytes, like the SQLite store: records live for the whole
@@ -130,7 +258,7 @@ class _MemoryTxn:
         fingerprint = record.fingerprint if isinstance(record.fingerprint, str) else record.fingerprint.digest
         response = record.response
         body = response.model_dump_json(exclude_none=True).encode() if isinstance(response, BaseModel) else response
-        self._idem[(tenant, endpoint, key)] = IdempotencyRecord(fingerprint, body, record.created_at_ms)
+        self._idem[(tenant, endpoint, key)] = (fingerprint, body, record.created_at_ms)
 
     def purge(self, older_than_ms: int, limit: int) -> int:
         """Forget the oldest records first. Both queues are in time order (dict insertion order for
@@ -140,7 +268,7 @@ class _MemoryTxn:
         idem = store.idempotency
         while idem and purged < limit:
             key = next(iter(idem))
-            if idem[key].created_at_ms >= older_than_ms:
+            if idem[key][2] >= older_than_ms:
                 break
             del idem[key]
             purged += 1
@@ -148,7 +276,7 @@ class _MemoryTxn:
         while finished and purged < limit and finished[0][0] < older_than_ms:
             _, rid = finished.popleft()
             if rid not in self._reservations:
-                store.reservations.pop(rid, None)
+                store.forget_reservation(rid)
             purged += 1
         return purged
 
@@ -183,15 +311,34 @@ class _MemoryTxn:
         for key, budget in self._budgets.items():
             if key not in store.budgets:
                 store.units.setdefault(key[0], []).append(key[1])
+                index = (key[0], key[1].value)
+                bisect.insort(store.budget_keys.setdefault(budget.tenant, []), index)
+                bisect.insort(store.all_budget_keys, index)
             store.budgets[key] = budget
+        active = store.active
         for reservation_id, row in self._reservations.items():
-            before = store.reservations.get(reservation_id)
-            store.reservations[reservation_id] = row
+            stored = store.reservations.get(reservation_id)
+            live = stored if isinstance(stored, ReservationRow) else None  # packed rows are finished
+            was_active = live is not None and live.status is ReservationStatus.ACTIVE
             if row.status is ReservationStatus.ACTIVE:
-                if before is None or before.deadline_ms != row.deadline_ms:
+                store.reservations[reservation_id] = row
+                if stored is None:
+                    active[row.tenant] = active.get(row.tenant, 0) + 1
+                    store.active_total += 1
+                if live is None or live.deadline_ms != row.deadline_ms:
                     heapq.heappush(store.deadlines, (row.deadline_ms, reservation_id))
-            elif before is not None and before.status is ReservationStatus.ACTIVE:
+            elif was_active or stored is None:
+                store.reservations[reservation_id] = _pack(row)  # finished: kept compact until purged
+            if stored is None:
+                store.index_reservation(row)
+            if was_active and row.status is not ReservationStatus.ACTIVE:
                 store.finished.append((self.now_ms, reservation_id))
+                store.active_total -= 1
+                left = active.get(row.tenant, 1) - 1
+                if left:
+                    active[row.tenant] = left
+                else:
+                    active.pop(row.tenant, None)
         store.idempotency.update(self._idem)
 
     def undo(self) -> None:
@@ -214,16 +361,20 @@ class MemoryLedger(TransactionalLedger):
         clock: Callable[[], int] | None = None,
         include_balances: bool = False,
         retention_ms: int = DEFAULT_RETENTION_MS,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(clock, include_balances, retention_ms)
+        super().__init__(clock, include_balances, retention_ms, limits)
         self.url = "memory://"
         self._store = _Store()
         self._lock = threading.Lock()
 
+    def count_active(self) -> int:
+        return self._store.active_total
+
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[_MemoryTxn]:
         with self._lock:
-            txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
+            txn = _MemoryTxn(self._store, self._clock(), self.include_balances, self.limits)
             try:
                 yield txn
             except CyclesError:
@@ -237,7 +388,7 @@ class MemoryLedger(TransactionalLedger):
     def _write(self, fn: Callable[..., T], *args: Any) -> T:
         # The base class's contextmanager costs more than this whole in-memory transaction: inline it.
         with self._lock:
-            txn = _MemoryTxn(self._store, self._clock(), self.include_balances)
+            txn = _MemoryTxn(self._store, self._clock(), self.include_balances, self.limits)
             try:
                 self._housekeeping(txn, fn)
                 result = fn(txn, *args)
@@ -257,5 +408,13 @@ def open_memory(
     clock: Callable[[], int] | None = None,
     include_balances: bool = False,
     retention_ms: int = MemoryLedger.DEFAULT_RETENTION_MS,
+    limits: TenantLimits | None = None,
 ) -> MemoryLedger:
-    return MemoryLedger(clock=clock, include_balances=include_balances, retention_ms=retention_ms)
+    """``memory://``, with limits as query options (``memory://?max_active_reservations=100``)."""
+    query = {k: v[-1] for k, v in parse_qs(urlsplit(url).query).items()}
+    return MemoryLedger(
+        clock=clock,
+        include_balances=include_balances,
+        retention_ms=retention_ms,
+        limits=limits or limits_from_query(query),
+    )

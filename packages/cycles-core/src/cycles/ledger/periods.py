@@ -205,18 +205,45 @@ def rollover(
     state: PeriodState, new_start: int, new_end: int, allocated: int, spent: int, debt: int
 ) -> tuple[int, int, int]:
     """The new (allocated, spent, debt) at the start of the period [new_start, new_end); updates
-    ``state`` to it. Reserved is untouched: holds carry across the boundary."""
-    unused = max(0, allocated - spent - debt)
-    skipped = state.periods_passed(new_start) - 1  # whole periods nobody touched
-    carry = 0
-    if state.rollover != "NONE":
-        carry = unused + skipped * state.base
-        if state.rollover == "CAP_AT_ALLOCATED":
-            carry = min(carry, state.base)
-    new_allocated = state.base + carry
-    repay = min(debt, new_allocated)
+    ``state`` to it. Reserved is untouched: holds carry across the boundary.
+
+    However many boundaries lie in between, the result is what crossing them one at a time gives
+    (``roll.lua`` mirrors this): each period's allocation repays debt first, so a budget nobody
+    touched for a while ends the same whether or not anyone looked at it in between."""
+    steps = state.periods_passed(new_start)
+    base, policy = state.base, state.rollover
+    if steps and debt:  # the first boundary: what the ended period left unused may carry
+        allocated = base + _carry(policy, base, allocated - spent - debt)
+        spent = min(debt, allocated)
+        debt -= spent
+        steps -= 1
+    if steps and debt and base:  # later ones: nothing is unused while in debt; each allocation repays
+        full = min(steps, debt // base)
+        if full:
+            allocated, spent, debt, steps = base, base, debt - full * base, steps - full
+        if steps and debt:  # less than an allocation left: the next one repays it
+            allocated, spent, debt, steps = base, debt, 0, steps - 1
+    elif steps and debt:  # no allocation: later periods have nothing, and the debt stays
+        allocated, spent, steps = 0, 0, 0
+    if steps and not debt:  # the remaining boundaries, debt-free, in closed form
+        first = base + _carry(policy, base, allocated - spent)
+        if policy == "CARRY_FORWARD":
+            allocated = first + (steps - 1) * base
+        elif policy == "CAP_AT_ALLOCATED":
+            allocated = first if steps == 1 else base + min(first, base)
+        else:
+            allocated = base
+        spent = 0
     state.start_ms, state.end_ms = new_start, new_end
-    return new_allocated, repay, debt - repay
+    return allocated, spent, debt
+
+
+def _carry(policy: str, base: int, unused: int) -> int:
+    """What one boundary carries into the next period's allocation."""
+    if policy == "NONE":
+        return 0
+    unused = max(0, unused)
+    return min(unused, base) if policy == "CAP_AT_ALLOCATED" else unused
 
 
 @dataclass(slots=True, frozen=True)

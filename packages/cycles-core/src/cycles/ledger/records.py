@@ -72,9 +72,9 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from cycles.errors import InvalidRequest
+from cycles.errors import InvalidRequest, LedgerUnavailable
 from cycles.ledger.sqlite import connect
 
 try:  # POSIX; elsewhere SQLite's busy handler alone serialises writers
@@ -918,6 +918,34 @@ return 1
 """
 
 
+_Store = TypeVar("_Store", bound=RecordStore)
+
+
+def _outages_as_unavailable(cls: type[_Store]) -> type[_Store]:
+    """Every Redis call of the store's primitives raises a Redis outage as ``LedgerUnavailable``,
+    as the Redis ledger does (a server answers it 503 with Retry-After, never 500)."""
+
+    def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                from cycles.ledger.redis import _TRANSIENT_ERRORS  # redis is there: this store uses it
+
+                if isinstance(exc, _TRANSIENT_ERRORS):
+                    raise LedgerUnavailable(f"Redis is unavailable for events and audit records: {exc}") from exc
+                raise
+
+        call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+        return call
+
+    for name, fn in list(vars(cls).items()):
+        if callable(fn) and not name.startswith("__") and name not in ("_docs", "_all", "_tenant", "_bodies"):
+            setattr(cls, name, guarded(fn))
+    return cls
+
+
+@_outages_as_unavailable
 class RedisRecordStore(RecordStore):
     """Under ``<prefix>:{!records}:`` beside the ledger (see the module docstring)."""
 

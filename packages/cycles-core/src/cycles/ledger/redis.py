@@ -30,6 +30,10 @@ traffic a tenant). ``{!}`` holds the few global keys::
     <p>:{<t>}:idx                     zset    reservation id -> deadline (expires_at + grace) while
                                               ACTIVE, purge time (finished + 24 h) once finished
     <p>:{<t>}:i:<endpoint>:<tenant>:<key>   string  idempotency record, TTL 24 h
+    <p>:{<t>}:ix:<owner>              zset    "<created_at_ms, 13 digits>:<id>" (scores 0) of the owner's
+                                              reservations in the slot: keyset-paged listing (ZRANGE BYLEX)
+    <p>:{<t>}:bix                     zset    "<scope>\0<unit>" of every budget: keyset-paged balances
+    <p>:{<t>}:active                  hash    owner -> ACTIVE reservations it holds (the per-tenant limit)
     <p>:{!}:tenants                   set     every tag with budgets (list_budgets, round-robin sweep)
     <p>:{!}:due, <p>:{!}:duev         zset, hash  tag -> a lower bound of the earliest time something
                                               in the slot falls due; tag -> version (for the sweep's CAS)
@@ -71,8 +75,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -109,8 +115,18 @@ from cycles.errors import (
     UnitMismatch,
     deny_detail_of,
 )
+from cycles.identifiers import is_identifier
 from cycles.ledger import periods, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
+from cycles.ledger.limits import (
+    DEFAULT_LIMITS,
+    RateLimiter,
+    TenantLimits,
+    active_limit_error,
+    check_metadata,
+    limits_from_query,
+)
+from cycles.ledger.paging import SCAN_BUDGET, ReservationScan, peek_position
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.rules import BudgetRow, IdempotencyRecord, ReservationRow
 from cycles.models import (
@@ -144,6 +160,8 @@ from cycles.scopes import derive_scopes, parse_scope, scope_tenant
 
 __all__ = ["AsyncRedisLedger", "RedisLedger", "open_async_redis", "open_redis"]
 
+logger = logging.getLogger("cycles.ledger")
+
 T = TypeVar("T")
 
 NO_TENANT_TAG = "~"
@@ -157,10 +175,11 @@ LAZY_EXPIRY = 100
 DEFAULT_RETRIES = 2
 #: Registry slots each sweep also visits in round-robin order.
 SWEEP_ROUND_ROBIN = 10
+#: Reservations one sweep script expires at most: each script stays short, as Redis runs one at a time.
+SWEEP_BATCH = 100
 
 _UNIT_ORDER = tuple(sorted(Unit, key=lambda u: u.value))  # the order budget_units reports (as sqlite)
-_TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 _REASON = {
     "BUDGET_NOT_FOUND": "BUDGET_NOT_FOUND",
     "OVER_LIMIT": "OVERDRAFT_LIMIT_EXCEEDED",
@@ -212,7 +231,6 @@ _SCRIPT_NAMES = (
     "get_budget",
     "get_reservation",
     "snapshot_budgets",
-    "snapshot_reservations",
     "sweep_slot",
     "touch",
     "due_tags",
@@ -397,6 +415,8 @@ class _Context:
     idempotency_key: str = ""
     endpoint: str = ""
     scope: str = ""
+    owner: str | None = None
+    active_limit: int = 0
 
 
 class _ScriptError(Exception):
@@ -510,6 +530,8 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
             f"idempotency key {key!r} was already used on {endpoint} with a different payload",
             details={"idempotency_key": key, "endpoint": endpoint},
         )
+    if tag == "LIMIT_EXCEEDED":
+        return active_limit_error(ctx.active_limit, args[0], ctx.owner)
     if tag == "TOO_LARGE":
         return InvalidRequest(f"the Redis ledger keeps amounts below 2**53; this would make {args[0]}")
     return InternalError(f"unexpected reply from a Cycles Lua script: {tag} {args}")
@@ -579,6 +601,7 @@ class _Snapshot:
     """
 
     include_balances = False
+    limits = DEFAULT_LIMITS
 
     def __init__(
         self,
@@ -586,8 +609,11 @@ class _Snapshot:
         budgets: Iterable[BudgetRow] = (),
         reservations: Iterable[ReservationRow] = (),
         meta: dict[str, str] | None = None,
+        complete: bool = True,
     ):
         self.now_ms = now_ms
+        #: False for a window read from an index: reading past its end raises ``_NeedMore``.
+        self.complete = complete
         self._budgets = {(b.scope, b.unit): b for b in budgets}
         self._reservations = {r.reservation_id: r for r in reservations}
         self._meta = meta or {}
@@ -615,6 +641,34 @@ class _Snapshot:
 
     def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterator[ReservationRow]:
         return (r for r in self._reservations.values() if all_tenants or r.tenant == tenant)
+
+    def page_reservations(self, scan: ReservationScan) -> Iterator[ReservationRow]:
+        statuses, descending, after = scan.statuses, scan.descending, scan.after
+        rows = sorted(
+            (
+                r
+                for r in self.iter_reservations(scan.tenant, scan.all_tenants)
+                if statuses is None or r.status in statuses
+            ),
+            key=lambda r: (r.created_at_ms, r.reservation_id),
+            reverse=descending,
+        )
+        for r in rows:
+            key = (r.created_at_ms, r.reservation_id)
+            if after is None or (key < after if descending else key > after):
+                yield r
+        if not self.complete:
+            raise _NeedMore
+
+    def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterator[BudgetRow]:
+        for b in sorted(self.iter_budgets(tenant, all_tenants), key=lambda b: (b.scope, b.unit.value)):
+            if after is None or (b.scope, b.unit.value) > after:
+                yield b
+        if not self.complete:
+            raise _NeedMore
+
+    def active_reservations(self, owner: str | None) -> int:
+        return 0
 
     def due_reservations(self, now_ms: int, limit: int) -> list[str]:
         return []
@@ -650,16 +704,67 @@ def _periods_of(rows: Iterable[tuple[str, list[Any]]]) -> dict[str, str]:
 _PERIOD_ROLL = b'["E","PERIOD_ROLL"'
 
 
+_GONE = object()  # a reservation hash that no longer exists
+
+
+class _NeedMore(Exception):
+    """A page read past the end of the index window it was given: fetch a larger one."""
+
+
+def _budget_from_packed(scope: str, unit: str, packed: str, caps: str | None) -> BudgetRow:
+    """A budget from its field in the slot's budgets hash (common.lua ``parse_budget``)."""
+    a, s, r, d, o, x, st = packed.split(",", 6)
+    return BudgetRow(
+        scope,
+        Unit(unit),
+        scope_tenant(scope),
+        int(a),
+        int(s),
+        int(r),
+        int(d),
+        int(o),
+        x == "1",
+        st,
+        _caps(caps) if caps else None,
+    )
+
+
+def _row_from_hash(rid: str, f: list[Any]) -> list[Any]:
+    """A reservation hash's RFIELDS (common.lua) as ``reservation_json`` would send them."""
+    status, tenant, unit, amount, budgeted, created, expires, grace, policy, committed, finalized, ext, info, cmeta = (
+        None if v is None else _str(v) for v in f
+    )
+    return [
+        rid, status, tenant, unit, int(amount or 0), budgeted or "", int(created or 0), int(expires or 0),
+        int(grace or 0), policy, None if committed is None else int(committed),
+        None if finalized is None else int(finalized), int(ext or 0), from_json(info) if info else None,
+        from_json(cmeta) if cmeta else None,
+    ]  # fmt: skip
+
+
+def _lex_after(member: str | None, descending: bool) -> tuple[str, str]:
+    """ZRANGE ... BYLEX bounds for "strictly after ``member``" in the given direction."""
+    if descending:
+        return ("(" + member if member is not None else "+"), "-"
+    return ("(" + member if member is not None else "-"), "+"
+
+
+_RFIELDS = (
+    "status", "tenant", "unit", "amount", "budgeted", "created", "expires", "grace", "policy",
+    "committed", "finalized", "ext", "info", "cmeta",
+)  # fmt: skip
+
+
 def _reservation_tag(reservation_id: str) -> str | None:
     """The hash tag a reservation id carries, or None when it is not one of ours."""
     if not reservation_id.startswith("rsv_"):
         return None
     tenant, sep, suffix = reservation_id[4:].rpartition("_")
-    if not _HEX32.match(suffix):
+    if not _HEX32.fullmatch(suffix):
         return None
     if not sep:
         return NO_TENANT_TAG
-    return tenant if _TENANT.match(tenant) else None
+    return tenant if is_identifier(tenant) else None
 
 
 def _new_reservation_id(tenant: str | None) -> str:
@@ -675,7 +780,15 @@ class _RedisCore:
 
     url: str
 
-    def __init__(self, *, url: str, prefix: str, clock: Callable[[], int] | None, include_balances: bool) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        prefix: str,
+        clock: Callable[[], int] | None,
+        include_balances: bool,
+        limits: TenantLimits = DEFAULT_LIMITS,
+    ) -> None:
         if not prefix or "{" in prefix or "}" in prefix:
             raise InvalidRequest(f"invalid Redis key prefix {prefix!r}: non-empty, without braces")
         self.url = url
@@ -687,6 +800,9 @@ class _RedisCore:
         self._registry = self._global + "tenants"
         #: tag -> (policy version, scope -> policy JSON or None): see ``_gated``
         self._policies: dict[str, tuple[str, dict[str, str | None]]] = {}
+        #: What one tenant may make the ledger keep (see ``cycles.ledger.limits``).
+        self.limits = limits
+        self._rate = RateLimiter(limits.max_reservations_per_second)
 
     def _base(self, tag: str) -> str:
         return f"{self.prefix}:{{{tag}}}:"
@@ -839,6 +955,9 @@ class _RedisCore:
         owner = tenant if tenant is not None else subject.tenant
         rid_new, digest, info = _new_reservation_id(subject.tenant), rules.fingerprint(req), _info(req)
         pct = quotas.headroom_pct(req.action) if req.action.tags else 0
+        check_metadata(self.limits, req.metadata)
+        if not req.dry_run:
+            self._rate.take(owner)
 
         def call(version: str, plan: str, tenant_observes: bool) -> _Call:
             dry = req.dry_run or quotas.observing(req.observe_mode, tenant_observes)
@@ -859,6 +978,7 @@ class _RedisCore:
                 version,
                 plan,
                 pct,
+                self.limits.max_active_reservations,
                 *scopes,
                 key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
             )
@@ -872,7 +992,17 @@ class _RedisCore:
             if observe:
                 quotas.record_observation(req, denied, tenant)
             return denied
-        reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="reserve"))
+        reply = _open(
+            raw,
+            lambda: _Context(
+                scopes,
+                unit,
+                idempotency_key=req.idempotency_key,
+                endpoint="reserve",
+                owner=owner,
+                active_limit=self.limits.max_active_reservations,
+            ),
+        )
         rid, expires_at, rows, denial, caps_list = reply.payload
         caps = _merge(caps_list) if denial is None else None
         if denial is not None:
@@ -970,6 +1100,7 @@ class _RedisCore:
 
     def _commit(self, reservation_id: str, req: CommitRequest, tenant: str | None) -> _Flow[CommitResponse]:
         _check_amount(req.actual)
+        check_metadata(self.limits, req.metadata, "commit metadata")
         raw = yield self._settle_call(
             "commit",
             reservation_id,
@@ -1071,7 +1202,8 @@ class _RedisCore:
             balances=self._balances_of(rows, unit),
         )
 
-    # -- reads: scripts expire what is due and return rows; rules answers over a snapshot --
+    # -- reads: plain commands over the indexes (no script walks a tenant); rules answers over a
+    # snapshot of what was read, showing overdue reservations as EXPIRED without writing --
 
     def _get_reservation(self, reservation_id: str, tenant: str | None) -> _Flow[ReservationDetail]:
         tag = _reservation_tag(reservation_id)
@@ -1097,28 +1229,159 @@ class _RedisCore:
         return _Snapshot(min(r.now_ms for r in replies), budgets, meta=meta)
 
     def _balances(self, query: BalanceQuery, tenant: str | None) -> _Flow[BalanceResponse]:
-        rules.balances(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
+        checked = rules.balances(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
+        if not query.matchable():
+            return checked
         effective = tenant if tenant is not None else query.tenant
-        if effective is None:
+        if effective is None:  # an operator's query across every tenant: all slots, in full
             tags = yield from self._tags()
-        else:
-            tags = [effective] if effective else []
-        snapshot = yield from self._budget_snapshot(tags)
-        return rules.balances(snapshot, query, tenant)
+            snapshot = yield from self._budget_snapshot(tags)
+            return rules.balances(snapshot, query, tenant)
+        if not effective:
+            return checked
+        # One tenant: a window of its sorted budget index after the cursor, as large as the page
+        # needs (grown only when filters drop rows). Plain reads: no script walks the tenant.
+        base = self._base(effective)
+        yield from self._backfill_budget_index(base)
+        after = peek_position(query.cursor, (str, str))
+        want = query.limit + 1
+        while True:
+            lo, hi = _lex_after(None if after is None else f"{after[0]}\0{after[1]}", False)
+            members = yield _Command(("ZRANGE", base + "bix", lo, hi, "BYLEX", "LIMIT", "0", str(want)))
+            keys = [_str(m).split("\0", 1) for m in members]
+            budgets: list[BudgetRow] = []
+            meta: dict[str, str] = {}  # recurring budgets' periods, so a page shows the current one
+            if keys:
+                suffixes = ("", "|caps", "|period")
+                fields = [f"{scope}|{unit}{suffix}" for scope, unit in keys for suffix in suffixes]
+                values = yield _Command(("HMGET", base + "budgets", *fields))
+                for i, (scope, unit) in enumerate(keys):
+                    packed, caps, period = values[3 * i : 3 * i + 3]
+                    if packed is not None:
+                        budgets.append(_budget_from_packed(scope, unit, _str(packed), caps and _str(caps)))
+                    if period is not None:
+                        meta[periods.meta_key(scope, unit)] = _str(period)
+            now_ms = (yield from self._server_now()) if meta else 0  # the clock matters to periods only
+            snapshot = _Snapshot(now_ms, budgets, complete=len(members) < want, meta=meta)
+            try:
+                return rules.balances(snapshot, query, tenant)
+            except _NeedMore:
+                want = min(want * 4, SCAN_BUDGET + 1)
+
+    def _backfill_budget_index(self, base: str) -> _Flow[None]:
+        """Budgets created before the index existed are added to it once per slot."""
+        if (yield _Command(("EXISTS", base + "bixv"))):
+            return
+        names = yield _Command(("HKEYS", base + "budgets"))
+        members = []
+        for name in names:
+            scope, sep, unit = _str(name).rpartition("|")
+            if sep and unit in Unit.__members__:
+                members += ["0", f"{scope}\0{unit}"]
+        if members:
+            yield _Command(("ZADD", base + "bix", *members))
+        yield _Command(("SET", base + "bixv", "1"))
 
     def _list_reservations(self, query: ReservationQuery, tenant: str | None) -> _Flow[ReservationListResponse]:
-        rules.list_reservations(_Snapshot(0), query, tenant)  # the rules' own checks of the query and cursor
+        checked = rules.list_reservations(_Snapshot(0), query, tenant)  # the rules' own checks of the query
+        if not query.matchable():
+            return checked
         effective = tenant if tenant is not None else (query.tenant or None)
-        if effective is None:
-            tags = yield from self._tags()
-        else:  # a tenant's reservations: its slot, plus those it made for tenant-less subjects
-            tags = [effective, NO_TENANT_TAG]
-        if not tags:
-            return rules.list_reservations(_Snapshot(0), query, tenant)
-        raws = yield [self._call("snapshot_reservations", t) for t in tags]
-        replies = [_open(r) for r in raws]
-        rows = [_reservation(row) for reply in replies for row in reply.payload]
-        return rules.list_reservations(_Snapshot(min(r.now_ms for r in replies), (), rows), query, tenant)
+        if effective is None or (query.sort_by or "created_at_ms") != "created_at_ms":
+            # Every tenant (an operator's query), or an order no index keeps: the slots in full.
+            if effective is None:
+                tags = yield from self._tags()
+            else:
+                tags = [effective, NO_TENANT_TAG]
+            if not tags:
+                return checked
+            # Plain reads of each slot's rows (its time index, then the rows in batches): the work
+            # is the client's, and no script holds Redis for the length of a tenant.
+            ranges = yield [_Command(("ZRANGE", self._base(t) + "idx", "0", "-1")) for t in tags]
+            targets = [(self._base(t), _str(rid)) for t, ids in zip(tags, ranges, strict=True) for rid in ids]
+            now_ms, found = yield from self._read_rows(targets)
+            rows = [row for row in found if row is not None]
+            return rules.list_reservations(_Snapshot(now_ms, (), rows), query, tenant)
+        # One tenant, newest or oldest first: its rows are in two slots (its own, and the tenant-less
+        # one for subjects without a tenant), each with a sorted index per owner. Read a window of
+        # both after the cursor, as large as the page needs; plain reads, no script.
+        indexes = [self._base(effective), self._base(NO_TENANT_TAG)]
+        for base in indexes:
+            yield from self._backfill_reservation_index(base)
+        after = peek_position(query.cursor, (int, str))
+        descending = query.sort_dir == "desc"
+        lo, hi = _lex_after(None if after is None else f"{after[0]:013d}:{after[1]}", descending)
+        rev = ("REV",) if descending else ()
+        want = query.limit + 1
+        while True:
+            found = yield [
+                _Command(("ZRANGE", base + "ix:" + effective, lo, hi, "BYLEX", *rev, "LIMIT", "0", str(want)))
+                for base in indexes
+            ]
+            merged = sorted(
+                ((_str(m), base) for base, members in zip(indexes, found, strict=True) for m in members),
+                reverse=descending,
+            )[:want]
+            complete = all(len(members) < want for members in found)
+            snapshot = yield from self._reservation_window(merged, "ix:" + effective, complete)
+            try:
+                return rules.list_reservations(snapshot, query, tenant)
+            except _NeedMore:
+                want = min(want * 4, SCAN_BUDGET + 1)
+
+    def _reservation_window(self, members: list[tuple[str, str]], index: str, complete: bool) -> _Flow[_Snapshot]:
+        now_ms, found = yield from self._read_rows([(base, m[14:]) for m, base in members])
+        stale: list[_Call | _Command] = [
+            _Command(("ZREM", base + index, member))  # the hash is gone (its key TTL ran out first)
+            for (member, base), row in zip(members, found, strict=True)
+            if row is _GONE
+        ]
+        if stale:
+            yield stale
+        rows = [row for row in found if isinstance(row, ReservationRow)]
+        return _Snapshot(now_ms, (), rows, complete=complete)
+
+    def _read_rows(self, targets: list[tuple[str, str]]) -> _Flow[tuple[int, list[Any]]]:
+        """The reservation rows ``(slot base, id)``, in order, read with pipelined HMGETs in batches
+        (``_GONE`` for a missing hash, ``None`` for one that cannot be read), and the server time."""
+        now_ms = yield from self._server_now()
+        found: list[Any] = []
+        for start in range(0, len(targets), 500):
+            chunk = targets[start : start + 500]
+            replies = yield [_Command(("HMGET", base + "r:" + rid, *_RFIELDS)) for base, rid in chunk]
+            for (_, rid), fields in zip(chunk, replies, strict=True):
+                found.append(_GONE if fields[0] is None else self._parse_row(_row_from_hash(rid, fields)))
+        return now_ms, found
+
+    def _server_now(self) -> _Flow[int]:
+        """The ledger's clock: the injected one, else Redis's TIME (the clock its scripts use)."""
+        if self._clock is not None:
+            return int(self._clock())
+        t = yield _Command(("TIME",))
+        return int(_str(t[0])) * 1000 + int(_str(t[1])) // 1000
+
+    def _parse_row(self, raw: list[Any]) -> ReservationRow | None:
+        """A stored reservation, or None (logged) when it cannot be read back: one bad row must
+        not fail every listing of its tenant."""
+        try:
+            return _reservation(raw)
+        except (ValueError, TypeError, KeyError, IndexError) as exc:
+            logger.error("unreadable reservation %s skipped: %s", raw[0] if raw else "?", type(exc).__name__)
+            return None
+
+    def _backfill_reservation_index(self, base: str) -> _Flow[None]:
+        """Reservations made before the listing index existed are added to it once per slot."""
+        if (yield _Command(("EXISTS", base + "ixv"))):
+            return
+        ids = [_str(r) for r in (yield _Command(("ZRANGE", base + "idx", "0", "-1")))]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            fields = yield [_Command(("HMGET", base + "r:" + rid, "tenant", "created")) for rid in chunk]
+            for rid, (owner, created) in zip(chunk, fields, strict=True):
+                if created is not None:
+                    owner_key = base + "ix:" + (_str(owner) if owner is not None else "")
+                    yield _Command(("ZADD", owner_key, "0", f"{int(_str(created)):013d}:{rid}"))
+        yield _Command(("SET", base + "ixv", "1"))
 
     # -- operator plane --
 
@@ -1196,8 +1459,7 @@ class _RedisCore:
         seen = set()
         for tag, version in due:
             seen.add(tag)
-            raw = yield self._call("sweep_slot", tag, max(0, limit - expired))
-            count, next_deadline = _open(raw).payload
+            count, next_deadline = yield from self._sweep_slot(tag, limit - expired)
             expired += count
             yield _Call(
                 _SCRIPTS["cas"],
@@ -1208,15 +1470,29 @@ class _RedisCore:
             tag = _str(tag)
             if tag in seen:
                 continue
-            raw = yield self._call("sweep_slot", tag, max(0, limit - expired))
-            count, next_deadline = _open(raw).payload
+            count, next_deadline = yield from self._sweep_slot(tag, limit - expired)
             expired += count
             if next_deadline is not None:
                 yield _Call(_SCRIPTS["touch"], (self._global,), (self._now(), tag, next_deadline))
         return expired
 
+    def _sweep_slot(self, tag: str, limit: int) -> _Flow[tuple[int, Any]]:
+        """Expire up to ``limit`` in one slot, ``SWEEP_BATCH`` per script: Redis runs one script at a
+        time, so a slot with thousands due must not hold every other client for their length."""
+        expired, next_deadline = 0, None
+        while True:
+            batch = max(0, min(SWEEP_BATCH, limit - expired))
+            raw = yield self._call("sweep_slot", tag, batch)
+            count, next_deadline = _open(raw).payload
+            expired += count
+            if count < batch or batch == 0:
+                return expired, next_deadline
+
 
 # ---- URL and client options ----------------------------------------------------------------
+
+
+_LIMIT_OPTIONS = frozenset(f.name for f in dataclasses.fields(TenantLimits))
 
 
 @dataclass(slots=True)
@@ -1229,6 +1505,7 @@ class _Options:
     multiplex: bool
     retries: int
     client_kwargs: dict[str, Any]
+    limits: TenantLimits
 
 
 def _parse_url(url: str, options: dict[str, Any], retry_class: type[Any]) -> _Options:
@@ -1236,7 +1513,7 @@ def _parse_url(url: str, options: dict[str, Any], retry_class: type[Any]) -> _Op
     ours: dict[str, str] = {}
     theirs: list[tuple[str, str]] = []
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
-        if k in ("prefix", "cluster", "include_balances", "retries", "multiplex"):
+        if k in ("prefix", "cluster", "include_balances", "retries", "multiplex") or k in _LIMIT_OPTIONS:
             ours[k] = v
         else:
             theirs.append((k, v))
@@ -1257,7 +1534,8 @@ def _parse_url(url: str, options: dict[str, Any], retry_class: type[Any]) -> _Op
     }
     kwargs.update(options)
     multiplex = _flag_option(options.pop("multiplex", ours.get("multiplex", True)))
-    return _Options(clean, display, prefix, cluster, include_balances, multiplex, retries, kwargs)
+    limits = options.pop("limits", None) or limits_from_query(ours)
+    return _Options(clean, display, prefix, cluster, include_balances, multiplex, retries, kwargs, limits)
 
 
 def _flag_option(value: object) -> bool:
@@ -1283,8 +1561,9 @@ class RedisLedger(_RedisCore, Ledger):
         prefix: str = DEFAULT_PREFIX,
         clock: Callable[[], int] | None = None,
         include_balances: bool = False,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances)
+        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances, limits=limits)
         self._client = client
         self._where = _where(url)
 
@@ -1694,8 +1973,9 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         include_balances: bool = False,
         multiplex: bool = True,
         retries: int = DEFAULT_RETRIES,
+        limits: TenantLimits = DEFAULT_LIMITS,
     ) -> None:
-        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances)
+        super().__init__(url=url, prefix=prefix, clock=clock, include_balances=include_balances, limits=limits)
         self._client = client
         self._where = _where(url)
         pool = getattr(client, "connection_pool", None)
@@ -1817,7 +2097,12 @@ def open_redis(url: str = "redis://127.0.0.1:6379/0", **options: Any) -> RedisLe
         else:
             client = redis.Redis.from_url(opts.url, **opts.client_kwargs)
     return RedisLedger(
-        client, url=opts.display_url, prefix=opts.prefix, clock=clock, include_balances=opts.include_balances
+        client,
+        url=opts.display_url,
+        prefix=opts.prefix,
+        clock=clock,
+        include_balances=opts.include_balances,
+        limits=opts.limits,
     )
 
 
@@ -1839,4 +2124,5 @@ def open_async_redis(url: str = "redis://127.0.0.1:6379/0", **options: Any) -> A
         include_balances=opts.include_balances,
         multiplex=opts.multiplex,
         retries=opts.retries,
+        limits=opts.limits,
     )

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import os
+import threading
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, cast
 
@@ -43,7 +45,10 @@ from cycles.errors import (
     UnitMismatch,
     deny_detail_of,
 )
+from cycles.identifiers import is_identifier
 from cycles.ledger import periods, quotas
+from cycles.ledger.limits import TenantLimits, check_active_limit, check_metadata
+from cycles.ledger.paging import ReservationScan, decode_position, encode_position, keyset_page
 from cycles.models import (
     INT64_MAX,
     Action,
@@ -252,6 +257,11 @@ class Fingerprint:
     @property
     def digest(self) -> str:
         if self._digest is None:
+            ready = getattr(_ready, "digest", None)  # computed before a store's lock (see prepared_digest)
+            if ready is not None and ready[0] is self.request and ready[1] == self.extra:
+                digest: str = ready[2]
+                self._digest = digest
+                return digest
             request = self.request
             if _has_free_form_dicts(request):  # user dicts: key order is the caller's, so canonicalise
                 body = json.dumps(
@@ -274,6 +284,20 @@ class Fingerprint:
         return other.digest == self.digest
 
 
+_ready = threading.local()
+
+
+@contextlib.contextmanager
+def prepared_digest(request: BaseModel, *extra: str) -> Iterator[None]:
+    """Compute ``request``'s fingerprint now -- before a store takes its write lock -- for the
+    ``Fingerprint`` the operation makes of the same request object in this thread."""
+    _ready.digest = (request, extra, Fingerprint(request, *extra).digest)
+    try:
+        yield
+    finally:
+        _ready.digest = None
+
+
 @dataclass(slots=True)
 class IdempotencyRecord:
     """A remembered success. Stores that serialize keep ``fingerprint`` as the digest string and
@@ -289,6 +313,7 @@ class Txn(Protocol):
 
     now_ms: int
     include_balances: bool  # put Balance snapshots into reserve/commit/release/event responses
+    limits: TenantLimits  # per-tenant bounds on storage (metadata size, ACTIVE reservations)
 
     def get_budget(self, scope: str, unit: Unit) -> BudgetRow | None: ...
     def get_budgets(self, scopes: Sequence[str], unit: Unit) -> list[BudgetRow]:
@@ -301,6 +326,19 @@ class Txn(Protocol):
     def get_reservation(self, reservation_id: str) -> ReservationRow | None: ...
     def put_reservation(self, row: ReservationRow) -> None: ...
     def iter_reservations(self, tenant: str | None, all_tenants: bool) -> Iterable[ReservationRow]: ...
+    def page_reservations(self, scan: ReservationScan) -> Iterable[ReservationRow]:
+        """Rows in ``(created_at_ms, reservation_id)`` order (see ``ReservationScan``) from an
+        index: the cost is what the caller reads, not what the store holds."""
+        ...
+
+    def page_budgets(self, tenant: str | None, all_tenants: bool, after: tuple[str, str] | None) -> Iterable[BudgetRow]:
+        """Budgets in ``(scope, unit)`` order strictly after ``after``, from an index."""
+        ...
+
+    def active_reservations(self, owner: str | None) -> int:
+        """How many ACTIVE reservations ``owner`` holds (a maintained count, not a scan)."""
+        ...
+
     def due_reservations(self, now_ms: int, limit: int) -> list[str]: ...
     def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None: ...
     def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None: ...
@@ -594,6 +632,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
             replay.remaining_ttl_ms = _remaining_ttl(txn, row, replay.expires_at_ms)
         return replay
 
+    check_metadata(txn.limits, req.metadata)
     verdict = evaluate(txn, req.subject, req.estimate, req.action)
     observe = quotas.observing(req.observe_mode, verdict.observe)
     # Lazy expiry: budget held by dead clients goes back before we say no.
@@ -621,6 +660,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
 
     if verdict.denial is not None:
         raise verdict.denial
+    owner = tenant if tenant is not None else req.subject.tenant
+    check_active_limit(txn.limits, txn.active_reservations(owner), owner)
 
     amount = req.estimate.amount
     for budget in verdict.budgets:
@@ -629,7 +670,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
     now = txn.now_ms
     row_r = ReservationRow(  # positional: this runs on every reservation, keyword parsing is not free
         new_reservation_id(),
-        tenant if tenant is not None else req.subject.tenant,
+        owner,
         _ACTIVE,
         req.subject,
         req.action,
@@ -829,6 +870,7 @@ def commit(txn: Txn, reservation_id: str, req: CommitRequest, tenant: str | None
             f"actual is in {req.actual.unit.value} but the reservation is in {row.unit.value}",
             details={"requested_unit": req.actual.unit.value, "expected_units": [row.unit.value]},
         )
+    check_metadata(txn.limits, req.metadata, "commit metadata")
     budgets = _budgets_for(txn, row.budgeted_scopes, row.unit)
     charged = _settle_budgets(txn, budgets, row, req.actual.amount, row.overage_policy)
     row.status = ReservationStatus.COMMITTED
@@ -972,6 +1014,11 @@ class SubjectFilter:
     def pairs(self) -> list[tuple[str, str]]:
         return [(lvl, v) for lvl in LEVELS if (v := getattr(self, lvl)) not in (None, "")]
 
+    def matchable(self) -> bool:
+        """Whether any stored row could match: stored levels are identifiers, so a filter value that
+        is not one matches nothing (and must never reach an index key)."""
+        return all(is_identifier(value) for _, value in self.pairs())
+
     def matches_scope(self, scope: str) -> bool:
         levels = dict(parse_scope(scope))
         return all(levels.get(lvl) == v for lvl, v in self.pairs())
@@ -1051,13 +1098,20 @@ def balances(txn: Txn, query: BalanceQuery, tenant: str | None) -> BalanceRespon
         raise InvalidRequest("at least one of tenant, workspace, app, workflow, agent, toolset is required")
     if tenant is not None and query.tenant not in (None, "", tenant):
         raise Forbidden("balances can only be queried within the authenticated tenant")
+    _check_limit(query.limit)
+    if not query.matchable():
+        return trusted(BalanceResponse, balances=[], next_cursor=None, has_more=False)
     effective = tenant if tenant is not None else query.tenant
-    rows = [row for row in txn.iter_budgets(effective, all_tenants=effective is None) if query.matches_scope(row.scope)]
-    rows.sort(key=lambda r: (r.scope, r.unit.value))
-    if rows:
-        roll_periods(txn, rows)
     binding = hashlib.sha256(repr((query.pairs(), effective)).encode()).hexdigest()[:16]
-    page, next_cursor = _page(rows, query.limit, query.cursor, binding)
+    after = decode_position(query.cursor, binding, (str, str))
+    page, position = keyset_page(
+        txn.page_budgets(effective, effective is None, after),
+        lambda r: r if query.matches_scope(r.scope) else None,
+        lambda r: (r.scope, r.unit.value),
+        query.limit,
+    )
+    page, _ = current_view(txn, page)
+    next_cursor = encode_position(position, binding) if position is not None else None
     return trusted(
         BalanceResponse,
         balances=[r.to_balance() for r in page],
@@ -1078,11 +1132,20 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
             raise InvalidRequest(f"{name}: the lower bound is after the upper bound")
     if query.sort_dir not in ("asc", "desc"):
         raise InvalidRequest("sort_dir must be asc or desc")
+    _check_limit(query.limit)
+    if not query.matchable():
+        return trusted(ReservationListResponse, reservations=[], next_cursor=None, has_more=False)
     effective = tenant if tenant is not None else (query.tenant or None)
 
-    def keep(r: ReservationRow) -> bool:
+    def keep(r: ReservationRow) -> ReservationRow | None:
+        # A read writes nothing (it may run outside the write lock): an overdue reservation is
+        # shown as the EXPIRED it is, and the sweep or the next write returns its amount.
         if r.status is ReservationStatus.ACTIVE and txn.now_ms > r.deadline_ms:
-            _expire(txn, r)
+            r = r.copy()
+            r.status = ReservationStatus.EXPIRED
+        return r if _matches(r) else None
+
+    def _matches(r: ReservationRow) -> bool:
         if query.status is not None and r.status is not query.status:
             return False
         if query.idempotency_key is not None and r.idempotency_key != query.idempotency_key:
@@ -1105,9 +1168,6 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
                 return False
         return True
 
-    rows = [r for r in txn.iter_reservations(effective, all_tenants=effective is None) if keep(r)]
-    key = SORT_KEYS.get(query.sort_by or "created_at_ms", SORT_KEYS["created_at_ms"])
-    rows.sort(key=lambda r: (key(r), r.reservation_id), reverse=query.sort_dir == "desc")
     binding = hashlib.sha256(
         repr(
             (
@@ -1126,7 +1186,29 @@ def list_reservations(txn: Txn, query: ReservationQuery, tenant: str | None) -> 
             )
         ).encode()
     ).hexdigest()[:16]
-    page, next_cursor = _page(rows, query.limit, query.cursor, binding)
+    if (query.sort_by or "created_at_ms") == "created_at_ms":  # the default order: an index walk
+        statuses: tuple[ReservationStatus, ...] | None
+        if query.status is None:
+            statuses = None
+        elif query.status is ReservationStatus.EXPIRED:  # overdue ACTIVE rows read as EXPIRED
+            statuses = (ReservationStatus.EXPIRED, _ACTIVE)
+        else:
+            statuses = (query.status,)
+        after = decode_position(query.cursor, binding, (int, str))
+        page, position = keyset_page(
+            txn.page_reservations(
+                ReservationScan(effective, effective is None, statuses, query.sort_dir == "desc", after)
+            ),
+            keep,
+            lambda r: (r.created_at_ms, r.reservation_id),
+            query.limit,
+        )
+        next_cursor = encode_position(position, binding) if position is not None else None
+    else:  # other sort keys have no index: sorted in full (bounded by the tenant's retained rows)
+        rows = [k for r in txn.iter_reservations(effective, all_tenants=effective is None) if (k := keep(r))]
+        key = SORT_KEYS[query.sort_by or "created_at_ms"]
+        rows.sort(key=lambda r: (key(r), r.reservation_id), reverse=query.sort_dir == "desc")
+        page, next_cursor = _page(rows, query.limit, query.cursor, binding)
     summaries = []
     for r in page:
         s = r.to_summary()
@@ -1224,14 +1306,14 @@ def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:
     for u in units:
         row = txn.get_budget(scope, u)
         if row is not None:
-            state = roll_periods(txn, [row]).get(row.scope)
-            return with_period(row.to_budget(), state)
+            (row,), states = current_view(txn, [row])
+            return with_period(row.to_budget(), states.get(row.scope))
     raise NotFound(f"Budget not found for provided scope: {scope}")
 
 
 def list_budgets(txn: Txn, tenant: str | None) -> list[Balance]:
     rows = sorted(txn.iter_budgets(tenant, all_tenants=tenant is None), key=lambda r: (r.scope, r.unit.value))
-    states = roll_periods(txn, rows, by_unit=True) if rows else {}
+    rows, states = current_view(txn, rows, by_unit=True)
     return [with_period(r.to_budget(), states.get(f"{r.scope}|{r.unit.value}")) for r in rows]
 
 
@@ -1277,9 +1359,12 @@ def with_period(balance: _B, state: periods.PeriodState | None) -> _B:
     return balance
 
 
-def roll_periods(txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False) -> dict[str, periods.PeriodState]:
+def roll_periods(
+    txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False, persist: bool = True
+) -> dict[str, periods.PeriodState]:
     """Roll over the budgets among ``rows`` whose period has ended (inside the caller's
-    transaction). Returns the period of each periodic row, by scope (or ``scope|unit``)."""
+    transaction). Returns the period of each periodic row, by scope (or ``scope|unit``).
+    ``persist=False``: the rows change, the store does not (see ``current_view``)."""
     keys = [periods.meta_key(r.scope, r.unit.value) for r in rows]
     found = txn.get_meta(keys)
     if not found:
@@ -1294,10 +1379,21 @@ def roll_periods(txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False) 
             start, end = state.next_window(txn.now_ms)
             row.allocated, row.spent, row.debt = periods.rollover(state, start, end, row.allocated, row.spent, row.debt)
             _reconcile_over_limit(row)
-            txn.put_budget(row)
-            txn.put_meta(key, state.dumps())
+            if persist:
+                txn.put_budget(row)
+                txn.put_meta(key, state.dumps())
         out[f"{row.scope}|{row.unit.value}" if by_unit else row.scope] = state
     return out
+
+
+def current_view(
+    txn: Txn, rows: Sequence[BudgetRow], *, by_unit: bool = False
+) -> tuple[list[BudgetRow], dict[str, periods.PeriodState]]:
+    """For reads, which never write (they may run outside the write lock, and a store may hand out
+    its live rows): copies of ``rows`` showing the current period's figures, and the periods. The
+    next write to such a budget rolls it over for real, with the same arithmetic."""
+    copies = [r.copy() for r in rows]
+    return copies, (roll_periods(txn, copies, by_unit=by_unit, persist=False) if copies else {})
 
 
 # ---- action quotas and action-kind access (quotas.py holds the rules; this is their storage) ---

@@ -8,6 +8,7 @@ and error messages are built only when there is an error.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from cycles.errors import ADMIN_ERROR_CODES, PROTOCOL_ERROR_CODES, CyclesError, InvalidRequest
+from cycles.errors import ADMIN_ERROR_CODES, PROTOCOL_ERROR_CODES, CyclesError, InvalidRequest, LedgerUnavailable
 
 __all__ = [
     "JSON_HEADERS",
@@ -37,8 +38,8 @@ __all__ = [
 #: them grow, and 64 KiB leaves room for those while bounding what one request can make us parse.
 MAX_BODY_BYTES = 64 * 1024
 
-_TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
-_TRACE_ID = re.compile(r"^[0-9a-f]{32}$")
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_TRACE_ID = re.compile(r"[0-9a-f]{32}")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _ERROR_CODES = frozenset(PROTOCOL_ERROR_CODES) | frozenset(ADMIN_ERROR_CODES)  # governance routes
@@ -57,13 +58,13 @@ def trace_id_from(headers: Mapping[str, str]) -> str:
     ``X-Cycles-Trace-Id``, else a fresh id. Malformed headers are ignored, never rejected."""
     parent = headers.get("traceparent")
     if parent:
-        m = _TRACEPARENT.match(parent.strip())
+        m = _TRACEPARENT.fullmatch(parent.strip())
         if m and m.group(1) != _ZERO_TRACE and m.group(2) != _ZERO_SPAN:
             return m.group(1)
     flat = headers.get("x-cycles-trace-id")
     if flat:
         flat = flat.strip()
-        if _TRACE_ID.match(flat) and flat != _ZERO_TRACE:
+        if _TRACE_ID.fullmatch(flat) and flat != _ZERO_TRACE:
             return flat
     while True:
         fresh = os.urandom(16).hex()
@@ -200,12 +201,32 @@ def error_body(
 
 
 def error_status(exc: CyclesError) -> tuple[str, int]:
-    """The wire (code, status) of a Cycles error. Codes outside the protocol's ErrorCode enum, and
-    statuses the spec does not declare (503 for an unreachable ledger), become 500 INTERNAL_ERROR,
-    which every operation declares and every client treats as retryable."""
+    """The wire (code, status) of a Cycles error. Codes outside the protocol's ErrorCode enum become
+    500 INTERNAL_ERROR, which every operation declares and every client treats as retryable. A
+    ledger that cannot be reached (Redis down, SQLite locked) is 503 with ``Retry-After``: the same
+    retryable INTERNAL_ERROR code, but a status that says "unavailable, come back", which load
+    balancers and HTTP clients act on, rather than "this server is broken"."""
+    if isinstance(exc, LedgerUnavailable):
+        return "INTERNAL_ERROR", 503
     if exc.code not in _ERROR_CODES or exc.http_status >= 500:
         return "INTERNAL_ERROR", 500
     return exc.code, exc.http_status
+
+
+#: Retry-After (seconds) on a 503 for an unavailable ledger.
+UNAVAILABLE_RETRY_AFTER_S = 1
+
+
+def retry_headers(exc: CyclesError, status: int, now_s: float) -> list[tuple[bytes, bytes]]:
+    """``Retry-After`` (delta-seconds, as the spec allows) on 429 and 503, and on 429 the spec's
+    ``X-RateLimit-Reset`` (Unix seconds)."""
+    if status == 429:
+        wait = max(1, math.ceil(exc.retry_after_s or 1))
+        return [(b"retry-after", str(wait).encode()), (b"x-ratelimit-reset", str(math.ceil(now_s + wait)).encode())]
+    if status == 503:
+        wait = max(1, math.ceil(exc.retry_after_s or UNAVAILABLE_RETRY_AFTER_S))
+        return [(b"retry-after", str(wait).encode())]
+    return []
 
 
 def parse_ms(value: str | None, name: str) -> int | None:

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 from starlette.requests import Request
 
 from cycles.errors import InvalidRequest, NotFound
+from cycles.identifiers import IDENTIFIER_MAX, IDENTIFIER_PATTERN, check_identifier
 from cycles.ledger import periods
 from cycles.ledger.quotas import PolicyEdit
 from cycles.models import Amount, Caps, Unit
@@ -54,7 +55,7 @@ __all__ = [
 
 Reply = tuple[int, bytes]
 Scope = Annotated[str, StringConstraints(min_length=1, max_length=1024)]
-TenantName = Annotated[str, StringConstraints(min_length=1, max_length=128, pattern=r"^[a-zA-Z0-9_.-]+$")]
+TenantName = Annotated[str, StringConstraints(min_length=1, max_length=IDENTIFIER_MAX, pattern=IDENTIFIER_PATTERN)]
 
 
 class _Body(BaseModel):
@@ -112,10 +113,8 @@ def _unit_param(request: Request) -> Unit | None:
 
 
 def _tenant_param(request: Request) -> str | None:
-    tenant = (request.query_params.get("tenant") or "").strip() or None
-    if tenant is not None and len(tenant) > 128:
-        raise InvalidRequest("tenant is longer than 128 characters")
-    return tenant
+    tenant = request.query_params.get("tenant") or None  # checked whole: "acme\n" is not "acme"
+    return None if tenant is None else check_identifier(tenant, "tenant")
 
 
 async def set_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
@@ -164,7 +163,8 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
 async def sweep(s: CyclesServer, request: Request, p: Principal) -> Reply:
     """Expire reservations past their deadline now (the server also does it every few seconds)."""
     raw = (request.query_params.get("limit") or "1000").strip()
-    if not raw.isdigit() or not 1 <= int(raw) <= 100_000:
+    # ASCII digits only: str.isdigit() and int() also take "١٢" and "²", which are not a limit.
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 6 or not 1 <= int(raw) <= 100_000:
         raise InvalidRequest("limit must be a whole number from 1 to 100000")
     expired = await s.timed("sweep", s.ledger.sweep(int(raw)))
     return 200, s.dumps({"expired": expired})

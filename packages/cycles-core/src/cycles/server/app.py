@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import json
 import logging
 import os
@@ -28,11 +29,17 @@ from starlette.types import Receive, Scope, Send
 
 from cycles.errors import CyclesError, Denied, InternalError, LedgerUnavailable, NotFound
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
-from cycles.ledger.rules import ReservationQuery
-from cycles.models import Balance, ReservationStatus, Unit
+from cycles.models import Balance, Unit
 from cycles.otel import instrument, instrument_app, wrap_ledger
 from cycles.server import admin, governance, routes, shadow_routes
-from cycles.server._http import MAX_BODY_BYTES, error_body, error_status, new_request_id, trace_id_from
+from cycles.server._http import (
+    MAX_BODY_BYTES,
+    error_body,
+    error_status,
+    new_request_id,
+    retry_headers,
+    trace_id_from,
+)
 from cycles.server.access_log import ACCESS_LOGGER, access_record, configure_logging
 from cycles.server.auth import Authenticator, Principal
 from cycles.server.keys import KeyStore, open_key_store
@@ -48,7 +55,6 @@ Handler = Callable[["CyclesServer", Request, Principal], Awaitable[tuple[int, by
 
 NOBODY = Principal(tenant=None)
 _ACTIVE_COUNT_TTL_S = 5.0
-_ACTIVE_COUNT_CAP = 10_000
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
@@ -67,8 +73,11 @@ class CyclesServer:
         key_cache_ttl_s: float = 2.0,
         access_log: bool = True,
         sweep_interval_s: float = 5.0,
+        metrics_token: str | None = None,
     ) -> None:
         self.ledger = ledger
+        #: When set, ``/metrics`` answers only ``Authorization: Bearer <metrics_token>``.
+        self.metrics_token = metrics_token
         self.keys = keys
         self.auth = Authenticator(keys, admin_key, cache_ttl_s=key_cache_ttl_s)
         self.metrics = Metrics()
@@ -121,6 +130,7 @@ class CyclesServer:
         scope["cycles.ids"] = (request_id, trace_id)  # for audit entries and events (governance)
         principal = NOBODY
         error: str | None = None
+        extra_headers: list[tuple[bytes, bytes]] = []
         try:
             if auth == "api":
                 principal = await self.auth.tenant(headers)
@@ -131,7 +141,8 @@ class CyclesServer:
             status, body = await handler(self, request, principal)
         except CyclesError as exc:
             error, status = error_status(exc)
-            if status == 500:
+            extra_headers = retry_headers(exc, status, time.time())
+            if status >= 500:
                 logger.error(
                     "ledger error on %s: %s",
                     route,
@@ -160,6 +171,7 @@ class CyclesServer:
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", request_id.encode()),
             (b"x-cycles-trace-id", trace_id.encode()),
+            *extra_headers,
         ]
         if principal.tenant is not None:
             raw_headers.append((b"x-cycles-tenant", principal.tenant.encode()))
@@ -241,6 +253,13 @@ class CyclesServer:
         return Response(b'{"status":"ready"}', 200, media_type="application/json")
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        """Counters this process maintains as it serves, plus the ledger's maintained ACTIVE count:
+        a scrape never scans reservations. Behind ``metrics_token`` when one is set."""
+        if self.metrics_token is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.metrics_token}".encode()):
+                self.metrics.auth_failures.inc("metrics")
+                return self.error_response(request, 401, "UNAUTHORIZED", "metrics need Authorization: Bearer <token>")
         await self._refresh_active_count()
         return Response(self.metrics.render(), 200, media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -249,24 +268,12 @@ class CyclesServer:
         if now - self._active_checked < _ACTIVE_COUNT_TTL_S:
             return
         self._active_checked = now
-        count, cursor, capped = 0, None, False
         try:
-            while True:
-                page = await self.ledger.list_reservations(
-                    ReservationQuery(status=ReservationStatus.ACTIVE, limit=200, cursor=cursor), tenant=None
-                )
-                count += len(page.reservations)
-                cursor = page.next_cursor
-                if not cursor:
-                    break
-                if count >= _ACTIVE_COUNT_CAP:
-                    capped = True
-                    break
+            count = await self.ledger.count_active()
         except Exception as exc:  # noqa: BLE001 - a metric must never fail the scrape
-            logger.warning("could not count active reservations: %s", type(exc).__name__)
+            logger.warning("could not read the active reservation count: %s", type(exc).__name__)
             return
         self.metrics.active_reservations = count
-        self.metrics.active_reservations_capped = capped
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
@@ -410,13 +417,15 @@ def create_app(
     access_log: bool = True,
     sweep_interval_s: float = 5.0,
     include_balances: bool = True,
+    metrics_token: str | None = None,
 ) -> CyclesApp:
     """An ASGI app serving protocol v0 over the ledger at ``ledger_url`` (or the given ``ledger``).
 
     API keys live in ``keys_url``, by default the ledger's own store (same SQLite file, same
     Redis), so every server over one ledger knows the same keys. ``admin_key`` enables ``/admin``.
     ``include_balances`` asks the ledger for the optional ``balances`` snapshots in reserve, commit,
-    release and event responses. The server is reachable as ``app.state.cycles`` (a ``CyclesServer``).
+    release and event responses. ``metrics_token`` puts ``/metrics`` behind ``Authorization: Bearer``.
+    The server is reachable as ``app.state.cycles`` (a ``CyclesServer``).
     """
     if ledger is None:
         if ledger_url is None:
@@ -435,6 +444,7 @@ def create_app(
         key_cache_ttl_s=key_cache_ttl_s,
         access_log=access_log,
         sweep_interval_s=sweep_interval_s,
+        metrics_token=metrics_token,
     )
 
     async def not_found(request: Request, exc: Exception) -> Response:
@@ -513,4 +523,5 @@ def _app_from(env: Mapping[str, str]) -> CyclesApp:
         access_log=env.get("CYCLES_SERVER_ACCESS_LOG", "1") != "0",
         sweep_interval_s=float(env.get("CYCLES_SERVER_SWEEP_INTERVAL_S", "5.0")),
         include_balances=env.get("CYCLES_SERVER_BALANCES", "1") != "0",
+        metrics_token=env.get("CYCLES_METRICS_TOKEN") or None,
     )

@@ -128,6 +128,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    from cycles.server.shedding import uvicorn_options
+
     config = uvicorn.Config(
         "cycles.server.app:app_from_env",
         factory=True,
@@ -137,8 +139,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # ours is structured and leaves out query strings and keys
         log_level=args.log_level,
         loop=args.loop,
-        http=args.http,
         server_header=False,
+        **uvicorn_options(args.http),  # header/idle timeouts and a connection limit (server/shedding.py)
     )
     if args.workers > 1:
         from uvicorn.supervisors import Multiprocess

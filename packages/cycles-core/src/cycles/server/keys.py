@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from cycles.errors import InvalidRequest, NotFound
+from cycles.identifiers import is_identifier
 from cycles.ledger.records import iso_ms
 
 __all__ = [
@@ -49,9 +50,8 @@ __all__ = [
 ]
 
 NEVER = "9999-12-31T23:59:59.999Z"
-_KEY = re.compile(r"^cyc_([0-9a-f]{16})_[0-9a-f]{64}$")
-_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
-_TENANT = re.compile(r"^[a-zA-Z0-9_.-]{1,128}$")
+_KEY = re.compile(r"cyc_([0-9a-f]{16})_[0-9a-f]{64}")
+_KEY_ID = re.compile(r"[0-9a-f]{16}")
 
 
 def key_digest(api_key: str) -> str:
@@ -63,7 +63,7 @@ def _now_ms() -> int:
 
 
 def _check_tenant(tenant: str) -> None:
-    if not isinstance(tenant, str) or not _TENANT.match(tenant):
+    if not is_identifier(tenant):
         raise InvalidRequest("tenant must be 1-128 characters of [a-zA-Z0-9_.-]")
 
 
@@ -73,7 +73,7 @@ def _check_name(name: str | None) -> None:
 
 
 def _check_key_id(key_id: str) -> None:
-    if not _KEY_ID.match(key_id):
+    if not isinstance(key_id, str) or not _KEY_ID.fullmatch(key_id):
         raise NotFound(f"API key {key_id[:32]!r} not found")
 
 
@@ -218,7 +218,7 @@ def _mint(tenant: str, name: str | None, **attrs: Any) -> tuple[KeyInfo, str, st
 
 
 def _key_id_of(api_key: str) -> str | None:
-    m = _KEY.match(api_key)
+    m = _KEY.fullmatch(api_key)
     return m.group(1) if m else None
 
 

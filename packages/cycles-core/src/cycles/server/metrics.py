@@ -107,7 +107,6 @@ class Metrics:
         )
         self.auth_failures = Counter("cycles_auth_failures_total", "Requests refused with 401.", ("header",))
         self.active_reservations: int | None = None
-        self.active_reservations_capped = False
 
     def render(self) -> str:
         lines: list[str] = [
@@ -127,11 +126,8 @@ class Metrics:
         if self.active_reservations is not None:
             lines += [
                 "# HELP cycles_active_reservations Reservations in the ledger that are ACTIVE "
-                "(counted at scrape time, cached for a few seconds).",
+                "(the ledger's maintained count, read at most every few seconds; absent on Redis).",
                 "# TYPE cycles_active_reservations gauge",
                 f"cycles_active_reservations {self.active_reservations}",
-                "# HELP cycles_active_reservations_capped 1 when the count stopped at its cap.",
-                "# TYPE cycles_active_reservations_capped gauge",
-                f"cycles_active_reservations_capped {int(self.active_reservations_capped)}",
             ]
         return "\n".join(lines) + "\n"

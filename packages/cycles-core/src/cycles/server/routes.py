@@ -53,7 +53,7 @@ __all__ = [
 Reply = tuple[int, bytes]
 
 _LEVELS = ("tenant", "workspace", "app", "workflow", "agent", "toolset")
-_EVIDENCE_ID = re.compile(r"^[0-9a-f]{64}$")
+_EVIDENCE_ID = re.compile(r"[0-9a-f]{64}")
 _KNOWN_REASONS = frozenset(
     {
         "BUDGET_EXCEEDED",
@@ -323,7 +323,7 @@ async def list_reservations(s: CyclesServer, request: Request, p: Principal) -> 
 
 async def evidence(s: CyclesServer, request: Request, p: Principal) -> Reply:
     evidence_id: str = request.path_params["evidence_id"]
-    if not _EVIDENCE_ID.match(evidence_id):
+    if not _EVIDENCE_ID.fullmatch(evidence_id):
         raise InvalidRequest("evidence_id must be 64 lowercase hex characters")
     raise NotFound("evidence emission is not enabled on this server")
 

@@ -19,7 +19,15 @@ __all__ = ["ServerThread"]
 
 
 class ServerThread:
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, ready_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ready_timeout_s: float = 10.0,
+        **uvicorn_options: Any,
+    ) -> None:
         import uvicorn
 
         from cycles.server.cli import listen_socket
@@ -27,7 +35,7 @@ class ServerThread:
         self._sock = listen_socket(host, port)  # TCP_NODELAY: see listen_socket
         self.host, self.port = host, int(self._sock.getsockname()[1])
         self.url = f"http://{host}:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **uvicorn_options)
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name=f"cycles-server-{self.port}", daemon=True)
         self._ready_timeout_s = ready_timeout_s

@@ -10,6 +10,10 @@
 --                 "<scope>|<unit>|period" -> a recurring budget's period (periods.PeriodState JSON)
 --   r:<id>        hash: a reservation (see RFIELDS)
 --   idx           zset: reservation id -> its deadline while ACTIVE, its purge time once finished
+--   ix:<owner>    zset (all scores 0): "<created_at_ms, 13 digits>:<id>" of each reservation the
+--                 owner ('' for none) holds in the slot, for keyset-paged listing (read by redis.py)
+--   active        hash: owner -> how many ACTIVE reservations it holds in the slot
+--   bix           zset (all scores 0): "<scope>\0<unit>" of each budget, for keyset-paged balances
 --   i:<endpoint>:<tenant>:<key>   string: an idempotency record
 -- A slot's budgets are one hash so that the derived scopes of an operation are read with one
 -- HMGET and written with one HSET: in these scripts the cost is mostly the number of calls.
@@ -38,6 +42,8 @@ local KEY_SAFETY_MS = 3600000
 local BUDGETS = base .. 'budgets'
 local POLICY = base .. 'policy'
 local IDX = base .. 'idx'
+local ACTIVE = base .. 'active'
+local BUDGET_INDEX = base .. 'bix'
 
 local NULL = {}
 
@@ -402,9 +408,20 @@ local function keep_key(rid, deadline)
   redis.call('PEXPIRE', rkey(rid), math.max(KEY_SAFETY_MS, deadline + RETENTION_MS + KEY_SAFETY_MS - now))
 end
 
+-- The listing index of an owner's reservations in this slot, and a reservation's entry there.
+local function owner_index(owner)
+  return base .. 'ix:' .. (owner or '')
+end
+
+local function index_member(created, rid)
+  return string.format('%013d', created) .. ':' .. rid
+end
+
 -- A finished reservation stays readable for RETENTION_MS after it finished, then is purged.
+-- It no longer counts against its owner's ACTIVE limit.
 local function finish(rid, finished_at)
   redis.call('ZADD', IDX, finished_at + RETENTION_MS, rid)
+  redis.call('HINCRBY', ACTIVE, redis.call('HGET', rkey(rid), 'tenant') or '', -1)
 end
 
 -- The scopes a reservation holds (stored space-separated).
@@ -538,6 +555,10 @@ local function expire_due(limit)
         n = n + 1
       end
     else
+      local f = redis.call('HMGET', rkey(rid), 'tenant', 'created')
+      if f[2] then
+        redis.call('ZREM', owner_index(f[1]), index_member(tonumber(f[2]), rid))
+      end
       redis.call('DEL', rkey(rid))
       redis.call('ZREM', IDX, rid)
     end

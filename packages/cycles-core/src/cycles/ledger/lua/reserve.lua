@@ -2,12 +2,14 @@
 -- KEYS: base, idempotency key
 -- ARGV: now, unit, amount, ttl_ms, grace_period_ms, overage_policy, dry_run (0/1), reservation id,
 --       fingerprint, owner ('' | '=tenant'), info json, include balances (0/1), policy version,
---       quota counters json (see quota_gate), priority headroom pct, derived scopes...
+--       quota counters json (see quota_gate), priority headroom pct,
+--       max ACTIVE reservations of the owner (0: no limit), derived scopes...
 local unit, amount = ARGV[2], tonumber(ARGV[3])
 local ttl, grace, policy, dry = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6], ARGV[7] == '1'
 local rid, fingerprint, owner = ARGV[8], ARGV[9], opt(ARGV[10])
 local scopes = {}
-for i = 16, #ARGV do
+local active_limit = tonumber(ARGV[16])
+for i = 17, #ARGV do
   scopes[#scopes + 1] = ARGV[i]
 end
 
@@ -54,6 +56,10 @@ end
 if denial then
   return err(unpack(denial))
 end
+local active = math.max(0, tonumber(redis.call('HGET', ACTIVE, owner or '') or '0'))
+if active_limit > 0 and active >= active_limit then
+  return err('LIMIT_EXCEEDED', active)
+end
 
 local expires = now + ttl
 local deadline = expires + grace
@@ -77,8 +83,13 @@ else
   redis.call('HSET', rk, 'status', 'ACTIVE', 'unit', unit, 'amount', amount, 'budgeted', table.concat(budgeted, ' '),
     'created', now, 'expires', expires, 'grace', grace, 'policy', policy, 'ext', 0, 'info', ARGV[11])
 end
+if redis.call('ZCARD', IDX) == 0 then -- a fresh slot: nothing written before the listing index
+  redis.call('SET', base .. 'ixv', '1')
+end
 redis.call('ZADD', IDX, deadline, rid)
 quota_count(counters, rid)
+redis.call('ZADD', owner_index(owner), 0, index_member(now, rid))
+redis.call('HSET', ACTIVE, owner or '', active + 1)
 keep_key(rid, deadline)
 local payload -- the hot path formats its reply directly (enc() costs about 2 us here)
 if ARGV[12] == '1' then

@@ -10,6 +10,10 @@ local b = load_budget(scope, unit)
 if b == nil then
   b = {scope = scope, unit = unit, field = scope .. '|' .. unit, a = 0, s = 0, r = 0, d = 0, o = 0, x = false,
        st = 'ACTIVE', caps = nil}
+  if redis.call('EXISTS', BUDGETS) == 0 then -- a fresh slot: nothing written before the index
+    redis.call('SET', base .. 'bixv', '1')
+  end
+  redis.call('ZADD', BUDGET_INDEX, 0, scope .. '\0' .. unit)
 end
 if b.st == 'CLOSED' then
   return err('BUDGET_CLOSED', scope)

@@ -416,6 +416,9 @@ class ObservedLedger(AsyncLedger):
     async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy:
         return await self.inner.update_policy(scope, edit)
 
+    async def count_active(self) -> int | None:
+        return await self.inner.count_active()
+
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self.inner.list_policies(tenant=tenant)
 
