@@ -6,7 +6,8 @@ that interface, so each backend answers them its own cheapest way:
 
 - ``sqlite://``: SQL (aggregates, one page of reservations) on a read-only connection of its own
   (WAL: never waits for, nor holds up, a writer); indexed by ``reservations_done``.
-- ``memory://``: one pass over the in-process rows (copied under the ledger's lock).
+- ``memory://``: aggregates in one pass over the in-process rows (copied under the ledger's lock);
+  pages through the ledger's own per-tenant indexes.
 - anything else (``redis://``, ``http(s)://``): the most recent ``SAMPLE_PAGES`` pages of settled
   reservations, and the chart says it is a sample.
 """
@@ -14,7 +15,6 @@ that interface, so each backend answers them its own cheapest way:
 from __future__ import annotations
 
 import asyncio
-import heapq
 import sqlite3
 import threading
 import time
@@ -24,7 +24,8 @@ from typing import Any
 
 from cycles.errors import InvalidRequest
 from cycles.ledger.base import AsyncLedger
-from cycles.ledger.rules import ReservationQuery
+from cycles.ledger.memory import settled_fields
+from cycles.ledger.rules import ReservationQuery, ReservationRow
 from cycles.ledger.sqlite import _RES_COLS, _reservation_from
 from cycles.models import Balance, ReservationStatus, ReservationSummary, Unit
 
@@ -115,6 +116,8 @@ class Reader:
 
 
 class MemoryReader(Reader):
+    """Aggregates in one pass over the in-process rows; pages through the ledger's own indexes."""
+
     def __init__(self, ledger: AsyncLedger, sync: Any) -> None:
         super().__init__(ledger)
         self._sync = sync
@@ -132,31 +135,21 @@ class MemoryReader(Reader):
         n = sum(
             1
             for r in self._rows()
-            if r.status is ReservationStatus.ACTIVE and r.deadline_ms >= now and _tenant_ok(r.subject.tenant, tenant)
+            if isinstance(r, ReservationRow)  # finished rows are stored packed; ACTIVE ones never are
+            and r.status is ReservationStatus.ACTIVE
+            and r.deadline_ms >= now
+            and _tenant_ok(r.subject.tenant, tenant)
         )
         return n, False
 
-    async def reservations(
-        self, tenant: str | None, status: ReservationStatus | None, cursor: str | None, limit: int = 50
-    ) -> tuple[list[ReservationSummary], str | None]:
-        offset = _offset(cursor)
-        now = int(time.time() * 1000)
-        rows = [
-            r
-            for r in self._rows()
-            if (status is None or r.status is status)
-            and _tenant_ok(r.subject.tenant, tenant)
-            and (status is not ReservationStatus.ACTIVE or r.deadline_ms >= now)
-        ]
-        newest = heapq.nlargest(offset + limit + 1, rows, key=lambda r: (r.created_at_ms, r.reservation_id))
-        return _page_of([r.to_summary() for r in newest[offset:]], offset, limit)
-
     async def spend(self, tenant: str | None, since_ms: int, until_ms: int, buckets: int) -> Series:
         series = Series(since_ms, max(1, (until_ms - since_ms) // buckets), buckets)
-        for r in self._rows():
-            done = r.status is ReservationStatus.COMMITTED and r.finalized_at_ms is not None and r.committed
-            if done and r.finalized_at_ms >= since_ms and _tenant_ok(r.subject.tenant, tenant):
-                series.add(r.finalized_at_ms, r.unit, r.committed)
+        for stored in self._rows():
+            owner, status, unit, committed, finalized = settled_fields(stored)
+            if status != "COMMITTED" or finalized is None or not committed:
+                continue
+            if finalized >= since_ms and _tenant_ok(owner, tenant):
+                series.add(finalized, Unit(unit), committed)
         return series
 
 
