@@ -335,6 +335,8 @@ def test_options_go_before_or_after_the_governance_and_operator_commands(governe
     assert plain.returncode == 0 and plain.stdout.startswith("Shadow report, all tenants")
     via_env = _run(governed, ["api-keys", "list", "--json"], {"CYCLES_URL": governed.ledger})
     assert [k["name"] for k in json.loads(via_env.stdout)] == ["ci"]
+    shown = _run(governed, ["budgets", "show", "tenant:acme", "--ledger", "{ledger}"])
+    assert shown.stdout == "tenant:acme usd ACTIVE: allocated $50.00, remaining $50.00\n"  # the names --unit takes
     events = _run(governed, ["--ledger", "{ledger}", "events", "--format", "jsonl", "--type", "tenant.created"])
     assert [json.loads(line)["data"]["tenant_id"] for line in events.stdout.splitlines()] == ["known"]
 

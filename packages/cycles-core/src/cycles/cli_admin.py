@@ -403,38 +403,57 @@ def _keys(args: argparse.Namespace) -> int:
 def _budgets(args: argparse.Namespace) -> int:
     from cycles.amounts import parse_amount
 
+    a = args.admin_action
+    unit = args.unit if hasattr(args, "unit") else "usd"
+    amount = parse_amount(args.amount, unit) if hasattr(args, "amount") else None  # usage errors first
+    fields: dict[str, Any] = {}
+    if a == "create":
+        if args.overdraft_limit:
+            fields["overdraft_limit"] = parse_amount(args.overdraft_limit, unit)
+        fields.update({k: v for k in ("period_start", "period_end") if (v := getattr(args, k))})
+    wire_unit = parse_amount("0", unit).unit.value
     with _operator(args) as op:
-        a = args.admin_action
-        unit = parse_amount("0", args.unit).unit.value if hasattr(args, "unit") else None
         if a == "create":
-            fields: dict[str, Any] = {}
-            if args.overdraft_limit:
-                fields["overdraft_limit"] = parse_amount(args.overdraft_limit, args.unit)
-            for name in ("period_start", "period_end"):
-                if getattr(args, name):
-                    fields[name] = getattr(args, name)
-            row = op.budgets.create(args.scope, parse_amount(args.amount, args.unit), **fields)
+            assert amount is not None
+            row = op.budgets.create(args.scope, amount, **fields)
         elif a == "list":
             rows = op.budgets.list(tenant_id=args.tenant)
             if getattr(args, "json", False):
                 print(json.dumps(rows, indent=2))
             else:
-                cells = [[r["scope"], r["unit"], r["status"], r["allocated"]["amount"], r["remaining"]["amount"]]
-                         for r in rows]  # fmt: skip
+                cells = [
+                    [r["scope"], _unit(r), r["status"], _money(r["allocated"]), _money(r["remaining"])] for r in rows
+                ]
                 print(_table(cells, ["scope", "unit", "status", "allocated", "remaining"]) if rows else "no budgets")
             return 0
         elif a == "show":
-            row = op.budgets.lookup(args.scope, unit)
+            row = op.budgets.lookup(args.scope, wire_unit)
         elif a == "fund":
-            res = op.budgets.fund(args.scope, args.operation, parse_amount(args.amount, args.unit), reason=args.reason)
-            _out(args, res, f"{res['operation']}: allocated {res['new_allocated']['amount']}, "
-                            f"remaining {res['new_remaining']['amount']}")  # fmt: skip
+            assert amount is not None
+            res = op.budgets.fund(args.scope, args.operation, amount, reason=args.reason)
+            allocated, remaining = _money(res["new_allocated"]), _money(res["new_remaining"])
+            _out(args, res, f"{res['operation']}: allocated {allocated}, remaining {remaining}")
             return 0
         else:
-            row = getattr(op.budgets, a)(args.scope, unit, reason=args.reason)
-        _out(args, row, f"{row['scope']} {row['unit']} {row['status']}: allocated {row['allocated']['amount']}, "
-                        f"remaining {row['remaining']['amount']}")  # fmt: skip
+            row = getattr(op.budgets, a)(args.scope, wire_unit, reason=args.reason)
+        allocated, remaining = _money(row["allocated"]), _money(row["remaining"])
+        _out(args, row, f"{row['scope']} {_unit(row)} {row['status']}: allocated {allocated}, remaining {remaining}")
     return 0
+
+
+def _unit(row: dict[str, Any]) -> str:
+    from cycles.amounts import unit_name
+    from cycles.models import Unit
+
+    return unit_name(Unit(row["unit"]))
+
+
+def _money(amount: dict[str, Any]) -> str:
+    """A wire amount as the budget tables show it (``$1.50``, ``1,200``)."""
+    from cycles.amounts import format_amount_exact
+    from cycles.models import Unit
+
+    return format_amount_exact(Unit(amount["unit"]), int(amount["amount"]))
 
 
 def _webhooks(args: argparse.Namespace) -> int:
