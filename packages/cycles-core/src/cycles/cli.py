@@ -608,9 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="everyday budgets: set, fund, show, list, freeze, unfreeze, close (see also: budgets)",
         description="Everyday budget administration: create-or-set an allocation with caps, an overdraft "
         "limit and a recurring period; fund (repays debt first); show every unit of a scope; freeze, "
-        "unfreeze, close. For the governance spec's audited operations (create that fails if the budget "
-        "exists, fund with DEBIT or RESET, a --reason in the audit log, period_start/period_end) use "
-        "'cycles budgets'; both act on the same budgets.",
+        "unfreeze, close. On a local ledger these changes are not in the audit log. For the governance "
+        "spec's audited operations (create that fails if the budget exists, fund with DEBIT or RESET, a "
+        "--reason in the audit log, period_start/period_end) use 'cycles budgets'; both act on the same "
+        "budgets.",
     )
     bsub = budget.add_subparsers(dest="action", required=True, metavar="ACTION")
     unit_help = "usd (default), tokens, credits, risk"
