@@ -95,7 +95,21 @@ def test_options_are_accepted_before_or_after_the_command(tmp_path: Path) -> Non
     ):
         args = parser.parse_args(argv)
         assert (args.ledger, args.json) == (url, True), argv
-    for command in (["serve"], ["keys", "create", "--tenant", "a"], ["sweep"], ["reservations"], ["demo"]):
+    for command in (
+        ["serve"],
+        ["keys", "create", "--tenant", "a"],
+        ["sweep"],
+        ["reservations"],
+        ["demo"],
+        ["tenants", "list"],
+        ["api-keys", "list"],
+        ["budgets", "list"],
+        ["webhooks", "list"],
+        ["events"],
+        ["audit"],
+        ["shadow", "report"],
+        ["dashboard"],
+    ):
         args = parser.parse_args([*command, "--ledger", url, "--admin-key", "k"])
         assert (args.ledger, args.admin_key) == (url, "k"), command
         args = parser.parse_args(["--ledger", url, "--admin-key", "k", *command])

@@ -209,6 +209,138 @@ def test_bad_input_is_one_line_the_right_status_and_changes_nothing(
     assert _state(world) == before
 
 
+def _governance(world: World) -> dict[str, object]:
+    """The governance plane's objects (the audit log is left out: it records failures too)."""
+    with Cycles(world.ledger) as cy:
+        return {"tenants": cy.tenants.list(), "keys": cy.keys.list(), "webhooks": cy.webhooks.list()}
+
+
+# The governance commands (cycles.cli_admin) and the operators' ones (cycles.ops_cli): the world has
+# the tenant "known" as an object, with one API key and one webhook.
+GOVERNANCE_BAD_INPUTS: list[tuple[list[str], int, str]] = [
+    (["tenants"], 2, "required: ACTION"),
+    (["tenants", "show", "ghost", "--ledger", "{ledger}"], 1, "TENANT_NOT_FOUND"),
+    (["--ledger", "{ledger}", "tenants", "suspend", "ghost"], 1, "TENANT_NOT_FOUND"),
+    (["tenants", "create", "known", "--name", "Someone else", "--ledger", "{ledger}"], 1, "DUPLICATE_RESOURCE"),
+    (["tenants", "create", "x", "--ledger", "{ledger}"], 2, "--name"),
+    (["tenants", "list", "--status", "GONE", "--ledger", "{ledger}"], 2, "invalid choice"),
+    (["api-keys", "create", "--tenant", "ghost", "--name", "k", "--ledger", "{ledger}"], 2, "'ghost' not found"),
+    (["api-keys", "revoke", "0123456789abcdef", "--ledger", "{ledger}"], 1, "NOT_FOUND"),
+    (["api-keys", "create", "--tenant", "known", "--name", "k", "--expires", "soon", "--ledger", "{ledger}"], 2, "ISO"),
+    (["budgets", "create", "tenant:acme", "1", "--ledger", "{ledger}"], 1, "DUPLICATE_RESOURCE"),
+    (["budgets", "create", "tenant:acme/workspace:w", "1e3", "--ledger", "{ledger}"], 2, "exponent"),
+    (["budgets", "show", "tenant:acme", "--unit", "yen", "--ledger", "{ledger}"], 2, "unknown unit"),
+    (["budgets", "show", "tenant:nobody", "--ledger", "{ledger}"], 1, "NOT_FOUND"),
+    (
+        ["webhooks", "create", "--url", "not-a-url", "--event", "budget.exhausted", "--ledger", "{ledger}"],
+        2,
+        "WEBHOOK_URL_INVALID",
+    ),
+    (
+        ["webhooks", "create", "--url", "http://127.0.0.1:9/x", "--event", "budget.exhausted", "--ledger", "{ledger}"],
+        2,
+        "must be https://",
+    ),
+    (
+        [
+            "webhooks",
+            "create",
+            "--url",
+            "https://h.example/x",
+            "--event",
+            "budget.exhausted",
+            "--threshold",
+            "80",
+            "--ledger",
+            "{ledger}",
+        ],
+        2,
+        "at most 1",
+    ),
+    (["webhooks", "show", "nosub", "--ledger", "{ledger}"], 1, "WEBHOOK_NOT_FOUND"),
+    (["events", "--since", "yesterday", "--ledger", "{ledger}"], 2, "not an ISO 8601 date-time"),
+    (["audit", "--until", "later", "--ledger", "{ledger}"], 2, "not an ISO 8601 date-time"),
+    (["events", "--limit", "-1", "--ledger", "{ledger}"], 2, "must be 0 or more"),
+    (["audit", "--status-min", "42", "--ledger", "{ledger}"], 2, "between 100 and 599"),
+    (["shadow", "report", "--since", "yesterday", "--ledger", "{ledger}"], 2, "--since takes 7d"),
+    (["--ledger", "{ledger}", "shadow", "report", "--since", "last week"], 2, "--since takes 7d"),
+    (["dashboard", "--port", "99999", "--ledger", "{ledger}"], 2, "between 0 and 65535"),
+    # state that would die with the process
+    (["--ledger", "memory://", "tenants", "create", "a", "--name", "A"], 2, "memory:// keeps nothing"),
+    (["api-keys", "create", "--tenant", "a", "--name", "k", "--ledger", "memory://"], 2, "memory:// keeps nothing"),
+    (["--ledger", "memory://", "budgets", "fund", "tenant:a", "1"], 2, "memory:// keeps nothing"),
+    (
+        ["webhooks", "create", "--url", "https://h.example/x", "--event", "budget.exhausted", "--ledger", "memory://"],
+        2,
+        "memory:// keeps nothing",
+    ),
+    (["--ledger", "memory://", "webhooks", "security", "--allow-http"], 2, "memory:// keeps nothing"),
+    # ledgers that are not there or not ledgers
+    (["tenants", "list", "--ledger", "sqlite:///{foreign}"], 2, "another program's SQLite"),
+    (["audit", "--ledger", "sqlite:///{corrupt}"], 1, "not a readable SQLite database"),
+    (["tenants", "list", "--ledger", "redis://127.0.0.1:{closed_port}/0"], 1, "LEDGER_UNAVAILABLE"),
+    (["events", "--ledger", "redis://127.0.0.1:{closed_port}/0"], 1, "LEDGER_UNAVAILABLE"),
+    (["tenants", "list", "--ledger", "http://127.0.0.1:{closed_port}"], 2, "--admin-key"),
+    # --admin-key before the command is kept (it was lost): the server is asked, and is not there
+    (["--admin-key", "k", "tenants", "list", "--ledger", "http://127.0.0.1:{closed_port}"], 1, "LEDGER_UNAVAILABLE"),
+    (["--ledger", "http://127.0.0.1:{closed_port}", "--admin-key", "k", "shadow", "report"], 1, "LEDGER_UNAVAILABLE"),
+]
+
+
+@pytest.fixture
+def governed(world: World) -> World:
+    with Cycles(world.ledger) as cy:
+        cy.tenants.create("known", "Known Ltd")
+        cy.keys.create("known", "ci", permissions=["balances:read"])
+        cy.webhooks.create("https://hooks.example/known", ["budget.exhausted"], tenant_id="known")
+        cy.records.close()
+    return world
+
+
+@pytest.mark.parametrize(
+    ("argv", "status", "needle"), GOVERNANCE_BAD_INPUTS, ids=[" ".join(c[0])[:60] for c in GOVERNANCE_BAD_INPUTS]
+)
+def test_bad_input_to_the_governance_and_operator_commands(
+    governed: World, argv: list[str], status: int, needle: str
+) -> None:
+    before = (_state(governed), _governance(governed))
+    result = _run(governed, argv)
+    assert result.returncode == status, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert needle in result.stderr
+    assert result.stdout == ""
+    assert (_state(governed), _governance(governed)) == before
+
+
+def test_options_go_before_or_after_the_governance_and_operator_commands(governed: World) -> None:
+    import json
+
+    for argv in (
+        ["--ledger", "{ledger}", "--json", "tenants", "list"],
+        ["tenants", "--json", "list", "--ledger", "{ledger}"],
+        ["tenants", "list", "--json", "--ledger", "{ledger}"],
+    ):
+        listed = _run(governed, argv)
+        assert listed.returncode == 0, listed.stderr
+        assert [t["tenant_id"] for t in json.loads(listed.stdout)] == ["known"], argv
+    for argv in (
+        ["--ledger", "{ledger}", "--json", "shadow", "report", "--since", "1h"],
+        ["shadow", "report", "--since", "1h", "--json", "--ledger", "{ledger}"],
+    ):
+        report = _run(governed, argv)
+        assert report.returncode == 0, report.stderr
+        assert json.loads(report.stdout)["would_deny"] == 0, argv
+    plain = _run(governed, ["--ledger", "{ledger}", "shadow", "report"])
+    assert plain.returncode == 0 and plain.stdout.startswith("Shadow report, all tenants")
+    via_env = _run(governed, ["api-keys", "list", "--json"], {"CYCLES_URL": governed.ledger})
+    assert [k["name"] for k in json.loads(via_env.stdout)] == ["ci"]
+    shown = _run(governed, ["budgets", "show", "tenant:acme", "--ledger", "{ledger}"])
+    assert shown.stdout == "tenant:acme usd ACTIVE: allocated $50.00, remaining $50.00\n"  # the names --unit takes
+    events = _run(governed, ["--ledger", "{ledger}", "events", "--format", "jsonl", "--type", "tenant.created"])
+    assert [json.loads(line)["data"]["tenant_id"] for line in events.stdout.splitlines()] == ["known"]
+
+
 def test_a_refused_read_is_the_ledger_being_unavailable_not_an_internal_error(world: World) -> None:
     result = _run(world, ["balances", "--tenant", "a", "--ledger", "http://127.0.0.1:{closed_port}"])
     assert result.stderr.startswith("error: LEDGER_UNAVAILABLE: ")

@@ -531,9 +531,12 @@ def add_server_commands(subparsers: Any, parents: Sequence[argparse.ArgumentPars
     keys = subparsers.add_parser(
         "keys",
         parents=parents,
-        help="create, list and revoke API keys (needs the server extra)",
-        description="Create, list and revoke the API keys cycles serve accepts: in the ledger's own store "
-        "(SQLite file, Redis), or on a running server through its admin API (--ledger http://... --admin-key).",
+        help="quick tenant keys (the /admin plane); keys with permissions: see 'api-keys' (server extra)",
+        description="Create, list and revoke plain tenant API keys: the default permission set of the "
+        "governance spec, no scope filter, no expiry; in the ledger's own store (SQLite file, Redis) or on "
+        "a running server through its /admin API (--ledger http://... --admin-key). For a key limited to "
+        "some permissions (e.g. balances:read only), to a scope filter or with an expiry, or to validate "
+        "a secret, use 'cycles api-keys'. Both commands see the same keys.",
     )
     keys.set_defaults(handler=lambda args: _usage(keys))
     store = argparse.ArgumentParser(add_help=False)
@@ -600,7 +603,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="no pauses: print the same figures at once")
     demo.set_defaults(handler=_cmd_demo)
 
-    budget = sub.add_parser("budget", parents=[common], help="set, fund, show, list, freeze, unfreeze, close budgets")
+    budget = sub.add_parser(
+        "budget",
+        parents=[common],
+        help="everyday budgets: set, fund, show, list, freeze, unfreeze, close (see also: budgets)",
+        description="Everyday budget administration: create-or-set an allocation with caps, an overdraft "
+        "limit and a recurring period; fund (repays debt first); show every unit of a scope; freeze, "
+        "unfreeze, close. On a local ledger these changes are not in the audit log. For the governance "
+        "spec's audited operations (create that fails if the budget exists, fund with DEBIT or RESET, a "
+        "--reason in the audit log, period_start/period_end) use 'cycles budgets'; both act on the same "
+        "budgets.",
+    )
     bsub = budget.add_subparsers(dest="action", required=True, metavar="ACTION")
     unit_help = "usd (default), tokens, credits, risk"
     for name, help_text in (
@@ -692,8 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     from cycles.cli_admin import add_admin_commands  # the governance plane (tenants, keys, events, ...)
     from cycles.ops_cli import add_ops_commands  # shadow report, dashboard
 
-    add_admin_commands(sub)
-    add_ops_commands(sub)
+    add_admin_commands(sub, [common])
+    add_ops_commands(sub, [common])
     return parser
 
 
@@ -729,7 +742,10 @@ def _is_connection_failure(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     redis_errors = sys.modules.get("redis.exceptions")  # only if a redis ledger or key store was opened
-    return redis_errors is not None and isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError))
+    if redis_errors is not None and isinstance(exc, (redis_errors.ConnectionError, redis_errors.TimeoutError)):
+        return True
+    httpx = sys.modules.get("httpx")  # only if a server was called (the governance commands use httpx)
+    return httpx is not None and isinstance(exc, (httpx.NetworkError, httpx.TimeoutException))
 
 
 def _one_line(text: str) -> str:

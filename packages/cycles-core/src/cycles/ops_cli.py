@@ -3,73 +3,63 @@
     cycles shadow report [--tenant acme] [--since 7d] [--json] [--ledger URL]
     cycles dashboard [--ledger URL] [--port 7879] [--no-browser]
 
-``add_ops_commands(subparsers)`` adds both; each sets ``handler`` to ``(Namespace) -> int``.
+``add_ops_commands(subparsers, parents)`` adds both; each sets ``handler`` to ``(Namespace) -> int``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cycles.client import Cycles
-from cycles.models import Amount, Unit, trusted
-from cycles.shadow import ShadowReport
+from cycles.cli import _port, open_cycles, render_table
+
+if TYPE_CHECKING:
+    from cycles.models import Unit
+    from cycles.shadow import ShadowReport
 
 __all__ = ["add_ops_commands", "format_report"]
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    # Also accepted before the command (`cycles --ledger URL shadow report`): SUPPRESS keeps that value.
-    parser.add_argument("--ledger", metavar="URL", default=argparse.SUPPRESS, help="ledger URL (default $CYCLES_URL)")
-    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-
-
-def add_ops_commands(subparsers: Any) -> None:
+def add_ops_commands(subparsers: Any, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Add ``shadow`` and ``dashboard``; ``parents`` carries the options every command takes
+    (``cycles.cli``'s common parser: ``--ledger``, ``--json``, ``--api-key``, ``--admin-key``)."""
+    parents = list(parents)
     shadow = subparsers.add_parser(
         "shadow",
+        parents=parents,
         help="what shadow mode saw: the would-deny report",
         description="Shadow-mode decisions of every process on the ledger.",
     )
     actions = shadow.add_subparsers(dest="shadow_command", metavar="ACTION", required=True)
     report = actions.add_parser(
         "report",
+        parents=parents,
         help="calls that would have been denied, spend prevented, peak overage, suggested budgets",
+        description="Calls shadow mode would have denied, by scope, action and reason; spend prevented, "
+        "peak overage and a suggested budget per scope. On an http(s):// ledger it needs --admin-key.",
     )
     report.add_argument("--tenant", default=None, help="one tenant (default: all)")
     report.add_argument("--since", default="7d", help="window: 7d, 12h, 30m, an ISO date or ms (default 7d)")
-    report.add_argument("--admin-key", default=None, help="for an http(s) ledger (default $CYCLES_ADMIN_KEY)")
-    _common(report)
     report.set_defaults(handler=cmd_shadow_report)
 
     dashboard = subparsers.add_parser(
         "dashboard",
-        help="open the web dashboard on this machine's ledger",
+        parents=parents,
+        help="open the web dashboard on this machine's ledger (needs the server extra)",
         description="Serve the dashboard on localhost over a ledger (the embedded SQLite one by default) "
         "and open it in a browser. A Cycles server (`cycles serve --admin-key ...`) serves its own at "
         "/dashboard: with --ledger http(s)://... this opens that one.",
     )
-    dashboard.add_argument("--port", type=int, default=7879, help="port on 127.0.0.1 (default 7879; 0: any free)")
+    dashboard.add_argument("--port", type=_port, default=7879, help="port on 127.0.0.1 (default 7879; 0: any free)")
     dashboard.add_argument("--no-browser", action="store_true", help="do not open a browser")
-    _common(dashboard)
     dashboard.set_defaults(handler=cmd_dashboard)
 
 
-def open_client(args: argparse.Namespace) -> Cycles:
-    url = getattr(args, "ledger", None)
-    options: dict[str, Any] = {}
-    if url and url.split("://", 1)[0].lower() in ("http", "https"):
-        admin_key = getattr(args, "admin_key", None) or os.environ.get("CYCLES_ADMIN_KEY")
-        if admin_key:
-            options["admin_key"] = admin_key
-    return Cycles(url, **options)
-
-
 def cmd_shadow_report(args: argparse.Namespace) -> int:
-    with open_client(args) as cy:
+    with open_cycles(args) as cy:
         report = cy.shadow_report(tenant=args.tenant, since=args.since)
     if getattr(args, "json", False):
         print(json.dumps(report.to_wire(), indent=2))
@@ -83,12 +73,12 @@ def _when(ms: int) -> str:
 
 
 def _amt(unit: Unit, value: int | None) -> str:
+    from cycles.models import Amount, trusted
+
     return "" if value is None else str(trusted(Amount, unit=unit, amount=value))
 
 
 def format_report(report: ShadowReport) -> str:
-    from cycles.cli import render_table
-
     who = f"tenant {report.tenant}" if report.tenant else "all tenants"
     lines = [f"Shadow report, {who}, {_when(report.since_ms)} to {_when(report.until_ms)}", report.summary()]
     if report.groups:
@@ -122,10 +112,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     try:
         from cycles.dashboard.standalone import run_dashboard
     except ImportError as exc:
-        print(
-            f"error: cycles dashboard needs the server extra: pip install 'cycles-core[server]' ({exc})",
-            file=sys.stderr,
-        )
-        return 1
+        raise ImportError(
+            f"cycles dashboard needs the server extra: pip install 'cycles-core[server]' ({exc})"
+        ) from exc
     code: int = run_dashboard(getattr(args, "ledger", None), port=args.port, open_browser=not args.no_browser)
     return code
