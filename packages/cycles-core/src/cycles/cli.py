@@ -361,6 +361,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             budgets = [cy.budgets.get(args.scope, unit)] if unit else _all_units(cy, args.scope)
         elif action == "list":
             budgets = cy.budgets.list(tenant=args.tenant)
+        elif action == "delete":  # prints the deleted rows as they were last
+            budgets = cy.budgets.delete(args.scope, unit, force=args.force)
         else:  # freeze / unfreeze / close
             budgets = getattr(cy.budgets, action)(args.scope, unit)
         print_budgets(args, budgets)
@@ -599,7 +601,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="no pauses: print the same figures at once")
     demo.set_defaults(handler=_cmd_demo)
 
-    budget = sub.add_parser("budget", parents=[common], help="set, fund, show, list, freeze, unfreeze, close budgets")
+    budget = sub.add_parser(
+        "budget", parents=[common], help="set, fund, show, list, freeze, unfreeze, close, delete budgets"
+    )
     bsub = budget.add_subparsers(dest="action", required=True, metavar="ACTION")
     unit_help = "usd (default), tokens, credits, risk"
     for name, help_text in (
@@ -655,10 +659,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("freeze", "refuse new reservations, commits and funding until unfrozen"),
         ("unfreeze", "make a frozen budget active again"),
         ("close", "close a budget for good"),
+        ("delete", "delete a budget row (refused while reserved, or in debt unless --force)"),
     ):
         p = bsub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("scope", help="budget id, e.g. tenant:acme")
         p.add_argument("--unit", default=None, help="only this unit (default: every unit the scope has)")
+        if name == "delete":
+            p.add_argument("--force", action="store_true", help="write off outstanding debt with the row")
     budget.set_defaults(handler=_cmd_budget)
 
     balances = sub.add_parser(
