@@ -144,7 +144,10 @@ def main() -> dict[str, Any]:
     )
     task = Task(name="case-42", description="Resolve case 42.", expected_output="What was done.", agent=agent)
 
-    hooks = cycles_crewai.enable(cy, Subject(tenant="acme"), tool_costs=RISK, run_budgets=[risk_points(60)])
+    # keep_run_budgets: keep the run's budget row to print it below (by default it is deleted at the end)
+    hooks = cycles_crewai.enable(
+        cy, Subject(tenant="acme"), tool_costs=RISK, run_budgets=[risk_points(60)], keep_run_budgets=True
+    )
     with hooks:
         result = Crew(agents=[agent], tasks=[task], verbose=False).kickoff()
     assert isinstance(result, CrewOutput)  # not a streaming crew

@@ -155,6 +155,9 @@ class TenantRoutedLedger(Ledger):
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self.admin.set_budget_status(scope, status, unit=unit)
 
+    def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return self.admin.delete_budget(scope, unit=unit, force=force)
+
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return self.admin.get_budget(scope, unit=unit)
 

@@ -11,12 +11,12 @@ import threading
 import pytest
 
 from cycles import (
-    BudgetClosed,
     BudgetExceeded,
     CommitOveragePolicy,
     Cycles,
     Denied,
     InvalidRequest,
+    NotFound,
     Subject,
     ToolNotAllowed,
     current_run,
@@ -60,17 +60,21 @@ def test_a_run_is_its_own_workflow_scope_with_its_id_on_every_step(cy: Cycles) -
     assert_settled(cy, "tenant:acme", usd(0.05))
 
 
-def test_run_budgets_are_set_at_start_and_closed_at_end_unless_kept(cy: Cycles) -> None:
+def test_run_budgets_are_set_at_start_and_deleted_at_end_unless_kept(cy: Cycles) -> None:
     cy.budgets.set("tenant:acme", usd(10))
+    cy.budgets.set("tenant:acme", risk_points(100))
     run = cy.run(ACME, budgets=[usd(0.5), risk_points(60)])
     with run:
         assert cy.budgets.get(run.scope, unit=usd(0).unit).allocated == usd(0.5)
         assert cy.budgets.get(run.scope, unit=risk_points(0).unit).allocated == risk_points(60)
         with run.guard(TOOL, risk_points(25)):
             pass
-    assert cy.budgets.get(run.scope, unit=risk_points(0).unit).spent == risk_points(25)
-    with pytest.raises(BudgetClosed), cy.guard(run.subject, TOOL, risk_points(1)):  # the run has ended
-        pass
+    assert run.charged == {risk_points(0).unit: risk_points(25)}
+    with pytest.raises(NotFound):  # no row left behind, in any unit
+        cy.budgets.get(run.scope)
+    assert cy.budgets.get("tenant:acme", unit=risk_points(0).unit).spent == risk_points(25)  # the spend stays
+    with pytest.raises(RuntimeError):  # the run has ended: it takes no more steps
+        run.guard(TOOL, risk_points(1))
     with cy.run(ACME, budgets=[usd(0.5)], keep_budgets=True) as kept:
         pass
     with cy.guard(kept.subject, LLM, usd(0.1)) as g:  # a kept budget stays open
@@ -88,7 +92,7 @@ def test_a_run_budget_caps_the_run(cy: Cycles) -> None:
         for _ in range(3):
             with run.guard(LLM, estimate=usd(0.05)) as g:
                 g.commit(usd(0.06))
-    assert cy.budgets.get(run.scope).spent == usd(0.12)
+    assert run.charged == {usd(0).unit: usd(0.12)}
     assert_settled(cy, "tenant:acme", usd(0.12))
 
 
@@ -272,4 +276,51 @@ async def test_async_runs_in_concurrent_tasks_and_a_cancelled_step(ledger: Backe
         await stuck
     # the cancelled call had started: it is committed at its estimate, flagged, never released
     await assert_settled_async(acy, "tenant:acme", usd(0.03 + 0.03 + 0.2))
+    await acy.aclose()
+
+
+def test_many_runs_leave_no_budget_row_behind(cy: Cycles) -> None:
+    cy.budgets.set("tenant:acme", usd(10))
+    cy.budgets.set("tenant:acme", risk_points(1000))
+    before = [(b.scope, b.allocated) for b in cy.budgets.list()]
+    for i in range(12):
+        with cy.run(ACME, budgets=[usd(0.5), risk_points(60)]) as run:
+            with run.guard(LLM, usd(0.02)) as g:
+                g.commit(usd(0.01))
+            if i % 3 == 0:  # some runs end by an exception: the budgets go all the same
+                with pytest.raises(ValueError), run.guard(TOOL, risk_points(5)):
+                    raise ValueError("tool failed")
+    with pytest.raises(BudgetExceeded), cy.run(ACME, budgets=[usd(0.01)]) as denied, denied.guard(LLM, usd(0.02)):
+        pass
+    assert [(b.scope, b.allocated) for b in cy.budgets.list()] == before
+    assert_settled(cy, "tenant:acme", usd(0.12))
+
+
+def test_a_run_budget_the_ledger_will_not_delete_is_closed_with_a_warning(
+    cy: Cycles, caplog: pytest.LogCaptureFixture
+) -> None:
+    cy.budgets.set("tenant:acme", usd(10))
+    with caplog.at_level(logging.WARNING, logger="cycles.run"), cy.run(ACME, budgets=[usd(1)]) as run:
+        # a reservation the run does not own holds on its budget past its end
+        outside = cy.reserve(run.subject, LLM, usd(0.2)).reservation_id
+    assert outside
+    assert any("could not delete" in r.getMessage() and run.scope in r.getMessage() for r in caplog.records)
+    b = cy.budgets.get(run.scope)
+    assert b.status == "CLOSED" and b.reserved == usd(0.2)
+    cy.commit(outside, usd(0.1))  # the held reservation still settles against the closed row
+    assert cy.budgets.delete(run.scope)[0].spent == usd(0.1)  # and an operator can delete it then
+    assert [b.scope for b in cy.budgets.list()] == ["tenant:acme"]
+
+
+async def test_async_runs_leave_no_budget_row_behind(ledger: Backend) -> None:
+    acy = ledger.open_async()
+    await acy.budgets.set("tenant:acme", usd(10))
+
+    async def agent() -> None:
+        async with acy.run(ACME, budgets=[usd(0.5)]) as run, run.guard(LLM, usd(0.1)) as g:
+            g.commit(usd(0.03))
+
+    await asyncio.gather(*(agent() for _ in range(5)))
+    assert [b.scope for b in await acy.budgets.list()] == ["tenant:acme"]
+    await assert_settled_async(acy, "tenant:acme", usd(0.15))
     await acy.aclose()

@@ -154,6 +154,9 @@ BAD_INPUTS: list[tuple[list[str], int, str, dict[str, str] | None]] = [
     (["budget", "show", "tenant:nobody", "--ledger", "{ledger}"], 1, "NOT_FOUND", None),
     (["budget", "set", "tenant:gone", "5", "--ledger", "{ledger}"], 1, "BUDGET_CLOSED", None),
     (["budget", "unfreeze", "tenant:gone", "--ledger", "{ledger}"], 1, "BUDGET_CLOSED", None),
+    (["budget", "delete", "tenant:nobody", "--ledger", "{ledger}"], 1, "NOT_FOUND", None),
+    (["budget", "delete", "tenant:acme", "--unit", "yen", "--ledger", "{ledger}"], 2, "unknown unit", None),
+    (["--ledger", "memory://", "budget", "delete", "tenant:a"], 2, "memory:// keeps nothing", None),
     (["keys", "revoke", "0123456789abcdef", "--ledger", "{ledger}"], 1, "NOT_FOUND", None),
     # files that are not (writable) ledgers
     (["budget", "list", "--ledger", "sqlite:///{adir}"], 2, "is a directory", None),
@@ -371,6 +374,37 @@ def test_happy_paths(world: World) -> None:
     assert swept.returncode == 0 and swept.stdout == "expired 0 reservation(s)\n"
     key = _run(world, ["keys", "create", "--tenant", "acme", "--ledger", "{ledger}"])
     assert key.returncode == 0 and key.stdout.startswith("cyc_")
+    deleted = _run(world, ["budget", "delete", "tenant:acme/workflow:w", "--unit", "tokens", "--ledger", "{ledger}"])
+    assert deleted.returncode == 0 and re.search(r"tenant:acme/workflow:w\s+tokens", deleted.stdout)
+    listed = _run(world, ["budget", "list", "--tenant", "acme", "--ledger", "{ledger}"])
+    assert listed.returncode == 0 and "workflow:w" not in listed.stdout and "tenant:acme" in listed.stdout
+
+
+def test_budget_delete_is_refused_while_reserved_and_forced_past_debt(world: World) -> None:
+    from cycles import Action, BudgetInUse, CommitOveragePolicy, Subject
+
+    with Cycles(world.ledger) as cy:
+        cy.budgets.set("tenant:acme/workflow:w", tokens(1000), overdraft_limit=tokens(100))
+        held = cy.reserve(
+            Subject(tenant="acme", workflow="w"),
+            Action("llm.completion", "openai:gpt-4o"),
+            tokens(1000),
+            overage_policy=CommitOveragePolicy.ALLOW_WITH_OVERDRAFT,
+        ).reservation_id
+    assert held
+    before = _state(world)
+    refused = _run(world, ["budget", "delete", "tenant:acme/workflow:w", "--ledger", "{ledger}"])
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert refused.stderr.startswith(f"error: {BudgetInUse.code}: ") and refused.stderr.count("\n") == 1
+    assert _state(world) == before
+    with Cycles(world.ledger) as cy:
+        cy.commit(held, tokens(1050))  # 50 over: debt
+    in_debt = _run(world, ["budget", "delete", "tenant:acme/workflow:w", "--ledger", "{ledger}"])
+    assert in_debt.returncode == 1 and in_debt.stderr.startswith("error: DEBT_OUTSTANDING: ")
+    forced = _run(world, ["budget", "delete", "tenant:acme/workflow:w", "--force", "--ledger", "{ledger}"])
+    assert forced.returncode == 0, forced.stderr
+    with Cycles(world.ledger) as cy:
+        assert [b.scope for b in cy.budgets.list(tenant="acme")] == ["tenant:acme"]
 
 
 def test_the_default_ledger_is_the_per_user_file_and_cycles_url_overrides_it(world: World) -> None:

@@ -163,3 +163,16 @@ def crew_of(
         agent=agent,
     )
     return Crew(agents=[agent], tasks=[task], verbose=False)
+
+
+def run_spent(cy: Any, run: str, unit: Any = None) -> Any:
+    """What one run was charged in ``unit`` (default USD), summed from its reservations: a run's
+    budget row is deleted when it ends. Asserts that none of them is still ACTIVE."""
+    from cycles import Amount, ReservationStatus, Unit
+
+    want = unit or Unit.USD_MICROCENTS
+    page = cy.list_reservations(tenant="acme", workflow=run, limit=200)
+    assert not page.has_more
+    assert all(r.status is not ReservationStatus.ACTIVE for r in page.reservations)
+    total = sum(r.committed.amount for r in page.reservations if r.committed is not None and r.committed.unit is want)
+    return Amount(unit=want, amount=total)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from crewai_fakes import ScriptedLLM, answer, crew_of, lookup, tool_call
+from crewai_fakes import ScriptedLLM, answer, crew_of, lookup, run_spent, tool_call
 
 import cycles_crewai
 from cycles import BudgetExceeded, Cycles, ReservationStatus, Subject, Unit, usd
@@ -57,8 +57,7 @@ def test_run_budgets_cap_each_kickoff(cy: Cycles, subject: Subject) -> None:
             assert llm.calls == 1
     assert len(set(hooks.runs)) == 2
     for run in hooks.runs:
-        run_budget = cy.budgets.get(f"tenant:acme/workflow:{run}")
-        assert run_budget.spent == CALL_COST
+        assert run_spent(cy, run) == CALL_COST
     assert cy.budgets.get("tenant:acme").spent == usd(0.6)
 
 

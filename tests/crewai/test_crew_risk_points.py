@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from crewai_fakes import CRM, ScriptedLLM, answer, crew_of, react_call, tool_call
+from crewai_fakes import CRM, ScriptedLLM, answer, crew_of, react_call, run_spent, tool_call
 
 import cycles_crewai
 from cycles import (
@@ -39,9 +39,7 @@ SCRIPT = _script()
 
 
 def _risk_spent(cy: Cycles, run: str) -> int:
-    balance = cy.budgets.get(f"tenant:acme/workflow:{run}", unit=Unit.RISK_POINTS)
-    assert balance.spent is not None and balance.reserved is not None and balance.reserved.amount == 0
-    return balance.spent.amount
+    return int(run_spent(cy, run, Unit.RISK_POINTS).amount)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["native-tool-calls", "react-text"])

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from crewai.tools import tool
-from crewai_fakes import BilledFailure, ScriptedLLM, answer, crew_of, lookup, tool_call
+from crewai_fakes import BilledFailure, ScriptedLLM, answer, crew_of, lookup, run_spent, tool_call
 
 import cycles_crewai
 from cycles import BudgetExceeded, Cycles, ReservationStatus, Subject, Unit, risk_points, usd
@@ -50,7 +50,7 @@ def test_the_same_crew_kicked_off_from_two_threads_gets_two_runs(cy: Cycles, sub
     assert len(hooks.runs) == 2  # no third run id, no call outside a run's budget
     # each run that got to call paid one call (the second's estimate did not fit its own $0.50);
     # a run crewai refused made none
-    spent = sorted(cy.budgets.get(f"tenant:acme/workflow:{run}").spent.amount for run in hooks.runs)
+    spent = sorted(run_spent(cy, run).amount for run in hooks.runs)
     assert spent == sorted([0] * refused + [CALL_COST.amount] * len(stops))
     assert_settled(cy, "tenant:acme", [CALL_COST] * len(stops))
 
@@ -156,7 +156,7 @@ def test_a_failed_tool_is_released_unless_its_policy_charges_it(cy: Cycles, subj
     costs = {"charge_card": 10, "send_sms": 3}
     with cycles_crewai.enable(
         cy, subject, tool_costs=costs, charge_failed_tools=["send_sms"], run_budgets=[risk_points(60)]
-    ):
+    ) as hooks:
         crew_of(llm, _failing_tools(flaky)).kickoff()
     assert flaky.ran == 2
     tools = {
@@ -165,6 +165,7 @@ def test_a_failed_tool_is_released_unless_its_policy_charges_it(cy: Cycles, subj
         if r.action.kind == "tool.call"
     }
     assert tools == {"charge_card": ReservationStatus.RELEASED, "send_sms": ReservationStatus.COMMITTED}
-    risk = [b for b in cy.budgets.list() if b.scope.startswith("tenant:acme/workflow:") and b.spent]
-    assert [b.spent for b in risk if b.spent and b.spent.unit is Unit.RISK_POINTS] == [risk_points(3)]
+    (run,) = hooks.runs
+    assert run_spent(cy, run, Unit.RISK_POINTS) == risk_points(3)
+    assert [b.scope for b in cy.budgets.list()] == ["tenant:acme"]  # the run left no budget row behind
     assert_settled(cy, "tenant:acme", [CALL_COST] * 3)

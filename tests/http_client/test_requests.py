@@ -358,6 +358,28 @@ async def test_admin_calls_use_the_operator_plane(make_client: ClientFactory, fa
         assert "x-cycles-api-key" not in seen.headers
 
 
+async def test_delete_budget_is_a_delete_on_its_path(make_client: ClientFactory, fake: FakeProtocolServer) -> None:
+    from cycles import BudgetInUse
+
+    from .conftest import error_body
+
+    scope = "tenant:acme/workflow:run-42"
+    refused = Reply(status=409, json=error_body("BUDGET_IN_USE", "reserved"))
+    fake.script("DELETE", f"/admin/budgets/{scope}", Reply(json={"budgets": [balance(scope)]}), refused)
+    client = make_client(admin_key=ADMIN_KEY)
+    gone = await client("delete_budget", scope, unit=Unit.USD_MICROCENTS, force=True)
+    assert [b.scope for b in gone] == [scope]
+    with pytest.raises(BudgetInUse, match="reserved"):
+        await client("delete_budget", scope)
+    first, second = fake.seen()
+    assert (first.method, first.raw_path, first.query) == (
+        "DELETE",
+        f"/admin/budgets/{scope}",
+        {"unit": ["USD_MICROCENTS"], "force": ["true"]},
+    )
+    assert second.query == {} and first.headers["x-admin-api-key"] == ADMIN_KEY
+
+
 async def test_admin_errors_map_like_protocol_errors(make_client: ClientFactory, fake: FakeProtocolServer) -> None:
     from .conftest import error_body
 

@@ -173,6 +173,6 @@ def test_one_compiled_agent_invoked_from_two_threads_runs_two_runs(cy: Cycles, s
         t.join()
     assert len({r.id for r in runs}) == 2
     for run in runs:  # each run stopped at its own cap; no step landed outside a run
-        assert cy.budgets.get(run.scope).spent == CALL_COST
+        assert run.charged == {CALL_COST.unit: CALL_COST}
         assert {g.subject.dimensions["run_id"] for g in run.steps} == {run.id}
     assert_settled(cy, f"tenant:{tenant}", [CALL_COST, CALL_COST])

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from typing import Any
 
-from cycles import Cycles, ReservationStatus, Unit, risk_points
+import pytest
+
+from cycles import Cycles, NotFound, ReservationStatus, Unit, risk_points
 from cycles.testing import assert_ledger_invariant
 from cycles_mcp.hook import session_run_id
 from tests.mcp.conftest import Env
@@ -77,10 +79,12 @@ def test_pre_post_failure_and_session_end(env: Env) -> None:
         assert balance.spent == risk_points(50) and balance.reserved == risk_points(1)
     assert hook(env, "session-end", hook_event_name="SessionEnd", reason="logout").returncode == 0
     with Cycles(env.ledger) as cy:
-        balance = cy.budgets.get(scope, unit=Unit.RISK_POINTS)
-        assert balance.spent == risk_points(50) and balance.reserved == risk_points(0)
+        with pytest.raises(NotFound):  # the session's budget row is deleted when it ends
+            cy.budgets.get(scope)
         statuses = sorted(r.status.value for r in cy.list_reservations(tenant="acme", limit=50).reservations)
         assert statuses == ["COMMITTED", "RELEASED", "RELEASED"]
+        committed = [r.committed for r in cy.list_reservations(tenant="acme", limit=50).reservations if r.committed]
+        assert committed == [risk_points(50)]
         assert all(r.status is not ReservationStatus.ACTIVE for r in cy.list_reservations(tenant="acme").reservations)
         assert_ledger_invariant(cy)
 

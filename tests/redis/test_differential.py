@@ -114,6 +114,7 @@ ops = st.one_of(
     tick_op,
     st.tuples(st.just("fund"), st.sampled_from(SCOPES), units, st.integers(0, 80)),
     st.tuples(st.just("status"), st.sampled_from(SCOPES), st.sampled_from(["ACTIVE", "FROZEN", "CLOSED"]), units),
+    st.tuples(st.just("delete"), st.sampled_from(SCOPES), st.one_of(st.none(), units), st.booleans()),
     st.tuples(st.just("release"), refs, keys, callers),
     st.tuples(st.just("extend"), refs, st.sampled_from([1000, 5000]), keys),
     st.tuples(st.just("event"), st.sampled_from(range(len(SUBJECTS))), units, amounts, policies, keys),
@@ -203,6 +204,9 @@ def _apply(b: _Backend, op: tuple[Any, ...]) -> Any:
     if kind == "status":
         _, scope, status, unit = op
         return ledger.set_budget_status(scope, status, unit=unit)
+    if kind == "delete":
+        _, scope, unit, force = op
+        return ledger.delete_budget(scope, unit=unit, force=force)
     if kind == "reserve":
         _, subject, unit, amount, ttl, grace, policy, dry, key, caller = op
         req = ReservationCreateRequest(

@@ -86,6 +86,9 @@ async def test_provision_a_fresh_deployment_over_http(client: httpx.AsyncClient,
         ("POST", "/admin/keys", {"tenant": "bad tenant/"}),
         ("POST", "/admin/keys", {"tenant": "a" * 10_000}),
         ("GET", "/admin/budgets/tenant:acme?unit=EUR", None),
+        ("DELETE", "/admin/budgets/tenant:acme?force=yes", None),
+        ("DELETE", "/admin/budgets/tenant:acme?unit=EUR", None),
+        ("DELETE", "/admin/budgets/not-a-scope", None),
     ],
 )
 async def test_admin_rejects_bad_input(
@@ -101,6 +104,7 @@ async def test_admin_needs_the_admin_key(client: httpx.AsyncClient, auth: dict[s
         r = await client.post("/admin/keys", json={"tenant": "acme"}, headers=headers)
         assert r.status_code == 401
     assert (await client.delete("/admin/keys/0123456789abcdef", headers={"X-Admin-API-Key": "x"})).status_code == 401
+    assert (await client.delete("/admin/budgets/tenant:acme", headers=auth)).status_code == 401
 
 
 async def test_revoking_an_unknown_key_is_404(client: httpx.AsyncClient, admin: dict[str, str]) -> None:

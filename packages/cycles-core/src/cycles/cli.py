@@ -361,6 +361,8 @@ def _cmd_budget(args: argparse.Namespace) -> int:
             budgets = [cy.budgets.get(args.scope, unit)] if unit else _all_units(cy, args.scope)
         elif action == "list":
             budgets = cy.budgets.list(tenant=args.tenant)
+        elif action == "delete":  # prints the deleted rows as they were last
+            budgets = cy.budgets.delete(args.scope, unit, force=args.force)
         else:  # freeze / unfreeze / close
             budgets = getattr(cy.budgets, action)(args.scope, unit)
         print_budgets(args, budgets)
@@ -606,10 +608,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget = sub.add_parser(
         "budget",
         parents=[common],
-        help="everyday budgets: set, fund, show, list, freeze, unfreeze, close (see also: budgets)",
+        help="everyday budgets: set, fund, show, list, freeze, unfreeze, close, delete (see also: budgets)",
         description="Everyday budget administration: create-or-set an allocation with caps, an overdraft "
         "limit and a recurring period; fund (repays debt first); show every unit of a scope; freeze, "
-        "unfreeze, close. On a local ledger these changes are not in the audit log. For the governance "
+        "unfreeze, close, delete. On a local ledger these changes are not in the audit log. For the governance "
         "spec's audited operations (create that fails if the budget exists, fund with DEBIT or RESET, a "
         "--reason in the audit log, period_start/period_end) use 'cycles budgets'; both act on the same "
         "budgets.",
@@ -669,10 +671,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("freeze", "refuse new reservations, commits and funding until unfrozen"),
         ("unfreeze", "make a frozen budget active again"),
         ("close", "close a budget for good"),
+        ("delete", "delete a budget row (refused while reserved, or in debt unless --force)"),
     ):
         p = bsub.add_parser(name, parents=[common], help=help_text)
         p.add_argument("scope", help="budget id, e.g. tenant:acme")
         p.add_argument("--unit", default=None, help="only this unit (default: every unit the scope has)")
+        if name == "delete":
+            p.add_argument("--force", action="store_true", help="write off outstanding debt with the row")
     budget.set_defaults(handler=_cmd_budget)
 
     balances = sub.add_parser(

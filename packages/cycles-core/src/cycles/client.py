@@ -383,6 +383,12 @@ class Budgets:
     def close(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
 
+    def delete(self, scope: str, unit: Unit | None = None, *, force: bool = False) -> _List[Balance]:
+        """Delete the scope's budgets (one unit, or all) and return them as they were last. Raises
+        ``BudgetInUse`` while reservations hold on one, ``DebtOutstanding`` while one is in debt
+        unless ``force`` (which writes the debt off)."""
+        return self._ledger.delete_budget(scope, unit=unit, force=force)
+
 
 class AsyncBudgets:
     def __init__(self, ledger: AsyncLedger) -> None:
@@ -424,6 +430,10 @@ class AsyncBudgets:
 
     async def close(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
         return await self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
+
+    async def delete(self, scope: str, unit: Unit | None = None, *, force: bool = False) -> _List[Balance]:
+        """``Budgets.delete``."""
+        return await self._ledger.delete_budget(scope, unit=unit, force=force)
 
 
 class Cycles(_ClientBase):

@@ -18,6 +18,7 @@ __all__ = [
     "BudgetClosed",
     "BudgetExceeded",
     "BudgetFrozen",
+    "BudgetInUse",
     "BudgetNotFound",
     "CountMismatch",
     "CyclesError",
@@ -314,8 +315,17 @@ class CountMismatch(CyclesError):
     http_status = 409
 
 
+class BudgetInUse(CyclesError):
+    """A budget cannot be deleted while reservations hold amounts on it (a Cycles extension code:
+    the governance spec has no budget delete; it is the one ``cycles serve`` adds for it)."""
+
+    code = "BUDGET_IN_USE"
+    http_status = 409
+
+
 _ADMIN_ERRORS: tuple[type[CyclesError], ...] = (
     CountMismatch,
+    BudgetInUse,
     TenantNotFound,
     TenantSuspended,
     DuplicateResource,

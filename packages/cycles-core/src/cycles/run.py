@@ -15,9 +15,11 @@ their own)::
   ``dimensions["run_id"] = run.id`` (the key ``per_run`` quotas use). Every step's subject
   carries both: ``run.guard(..., subject=...)`` fills in the workflow and the dimension.
 - **Budgets.** ``budgets=[usd(0.5), risk_points(60)]`` are set on the run's workflow scope
-  (``run.scope``) when it starts, one per unit, and closed when it ends unless
-  ``keep_budgets=True`` (the ledger keeps the closed row for the audit trail; nothing more can be
-  charged to it).
+  (``run.scope``) when it starts, one per unit, and deleted when it ends, after every step is
+  settled, unless ``keep_budgets=True`` (the rows stay, open, for the caller): a long-lived
+  service leaves no budget row behind per run. Where the ledger refuses the delete (a step it
+  could not settle still holds a reservation, or the run ran into overdraft debt) the budget is
+  closed instead, with a warning: nothing more can be charged to it and the row shows why.
 - **Context.** ``start()`` (or entering ``with``) makes the run current in this context:
   ``cycles.current_run()`` returns it there and in every thread or task that copies the context
   afterwards, so concurrent runs on one framework object never share state. ``end()`` restores
@@ -58,7 +60,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from cycles.errors import CyclesError, Denied, InvalidRequest, ToolNotAllowed
+from cycles.errors import CyclesError, Denied, InvalidRequest, NotFound, ToolNotAllowed
 from cycles.guard import AsyncGuard, Guard, _Call, _Flow, _GuardCore, adrive, drive
 from cycles.models import Action, Amount, Caps, Subject, Unit, trusted
 from cycles.scopes import derive_scopes
@@ -199,7 +201,7 @@ class _RunCore:
                 yield _Call("set_budget", (self.scope, amount))
                 done.append(amount)
         except BaseException:
-            yield from self._close_flow(done)
+            yield from self._cleanup_flow(done)
             self.state = "ended"
             raise
         self.state = "open"
@@ -210,18 +212,27 @@ class _RunCore:
         self.error = exc
         self._keyed.clear()
         if not self.keep_budgets:
-            yield from self._close_flow(self.budgets)
+            yield from self._cleanup_flow(self.budgets)
         self._grants.clear()
         return None
 
-    def _close_flow(self, budgets: Iterable[Amount]) -> _Flow:
+    def _cleanup_flow(self, budgets: Iterable[Amount]) -> _Flow:
+        """Delete each budget the run set; close it (with a warning) where the ledger refuses."""
         for amount in budgets:
+            unit = amount.unit.value
+            try:
+                yield _Call("delete_budget", (self.scope,), {"unit": amount.unit})
+                continue
+            except NotFound:
+                continue  # deleted already (by an operator): nothing is left behind
+            except CyclesError as error:
+                log.warning(
+                    "run %s: could not delete its %s budget %s (closing it): %s", self.id, unit, self.scope, error
+                )
             try:
                 yield _Call("set_budget_status", (self.scope, "CLOSED"), {"unit": amount.unit})
             except CyclesError as error:
-                log.warning(
-                    "run %s: could not close its %s budget %s: %s", self.id, amount.unit.value, self.scope, error
-                )
+                log.warning("run %s: could not close its %s budget %s: %s", self.id, unit, self.scope, error)
         return None
 
     def abandon_reason(self, exc: BaseException | None) -> str:
@@ -361,7 +372,7 @@ class Run(_RunFace):
         return self
 
     def end(self, exc: BaseException | None = None) -> None:
-        """Settle every step still open by the rule, close the run's budgets. Idempotent."""
+        """Settle every step still open by the rule, then delete the run's budgets. Idempotent."""
         if self._core.state == "ended":
             return
         why = self._core.abandon_reason(exc)
@@ -404,7 +415,7 @@ class AsyncRun(_RunFace):
         return self
 
     async def end(self, exc: BaseException | None = None) -> None:
-        """Settle every step still open by the rule, close the run's budgets. Idempotent."""
+        """Settle every step still open by the rule, then delete the run's budgets. Idempotent."""
         if self._core.state == "ended":
             return
         why = self._core.abandon_reason(exc)

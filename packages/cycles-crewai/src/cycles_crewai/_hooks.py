@@ -430,7 +430,7 @@ def enable(
     their token usage; ``max_output_tokens`` bounds the estimate when the LLM object sets no
     ``max_tokens``. ``tool_costs`` prices tools, an int as risk points (``{"read_crm": 1,
     "update_crm": 25}``). ``run_budgets`` are set on each run's workflow scope as it starts (e.g.
-    ``[risk_points(60)]``: at most 60 points of consequential actions per run); they are closed when
+    ``[risk_points(60)]``: at most 60 points of consequential actions per run); they are deleted when
     the run ends unless ``keep_run_budgets``. A tool that fails is released, unless its name is in
     ``charge_failed_tools`` (tools that bill even when they fail). ``hooks.kickoff_for_each(crew,
     inputs)`` gives every input its own run; a denial stops that input only.

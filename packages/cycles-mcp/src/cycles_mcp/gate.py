@@ -1,7 +1,7 @@
 """The gate: one tool call admitted against the policy, then settled by the core's rule.
 
 Each MCP session is one core run (``acy.run``): its workflow scope carries the policy's session
-budgets, set when the run starts and closed when it ends. ``admit`` decides a call (deny list, cost
+budgets, set when the run starts and deleted when it ends. ``admit`` decides a call (deny list, cost
 by glob, one step of the run per unit of the cost); ``settle`` ends each step through the core
 guard, which commits when the tool ran and releases when it failed (the core's failed-step rule;
 an interrupted call is never released). The proxy and the Claude Code hooks share it.
@@ -92,7 +92,7 @@ class Gate:
 
     @staticmethod
     async def end_run(run: AsyncRun) -> None:
-        """End a session's run: the core settles any step still open and closes its budgets."""
+        """End a session's run: the core settles any step still open and deletes its budgets."""
         if run.state == "open":
             with anyio.CancelScope(shield=True):
                 await run.end()

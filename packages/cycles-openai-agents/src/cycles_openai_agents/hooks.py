@@ -99,7 +99,7 @@ class CyclesRunHooks(RunHooks[Any]):
       ``final_message`` instead of raising (needs the agent's model wrapped in :class:`CyclesModel`,
       the only place that can answer instead of the model).
     - ``run_budgets``: budgets of each run's own workflow scope (the subject must not name a
-      workflow), closed when the run ends.
+      workflow), deleted when the run ends.
     - ``charge_failed_tools``: tools charged even when they fail (by default a tool that raised,
       also when the SDK turned the error into a result, is released); ``tool_failed(name, result)``
       tells a failure from a result when a tool has its own ``failure_error_function``.

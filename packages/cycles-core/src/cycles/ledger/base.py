@@ -111,6 +111,10 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]: ...
     @abc.abstractmethod
+    def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        """Delete a scope's budgets (one unit, or all): ``rules.delete_budget`` says when it is refused."""
+
+    @abc.abstractmethod
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance: ...
     @abc.abstractmethod
     def list_budgets(self, *, tenant: str | None = None) -> list[Balance]: ...
@@ -186,6 +190,10 @@ class AsyncLedger(abc.ABC):
     async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
     @abc.abstractmethod
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]: ...
+    @abc.abstractmethod
+    async def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        """Delete a scope's budgets (one unit, or all): ``rules.delete_budget`` says when it is refused."""
+
     @abc.abstractmethod
     async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance: ...
     @abc.abstractmethod
@@ -321,6 +329,9 @@ class TransactionalLedger(Ledger):
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._write(rules.set_budget_status, scope, unit, status)
 
+    def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return self._write(rules.delete_budget, scope, unit, force)
+
     # The operator plane's reads go through the write path: like Redis's scripts, they show a budget
     # after lazy expiry (the runtime plane's balances and listings are the reads that skip it).
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
@@ -408,6 +419,9 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self._call(self.sync.set_budget_status, scope, status, unit=unit)
+
+    async def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return await self._call(self.sync.delete_budget, scope, unit=unit, force=force)
 
     async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return await self._call(self.sync.get_budget, scope, unit=unit)

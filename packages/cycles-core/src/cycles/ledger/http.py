@@ -508,6 +508,10 @@ class _HttpCore:
         query = _query([("unit", Unit(unit).value if unit is not None else None)])
         return self._admin_call("GET", "/budgets/" + quote(scope, safe=":/") + query, None, _PARSE_BALANCE)
 
+    def delete_budget(self, scope: str, unit: Unit | None, force: bool) -> _Call[list[Balance]]:
+        query = _query([("unit", Unit(unit).value if unit is not None else None), ("force", "true" if force else None)])
+        return self._admin_call("DELETE", "/budgets/" + quote(scope, safe=":/") + query, None, _PARSE_BALANCE_LIST)
+
     def list_budgets(self, tenant: str | None) -> _Call[list[Balance]]:
         return self._admin_call("GET", "/budgets" + _query([("tenant", tenant)]), None, _PARSE_BALANCE_LIST)
 
@@ -995,6 +999,9 @@ class HttpLedger(Ledger):
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._run(self._core.set_budget_status(scope, status, unit))
 
+    def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return self._run(self._core.delete_budget(scope, unit, force))
+
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return self._run(self._core.get_budget(scope, unit))
 
@@ -1120,6 +1127,9 @@ class AsyncHttpLedger(AsyncLedger):
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self._run(self._core.set_budget_status(scope, status, unit))
+
+    async def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return await self._run(self._core.delete_budget(scope, unit, force))
 
     async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return await self._run(self._core.get_budget(scope, unit))

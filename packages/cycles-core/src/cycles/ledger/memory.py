@@ -102,7 +102,7 @@ class _Store:
         self.by_owner: dict[str | None, list[tuple[int, str]]] = {}
         self.by_time: list[tuple[int, str]] = []
         self.dead_keys = 0
-        # Budgets: sorted (scope, unit) per tenant and for all (budgets are never deleted).
+        # Budgets: sorted (scope, unit) per tenant and for all.
         self.budget_keys: dict[str | None, list[tuple[str, str]]] = {}
         self.all_budget_keys: list[tuple[str, str]] = []
         self.active: dict[str | None, int] = {}  # ACTIVE reservations per owner
@@ -132,6 +132,7 @@ class _Store:
 class _MemoryTxn:
     __slots__ = (
         "_budgets",
+        "_deleted",
         "_idem",
         "_meta",
         "_popped",
@@ -150,6 +151,7 @@ class _MemoryTxn:
         self.include_balances = include_balances
         self.limits = limits
         self._budgets: dict[tuple[str, Unit], BudgetRow] = {}
+        self._deleted: set[tuple[str, Unit]] = set()  # budgets this transaction deletes
         self._reservations: dict[str, ReservationRow] = {}
         self._idem: dict[_IdemKey, _PackedRecord] = {}
         self._popped: list[tuple[int, str]] = []
@@ -160,6 +162,8 @@ class _MemoryTxn:
         key = (scope, unit)
         row = self._budgets.get(key)
         if row is None:
+            if key in self._deleted:
+                return None
             stored = self._store.budgets.get(key)
             if stored is None:
                 return None
@@ -177,14 +181,22 @@ class _MemoryTxn:
     def budget_units(self, scope: str) -> list[Unit]:
         units = set(self._store.units.get(scope, ()))
         units.update(u for (s, u) in self._budgets if s == scope)
+        units.difference_update(u for (s, u) in self._deleted if s == scope)
         return sorted(units, key=lambda u: u.value)  # the order SQLite and Redis report
 
     def put_budget(self, row: BudgetRow) -> None:
         self._budgets[(row.scope, row.unit)] = row
+        self._deleted.discard((row.scope, row.unit))
+
+    def delete_budget(self, scope: str, unit: Unit) -> None:
+        self._budgets.pop((scope, unit), None)
+        self._deleted.add((scope, unit))
 
     def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterator[BudgetRow]:
         merged = {**self._store.budgets, **self._budgets}
-        for row in merged.values():
+        for key, row in merged.items():
+            if key in self._deleted:
+                continue
             if all_tenants or row.tenant == tenant:
                 yield row
 
@@ -323,6 +335,19 @@ class _MemoryTxn:
                 bisect.insort(store.budget_keys.setdefault(budget.tenant, []), index)
                 bisect.insort(store.all_budget_keys, index)
             store.budgets[key] = budget
+        for key in self._deleted:
+            gone = store.budgets.pop(key, None)
+            if gone is None:
+                continue
+            units = store.units[key[0]]
+            units.remove(key[1])
+            if not units:
+                del store.units[key[0]]
+            index = (key[0], key[1].value)
+            for keys in (store.budget_keys[gone.tenant], store.all_budget_keys):
+                del keys[bisect.bisect_left(keys, index)]
+            if not store.budget_keys[gone.tenant]:
+                del store.budget_keys[gone.tenant]
         active = store.active
         for reservation_id, row in self._reservations.items():
             stored = store.reservations.get(reservation_id)

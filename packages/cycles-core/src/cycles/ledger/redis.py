@@ -228,6 +228,7 @@ _SCRIPT_NAMES = (
     "set_budget",
     "fund",
     "set_status",
+    "delete_budget",
     "get_budget",
     "get_reservation",
     "snapshot_budgets",
@@ -456,6 +457,10 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
         )
     if tag == "BUDGET_CLOSED":
         return BudgetClosed(f"budget {args[0]} is closed", details={"scope": args[0]})
+    if tag == "IN_USE":
+        return rules.budget_in_use(ctx.scope, args[0], args[1])
+    if tag == "DEBT_BLOCKS_DELETE":
+        return rules.debt_blocks_delete(ctx.scope, args[0], args[1])
     if tag == "CLOSED_FOR_GOOD":
         return BudgetClosed(f"budget {args[0]} is closed for good", details={"scope": args[0]})
     if tag == "BUDGET_FROZEN":
@@ -628,6 +633,9 @@ class _Snapshot:
         return [u for u in _UNIT_ORDER if (scope, u) in self._budgets]
 
     def put_budget(self, row: BudgetRow) -> None:
+        raise RuntimeError("a Redis read snapshot is read-only")
+
+    def delete_budget(self, scope: str, unit: Unit) -> None:
         raise RuntimeError("a Redis read snapshot is read-only")
 
     def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterator[BudgetRow]:
@@ -1436,6 +1444,19 @@ class _RedisCore:
         reply = _open(raw, lambda: _Context(scope=scope))
         return [_budget(row, Unit(u)).to_budget() for u, row in reply.payload]
 
+    def _delete_budget(self, scope: str, unit: Unit | None, force: bool) -> _Flow[list[Balance]]:
+        parse_scope(scope)
+        units = [unit] if unit is not None else list(_UNIT_ORDER)
+        raw = yield self._call(
+            "delete_budget",
+            scope_tenant(scope) or NO_TENANT_TAG,
+            scope,
+            "1" if force else "0",
+            *(u.value for u in units),
+        )
+        reply = _open(raw, lambda: _Context(scope=scope))
+        return [_budget(row, Unit(u)).to_budget() for u, row in reply.payload]
+
     def _get_budget(self, scope: str, unit: Unit | None) -> _Flow[Balance]:
         parse_scope(scope)
         units = [unit] if unit is not None else list(_UNIT_ORDER)
@@ -1658,6 +1679,9 @@ class RedisLedger(_RedisCore, Ledger):
 
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._run(self._set_budget_status(scope, status, unit))
+
+    def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return self._run(self._delete_budget(scope, unit, force))
 
     def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return self._run(self._get_budget(scope, unit))
@@ -2060,6 +2084,9 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self._run(self._set_budget_status(scope, status, unit))
+
+    async def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return await self._run(self._delete_budget(scope, unit, force))
 
     async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return await self._run(self._get_budget(scope, unit))

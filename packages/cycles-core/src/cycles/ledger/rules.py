@@ -31,6 +31,7 @@ from cycles.errors import (
     BudgetClosed,
     BudgetExceeded,
     BudgetFrozen,
+    BudgetInUse,
     CyclesError,
     DebtOutstanding,
     Denied,
@@ -322,6 +323,10 @@ class Txn(Protocol):
 
     def budget_units(self, scope: str) -> list[Unit]: ...
     def put_budget(self, row: BudgetRow) -> None: ...
+    def delete_budget(self, scope: str, unit: Unit) -> None:
+        """Remove the row (with its caps) and its place in the paging index."""
+        ...
+
     def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterable[BudgetRow]: ...
     def get_reservation(self, reservation_id: str) -> ReservationRow | None: ...
     def put_reservation(self, row: ReservationRow) -> None: ...
@@ -1298,6 +1303,44 @@ def set_budget_status(txn: Txn, scope: str, unit: Unit | None, status: str) -> l
         row.status = status
         txn.put_budget(row)
     return [r.to_budget() for r in rows]
+
+
+def delete_budget(txn: Txn, scope: str, unit: Unit | None, force: bool = False) -> list[Balance]:
+    """Delete a scope's budgets (one unit, or all of them): the row, its caps and its period.
+    Refused with ``BudgetInUse`` while a reservation holds an amount on one (it would settle
+    against nothing), and with ``DebtOutstanding`` while one carries debt unless ``force`` (the
+    debt is written off with the row). Spent goes with the row: the reservations and events keep
+    the history. Frozen and closed budgets may be deleted. Every unit is checked before any is
+    deleted. Returns the rows as they were last (after any period rollover)."""
+    parse_scope(scope)
+    units = [unit] if unit is not None else txn.budget_units(scope)
+    rows = [r for u in units if (r := txn.get_budget(scope, u)) is not None]
+    if not rows:
+        raise NotFound(f"Budget not found for provided scope: {scope}")
+    roll_periods(txn, rows, by_unit=True)
+    for row in rows:
+        if row.reserved > 0:
+            raise budget_in_use(scope, row.unit.value, row.reserved)
+        if row.debt > 0 and not force:
+            raise debt_blocks_delete(scope, row.unit.value, row.debt)
+    for row in rows:
+        txn.delete_budget(scope, row.unit)
+        txn.put_meta(periods.meta_key(scope, row.unit.value), None)
+    return [r.to_budget() for r in rows]
+
+
+def budget_in_use(scope: str, unit: str, reserved: int) -> BudgetInUse:
+    return BudgetInUse(
+        f"budget {scope} ({unit}) has {reserved} reserved: settle or let its reservations expire before deleting it",
+        details={"scope": scope, "unit": unit, "reserved": reserved},
+    )
+
+
+def debt_blocks_delete(scope: str, unit: str, debt: int) -> DebtOutstanding:
+    return DebtOutstanding(
+        f"budget {scope} ({unit}) has a debt of {debt}: fund it, or delete with force to write it off",
+        details={"scope": scope, "unit": unit, "debt": debt},
+    )
 
 
 def get_budget(txn: Txn, scope: str, unit: Unit | None) -> Balance:

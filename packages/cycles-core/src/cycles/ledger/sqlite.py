@@ -342,6 +342,10 @@ class _SqliteTxn:
         self._budgets[(row.scope, row.unit)] = row
         self._db.execute(_UPSERT_BUDGET, _budget_params(row))
 
+    def delete_budget(self, scope: str, unit: Unit) -> None:
+        self._budgets[(scope, unit)] = None
+        self._db.execute("DELETE FROM budgets WHERE scope=? AND unit=?", (scope, unit.value))
+
     def iter_budgets(self, tenant: str | None, all_tenants: bool) -> Iterator[BudgetRow]:
         if all_tenants:
             cursor = self._db.execute(f"SELECT {_BUDGET_COLS} FROM budgets")

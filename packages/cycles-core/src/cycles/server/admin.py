@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "create_key",
+    "delete_budget",
     "fund_budget",
     "get_budget",
     "get_key",
@@ -146,6 +147,17 @@ async def fund_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
 async def set_budget_status(s: CyclesServer, request: Request, p: Principal) -> Reply:
     req = parse_body(BudgetStatusRequest, await read_body(request, s.max_body_bytes))
     rows = await s.timed("set_budget_status", s.ledger.set_budget_status(req.scope, req.status, unit=req.unit))
+    return 200, _json_list("budgets", [model_json(b) for b in rows])
+
+
+async def delete_budget(s: CyclesServer, request: Request, p: Principal) -> Reply:
+    """``DELETE /admin/budgets/{scope}?unit=&force=``: the deleted rows as they were last."""
+    scope: str = request.path_params["scope"]
+    force = request.query_params.get("force", "false")
+    if force not in ("true", "false"):
+        raise InvalidRequest("force must be true or false")
+    unit = _unit_param(request)
+    rows = await s.timed("delete_budget", s.ledger.delete_budget(scope, unit=unit, force=force == "true"))
     return 200, _json_list("budgets", [model_json(b) for b in rows])
 
 

@@ -343,6 +343,7 @@ def _endpoints(server: CyclesServer) -> list[Endpoint]:
         ep("/admin/budgets/fund", "POST", a.fund_budget, "admin"),
         ep("/admin/budgets/status", "POST", a.set_budget_status, "admin"),
         ep("/admin/budgets/{scope:path}", "GET", a.get_budget, "admin"),
+        ep("/admin/budgets/{scope:path}", "DELETE", a.delete_budget, "admin"),
         ep("/admin/keys", "POST", a.create_key, "admin"),
         ep("/admin/keys", "GET", a.list_keys, "admin"),
         ep("/admin/keys/{key_id}", "GET", a.get_key, "admin"),

@@ -138,6 +138,18 @@ local function load_budget(scope, unit)
   return (load_budgets({scope}, unit))[1]
 end
 
+-- The budgets of `scope` that exist in the units ARGV[first], ARGV[first + 1], ... (in that order).
+local function load_scope_units(scope, first)
+  local rows = {}
+  for i = first, #ARGV do
+    local b = load_budget(scope, ARGV[i])
+    if b then
+      rows[#rows + 1] = b
+    end
+  end
+  return rows
+end
+
 local function remaining(b)
   return b.a - b.s - b.r - b.d
 end

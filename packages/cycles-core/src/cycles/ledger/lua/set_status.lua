@@ -4,13 +4,7 @@
 local scope, status = ARGV[2], ARGV[3]
 
 expire_due(LAZY_EXPIRY)
-local rows = {}
-for i = 4, #ARGV do
-  local b = load_budget(scope, ARGV[i])
-  if b then
-    rows[#rows + 1] = b
-  end
-end
+local rows = load_scope_units(scope, 4)
 if #rows == 0 then
   return err('SCOPE_NOT_FOUND')
 end

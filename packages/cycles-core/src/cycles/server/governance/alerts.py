@@ -404,6 +404,9 @@ class ObservedLedger(AsyncLedger):
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self.inner.set_budget_status(scope, status, unit=unit)
 
+    async def delete_budget(self, scope: str, *, unit: Unit | None = None, force: bool = False) -> list[Balance]:
+        return await self.inner.delete_budget(scope, unit=unit, force=force)
+
     async def get_budget(self, scope: str, *, unit: Unit | None = None) -> Balance:
         return await self.inner.get_budget(scope, unit=unit)
 
