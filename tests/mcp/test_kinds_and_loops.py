@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from mcp import Client
 
-from cycles import Cycles, Unit, risk_points
+from cycles import Cycles, ReservationStatus, risk_points
 from cycles.testing import assert_ledger_invariant
 from cycles_mcp.kinds import FALLBACK_KIND, MCP_TOOL_PREFIXES, kind_for_tool
 from cycles_mcp.policy import parse_policy
@@ -80,11 +80,14 @@ async def test_a_per_run_kind_quota_lets_exactly_two_calls_through_per_session(e
     assert [c["tool"] for c in env.upstream_calls()] == ["search", "search", "deploy", "deploy"] * 2
     assert all("ACTION_QUOTA_EXCEEDED" in t and "web.search" in t and "not run" in t for t in refusals)
     with Cycles(env.ledger) as cy:
-        sessions = [b.scope for b in cy.budgets.list(tenant="acme") if "/workflow:" in b.scope]
+        assert not [b for b in cy.budgets.list(tenant="acme") if "/workflow:" in b.scope]  # deleted at session end
+        reservations = cy.list_reservations(tenant="acme", limit=200).reservations
+        sessions = {r.subject.workflow for r in reservations}
         assert len(sessions) == 2
-        for scope in sessions:  # the refused calls reserved nothing: 2 searches (1) + 2 deploys (5)
-            balance = cy.budgets.get(scope, unit=Unit.RISK_POINTS)
-            assert balance.spent == risk_points(12) and balance.reserved == risk_points(0)
+        for session in sessions:  # the refused calls reserved nothing: 2 searches (1) + 2 deploys (5)
+            mine = [r for r in reservations if r.subject.workflow == session]
+            assert all(r.status is ReservationStatus.COMMITTED and r.committed for r in mine)
+            assert sum(r.committed.amount for r in mine if r.committed) == risk_points(12).amount
         assert_ledger_invariant(cy)
 
 

@@ -335,7 +335,12 @@ def _loop_act(console: Console, url: str) -> LoopStats:
     )
     with Cycles(url) as cy:
         cy.quotas.set_loop_guard("tenant:demo", LOOP_GUARD)  # on for every run of the tenant
-        run = cy.run(Subject(tenant="demo", agent="researcher"), budgets=[LOOP_RUN_BUDGET], name="stuck-search")
+        run = cy.run(  # its budget is kept to show what was left (the demo ledger is thrown away)
+            Subject(tenant="demo", agent="researcher"),
+            budgets=[LOOP_RUN_BUDGET],
+            name="stuck-search",
+            keep_budgets=True,
+        )
         context = SYSTEM_PROMPT_TOKENS
         try:
             with run:
