@@ -12,11 +12,22 @@ import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, cast
 
 from pydantic import BaseModel, ValidationError
 
 from cycles.errors import InvalidRequest, describe_validation_error
+from cycles.flows import (
+    AsyncLedgerSender,
+    AsyncSender,
+    Flow,
+    Group,
+    LedgerCall,
+    LedgerSender,
+    S,
+    SyncSender,
+    operation,
+)
 from cycles.guard import (
     AsyncGuard,
     Guard,
@@ -40,7 +51,7 @@ from cycles.ledger.base import (
 from cycles.ledger.records import RecordStore, records_of
 
 if TYPE_CHECKING:
-    from cycles.operator import Operator
+    from cycles.operator import AsyncOperator, Operator
 from cycles.ledger.rules import new_idempotency_key
 from cycles.models import (
     Action,
@@ -121,8 +132,15 @@ def _policy(value: CommitOveragePolicy | str | None, default: CommitOveragePolic
     return default if value is None else CommitOveragePolicy(value)
 
 
-class _ClientBase:
-    """Settings, request building and guard construction. No I/O."""
+GuardT = TypeVar("GuardT", Guard, AsyncGuard)
+RunT = TypeVar("RunT", Run, AsyncRun)
+OperatorT = TypeVar("OperatorT")
+
+
+class _ClientBase(Generic[GuardT, RunT, OperatorT]):
+    """Settings, request building, guard and run construction, the operator plane's groups. No I/O:
+    each shell says only how its guards, runs and operator are made (``_guard_of``, ``_run_of``,
+    ``_open_operator``)."""
 
     def __init__(
         self,
@@ -215,6 +233,110 @@ class _ClientBase:
         if not isinstance(estimate, Amount):
             raise InvalidRequest(f"estimate must be an Amount (e.g. usd(0.05)), got {type(estimate).__name__}")
         return _GuardCore(self, subject, action, estimate, settings, idempotency_key, self.shadow_log)
+
+    def _guard_of(self, core: _GuardCore) -> GuardT:
+        raise NotImplementedError
+
+    def _run_of(self, core: _RunCore) -> RunT:
+        raise NotImplementedError
+
+    def _open_operator(self) -> OperatorT:
+        raise NotImplementedError
+
+    def guard(
+        self,
+        subject: Subject,
+        action: Action,
+        estimate: Amount,
+        *,
+        ttl_ms: int | None = None,
+        grace_period_ms: int | None = None,
+        overage_policy: CommitOveragePolicy | str | None = None,
+        mode: Mode | None = None,
+        heartbeat: bool | None = None,
+        idempotency_key: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        on_failure: OnFailure | None = None,
+        on_missing_actual: OnMissingActual | None = None,
+        expect_actual: bool | None = None,
+        max_lease_ms: int | None = None,
+    ) -> GuardT:
+        """Reserve before an action, settle after (see ``cycles.guard``). ``on_failure``: a body that
+        raised releases (default) or, ``"charge"``, commits its estimate. ``on_missing_actual``: how a
+        step expected to report an actual (model calls by default, or ``expect_actual=True``) that
+        did not is settled. ``max_lease_ms``: the heartbeat stops extending after this long (default
+        10 minutes; 0: no bound)."""
+        core = self._guard_core(
+            subject,
+            action,
+            estimate,
+            ttl_ms=ttl_ms,
+            grace_period_ms=grace_period_ms,
+            overage_policy=overage_policy,
+            mode=mode,
+            heartbeat=heartbeat,
+            idempotency_key=idempotency_key,
+            metadata=metadata,
+            on_failure=on_failure,
+            on_missing_actual=on_missing_actual,
+            expect_actual=expect_actual,
+            max_lease_ms=max_lease_ms,
+        )
+        return self._guard_of(core)
+
+    def run(
+        self,
+        subject: Subject,
+        *,
+        budgets: Sequence[Amount] = (),
+        run_id: str | None = None,
+        name: str | None = None,
+        keep_budgets: bool = False,
+        own_scope: bool = True,
+        **step_options: Any,
+    ) -> RunT:
+        """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
+        one rule when it ends (see ``cycles.run``). ``own_scope=False``: the run does not become the
+        subject's workflow level (no budgets then). ``step_options`` are defaults for its guards."""
+        core = _RunCore(
+            self,
+            subject,
+            budgets=budgets,
+            run_id=run_id,
+            name=name,
+            keep_budgets=keep_budgets,
+            step_options=step_options,
+            own_scope=own_scope,
+        )
+        return self._run_of(core)
+
+    # -- the governance plane (cycles.operator) ----------------------------------------------
+
+    @property
+    def operator(self) -> OperatorT:
+        """The governance plane (tenants, keys, budgets, webhooks, events, audit) on this ledger:
+        see ``cycles.operator``. Needs the server extra; over http(s) the ledger's ``admin_key``.
+        On ``AsyncCycles`` every operation is awaited."""
+        op: OperatorT | None = self.__dict__.get("_operator")
+        if op is None:
+            op = self.__dict__["_operator"] = self._open_operator()
+        return op
+
+    # One property per operator group, for both shells.
+    @property
+    def tenants(self) -> Any:
+        """``cy.operator.tenants``: create, list, get, update, suspend, reactivate, close."""
+        return cast(Any, self.operator).tenants
+
+    @property
+    def keys(self) -> Any:
+        """``cy.operator.keys``: create (permissions, scope filter, expiry), list, update, revoke, validate."""
+        return cast(Any, self.operator).keys
+
+    @property
+    def webhooks(self) -> Any:
+        """``cy.operator.webhooks``: create, list, get, update, delete, test, deliveries, replay."""
+        return cast(Any, self.operator).webhooks
 
     def _reserve_request(
         self,
@@ -336,13 +458,12 @@ class _ClientBase:
         )
 
 
-class Budgets:
+class _BudgetOps(Group[S]):
     """The operator plane: set, fund, freeze, close, read budgets. ``scope`` is a budget id such
-    as ``"tenant:acme/workflow:run-42"``."""
+    as ``"tenant:acme/workflow:run-42"``. Written once as flows (``cycles.flows``): ``Budgets``
+    calls a ``Ledger``, ``AsyncBudgets`` awaits an ``AsyncLedger``."""
 
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
-
+    @operation
     def set(
         self,
         scope: str,
@@ -353,90 +474,72 @@ class Budgets:
         period: str | None = None,
         timezone: str | None = None,
         rollover_policy: str | None = None,
-    ) -> Balance:
+    ) -> Flow[Balance]:
         """Create a budget or set its allocation. ``period`` makes it recurring: ``"hour"``, ``"day"``,
         ``"week"``, ``"month"`` in ``timezone`` (IANA, default UTC) or a duration such as ``"12h"``;
         ``rollover_policy`` NONE (default), CARRY_FORWARD or CAP_AT_ALLOCATED; ``"none"`` removes it."""
-        return self._ledger.set_budget(
-            scope,
-            amount,
-            overdraft_limit=overdraft_limit,
-            caps=caps,
-            period=periods.spec(period, timezone, rollover_policy),
+        spec = periods.spec(period, timezone, rollover_policy)
+        balance: Balance = yield LedgerCall(
+            "set_budget", scope, amount, overdraft_limit=overdraft_limit, caps=caps, period=spec
         )
+        return balance
 
-    def fund(self, scope: str, amount: Amount) -> Balance:
-        return self._ledger.fund_budget(scope, amount)
+    @operation
+    def fund(self, scope: str, amount: Amount) -> Flow[Balance]:
+        balance: Balance = yield LedgerCall("fund_budget", scope, amount)
+        return balance
 
-    def get(self, scope: str, unit: Unit | None = None) -> Balance:
-        return self._ledger.get_budget(scope, unit=unit)
+    @operation
+    def get(self, scope: str, unit: Unit | None = None) -> Flow[Balance]:
+        balance: Balance = yield LedgerCall("get_budget", scope, unit=unit)
+        return balance
 
-    def list(self, tenant: str | None = None) -> _List[Balance]:
-        return self._ledger.list_budgets(tenant=tenant)
+    @operation
+    def list(self, tenant: str | None = None) -> Flow[_List[Balance]]:
+        balances: _List[Balance] = yield LedgerCall("list_budgets", tenant=tenant)
+        return balances
 
-    def freeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
-        return self._ledger.set_budget_status(scope, "FROZEN", unit=unit)
+    @operation
+    def freeze(self, scope: str, unit: Unit | None = None) -> Flow[_List[Balance]]:
+        return (yield from _status(scope, "FROZEN", unit))
 
-    def unfreeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
-        return self._ledger.set_budget_status(scope, "ACTIVE", unit=unit)
+    @operation
+    def unfreeze(self, scope: str, unit: Unit | None = None) -> Flow[_List[Balance]]:
+        return (yield from _status(scope, "ACTIVE", unit))
 
-    def close(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
-        return self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
+    @operation
+    def close(self, scope: str, unit: Unit | None = None) -> Flow[_List[Balance]]:
+        return (yield from _status(scope, "CLOSED", unit))
 
-    def delete(self, scope: str, unit: Unit | None = None, *, force: bool = False) -> _List[Balance]:
+    @operation
+    def delete(self, scope: str, unit: Unit | None = None, *, force: bool = False) -> Flow[_List[Balance]]:
         """Delete the scope's budgets (one unit, or all) and return them as they were last. Raises
         ``BudgetInUse`` while reservations hold on one, ``DebtOutstanding`` while one is in debt
         unless ``force`` (which writes the debt off)."""
-        return self._ledger.delete_budget(scope, unit=unit, force=force)
+        balances: _List[Balance] = yield LedgerCall("delete_budget", scope, unit=unit, force=force)
+        return balances
 
 
-class AsyncBudgets:
+def _status(scope: str, status: str, unit: Unit | None) -> Flow[_List[Balance]]:
+    balances: _List[Balance] = yield LedgerCall("set_budget_status", scope, status, unit=unit)
+    return balances
+
+
+class Budgets(_BudgetOps[SyncSender]):
+    __doc__ = _BudgetOps.__doc__
+
+    def __init__(self, ledger: Ledger) -> None:
+        super().__init__(LedgerSender(ledger))
+
+
+class AsyncBudgets(_BudgetOps[AsyncSender]):
+    """``Budgets`` with every method awaited."""
+
     def __init__(self, ledger: AsyncLedger) -> None:
-        self._ledger = ledger
-
-    async def set(
-        self,
-        scope: str,
-        amount: Amount,
-        *,
-        overdraft_limit: Amount | None = None,
-        caps: Caps | None = None,
-        period: str | None = None,
-        timezone: str | None = None,
-        rollover_policy: str | None = None,
-    ) -> Balance:
-        return await self._ledger.set_budget(
-            scope,
-            amount,
-            overdraft_limit=overdraft_limit,
-            caps=caps,
-            period=periods.spec(period, timezone, rollover_policy),
-        )
-
-    async def fund(self, scope: str, amount: Amount) -> Balance:
-        return await self._ledger.fund_budget(scope, amount)
-
-    async def get(self, scope: str, unit: Unit | None = None) -> Balance:
-        return await self._ledger.get_budget(scope, unit=unit)
-
-    async def list(self, tenant: str | None = None) -> _List[Balance]:
-        return await self._ledger.list_budgets(tenant=tenant)
-
-    async def freeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
-        return await self._ledger.set_budget_status(scope, "FROZEN", unit=unit)
-
-    async def unfreeze(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
-        return await self._ledger.set_budget_status(scope, "ACTIVE", unit=unit)
-
-    async def close(self, scope: str, unit: Unit | None = None) -> _List[Balance]:
-        return await self._ledger.set_budget_status(scope, "CLOSED", unit=unit)
-
-    async def delete(self, scope: str, unit: Unit | None = None, *, force: bool = False) -> _List[Balance]:
-        """``Budgets.delete``."""
-        return await self._ledger.delete_budget(scope, unit=unit, force=force)
+        super().__init__(AsyncLedgerSender(ledger))
 
 
-class Cycles(_ClientBase):
+class Cycles(_ClientBase[Guard, Run, "Operator"]):
     """Budget authority for one process. ``Cycles()`` uses ``CYCLES_URL`` or the embedded SQLite
     ledger at the per-user default path; ``Cycles("memory://")``, ``Cycles("sqlite:///x.db")``,
     ``Cycles("redis://...")``, ``Cycles("http://host:7878", api_key=...)`` pick a backend."""
@@ -470,74 +573,16 @@ class Cycles(_ClientBase):
     def url(self) -> str:
         return self.ledger.url
 
-    # -- guards ----------------------------------------------------------------------------
-
-    def guard(
-        self,
-        subject: Subject,
-        action: Action,
-        estimate: Amount,
-        *,
-        ttl_ms: int | None = None,
-        grace_period_ms: int | None = None,
-        overage_policy: CommitOveragePolicy | str | None = None,
-        mode: Mode | None = None,
-        heartbeat: bool | None = None,
-        idempotency_key: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        on_failure: OnFailure | None = None,
-        on_missing_actual: OnMissingActual | None = None,
-        expect_actual: bool | None = None,
-        max_lease_ms: int | None = None,
-    ) -> Guard:
-        """Reserve before an action, settle after (see ``cycles.guard``). ``on_failure``: a body that
-        raised releases (default) or, ``"charge"``, commits its estimate. ``on_missing_actual``: how a
-        step expected to report an actual (model calls by default, or ``expect_actual=True``) that
-        did not is settled. ``max_lease_ms``: the heartbeat stops extending after this long (default
-        10 minutes; 0: no bound)."""
-        core = self._guard_core(
-            subject,
-            action,
-            estimate,
-            ttl_ms=ttl_ms,
-            grace_period_ms=grace_period_ms,
-            overage_policy=overage_policy,
-            mode=mode,
-            heartbeat=heartbeat,
-            idempotency_key=idempotency_key,
-            metadata=metadata,
-            on_failure=on_failure,
-            on_missing_actual=on_missing_actual,
-            expect_actual=expect_actual,
-            max_lease_ms=max_lease_ms,
-        )
+    def _guard_of(self, core: _GuardCore) -> Guard:
         return Guard(self, core)
 
-    def run(
-        self,
-        subject: Subject,
-        *,
-        budgets: Sequence[Amount] = (),
-        run_id: str | None = None,
-        name: str | None = None,
-        keep_budgets: bool = False,
-        own_scope: bool = True,
-        **step_options: Any,
-    ) -> Run:
-        """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
-        one rule when it ends (see ``cycles.run``). ``own_scope=False``: the run does not become the
-        subject's workflow level (no budgets then). ``step_options`` are defaults for its guards."""
-        core = _RunCore(
-            self,
-            subject,
-            budgets=budgets,
-            run_id=run_id,
-            name=name,
-            keep_budgets=keep_budgets,
-            step_options=step_options,
-            own_scope=own_scope,
-        )
+    def _run_of(self, core: _RunCore) -> Run:
         return Run(self, core)
+
+    def _open_operator(self) -> Operator:
+        from cycles.operator import Operator
+
+        return Operator(ledger=self.ledger)
 
     def guarded(
         self,
@@ -697,32 +742,6 @@ class Cycles(_ClientBase):
         """The ledger's event and audit store (memory, SQLite, Redis)."""
         return records_of(self.ledger)
 
-    @property
-    def operator(self) -> Operator:
-        """The governance plane (tenants, keys, budgets, webhooks, events, audit) on this ledger:
-        see ``cycles.operator``. Needs the server extra; over http(s) the ledger's ``admin_key``."""
-        op: Operator | None = self.__dict__.get("_operator")
-        if op is None:
-            from cycles.operator import Operator
-
-            op = self.__dict__["_operator"] = Operator(ledger=self.ledger)
-        return op
-
-    @property
-    def tenants(self) -> Any:
-        """``cy.operator.tenants``: create, list, get, update, suspend, reactivate, close."""
-        return self.operator.tenants
-
-    @property
-    def keys(self) -> Any:
-        """``cy.operator.keys``: create (permissions, scope filter, expiry), list, update, revoke, validate."""
-        return self.operator.keys
-
-    @property
-    def webhooks(self) -> Any:
-        """``cy.operator.webhooks``: create, list, get, update, delete, test, deliveries, replay."""
-        return self.operator.webhooks
-
     def events(self, *, tenant: str | None = None, limit: int = 100, **filters: Any) -> _List[dict[str, Any]]:
         """Governance events, newest first. Filters: event_type, category, scope (prefix),
         correlation_id, request_id, trace_id, since, until, search (see ``EventFilter``)."""
@@ -750,7 +769,7 @@ class Cycles(_ClientBase):
         return f"Cycles({self.url!r}, mode={self.mode!r})"
 
 
-class AsyncCycles(_ClientBase):
+class AsyncCycles(_ClientBase[AsyncGuard, AsyncRun, "AsyncOperator"]):
     """The asyncio twin of ``Cycles``: same constructor, same methods, awaited."""
 
     def __init__(
@@ -786,72 +805,16 @@ class AsyncCycles(_ClientBase):
     def url(self) -> str:
         return self.ledger.url
 
-    def guard(
-        self,
-        subject: Subject,
-        action: Action,
-        estimate: Amount,
-        *,
-        ttl_ms: int | None = None,
-        grace_period_ms: int | None = None,
-        overage_policy: CommitOveragePolicy | str | None = None,
-        mode: Mode | None = None,
-        heartbeat: bool | None = None,
-        idempotency_key: str | None = None,
-        metadata: dict[str, Any] | None = None,
-        on_failure: OnFailure | None = None,
-        on_missing_actual: OnMissingActual | None = None,
-        expect_actual: bool | None = None,
-        max_lease_ms: int | None = None,
-    ) -> AsyncGuard:
-        """Reserve before an action, settle after (see ``cycles.guard``). ``on_failure``: a body that
-        raised releases (default) or, ``"charge"``, commits its estimate. ``on_missing_actual``: how a
-        step expected to report an actual (model calls by default, or ``expect_actual=True``) that
-        did not is settled. ``max_lease_ms``: the heartbeat stops extending after this long (default
-        10 minutes; 0: no bound)."""
-        core = self._guard_core(
-            subject,
-            action,
-            estimate,
-            ttl_ms=ttl_ms,
-            grace_period_ms=grace_period_ms,
-            overage_policy=overage_policy,
-            mode=mode,
-            heartbeat=heartbeat,
-            idempotency_key=idempotency_key,
-            metadata=metadata,
-            on_failure=on_failure,
-            on_missing_actual=on_missing_actual,
-            expect_actual=expect_actual,
-            max_lease_ms=max_lease_ms,
-        )
+    def _guard_of(self, core: _GuardCore) -> AsyncGuard:
         return AsyncGuard(self, core)
 
-    def run(
-        self,
-        subject: Subject,
-        *,
-        budgets: Sequence[Amount] = (),
-        run_id: str | None = None,
-        name: str | None = None,
-        keep_budgets: bool = False,
-        own_scope: bool = True,
-        **step_options: Any,
-    ) -> AsyncRun:
-        """One agent run: its workflow scope, per-run ``budgets`` and every step in it, settled by
-        one rule when it ends (see ``cycles.run``). ``own_scope=False``: the run does not become the
-        subject's workflow level (no budgets then). ``step_options`` are defaults for its guards."""
-        core = _RunCore(
-            self,
-            subject,
-            budgets=budgets,
-            run_id=run_id,
-            name=name,
-            keep_budgets=keep_budgets,
-            step_options=step_options,
-            own_scope=own_scope,
-        )
+    def _run_of(self, core: _RunCore) -> AsyncRun:
         return AsyncRun(self, core)
+
+    def _open_operator(self) -> AsyncOperator:
+        from cycles.operator import AsyncOperator
+
+        return AsyncOperator(ledger=self.ledger)
 
     def guarded(
         self,
@@ -1008,6 +971,9 @@ class AsyncCycles(_ClientBase):
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self._close_shadow)
+        op = self.__dict__.pop("_operator", None)
+        if op is not None:
+            await op.aclose()
         await self.ledger.aclose()
 
     async def __aenter__(self) -> AsyncCycles:

@@ -17,137 +17,204 @@ audit trail, events and checks are the same either way::
     op.events(tenant_id="acme", event_type="budget.threshold_crossed")
     op.audit(operation="createApiKey")
 
+``AsyncCycles(...).operator`` (an ``AsyncOperator``) has the same groups and methods, awaited:
+``await acy.tenants.create("acme", "Acme Corp")``. In-process it runs the app on the caller's event
+loop (the app keeps its blocking record stores in worker threads), so nothing blocks the loop.
+
 Errors are the typed exceptions of ``cycles.errors`` (``TenantNotFound``, ``DuplicateResource``,
 ``InsufficientPermissions``, ...). Results are the spec's JSON objects as dicts. Webhooks are
 delivered by a running server (``cycles serve``), which dispatches every stored event.
+
+Each operation is written once, as a flow (``cycles.flows``): it yields its ``Call`` and returns
+the result; ``Operator`` sends flows synchronously, ``AsyncOperator`` with ``await``. A new group
+is a ``Group[S]`` subclass whose methods are ``@operation`` flows, made available on both by one
+line in ``_OperatorBase.__init__`` (and on the clients by one property in ``client._ClientBase``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from cycles.errors import CyclesError, InvalidRequest, error_for
+from cycles.errors import InvalidRequest
+from cycles.flows import (
+    AsyncHttpSender,
+    AsyncSender,
+    Call,
+    Flow,
+    Group,
+    HttpSender,
+    Json,
+    S,
+    SyncSender,
+    operation,
+    pages,
+)
 from cycles.models import Amount
 
-__all__ = ["Operator"]
+__all__ = ["AsyncOperator", "Operator"]
 
-Json = dict[str, Any]
 _JsonList = list[Json]
 
 
-class Operator:
-    """See the module docstring. ``url``: a ledger or server URL; or ``ledger=`` a ledger object."""
+class _OperatorBase(Group[S]):
+    """The operation groups and the plane-wide reads, over one sender (sync or async)."""
 
-    def __init__(self, url: str | None = None, *, admin_key: str | None = None, ledger: Any = None) -> None:
-        import httpx
+    def __init__(self, send: S) -> None:
+        super().__init__(send)
+        # One line per group: each is written once and serves Operator and AsyncOperator alike.
+        self.tenants = _Tenants(send)
+        self.keys = _Keys(send)
+        self.budgets = _Budgets(send)
+        self.webhooks = _Webhooks(send)
+
+    @operation
+    def call(self, method: str, path: str, *, params: Json | None = None, json: Any = None) -> Flow[Any]:
+        """One operation; a non-2xx answer raises its typed error."""
+        return (yield Call(method, path, params, json))
+
+    @operation
+    def events(self, /, *, limit: int | None = 100, **filters: Any) -> Flow[list[Json]]:
+        """``listEvents``, newest first. Filters: tenant_id, event_type, category, scope (prefix),
+        correlation_id, trace_id, request_id, from_ / to (date-times), search, sort_dir."""
+        return (yield from pages("/v1/admin/events", "events", _params(filters), limit))
+
+    @operation
+    def audit(self, /, *, limit: int | None = 100, **filters: Any) -> Flow[list[Json]]:
+        """``listAuditLogs``, newest first. Filters: tenant_id, key_id, operation, resource_type,
+        resource_id, status, status_min, status_max, error_code, from_ / to, request_id, search."""
+        return (yield from pages("/v1/admin/audit/logs", "logs", _params(filters), limit))
+
+    @operation
+    def introspect(self) -> Flow[Json]:
+        result: Json = yield Call("GET", "/v1/auth/introspect")
+        return result
+
+
+class _Target:
+    """Where the operations go: a server (``remote``, with its admin key) or an app built here."""
+
+    def __init__(self, url: str | None, admin_key: str | None, ledger: Any) -> None:
+        from cycles.ledger.base import default_ledger_url
 
         if ledger is not None and url is None:
             url = str(getattr(ledger, "url", ""))
             core = getattr(ledger, "_core", None)
             admin_key = admin_key or getattr(core, "admin_key", None)
-        from cycles.ledger.base import default_ledger_url
+        self.url: str = url or default_ledger_url()
+        self.remote = self.url.split("://", 1)[0].lower() in ("http", "https")
+        if self.remote and not admin_key:
+            raise InvalidRequest("the governance API of a server needs its admin key (admin_key=, --admin-key)")
+        self.admin_key = admin_key or ""
+        self.ledger = ledger
+        self.server: Any = None
 
-        url = url or default_ledger_url()
-        self.url = url
-        if url.split("://", 1)[0].lower() in ("http", "https"):
-            if not admin_key:
-                raise InvalidRequest("the governance API of a server needs its admin key (admin_key=, --admin-key)")
-            self._client: Any = httpx.Client(
-                base_url=url.rstrip("/"), headers={"X-Admin-API-Key": admin_key}, timeout=30
-            )
+    def remote_options(self) -> Json:
+        return {"base_url": self.url.rstrip("/"), "headers": {"X-Admin-API-Key": self.admin_key}, "timeout": 30}
+
+    def app(self) -> Any:
+        """The app ``cycles serve`` runs, over the ledger (or URL), with a one-off admin key."""
+        from cycles.ledger.base import ThreadedAsyncLedger
+        from cycles.server import create_app
+
+        self.admin_key = secrets.token_hex(16)
+        ledger = self.ledger
+        wrapped = ThreadedAsyncLedger(ledger) if ledger is not None and not hasattr(ledger, "aclose") else ledger
+        app = create_app(
+            self.url if wrapped is None else None,
+            ledger=wrapped,
+            keys_url=self.url,
+            admin_key=self.admin_key,
+            sweep_interval_s=0,
+        )
+        self.server = app.server
+        return app
+
+    async def release(self) -> None:
+        """Close what ``app`` opened (the dispatcher, the key store; the ledger when it was ours). The
+        app never ran its lifespan: it must not close a ledger it borrows, nor start a dispatcher."""
+        server, self.server = self.server, None
+        if server is None:
+            return
+        await server.gov.dispatcher.aclose()
+        await server.keys.aclose()
+        if self.ledger is None:  # opened by the app from a URL: ours to close
+            await server.ledger.aclose()
+            await asyncio.to_thread(server.gov.records.close)
+
+
+class Operator(_OperatorBase[SyncSender]):
+    """See the module docstring. ``url``: a ledger or server URL; or ``ledger=`` a ledger object."""
+
+    def __init__(self, url: str | None = None, *, admin_key: str | None = None, ledger: Any = None) -> None:
+        target = self._target = _Target(url, admin_key, ledger)
+        self.url = target.url
+        self._portal_cm: Any = None
+        import httpx
+
+        if target.remote:
+            client: Any = httpx.Client(**target.remote_options())
         else:
+            import anyio.from_thread
             from starlette.testclient import TestClient
 
-            from cycles.ledger.base import ThreadedAsyncLedger
-            from cycles.server import create_app
-
-            key = secrets.token_hex(16)
-            wrapped = ThreadedAsyncLedger(ledger) if ledger is not None and not hasattr(ledger, "aclose") else ledger
-            app = create_app(
-                url if wrapped is None else None, ledger=wrapped, keys_url=url, admin_key=key, sweep_interval_s=0
-            )
-            self._client = TestClient(app, base_url="http://cycles.local", headers={"X-Admin-API-Key": key})
-            # One event loop for every call (async Redis clients are bound to theirs), and no
-            # lifespan: the app must not close the ledger it borrows, nor start a dispatcher.
-            import anyio.from_thread
-
-            self._portal_cm: Any = anyio.from_thread.start_blocking_portal(**self._client.async_backend)
-            self._client.portal = self._portal_cm.__enter__()
-            self._server: Any = app.server
-            self._owns_ledger = ledger is None
-        self.tenants = _Tenants(self)
-        self.keys = _Keys(self)
-        self.budgets = _Budgets(self)
-        self.webhooks = _Webhooks(self)
-
-    def call(self, method: str, path: str, *, params: Json | None = None, json: Any = None) -> Any:
-        """One operation; a non-2xx answer raises its typed error."""
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
-        response = self._client.request(method, path, params=clean, json=json)
-        if response.status_code >= 400:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {}
-            err: CyclesError = error_for(
-                str(body.get("error") or "INTERNAL_ERROR"),
-                str(body.get("message") or f"HTTP {response.status_code}"),
-                details=body.get("details"),
-                request_id=body.get("request_id"),
-                trace_id=body.get("trace_id"),
-            )
-            raise err
-        return response.json() if response.content else None
-
-    def pages(self, path: str, field: str, params: Json, limit: int | None) -> list[Json]:
-        out: list[Json] = []
-        cursor = None
-        while True:
-            page = self.call("GET", path, params={**params, "cursor": cursor, "limit": 100})
-            out.extend(page[field])
-            cursor = page.get("next_cursor")
-            if not page.get("has_more") or not cursor or (limit is not None and len(out) >= limit):
-                return out[:limit] if limit is not None else out
-
-    def events(self, *, limit: int | None = 100, **filters: Any) -> list[Json]:
-        """``listEvents``, newest first. Filters: tenant_id, event_type, category, scope (prefix),
-        correlation_id, trace_id, request_id, from_ / to (date-times), search, sort_dir."""
-        return self.pages("/v1/admin/events", "events", _params(filters), limit)
-
-    def audit(self, *, limit: int | None = 100, **filters: Any) -> list[Json]:
-        """``listAuditLogs``, newest first. Filters: tenant_id, key_id, operation, resource_type,
-        resource_id, status, status_min, status_max, error_code, from_ / to, request_id, search."""
-        return self.pages("/v1/admin/audit/logs", "logs", _params(filters), limit)
-
-    def introspect(self) -> Json:
-        result: Json = self.call("GET", "/v1/auth/introspect")
-        return result
+            app = target.app()
+            client = TestClient(app, base_url="http://cycles.local", headers={"X-Admin-API-Key": target.admin_key})
+            # One event loop for every call (async Redis clients are bound to theirs).
+            self._portal_cm = anyio.from_thread.start_blocking_portal(**client.async_backend)
+            client.portal = self._portal_cm.__enter__()
+        self._client = client
+        super().__init__(HttpSender(client))
 
     def close(self) -> None:
-        portal = getattr(self, "_portal_cm", None)
-        if portal is not None:
-            server = self._server
-
-            async def release() -> None:
-                await server.gov.dispatcher.aclose()
-                await server.keys.aclose()
-                if self._owns_ledger:  # opened by the app from a URL: ours to close
-                    await server.ledger.aclose()
-                    server.gov.records.close()
-
-            self._client.portal.call(release)
-            self._client.portal = None
-            portal.__exit__(None, None, None)
+        client = self._client
+        if self._portal_cm is not None:
+            client.portal.call(self._target.release)
+            client.portal = None
+            self._portal_cm.__exit__(None, None, None)
             self._portal_cm = None
-        self._client.close()
+        client.close()
 
     def __enter__(self) -> Operator:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncOperator(_OperatorBase[AsyncSender]):
+    """``Operator`` with every operation awaited. ``ledger=``: an async (or sync) ledger object; in
+    process the app runs on the caller's event loop, where an async ledger's clients live."""
+
+    def __init__(self, url: str | None = None, *, admin_key: str | None = None, ledger: Any = None) -> None:
+        target = self._target = _Target(url, admin_key, ledger)
+        self.url = target.url
+
+        def open_client() -> Any:  # an httpx.AsyncClient
+            import httpx
+
+            if target.remote:
+                return httpx.AsyncClient(**target.remote_options())
+            transport = httpx.ASGITransport(app=target.app())
+            headers = {"X-Admin-API-Key": target.admin_key}
+            return httpx.AsyncClient(transport=transport, base_url="http://cycles.local", headers=headers)
+
+        self._sender = AsyncHttpSender(open_client)
+        super().__init__(self._sender)
+
+    async def aclose(self) -> None:
+        client = self._sender.client
+        await self._target.release()
+        if client is not None:
+            await client.aclose()
+
+    async def __aenter__(self) -> AsyncOperator:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
 
 def _params(filters: dict[str, Any]) -> Json:
@@ -160,44 +227,53 @@ def _params(filters: dict[str, Any]) -> Json:
     return out
 
 
+def _listing(path: str, field: str) -> operation[..., _JsonList]:
+    """A group's ``list(*, limit=None, **filters)``: every page of ``path``'s ``field``."""
+
+    def flow(group: Any, /, *, limit: int | None = None, **filters: Any) -> Flow[_JsonList]:
+        return (yield from pages(path, field, _params(filters), limit))
+
+    return operation(flow)
+
+
 def _amount(a: Amount) -> Json:
     return {"unit": a.unit.value, "amount": a.amount}
 
 
-class _Tenants:
-    def __init__(self, op: Operator) -> None:
-        self._op = op
-
-    def create(self, tenant_id: str, name: str, **fields: Any) -> Json:
-        result: Json = self._op.call("POST", "/v1/admin/tenants", json={"tenant_id": tenant_id, "name": name, **fields})
+class _Tenants(Group[S]):
+    @operation
+    def create(self, /, tenant_id: str, name: str, **fields: Any) -> Flow[Json]:
+        result: Json = yield Call("POST", "/v1/admin/tenants", json={"tenant_id": tenant_id, "name": name, **fields})
         return result
 
-    def list(self, *, limit: int | None = None, **filters: Any) -> list[Json]:
-        return self._op.pages("/v1/admin/tenants", "tenants", _params(filters), limit)
+    list = _listing("/v1/admin/tenants", "tenants")
 
-    def get(self, tenant_id: str) -> Json:
-        result: Json = self._op.call("GET", f"/v1/admin/tenants/{tenant_id}")
+    @operation
+    def get(self, tenant_id: str) -> Flow[Json]:
+        result: Json = yield Call("GET", f"/v1/admin/tenants/{tenant_id}")
         return result
 
-    def update(self, tenant_id: str, **fields: Any) -> Json:
-        result: Json = self._op.call("PATCH", f"/v1/admin/tenants/{tenant_id}", json=fields)
+    @operation
+    def update(self, /, tenant_id: str, **fields: Any) -> Flow[Json]:
+        result: Json = yield Call("PATCH", f"/v1/admin/tenants/{tenant_id}", json=fields)
         return result
 
-    def suspend(self, tenant_id: str) -> Json:
-        return self.update(tenant_id, status="SUSPENDED")
+    @operation
+    def suspend(self, tenant_id: str) -> Flow[Json]:
+        return (yield from _Tenants.update.flow(self, tenant_id, status="SUSPENDED"))
 
-    def reactivate(self, tenant_id: str) -> Json:
-        return self.update(tenant_id, status="ACTIVE")
+    @operation
+    def reactivate(self, tenant_id: str) -> Flow[Json]:
+        return (yield from _Tenants.update.flow(self, tenant_id, status="ACTIVE"))
 
-    def close(self, tenant_id: str) -> Json:
+    @operation
+    def close(self, tenant_id: str) -> Flow[Json]:
         """Irreversible: budgets closed, keys revoked, webhooks disabled (the tenant-close cascade)."""
-        return self.update(tenant_id, status="CLOSED")
+        return (yield from _Tenants.update.flow(self, tenant_id, status="CLOSED"))
 
 
-class _Keys:
-    def __init__(self, op: Operator) -> None:
-        self._op = op
-
+class _Keys(Group[S]):
+    @operation
     def create(
         self,
         tenant_id: str,
@@ -207,7 +283,7 @@ class _Keys:
         scope_filter: Iterable[str] | None = None,
         expires_at: str | None = None,
         metadata: Json | None = None,
-    ) -> Json:
+    ) -> Flow[Json]:
         """A new key; ``result["key_secret"]`` is the key, returned this once only."""
         body: Json = {"tenant_id": tenant_id, "name": name}
         if permissions is not None:
@@ -218,30 +294,30 @@ class _Keys:
             body["expires_at"] = expires_at
         if metadata is not None:
             body["metadata"] = metadata
-        result: Json = self._op.call("POST", "/v1/admin/api-keys", json=body)
+        result: Json = yield Call("POST", "/v1/admin/api-keys", json=body)
         return result
 
-    def list(self, *, limit: int | None = None, **filters: Any) -> list[Json]:
-        return self._op.pages("/v1/admin/api-keys", "keys", _params(filters), limit)
+    list = _listing("/v1/admin/api-keys", "keys")
 
-    def update(self, key_id: str, **fields: Any) -> Json:
-        result: Json = self._op.call("PATCH", f"/v1/admin/api-keys/{key_id}", json=fields)
+    @operation
+    def update(self, /, key_id: str, **fields: Any) -> Flow[Json]:
+        result: Json = yield Call("PATCH", f"/v1/admin/api-keys/{key_id}", json=fields)
         return result
 
-    def revoke(self, key_id: str, *, reason: str | None = None) -> Json:
-        result: Json = self._op.call("DELETE", f"/v1/admin/api-keys/{key_id}", params={"reason": reason})
+    @operation
+    def revoke(self, key_id: str, *, reason: str | None = None) -> Flow[Json]:
+        result: Json = yield Call("DELETE", f"/v1/admin/api-keys/{key_id}", params={"reason": reason})
         return result
 
-    def validate(self, key_secret: str) -> Json:
-        result: Json = self._op.call("POST", "/v1/auth/validate", json={"key_secret": key_secret})
+    @operation
+    def validate(self, key_secret: str) -> Flow[Json]:
+        result: Json = yield Call("POST", "/v1/auth/validate", json={"key_secret": key_secret})
         return result
 
 
-class _Budgets:
-    def __init__(self, op: Operator) -> None:
-        self._op = op
-
-    def create(self, scope: str, allocated: Amount, *, tenant_id: str | None = None, **fields: Any) -> Json:
+class _Budgets(Group[S]):
+    @operation
+    def create(self, /, scope: str, allocated: Amount, *, tenant_id: str | None = None, **fields: Any) -> Flow[Json]:
         from cycles.scopes import scope_tenant
 
         body: Json = {
@@ -251,17 +327,18 @@ class _Budgets:
             "allocated": _amount(allocated),
             **{k: (_amount(v) if isinstance(v, Amount) else v) for k, v in fields.items()},
         }
-        result: Json = self._op.call("POST", "/v1/admin/budgets", json=body)
+        result: Json = yield Call("POST", "/v1/admin/budgets", json=body)
         return result
 
-    def list(self, *, limit: int | None = None, **filters: Any) -> list[Json]:
-        return self._op.pages("/v1/admin/budgets", "ledgers", _params(filters), limit)
+    list = _listing("/v1/admin/budgets", "ledgers")
 
-    def lookup(self, scope: str, unit: str) -> Json:
-        result: Json = self._op.call("GET", "/v1/admin/budgets/lookup", params={"scope": scope, "unit": unit})
+    @operation
+    def lookup(self, scope: str, unit: str) -> Flow[Json]:
+        result: Json = yield Call("GET", "/v1/admin/budgets/lookup", params={"scope": scope, "unit": unit})
         return result
 
-    def fund(self, scope: str, operation: str, amount: Amount, *, reason: str | None = None) -> Json:
+    @operation
+    def fund(self, scope: str, operation: str, amount: Amount, *, reason: str | None = None) -> Flow[Json]:
         """CREDIT, DEBIT or RESET."""
         from cycles.scopes import scope_tenant
 
@@ -269,64 +346,69 @@ class _Budgets:
         body: Json = {"operation": operation, "amount": _amount(amount)}
         if reason is not None:
             body["reason"] = reason
-        result: Json = self._op.call("POST", "/v1/admin/budgets/fund", params=params, json=body)
+        result: Json = yield Call("POST", "/v1/admin/budgets/fund", params=params, json=body)
         return result
 
-    def freeze(self, scope: str, unit: str, *, reason: str | None = None) -> Json:
+    @operation
+    def freeze(self, scope: str, unit: str, *, reason: str | None = None) -> Flow[Json]:
         body = {"reason": reason} if reason else {}
-        result: Json = self._op.call(
-            "POST", "/v1/admin/budgets/freeze", params={"scope": scope, "unit": unit}, json=body
-        )
+        result: Json = yield Call("POST", "/v1/admin/budgets/freeze", params={"scope": scope, "unit": unit}, json=body)
         return result
 
-    def unfreeze(self, scope: str, unit: str, *, reason: str | None = None) -> Json:
+    @operation
+    def unfreeze(self, scope: str, unit: str, *, reason: str | None = None) -> Flow[Json]:
         body = {"reason": reason} if reason else {}
         params = {"scope": scope, "unit": unit}
-        result: Json = self._op.call("POST", "/v1/admin/budgets/unfreeze", params=params, json=body)
+        result: Json = yield Call("POST", "/v1/admin/budgets/unfreeze", params=params, json=body)
         return result
 
 
-class _Webhooks:
-    def __init__(self, op: Operator) -> None:
-        self._op = op
-
-    def create(self, url: str, event_types: Iterable[str], *, tenant_id: str | None = None, **fields: Any) -> Json:
+class _Webhooks(Group[S]):
+    @operation
+    def create(
+        self, /, url: str, event_types: Iterable[str], *, tenant_id: str | None = None, **fields: Any
+    ) -> Flow[Json]:
         """A subscription; ``result["signing_secret"]`` is returned this once only."""
         body = {"url": url, "event_types": list(event_types), **fields}
-        result: Json = self._op.call("POST", "/v1/admin/webhooks", params={"tenant_id": tenant_id}, json=body)
+        result: Json = yield Call("POST", "/v1/admin/webhooks", params={"tenant_id": tenant_id}, json=body)
         return result
 
-    def list(self, *, limit: int | None = None, **filters: Any) -> list[Json]:
-        return self._op.pages("/v1/admin/webhooks", "subscriptions", _params(filters), limit)
+    list = _listing("/v1/admin/webhooks", "subscriptions")
 
-    def get(self, subscription_id: str) -> Json:
-        result: Json = self._op.call("GET", f"/v1/admin/webhooks/{subscription_id}")
+    @operation
+    def get(self, subscription_id: str) -> Flow[Json]:
+        result: Json = yield Call("GET", f"/v1/admin/webhooks/{subscription_id}")
         return result
 
-    def update(self, subscription_id: str, **fields: Any) -> Json:
-        result: Json = self._op.call("PATCH", f"/v1/admin/webhooks/{subscription_id}", json=fields)
+    @operation
+    def update(self, /, subscription_id: str, **fields: Any) -> Flow[Json]:
+        result: Json = yield Call("PATCH", f"/v1/admin/webhooks/{subscription_id}", json=fields)
         return result
 
-    def delete(self, subscription_id: str) -> None:
-        self._op.call("DELETE", f"/v1/admin/webhooks/{subscription_id}")
+    @operation
+    def delete(self, subscription_id: str) -> Flow[None]:
+        yield Call("DELETE", f"/v1/admin/webhooks/{subscription_id}")
 
-    def test(self, subscription_id: str) -> Json:
-        result: Json = self._op.call("POST", f"/v1/admin/webhooks/{subscription_id}/test")
+    @operation
+    def test(self, subscription_id: str) -> Flow[Json]:
+        result: Json = yield Call("POST", f"/v1/admin/webhooks/{subscription_id}/test")
         return result
 
-    def deliveries(self, subscription_id: str, **filters: Any) -> _JsonList:
-        result: _JsonList = self._op.call(
-            "GET", f"/v1/admin/webhooks/{subscription_id}/deliveries", params=_params(filters)
-        )["deliveries"]
+    @operation
+    def deliveries(self, /, subscription_id: str, **filters: Any) -> Flow[_JsonList]:
+        page: Json = yield Call("GET", f"/v1/admin/webhooks/{subscription_id}/deliveries", params=_params(filters))
+        result: _JsonList = page["deliveries"]
         return result
 
-    def security(self, **config: Any) -> Json:
+    @operation
+    def security(self, /, **config: Any) -> Flow[Json]:
         """The WebhookSecurityConfig; with arguments (``allow_http``, ``blocked_cidr_ranges``,
         ``allowed_url_patterns``) it is changed first."""
         path = "/v1/admin/config/webhook-security"
-        result: Json = self._op.call("PUT", path, json=config) if config else self._op.call("GET", path)
+        result: Json = yield Call("PUT", path, json=config) if config else Call("GET", path)
         return result
 
-    def replay(self, subscription_id: str, **window: Any) -> Json:
-        result: Json = self._op.call("POST", f"/v1/admin/webhooks/{subscription_id}/replay", json=_params(window))
+    @operation
+    def replay(self, /, subscription_id: str, **window: Any) -> Flow[Json]:
+        result: Json = yield Call("POST", f"/v1/admin/webhooks/{subscription_id}/replay", json=_params(window))
         return result
