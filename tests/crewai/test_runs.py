@@ -52,7 +52,30 @@ def test_the_same_crew_kicked_off_from_two_threads_gets_two_runs(cy: Cycles, sub
     # a run crewai refused made none
     spent = sorted(run_spent(cy, run).amount for run in hooks.runs)
     assert spent == sorted([0] * refused + [CALL_COST.amount] * len(stops))
+    # every run ended, the refused one too: no per-run budget row is left behind
+    assert [b.scope for b in cy.budgets.list(tenant="acme")] == ["tenant:acme"]
     assert_settled(cy, "tenant:acme", [CALL_COST] * len(stops))
+
+
+def test_a_kickoff_crewai_refuses_without_ending_it_still_ends_its_run(cy: Cycles, subject: Subject) -> None:
+    """What overlapping kickoffs of one Crew do, made deterministic: the other kickoff's end leaves
+    the Crew's pairing flag set, then this one is refused ("Executor is already running"), so CrewAI
+    dispatches no EXECUTION_END for it. Its run must end anyway, and the next kickoff get a new one."""
+    cy.budgets.set("tenant:acme", usd(10))
+    crew: Any = None
+
+    def refused(messages: Any) -> Any:
+        crew._execution_end_dispatched = True  # as the overlapping kickoff's end leaves it
+        raise RuntimeError("Executor is already running. Cannot invoke the same executor instance concurrently.")
+
+    crew = crew_of(ScriptedLLM(script=[refused]))
+    with cycles_crewai.enable(cy, subject, run_budgets=[usd("0.50")]) as hooks:
+        with pytest.raises(RuntimeError, match="already running"):
+            crew.kickoff()
+        crew_of(ScriptedLLM(script=["Final Answer: ok."])).kickoff()  # same thread, after the failure
+    assert len(hooks.runs) == 2 and [run_spent(cy, run).amount for run in hooks.runs] == [0, CALL_COST.amount]
+    assert [b.scope for b in cy.budgets.list(tenant="acme")] == ["tenant:acme"]
+    assert_settled(cy, "tenant:acme", CALL_COST)
 
 
 def _by_case(messages: Any) -> Any:

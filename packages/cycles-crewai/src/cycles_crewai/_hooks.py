@@ -1,8 +1,9 @@
 """``enable``: CrewAI's global hooks and event-bus listeners, mapped onto a Cycles run.
 
 - each kickoff is a ``cycles`` run (``cy.run``): the run is the subject's workflow, with the
-  per-run budgets (``run_budgets``), created at EXECUTION_START and ended at EXECUTION_END. The
-  run lives in a context variable, so the same ``Crew`` kicked off from two threads gets two runs;
+  per-run budgets (``run_budgets``), created at EXECUTION_START and ended at EXECUTION_END (or
+  on the kickoff's failed event, where CrewAI dispatches no EXECUTION_END). The run lives in a
+  context variable, so the same ``Crew`` kicked off from two threads gets two runs;
   inside a run the caller opened (``with cy.run(...)``, ``kickoff_for_each``) the crew uses it;
 - before every model call: reserve it in the run. A denial raises ``HookAborted`` (``BudgetStop``),
   the only thing that really stops a CrewAI call: other hook exceptions are swallowed and a
@@ -29,6 +30,7 @@ from contextvars import ContextVar
 from typing import Any
 
 from crewai.events import crewai_event_bus
+from crewai.events.types.crew_events import CrewKickoffFailedEvent
 from crewai.events.types.llm_events import LLMCallCompletedEvent, LLMCallFailedEvent
 from crewai.hooks import HookAborted, InterceptionPoint, register_hook, unregister_hook
 from crewai.hooks.llm_hooks import LLMCallHookContext
@@ -183,6 +185,7 @@ class CyclesHooks:
                 register_hook(point, hook)
             crewai_event_bus.on(LLMCallCompletedEvent)(self._on_llm_completed)
             crewai_event_bus.on(LLMCallFailedEvent)(self._on_llm_failed)
+            crewai_event_bus.on(CrewKickoffFailedEvent)(self._on_kickoff_failed)
             self.active = True
         return self
 
@@ -196,6 +199,7 @@ class CyclesHooks:
         crewai_event_bus.flush()
         crewai_event_bus.off(LLMCallCompletedEvent, self._on_llm_completed)
         crewai_event_bus.off(LLMCallFailedEvent, self._on_llm_failed)
+        crewai_event_bus.off(CrewKickoffFailedEvent, self._on_kickoff_failed)
 
     def __enter__(self) -> CyclesHooks:
         return self.install()
@@ -214,7 +218,10 @@ class CyclesHooks:
 
     def _run(self) -> Run | None:
         run = current_run()
-        return run if isinstance(run, Run) and run._client is self.cycles else None
+        # an ended run left current by a kickoff that failed (see ``_on_kickoff_failed``) is not it
+        if isinstance(run, Run) and run._client is self.cycles and run.state != "ended":
+            return run
+        return None
 
     def subject_for(self, agent: Any = None, task: Any = None, run: Run | None = None) -> Subject:
         """Who a call is charged to: the run's subject (the base, with the run as its workflow), the
@@ -249,7 +256,11 @@ class CyclesHooks:
 
     def _on_execution_start(self, ctx: Any) -> None:
         crew = getattr(ctx, "crew", None)
-        if not self.active or crew is None or self._run() is not None:
+        if not self.active or crew is None:
+            return
+        if _owned_run.get() is not None:  # an outer kickoff's run, or one whose kickoff failed unended:
+            crewai_event_bus.flush()  # let that failure's event end it (``_on_kickoff_failed``) first
+        if self._run() is not None:
             return  # inside a run the caller opened: the crew uses it
         try:
             run = self.new_run(crew).start()
@@ -264,6 +275,15 @@ class CyclesHooks:
         crewai_event_bus.flush()  # usage arrives on the bus's thread pool: let it settle the calls first
         _owned_run.set(None)
         run.end(getattr(ctx, "error", None))
+
+    def _on_kickoff_failed(self, source: Any, event: CrewKickoffFailedEvent) -> None:
+        """A kickoff raised. CrewAI skips its EXECUTION_END when another kickoff of the same ``Crew``
+        ended meanwhile (its start/end pairing flags live on the Crew, not on the kickoff: two
+        overlapping kickoffs share them), so the run is ended here too. The bus runs this in a copy
+        of the kickoff's context: ``_owned_run`` is that kickoff's run. ``end`` is idempotent."""
+        run = _owned_run.get()
+        if run is not None:
+            run.end(RuntimeError(event.error))
 
     # -- model calls -----------------------------------------------------------------------------
 
