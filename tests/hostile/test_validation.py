@@ -11,7 +11,7 @@ import pydantic
 import pytest
 import redis
 
-from cycles.errors import InvalidRequest
+from cycles.errors import InvalidRequest, NotFound
 from cycles.identifiers import check_identifier, is_identifier
 from cycles.ledger.base import Ledger
 from cycles.models import Subject
@@ -60,24 +60,28 @@ def test_assignment_is_validated_in_process(ledger: Ledger) -> None:
     ledger.reserve(req)  # the request is still whole, and still valid
 
 
-def _poison(ledger: Ledger, backend: str, rid: str) -> None:
-    """What an older version accepted: a subject that cannot be read back, on a row already overdue."""
+def _poison(ledger: Ledger, backend: str, rid: str, *, overdue: bool = True) -> None:
+    """What an older version accepted: a subject that cannot be read back, on a row already overdue
+    (or, ``overdue=False``, still live)."""
     bad_subject = {"tenant": MALLORY, "workflow": "run 42/x"}
     if backend == "sqlite":
         db = sqlite3.connect(ledger.path)  # type: ignore[attr-defined]
         with db:
-            db.execute(
-                "UPDATE reservations SET subject=?, expires_at_ms=0, deadline_ms=0, grace_period_ms=0 WHERE id=?",
-                (json.dumps(bad_subject), rid),
-            )
+            db.execute("UPDATE reservations SET subject=? WHERE id=?", (json.dumps(bad_subject), rid))
+            if overdue:
+                db.execute(
+                    "UPDATE reservations SET expires_at_ms=0, deadline_ms=0, grace_period_ms=0 WHERE id=?", (rid,)
+                )
         db.close()
         return
     client = ledger._client  # type: ignore[attr-defined]
     base = ledger._base(MALLORY)  # type: ignore[attr-defined]
     info = json.loads(client.hget(base + "r:" + rid, "info"))
     info[0] = bad_subject
-    client.hset(base + "r:" + rid, mapping={"info": json.dumps(info), "expires": 0, "grace": 0})
-    client.zadd(base + "idx", {rid: 0})
+    client.hset(base + "r:" + rid, mapping={"info": json.dumps(info)})
+    if overdue:
+        client.hset(base + "r:" + rid, mapping={"expires": 0, "grace": 0})
+        client.zadd(base + "idx", {rid: 0})
 
 
 def _quarantined(ledger: Ledger, backend: str) -> list[Any]:
@@ -137,6 +141,35 @@ async def test_an_unreadable_row_does_not_stop_the_server(http: Http, make_url: 
     assert r.status_code == 200
     r = await c.get("/v1/balances", params={"tenant": ALICE}, headers=http.as_(ALICE))
     assert r.status_code == 200
+
+
+def test_reading_an_unreadable_row_is_a_typed_not_found(ledger: Ledger, backend: str) -> None:
+    """Asked for by id, a row that cannot be read back answers as a missing one (SQLite also moves
+    it to quarantine), never as an internal error; the tenant's other reservations are unharmed."""
+    fund(ledger, MALLORY)
+    poisoned = ledger.reserve(reserve(MALLORY, 1000)).reservation_id
+    kept = ledger.reserve(reserve(MALLORY, 10)).reservation_id
+    assert poisoned is not None and kept is not None
+    _poison(ledger, backend, poisoned, overdue=False)
+    with pytest.raises(NotFound) as caught:
+        ledger.get_reservation(poisoned)
+    assert caught.value.code == "NOT_FOUND" and caught.value.details == {"reservation_id": poisoned}
+    assert ledger.get_reservation(kept).reservation_id == kept
+    check_balances(ledger.list_budgets())
+
+
+async def test_reading_an_unreadable_row_over_http_is_a_404(http: Http, make_url: Any, backend: str) -> None:
+    from cycles.ledger.base import open_ledger
+
+    r = await http.client.post("/v1/reservations", json=reserve_body(MALLORY), headers=http.as_(MALLORY))
+    rid = r.json()["reservation_id"]
+    side = open_ledger(make_url())
+    try:
+        _poison(side, backend, rid, overdue=False)
+    finally:
+        side.close()
+    r = await http.client.get(f"/v1/reservations/{rid}", headers=http.as_(MALLORY))
+    assert r.status_code == 404 and r.json()["error"] == "NOT_FOUND", r.text
 
 
 def test_redis_rows_for_a_poisoned_tag_are_never_addressed() -> None:

@@ -1219,7 +1219,10 @@ class _RedisCore:
             raise _reservation_not_found(reservation_id)
         raw = yield self._call("get_reservation", tag, reservation_id, _opt(tenant))
         reply = _open(raw, lambda: _Context(reservation_id=reservation_id))
-        summary = _reservation(reply.payload).to_summary(ReservationDetail)
+        row = self._parse_row(reply.payload)
+        if row is None:  # unreadable (logged): as on SQLite, which quarantines it, there is no such row
+            raise _reservation_not_found(reservation_id)
+        summary = row.to_summary(ReservationDetail)
         assert isinstance(summary, ReservationDetail)
         return summary
 
