@@ -11,6 +11,7 @@ import threading
 import pytest
 
 from cycles import (
+    BudgetClosed,
     BudgetExceeded,
     CommitOveragePolicy,
     Cycles,
@@ -84,6 +85,50 @@ def test_run_budgets_are_set_at_start_and_deleted_at_end_unless_kept(cy: Cycles)
         cy.run(Subject(tenant="acme", workflow="shared"), budgets=[usd(1)])
     shared = cy.run(Subject(tenant="acme", workflow="shared"))
     assert shared.subject.workflow == "shared" and shared.subject.dimensions == {"run_id": shared.id}
+
+
+def test_a_step_on_an_ended_runs_deleted_scope_is_refused_not_charged_to_the_parents(cy: Cycles) -> None:
+    """A straggler the agent left behind, stepping on the run's subject after it ended, would escape
+    the run's cap once its budget row is gone: it is refused like a step on a closed run budget."""
+    cy.budgets.set("tenant:acme", usd(10))
+    with cy.run(ACME, budgets=[usd(0.5)]) as run:
+        pass
+    for step in (
+        lambda: cy.guard(run.subject, LLM, usd(0.1)),
+        lambda: cy.reserve(run.subject, LLM, usd(0.1)),
+        lambda: cy.event(run.subject, LLM, usd(0.1)),
+        lambda: cy.guard(run.subject.model_copy(update={"dimensions": None}), LLM, usd(0.1)),  # same scope
+    ):
+        with pytest.raises(BudgetClosed) as refused:
+            step()
+        assert refused.value.details == {"scope": run.scope, "run_id": run.id}
+    assert cy.budgets.get("tenant:acme").spent == usd(0) and cy.budgets.get("tenant:acme").reserved == usd(0)
+    with cy.guard(run.subject, LLM, usd(0.1), mode="shadow") as g:  # shadow mode never blocks
+        g.commit(usd(0.01))
+    # a new run that takes the id again is its own; runs without budgets, and kept ones, still bind
+    with cy.run(ACME, run_id=run.id, budgets=[usd(0.5)]) as again, again.guard(LLM, usd(0.1)) as g:
+        g.commit(usd(0.02))
+    with cy.run(ACME) as plain:
+        pass
+    with cy.run(ACME, budgets=[usd(0.5)], keep_budgets=True) as kept:
+        pass
+    for subject in (plain.subject, kept.subject):
+        with cy.guard(subject, LLM, usd(0.1)) as g:
+            g.commit(usd(0.1))
+    assert_settled(cy, "tenant:acme", usd(0.23))
+
+
+async def test_an_async_step_on_an_ended_runs_deleted_scope_is_refused(ledger: Backend) -> None:
+    acy = ledger.open_async()
+    await acy.budgets.set("tenant:acme", usd(10))
+    async with acy.run(ACME, budgets=[usd(0.5)]) as run:
+        pass
+    with pytest.raises(BudgetClosed):
+        acy.guard(run.subject, LLM, usd(0.1))
+    with pytest.raises(BudgetClosed):
+        await acy.reserve(run.subject, LLM, usd(0.1))
+    assert (await acy.budgets.get("tenant:acme")).reserved == usd(0)
+    await acy.aclose()
 
 
 def test_a_run_budget_caps_the_run(cy: Cycles) -> None:

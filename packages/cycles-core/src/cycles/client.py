@@ -80,7 +80,7 @@ from cycles.models import (
 )
 from cycles.otel import wrap_ledger
 from cycles.quotas_api import AsyncQuotas, Quotas
-from cycles.run import AsyncRun, Run, _RunCore
+from cycles.run import AsyncRun, EndedRuns, Run, _RunCore
 from cycles.shadow import ShadowEvent, ShadowRecorder, ShadowReport, ShadowStore, report_from_store, shadow_store_for
 
 __all__ = ["AsyncBudgets", "AsyncCycles", "Budgets", "Cycles"]
@@ -165,6 +165,8 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         #: Decisions enforcement would have made but shadow mode let through (newest last).
         self.shadow_log: deque[ShadowRecord] = deque(maxlen=shadow_log_size)
         self._shadow_recorder: ShadowRecorder | None = None
+        #: Runs that ended and deleted their budgets: a step on their scope is refused (``cycles.run``).
+        self._ended_runs = EndedRuns()
 
     def publish_shadow(self, record: ShadowRecord) -> None:
         """Keep a settled shadow decision next to the ledger (a background thread writes it), where
@@ -203,6 +205,8 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         """``step``: the step options of ``GuardSettings`` (max_lease_ms, on_failure,
         on_missing_actual, expect_actual); None leaves the default."""
         base = self.settings
+        if isinstance(subject, Subject) and (mode or base.mode) == "enforce":
+            self._ended_runs.check(subject)
         step = {k: v for k, v in step.items() if v is not None}
         overrides = (ttl_ms, grace_period_ms, overage_policy, mode, heartbeat, metadata, *step.values())
         if all(o is None for o in overrides):  # the common case shares the client's settings object
@@ -352,6 +356,8 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         metadata: dict[str, Any] | None,
         observe_mode: str | None = None,
     ) -> ReservationCreateRequest:
+        if isinstance(subject, Subject):
+            self._ended_runs.check(subject)
         return _build(
             ReservationCreateRequest,
             idempotency_key=_key(idempotency_key),
@@ -407,6 +413,8 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         metrics: StandardMetrics | Mapping[str, Any] | None,
         metadata: dict[str, Any] | None,
     ) -> EventCreateRequest:
+        if isinstance(subject, Subject):
+            self._ended_runs.check(subject)
         return _build(
             EventCreateRequest,
             idempotency_key=_key(idempotency_key),

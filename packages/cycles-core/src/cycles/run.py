@@ -20,6 +20,12 @@ their own)::
   service leaves no budget row behind per run. Where the ledger refuses the delete (a step it
   could not settle still holds a reservation, or the run ran into overdraft debt) the budget is
   closed instead, with a warning: nothing more can be charged to it and the row shows why.
+  After the run ends, a step on its subject outside the run (``cy.guard(run.subject, ...)``,
+  ``cy.reserve``, ``cy.event``: a straggler the agent left behind) would be charged to the parent
+  scopes only, escaping the cap the run had: the client refuses it with ``BudgetClosed``, as the
+  ledger refuses a step on a run budget it closed (enforce mode; a shadow guard lets it through).
+  The client remembers the last 10,000 runs that deleted their budgets; ``keep_budgets=True``
+  runs keep their open rows, which still bind.
 - **Context.** ``start()`` (or entering ``with``) makes the run current in this context:
   ``cycles.current_run()`` returns it there and in every thread or task that copies the context
   afterwards, so concurrent runs on one framework object never share state. ``end()`` restores
@@ -60,7 +66,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from cycles.errors import CyclesError, Denied, InvalidRequest, NotFound, ToolNotAllowed
+from cycles.errors import BudgetClosed, CyclesError, Denied, InvalidRequest, NotFound, ToolNotAllowed
 from cycles.guard import AsyncGuard, Guard, _Call, _Flow, _GuardCore, adrive, drive
 from cycles.models import Action, Amount, Caps, Subject, Unit, trusted
 from cycles.scopes import derive_scopes
@@ -79,6 +85,40 @@ _current_run: contextvars.ContextVar[Run | AsyncRun | None] = contextvars.Contex
 def current_run() -> Run | AsyncRun | None:
     """The run started in this context (or the one this thread/task copied), else None."""
     return _current_run.get()
+
+
+class EndedRuns:
+    """The runs of one client that ended and deleted their budgets (the newest ``keep``), so that a
+    step on such a run's subject is refused instead of escaping its cap (see the module docstring)."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        self._scopes: dict[str, str] = {}  # run id (its workflow level) -> its scope, oldest first
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def note(self, run_id: str, scope: str) -> None:
+        with self._lock:
+            self._scopes[run_id] = scope
+            while len(self._scopes) > self._keep:
+                del self._scopes[next(iter(self._scopes))]
+
+    def forget(self, run_id: str) -> None:
+        """A new run took the id (``run_id=`` given again): its steps are its own."""
+        with self._lock:
+            self._scopes.pop(run_id, None)
+
+    def check(self, subject: Subject) -> None:
+        """Raise ``BudgetClosed`` when ``subject`` is on the scope of an ended run of this client."""
+        scope = self._scopes.get(subject.workflow) if subject.workflow is not None else None
+        if scope is None:  # the common case: one dict lookup
+            return
+        levels = {k: getattr(subject, k) for k in ("tenant", "workspace", "app", "workflow")}
+        if derive_scopes(Subject(**levels))[-1] == scope:
+            raise BudgetClosed(
+                f"run {subject.workflow} has ended and its budgets were deleted: a step on its scope {scope} "
+                "would escape its cap (start a new run, or keep_budgets=True)",
+                details={"scope": scope, "run_id": subject.workflow},
+            )
 
 
 class _RunCore:
@@ -195,6 +235,9 @@ class _RunCore:
     def start_flow(self) -> _Flow:
         if self.state != "new":
             raise RuntimeError("a run can be started once")
+        ended = getattr(self.client, "_ended_runs", None)
+        if isinstance(ended, EndedRuns):
+            ended.forget(self.id)
         done: list[Amount] = []
         try:
             for amount in self.budgets:
@@ -213,6 +256,9 @@ class _RunCore:
         self._keyed.clear()
         if not self.keep_budgets:
             yield from self._cleanup_flow(self.budgets)
+            ended = getattr(self.client, "_ended_runs", None)
+            if self.budgets and isinstance(ended, EndedRuns):
+                ended.note(self.id, self.scope)
         self._grants.clear()
         return None
 
