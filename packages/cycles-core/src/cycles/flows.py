@@ -219,6 +219,10 @@ class operation(Generic[P, T]):
         #: the undecorated flow, for composing operations (``yield from Group.op.flow(self, ...)``)
         self.flow = flow
         self.__doc__ = flow.__doc__
+        self.name = flow.__name__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name  # ``list = _listing(...)``: the attribute's name, not the flow's
 
     @overload
     def __get__(self, group: None, owner: type) -> operation[P, T]: ...
@@ -229,10 +233,11 @@ class operation(Generic[P, T]):
     def __get__(self, group: Group[Any] | None, owner: type) -> Any:
         if group is None:
             return self
-        flow, send = self.flow, group._send
+        flow, drive = self.flow, group._send.drive
 
         @functools.wraps(flow)
         def bound(*args: Any, **kwargs: Any) -> Any:
-            return send.drive(flow(group, *args, **kwargs))
+            return drive(flow(group, *args, **kwargs))
 
+        group.__dict__[self.name] = bound  # made once per group: later lookups find it first
         return bound
