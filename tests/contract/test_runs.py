@@ -94,17 +94,18 @@ def test_a_step_on_an_ended_runs_deleted_scope_is_refused_not_charged_to_the_par
     with cy.run(ACME, budgets=[usd(0.5)]) as run:
         pass
     for step in (
-        lambda: cy.guard(run.subject, LLM, usd(0.1)),
+        lambda: cy.guard(run.subject, LLM, usd(0.1)).start(),
         lambda: cy.reserve(run.subject, LLM, usd(0.1)),
         lambda: cy.event(run.subject, LLM, usd(0.1)),
-        lambda: cy.guard(run.subject.model_copy(update={"dimensions": None}), LLM, usd(0.1)),  # same scope
+        lambda: cy.guard(run.subject.model_copy(update={"dimensions": None}), LLM, usd(0.1)).start(),  # same scope
     ):
         with pytest.raises(BudgetClosed) as refused:
             step()
         assert refused.value.details == {"scope": run.scope, "run_id": run.id}
     assert cy.budgets.get("tenant:acme").spent == usd(0) and cy.budgets.get("tenant:acme").reserved == usd(0)
-    with cy.guard(run.subject, LLM, usd(0.1), mode="shadow") as g:  # shadow mode never blocks
+    with cy.guard(run.subject, LLM, usd(0.1), mode="shadow") as g:  # shadow mode records, never blocks
         g.commit(usd(0.01))
+    assert g.shadow is not None and g.shadow.reason_code == "BUDGET_CLOSED"
     # a new run that takes the id again is its own; runs without budgets, and kept ones, still bind
     with cy.run(ACME, run_id=run.id, budgets=[usd(0.5)]) as again, again.guard(LLM, usd(0.1)) as g:
         g.commit(usd(0.02))
@@ -124,7 +125,8 @@ async def test_an_async_step_on_an_ended_runs_deleted_scope_is_refused(ledger: B
     async with acy.run(ACME, budgets=[usd(0.5)]) as run:
         pass
     with pytest.raises(BudgetClosed):
-        acy.guard(run.subject, LLM, usd(0.1))
+        async with acy.guard(run.subject, LLM, usd(0.1)):
+            pytest.fail("a refused step must not run")
     with pytest.raises(BudgetClosed):
         await acy.reserve(run.subject, LLM, usd(0.1))
     assert (await acy.budgets.get("tenant:acme")).reserved == usd(0)

@@ -205,8 +205,6 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         """``step``: the step options of ``GuardSettings`` (max_lease_ms, on_failure,
         on_missing_actual, expect_actual); None leaves the default."""
         base = self.settings
-        if isinstance(subject, Subject) and (mode or base.mode) == "enforce":
-            self._ended_runs.check(subject)
         step = {k: v for k, v in step.items() if v is not None}
         overrides = (ttl_ms, grace_period_ms, overage_policy, mode, heartbeat, metadata, *step.values())
         if all(o is None for o in overrides):  # the common case shares the client's settings object

@@ -316,6 +316,9 @@ class _GuardCore:
             metadata=self.settings.metadata,
         )
         try:
+            ended_runs = getattr(self.owner, "_ended_runs", None)  # cycles.run.EndedRuns
+            if ended_runs is not None:  # a straggler on an ended run's deleted scope: denied as if closed
+                ended_runs.check(self.subject)
             self.reservation = yield from _retrying(_Call("reserve", (req,)))
             self.reserved_at = time.monotonic()
         except (Denied, NotFound) as denial:

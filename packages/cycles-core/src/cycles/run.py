@@ -23,7 +23,8 @@ their own)::
   After the run ends, a step on its subject outside the run (``cy.guard(run.subject, ...)``,
   ``cy.reserve``, ``cy.event``: a straggler the agent left behind) would be charged to the parent
   scopes only, escaping the cap the run had: the client refuses it with ``BudgetClosed``, as the
-  ledger refuses a step on a run budget it closed (enforce mode; a shadow guard lets it through).
+  ledger refuses a step on a run budget it closed (a guard denies it at start, a shadow guard
+  records the would-deny and lets it through).
   The client remembers the last 10,000 runs that deleted their budgets; ``keep_budgets=True``
   runs keep their open rows, which still bind.
 - **Context.** ``start()`` (or entering ``with``) makes the run current in this context:
