@@ -4,61 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cycles.otel
 from cycles import Action, BudgetExceeded, Cycles, Subject, tokens, usd
 from cycles.server import create_app
 from cycles.server.testing import ServerThread
+from tests.otel.telemetry import Telemetry, instrumented, without_opentelemetry
 
 ADMIN = "otel-admin-key-0123456789"
 LLM = Action("llm.completion", "openai:gpt-4o")
 
 
-class Telemetry:
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-
-    def finished(self, name: str | None = None) -> list[Any]:
-        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
-
-    def points(self, metric: str) -> list[Any]:
-        data = self.reader.get_metrics_data()
-        assert data is not None
-        return [
-            p
-            for rm in data.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-            if m.name == metric
-            for p in m.data.data_points
-        ]
-
-
 @pytest.fixture
 def otel() -> Iterator[Telemetry]:
-    t = Telemetry()
-    cycles.otel.instrument(
-        tracer_provider=t.tracer_provider, meter_provider=t.meter_provider, scope_gauges=True, max_scopes=2
-    )
-    try:
+    with instrumented(scope_gauges=True, max_scopes=2) as t:
         yield t
-    finally:
-        cycles.otel.uninstrument()
-        t.meter_provider.shutdown()
-        t.tracer_provider.shutdown()
 
 
 def test_guard_spans_carry_the_decision_and_genai_attributes(otel: Telemetry) -> None:
@@ -159,16 +122,6 @@ def test_without_instrument_nothing_is_wrapped() -> None:
         assert type(cy.ledger).__name__ == "MemoryLedger"
 
 
-def test_a_missing_opentelemetry_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_otel(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name.startswith("opentelemetry"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_otel)
-    with pytest.raises(ImportError, match=r"pip install 'cycles-core\[otel\]'"):
+def test_a_missing_opentelemetry_names_the_extra() -> None:
+    with without_opentelemetry(), pytest.raises(ImportError, match=r"pip install 'cycles-core\[otel\]'"):
         cycles.otel.instrument()
