@@ -81,7 +81,7 @@ from cycles.models import (
     Subject,
     trusted,
 )
-from cycles.otel import span_attributes
+from cycles.otel import step_scope
 from cycles.scopes import derive_scopes
 
 if TYPE_CHECKING:
@@ -867,7 +867,7 @@ class Guard(_GuardFace):
         self._token: contextvars.Token[_GuardCore | None] | None = None
 
     def _drive(self, flow: _Flow) -> Any:
-        with span_attributes(self._core.span_attributes):
+        with step_scope(self._core.action, self._core.span_attributes):
             return drive(self._client.ledger, flow)
 
     def start(self, *, begin: bool = True) -> Guard:
@@ -955,7 +955,7 @@ class AsyncGuard(_GuardFace):
         self._owner: asyncio.Task[Any] | None = None
 
     async def _drive(self, flow: _Flow) -> Any:
-        with span_attributes(self._core.span_attributes):
+        with step_scope(self._core.action, self._core.span_attributes):
             return await adrive(self._client.ledger, flow)
 
     async def start(self, *, begin: bool = True) -> AsyncGuard:

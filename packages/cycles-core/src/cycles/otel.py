@@ -39,7 +39,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -62,6 +62,7 @@ __all__ = [
     "instrumented",
     "span_attributes",
     "step_attributes",
+    "step_scope",
     "uninstrument",
     "unwrap",
     "wrap_ledger",
@@ -215,6 +216,18 @@ def span_attributes(attrs: Mapping[str, AttributeValue]) -> Iterator[None]:
         yield
     finally:
         _extra.reset(token)
+
+
+def step_scope(action: Any, annotations: Mapping[str, AttributeValue]) -> AbstractContextManager[None]:
+    """What a guard wraps each ledger call of its step in: the action's GenAI attributes (which a
+    commit, release or extend request does not carry) and the step's annotations, on every span.
+    Nothing to do (one ``if``) when Cycles is not instrumented and the step has no annotations."""
+    if _state is None and not annotations:
+        return nullcontext()
+    kind, name = action.kind, action.name
+    return span_attributes(
+        {"cycles.action.kind": kind, "cycles.action.name": name, **genai_model_attributes(kind, name), **annotations}
+    )
 
 
 def current_trace_ids() -> dict[str, str]:
