@@ -3,7 +3,7 @@ LangChain run tree's ids and the GenAI attributes with exact token counts; denia
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, TypedDict
 from uuid import UUID
 
 import pytest
@@ -13,7 +13,6 @@ from langgraph.graph import END, START, StateGraph
 from langgraph.graph.message import add_messages
 from langgraph_fakes import CALL_COST, FakeChat, reply, scripted, spent
 from opentelemetry import trace
-from typing_extensions import Annotated, TypedDict
 
 from cycles import BudgetExceeded, Cycles, Subject, usd
 from cycles.testing import assert_settled
