@@ -8,6 +8,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from crewai.events.event_context import get_current_parent_id
 from crewai.hooks import HookAborted
 from crewai.tools.tool_failure import ToolExecutionFailedError, ToolFailure, ToolFailureReason
 
@@ -85,3 +86,24 @@ def scope_value(text: str, default: str) -> str:
     """A CrewAI name (agent role, crew name) as a subject level: ``Support Agent`` -> ``support-agent``."""
     value = _NOT_SCOPE_CHARS.sub("-", text.strip().lower()).strip("-.")[:128]
     return value or default
+
+
+def crew_attributes(crew: Any, agent: Any, task: Any, llm: Any = None) -> dict[str, str | None]:
+    """Where a call sits in the crew, for its OpenTelemetry spans: crew, agent (its role as the GenAI
+    ``gen_ai.agent.name``), task, the CrewAI event it happens in (the id CrewAI's own event tracing
+    records), and the provider a CrewAI LLM names."""
+    provider = getattr(llm, "provider", None)
+    return {
+        "crewai.crew.id": _text(getattr(crew, "id", None)),
+        "crewai.crew.name": _text(getattr(crew, "name", None)),
+        "crewai.agent.id": _text(getattr(agent, "id", None)),
+        "gen_ai.agent.name": _text(getattr(agent, "role", None)),
+        "crewai.task.id": _text(getattr(task, "id", None)),
+        "crewai.task.name": _text(getattr(task, "name", None)),
+        "crewai.event.parent_id": get_current_parent_id(),
+        "gen_ai.provider.name": provider if isinstance(provider, str) and provider else None,
+    }
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
