@@ -125,3 +125,47 @@ def test_without_instrument_nothing_is_wrapped() -> None:
 def test_a_missing_opentelemetry_names_the_extra() -> None:
     with without_opentelemetry(), pytest.raises(ImportError, match=r"pip install 'cycles-core\[otel\]'"):
         cycles.otel.instrument()
+
+
+def test_a_steps_annotations_and_model_reach_every_span_of_it(otel: Telemetry) -> None:
+    with Cycles("memory://", heartbeat=False) as cy:
+        cy.budgets.set("tenant:acme", usd(1))
+        guard = cy.guard(Subject(tenant="acme"), Action("llm.chat", "anthropic/claude-x"), estimate=usd(0.10))
+        guard.annotate({"framework.run_id": "r-1", "framework.parent": None})  # None: left out
+        with guard as g:
+            g.commit(usd(0.05), metrics={"tokens_input": 7, "tokens_output": 3, "model_version": "claude-x-2"})
+        with cy.guard(Subject(tenant="acme"), Action("tool.call", "search"), estimate=usd(0.01)):
+            pass
+    (reserve, tool_reserve) = otel.finished("cycles.reserve")
+    (commit, tool_commit) = otel.finished("cycles.commit")
+    for span in (reserve, commit):  # a commit request names no model: the guard's step adds it
+        assert span.attributes["framework.run_id"] == "r-1" and "framework.parent" not in span.attributes
+        assert span.attributes["gen_ai.request.model"] == "claude-x"
+        assert span.attributes["gen_ai.provider.name"] == span.attributes["gen_ai.system"] == "anthropic"
+        assert span.attributes["gen_ai.operation.name"] == "chat"
+    assert commit.attributes["gen_ai.response.model"] == "claude-x-2"
+    assert (commit.attributes["gen_ai.usage.input_tokens"], commit.attributes["gen_ai.usage.output_tokens"]) == (7, 3)
+    for span in (tool_reserve, tool_commit):
+        assert span.attributes["gen_ai.operation.name"] == "execute_tool"
+        assert span.attributes["gen_ai.tool.name"] == "search"
+        assert "framework.run_id" not in span.attributes  # another step's annotations stay with it
+
+
+def test_genai_attributes_and_step_records_need_no_opentelemetry() -> None:
+    assert cycles.otel.genai_model_attributes("llm.completion", "gpt-4o") == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "gpt-4o",
+    }
+    assert cycles.otel.genai_model_attributes("graph.node", "plan") == {}
+    assert cycles.otel.genai_usage_attributes(input_tokens=0, output_tokens=None) == {"gen_ai.usage.input_tokens": 0}
+    with without_opentelemetry(), Cycles("memory://", heartbeat=False) as cy:
+        cy.budgets.set("tenant:acme", usd(1))
+        with cy.guard(Subject(tenant="acme"), LLM, estimate=usd(0.10)) as g:
+            g.annotate({"framework.run_id": "r-1"})
+            g.commit(usd(0.05), metrics={"tokens_input": 12, "tokens_output": 4})
+        record = cycles.otel.step_attributes(g)
+        assert cycles.otel.current_trace_ids() == {}
+    assert record["cycles.decision"] == "ALLOW" and record["cycles.reservation_id"] == g.reservation_id
+    assert (record["cycles.estimate"], record["cycles.actual"]) == (usd(0.10).amount, usd(0.05).amount)
+    assert (record["gen_ai.usage.input_tokens"], record["gen_ai.usage.output_tokens"]) == (12, 4)
+    assert record["gen_ai.provider.name"] == "openai" and record["framework.run_id"] == "r-1"
