@@ -53,6 +53,7 @@ def test_cycles_spans_nest_under_the_kickoff_span_and_name_the_crew(
     for span in (llm_allowed, llm_denied, llm_commit):
         assert span.attributes["gen_ai.operation.name"] == "chat"
         assert span.attributes["gen_ai.request.model"] == MODEL
+        assert span.attributes["gen_ai.provider.name"] == span.attributes["gen_ai.system"] == llm.provider
     assert llm_commit.attributes["gen_ai.response.model"] == MODEL
     assert (
         llm_commit.attributes["gen_ai.usage.input_tokens"],

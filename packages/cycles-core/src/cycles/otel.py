@@ -221,8 +221,8 @@ def span_attributes(attrs: Mapping[str, AttributeValue]) -> Iterator[None]:
 def step_scope(action: Any, annotations: Mapping[str, AttributeValue]) -> AbstractContextManager[None]:
     """What a guard wraps each ledger call of its step in: the action's GenAI attributes (which a
     commit, release or extend request does not carry) and the step's annotations, on every span.
-    Nothing to do (one ``if``) when Cycles is not instrumented and the step has no annotations."""
-    if _state is None and not annotations:
+    Nothing to do (one ``if``) when Cycles is not instrumented."""
+    if _state is None:
         return nullcontext()
     kind, name = action.kind, action.name
     return span_attributes(

@@ -93,6 +93,7 @@ def crew_attributes(crew: Any, agent: Any, task: Any, llm: Any = None) -> dict[s
     ``gen_ai.agent.name``), task, the CrewAI event it happens in (the id CrewAI's own event tracing
     records), and the provider a CrewAI LLM names."""
     provider = getattr(llm, "provider", None)
+    provider = provider if isinstance(provider, str) and provider else None
     return {
         "crewai.crew.id": _text(getattr(crew, "id", None)),
         "crewai.crew.name": _text(getattr(crew, "name", None)),
@@ -101,7 +102,8 @@ def crew_attributes(crew: Any, agent: Any, task: Any, llm: Any = None) -> dict[s
         "crewai.task.id": _text(getattr(task, "id", None)),
         "crewai.task.name": _text(getattr(task, "name", None)),
         "crewai.event.parent_id": get_current_parent_id(),
-        "gen_ai.provider.name": provider if isinstance(provider, str) and provider else None,
+        "gen_ai.provider.name": provider,
+        "gen_ai.system": provider,  # its name before semconv 1.37
     }
 
 
