@@ -8,14 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents import Agent, set_trace_processors, set_tracing_disabled
+from agents import Agent, Runner, set_trace_processors, set_tracing_disabled
+from agents.testing import ModelStep
 from agents.tracing import Span, Trace, TracingProcessor
 from agents_fakes import MODEL, SUBJECT, WORKFLOW, answer, priced, scripted, search, tool_round
 
 from cycles import AsyncCycles, BudgetExceeded, usd
 from cycles.testing import assert_settled_async
-from cycles_openai_agents import CyclesRunHooks
+from cycles_openai_agents import CyclesModel, CyclesRunHooks
 from tests.otel.telemetry import instrumented, without_opentelemetry
+
+
+class ProviderDown(Exception):
+    pass
 
 
 class Collected(TracingProcessor):
@@ -153,3 +158,19 @@ async def test_without_opentelemetry_the_agents_trace_still_gets_the_decisions(s
     (commit,) = sdk_traces.cycles("cycles.commit")
     assert (commit["gen_ai.usage.input_tokens"], commit["gen_ai.usage.output_tokens"]) == (1000, 200)
     assert "otel.trace_id" not in commit
+
+
+async def test_a_failed_model_call_is_a_release_in_the_agents_trace(sdk_traces: Collected) -> None:
+    cy = AsyncCycles("memory://")
+    await cy.budgets.set(WORKFLOW, usd(1))
+    hooks = CyclesRunHooks(cy, subject=SUBJECT)
+    model = CyclesModel(scripted([ModelStep.raise_error(ProviderDown("503"))]), hooks, name=MODEL)
+
+    with pytest.raises(ProviderDown):
+        await Runner.run(Agent(name="researcher", model=model), "hi", hooks=hooks)
+    await cy.aclose()
+
+    (reserve,) = sdk_traces.cycles("cycles.reserve")
+    (release,) = sdk_traces.cycles("cycles.release")
+    assert release["cycles.reservation_id"] == reserve["cycles.reservation_id"]
+    assert "cycles.actual" not in release
