@@ -8,7 +8,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from crewai.events.event_context import get_current_parent_id
 from crewai.hooks import HookAborted
 from crewai.tools.tool_failure import ToolExecutionFailedError, ToolFailure, ToolFailureReason
 
@@ -90,8 +89,7 @@ def scope_value(text: str, default: str) -> str:
 
 def crew_attributes(crew: Any, agent: Any, task: Any, llm: Any = None) -> dict[str, str | None]:
     """Where a call sits in the crew, for its OpenTelemetry spans: crew, agent (its role as the GenAI
-    ``gen_ai.agent.name``), task, the CrewAI event it happens in (the id CrewAI's own event tracing
-    records), and the provider a CrewAI LLM names."""
+    ``gen_ai.agent.name``), task, and the provider a CrewAI LLM names."""
     provider = getattr(llm, "provider", None)
     provider = provider if isinstance(provider, str) and provider else None
     return {
@@ -101,7 +99,6 @@ def crew_attributes(crew: Any, agent: Any, task: Any, llm: Any = None) -> dict[s
         "gen_ai.agent.name": _text(getattr(agent, "role", None)),
         "crewai.task.id": _text(getattr(task, "id", None)),
         "crewai.task.name": _text(getattr(task, "name", None)),
-        "crewai.event.parent_id": get_current_parent_id(),
         "gen_ai.provider.name": provider,
         "gen_ai.system": provider,  # its name before semconv 1.37
     }
