@@ -90,3 +90,36 @@ def test_an_import_names_the_pip_install_that_adds_its_extra(blocked: str, code:
     result = _code(blocked, code)
     assert result.returncode == 1
     assert f"pip install 'cycles-core[{extra}]'" in result.stderr.strip().splitlines()[-1]
+
+
+def test_without_opentelemetry_adapters_and_annotated_steps_run_and_never_import_it() -> None:
+    """The adapters annotate every step for OpenTelemetry; without the otel extra that must cost
+    nothing but a dict: no import of opentelemetry, the same settlement."""
+    result = _code(
+        "opentelemetry",
+        """
+        from cycles import Cycles, Subject, usd
+        from cycles.otel import current_trace_ids
+        from cycles.pricing import register_price
+        from cycles_langgraph import CyclesCallbackHandler
+        from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
+        from langchain_core.messages import AIMessage
+
+        register_price("fake-model", input_per_mtok=100, output_per_mtok=400)
+        usage = {"input_tokens": 1000, "output_tokens": 500, "total_tokens": 1500}
+
+        class FakeChat(GenericFakeChatModel):
+            model_name: str = "fake-model"  # what the handler prices the call with
+
+        model = FakeChat(messages=iter([AIMessage("hi", usage_metadata=usage)]))
+        with Cycles("memory://", heartbeat=False) as cy:
+            cy.budgets.set("tenant:acme", usd(1))
+            model.invoke("hi", config={"callbacks": [CyclesCallbackHandler(cy, Subject(tenant="acme"))]})
+            assert cy.budgets.get("tenant:acme").spent == usd("0.30"), cy.budgets.get("tenant:acme")
+        assert current_trace_ids() == {}
+        assert not [m for m in sys.modules if m.startswith("opentelemetry")], "opentelemetry was imported"
+        print("ok")
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"

@@ -4,61 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import cycles.otel
 from cycles import Action, BudgetExceeded, Cycles, Subject, tokens, usd
 from cycles.server import create_app
 from cycles.server.testing import ServerThread
+from tests.otel.telemetry import Telemetry, instrumented, without_opentelemetry
 
 ADMIN = "otel-admin-key-0123456789"
 LLM = Action("llm.completion", "openai:gpt-4o")
 
 
-class Telemetry:
-    def __init__(self) -> None:
-        self.spans = InMemorySpanExporter()
-        self.tracer_provider = TracerProvider()
-        self.tracer_provider.add_span_processor(SimpleSpanProcessor(self.spans))
-        self.reader = InMemoryMetricReader()
-        self.meter_provider = MeterProvider(metric_readers=[self.reader])
-
-    def finished(self, name: str | None = None) -> list[Any]:
-        return [s for s in self.spans.get_finished_spans() if name is None or s.name == name]
-
-    def points(self, metric: str) -> list[Any]:
-        data = self.reader.get_metrics_data()
-        assert data is not None
-        return [
-            p
-            for rm in data.resource_metrics
-            for sm in rm.scope_metrics
-            for m in sm.metrics
-            if m.name == metric
-            for p in m.data.data_points
-        ]
-
-
 @pytest.fixture
 def otel() -> Iterator[Telemetry]:
-    t = Telemetry()
-    cycles.otel.instrument(
-        tracer_provider=t.tracer_provider, meter_provider=t.meter_provider, scope_gauges=True, max_scopes=2
-    )
-    try:
+    with instrumented(scope_gauges=True, max_scopes=2) as t:
         yield t
-    finally:
-        cycles.otel.uninstrument()
-        t.meter_provider.shutdown()
-        t.tracer_provider.shutdown()
 
 
 def test_guard_spans_carry_the_decision_and_genai_attributes(otel: Telemetry) -> None:
@@ -159,16 +122,50 @@ def test_without_instrument_nothing_is_wrapped() -> None:
         assert type(cy.ledger).__name__ == "MemoryLedger"
 
 
-def test_a_missing_opentelemetry_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_otel(name: str, *args: Any, **kwargs: Any) -> Any:
-        if name.startswith("opentelemetry"):
-            raise ImportError(f"No module named {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_otel)
-    with pytest.raises(ImportError, match=r"pip install 'cycles-core\[otel\]'"):
+def test_a_missing_opentelemetry_names_the_extra() -> None:
+    with without_opentelemetry(), pytest.raises(ImportError, match=r"pip install 'cycles-core\[otel\]'"):
         cycles.otel.instrument()
+
+
+def test_a_steps_annotations_and_model_reach_every_span_of_it(otel: Telemetry) -> None:
+    with Cycles("memory://", heartbeat=False) as cy:
+        cy.budgets.set("tenant:acme", usd(1))
+        guard = cy.guard(Subject(tenant="acme"), Action("llm.chat", "anthropic/claude-x"), estimate=usd(0.10))
+        guard.annotate({"framework.run_id": "r-1", "framework.parent": None})  # None: left out
+        with guard as g:
+            g.commit(usd(0.05), metrics={"tokens_input": 7, "tokens_output": 3, "model_version": "claude-x-2"})
+        with cy.guard(Subject(tenant="acme"), Action("tool.call", "search"), estimate=usd(0.01)):
+            pass
+    (reserve, tool_reserve) = otel.finished("cycles.reserve")
+    (commit, tool_commit) = otel.finished("cycles.commit")
+    for span in (reserve, commit):  # a commit request names no model: the guard's step adds it
+        assert span.attributes["framework.run_id"] == "r-1" and "framework.parent" not in span.attributes
+        assert span.attributes["gen_ai.request.model"] == "claude-x"
+        assert span.attributes["gen_ai.provider.name"] == span.attributes["gen_ai.system"] == "anthropic"
+        assert span.attributes["gen_ai.operation.name"] == "chat"
+    assert commit.attributes["gen_ai.response.model"] == "claude-x-2"
+    assert (commit.attributes["gen_ai.usage.input_tokens"], commit.attributes["gen_ai.usage.output_tokens"]) == (7, 3)
+    for span in (tool_reserve, tool_commit):
+        assert span.attributes["gen_ai.operation.name"] == "execute_tool"
+        assert span.attributes["gen_ai.tool.name"] == "search"
+        assert "framework.run_id" not in span.attributes  # another step's annotations stay with it
+
+
+def test_genai_attributes_and_step_records_need_no_opentelemetry() -> None:
+    assert cycles.otel.genai_model_attributes("llm.completion", "gpt-4o") == {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": "gpt-4o",
+    }
+    assert cycles.otel.genai_model_attributes("graph.node", "plan") == {}
+    assert cycles.otel.genai_usage_attributes(input_tokens=0, output_tokens=None) == {"gen_ai.usage.input_tokens": 0}
+    with without_opentelemetry(), Cycles("memory://", heartbeat=False) as cy:
+        cy.budgets.set("tenant:acme", usd(1))
+        with cy.guard(Subject(tenant="acme"), LLM, estimate=usd(0.10)) as g:
+            g.annotate({"framework.run_id": "r-1"})
+            g.commit(usd(0.05), metrics={"tokens_input": 12, "tokens_output": 4})
+        record = cycles.otel.step_attributes(g)
+        assert cycles.otel.current_trace_ids() == {}
+    assert record["cycles.decision"] == "ALLOW" and record["cycles.reservation_id"] == g.reservation_id
+    assert (record["cycles.estimate"], record["cycles.actual"]) == (usd(0.10).amount, usd(0.05).amount)
+    assert (record["gen_ai.usage.input_tokens"], record["gen_ai.usage.output_tokens"]) == (12, 4)
+    assert record["gen_ai.provider.name"] == "openai" and record["framework.run_id"] == "r-1"

@@ -81,6 +81,7 @@ from cycles.models import (
     Subject,
     trusted,
 )
+from cycles.otel import step_scope
 from cycles.scopes import derive_scopes
 
 if TYPE_CHECKING:
@@ -212,6 +213,7 @@ class _GuardCore:
         self.uncharged: Amount | None = None  # what a capped commit did not record
         self.reserved_at = 0.0  # time.monotonic() when the reservation was granted
         self.run: Any = None  # the _RunCore this step belongs to
+        self.span_attributes: dict[str, str | bool | int | float] = {}  # on its OTel spans (annotate)
         self.on_settled: Callable[[_GuardCore], None] | None = None
 
     @property
@@ -813,6 +815,11 @@ class _GuardFace:
     def heartbeat_errors(self) -> list[CyclesError]:
         return self._core.heartbeat_errors
 
+    def annotate(self, attributes: Mapping[str, str | bool | int | float | None]) -> None:
+        """Add attributes to every OpenTelemetry span of this step (its reserve, extends, commit or
+        release): an adapter's framework ids and GenAI attributes. ``None`` values are left out."""
+        self._core.span_attributes.update({k: v for k, v in attributes.items() if v is not None})
+
     def allows_tool(self, name: str) -> bool:
         """Whether the caps this reservation was granted with let the model call tool ``name``."""
         caps = self._core.caps
@@ -863,7 +870,8 @@ class Guard(_GuardFace):
         self._token: contextvars.Token[_GuardCore | None] | None = None
 
     def _drive(self, flow: _Flow) -> Any:
-        return drive(self._client.ledger, flow)
+        with step_scope(self._core.action, self._core.span_attributes):
+            return drive(self._client.ledger, flow)
 
     def start(self, *, begin: bool = True) -> Guard:
         """Reserve (raises the ``Denied``). ``begin=False``: reserved ahead, the action starts at ``begin()``."""
@@ -950,7 +958,8 @@ class AsyncGuard(_GuardFace):
         self._owner: asyncio.Task[Any] | None = None
 
     async def _drive(self, flow: _Flow) -> Any:
-        return await adrive(self._client.ledger, flow)
+        with step_scope(self._core.action, self._core.span_attributes):
+            return await adrive(self._client.ledger, flow)
 
     async def start(self, *, begin: bool = True) -> AsyncGuard:
         """Reserve (raises the ``Denied``). ``begin=False``: reserved ahead, the action starts at ``begin()``."""

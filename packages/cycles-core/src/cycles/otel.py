@@ -11,9 +11,17 @@ of its span and the server continues that trace, so one trace holds the agent's 
 client call and the server's work. Attributes: ``cycles.scope``, ``cycles.tenant``, ``cycles.unit``,
 ``cycles.estimate``, ``cycles.actual``, ``cycles.decision``, ``cycles.reason_code``,
 ``cycles.reservation_id``, ``cycles.action.kind`` / ``.name``; for model calls the GenAI semantic
-conventions' ``gen_ai.system``, ``gen_ai.request.model`` and, at commit, ``gen_ai.usage.input_tokens`` /
-``gen_ai.usage.output_tokens``. A denial is a span event ``cycles.denied`` (a decision, not an
-error: the span's status stays unset).
+conventions' ``gen_ai.operation.name``, ``gen_ai.provider.name`` (and ``gen_ai.system``, its name
+before semconv 1.37), ``gen_ai.request.model`` and, at commit, ``gen_ai.response.model``,
+``gen_ai.usage.input_tokens`` / ``gen_ai.usage.output_tokens``; for tool calls ``execute_tool`` and
+``gen_ai.tool.name``. A denial is a span event ``cycles.denied`` (a decision, not an error: the
+span's status stays unset).
+
+Framework adapters: every span opens as a child of the span current in the caller's context (a
+framework's, an instrumentation's or the user's own), and a step's ``guard.annotate({...})`` adds
+the framework's ids (``langchain.run_id``, ``openai_agents.trace_id``, ``crewai.task.id``...) to
+every span of that step. ``step_attributes(guard)`` gives the same attributes for a framework's own
+tracing (the OpenAI Agents SDK's spans). None of this imports OpenTelemetry.
 
 Metrics: ``cycles.decisions`` (counter: operation, decision, reason code), ``cycles.reserve.duration``
 (histogram, seconds), ``cycles.commit.actual_to_estimate`` (histogram of actual / estimate), and,
@@ -31,19 +39,42 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from cycles.errors import CyclesError, Denied, NotFound
 from cycles.ledger.base import AsyncLedger, Ledger
 from cycles.models import Amount, Balance, Subject
 from cycles.scopes import derive_scopes
 
-__all__ = ["instrument", "instrument_app", "instrumented", "uninstrument", "unwrap", "wrap_ledger"]
+if TYPE_CHECKING:
+    from cycles.guard import _GuardFace
+
+__all__ = [
+    "current_trace_ids",
+    "genai_model_attributes",
+    "genai_usage_attributes",
+    "instrument",
+    "instrument_app",
+    "instrumented",
+    "span_attributes",
+    "step_attributes",
+    "step_scope",
+    "uninstrument",
+    "unwrap",
+    "wrap_ledger",
+]
 
 _OPS = ("reserve", "commit", "release", "extend", "decide", "event")
 _LLM_PREFIXES = ("llm", "gen_ai", "model")
+_TOOL_PREFIXES = ("tool",)
+
+AttributeValue = str | bool | int | float
+_NONE: Mapping[str, AttributeValue] = MappingProxyType({})
+_extra: ContextVar[Mapping[str, AttributeValue]] = ContextVar("cycles_otel_attributes", default=_NONE)
 
 
 @dataclass
@@ -119,6 +150,99 @@ def uninstrument() -> None:
 # ---- attributes --------------------------------------------------------------------------------
 
 
+def genai_model_attributes(kind: str, name: str) -> dict[str, Any]:
+    """The GenAI semantic conventions' request attributes of an action (empty: neither a model nor a
+    tool call). A model's provider is read from its name (``openai:gpt-4o``, ``openai/gpt-4o``); an
+    adapter that knows it otherwise annotates the step with ``gen_ai.provider.name``."""
+    head = kind.split(".", 1)[0]
+    if head in _TOOL_PREFIXES:
+        return {"gen_ai.operation.name": "execute_tool", "gen_ai.tool.name": name}
+    if head not in _LLM_PREFIXES:
+        return {}
+    cut = min((i for i in (name.find(":"), name.find("/")) if i > 0), default=-1)
+    provider, model = (name[:cut], name[cut + 1 :]) if 0 < cut < len(name) - 1 else ("", name)
+    attrs: dict[str, Any] = {
+        "gen_ai.operation.name": "chat" if "chat" in kind or "completion" in kind else kind,
+        "gen_ai.request.model": model,
+    }
+    if provider:  # gen_ai.system before semconv 1.37, gen_ai.provider.name since
+        attrs["gen_ai.system"] = attrs["gen_ai.provider.name"] = provider
+    return attrs
+
+
+def genai_usage_attributes(
+    *, input_tokens: int | None = None, output_tokens: int | None = None, response_model: str | None = None
+) -> dict[str, Any]:
+    """The GenAI semantic conventions' usage attributes of a model call's response."""
+    attrs: dict[str, Any] = {}
+    if input_tokens is not None:
+        attrs["gen_ai.usage.input_tokens"] = input_tokens
+    if output_tokens is not None:
+        attrs["gen_ai.usage.output_tokens"] = output_tokens
+    if response_model:
+        attrs["gen_ai.response.model"] = response_model
+    return attrs
+
+
+def step_attributes(guard: _GuardFace) -> dict[str, Any]:
+    """A step's decision under the Cycles spans' attribute names, for a framework's own tracing
+    (which is not OpenTelemetry): scope, action, estimate, decision, reservation, and once settled
+    the actual, the charge and the model call's usage."""
+    attrs = _subject_attrs(guard.subject, guard.action)
+    attrs.update(_amount_attrs("estimate", guard.estimate))
+    attrs["cycles.decision"] = "DENY" if guard.state == "denied" else guard.decision.value
+    if guard.reservation_id:
+        attrs["cycles.reservation_id"] = guard.reservation_id
+    if guard.actual is not None:
+        attrs["cycles.actual"] = guard.actual.amount
+    if guard.charged is not None:
+        attrs["cycles.charged"] = guard.charged.amount
+    metrics = guard._core.metrics
+    if metrics is not None:
+        attrs.update(_metrics_attrs(metrics))
+    attrs.update(guard._core.span_attributes)
+    return attrs
+
+
+@contextmanager
+def span_attributes(attrs: Mapping[str, AttributeValue]) -> Iterator[None]:
+    """Add ``attrs`` to every Cycles span opened in this block (a guard does this with what its
+    step was annotated with). Costs a context variable, traced or not."""
+    if not attrs:
+        yield
+        return
+    token = _extra.set({**_extra.get(), **attrs})
+    try:
+        yield
+    finally:
+        _extra.reset(token)
+
+
+def step_scope(action: Any, annotations: Mapping[str, AttributeValue]) -> AbstractContextManager[None]:
+    """What a guard wraps each ledger call of its step in: the action's GenAI attributes (which a
+    commit, release or extend request does not carry) and the step's annotations, on every span.
+    Nothing to do (one ``if``) when Cycles is not instrumented."""
+    if _state is None:
+        return nullcontext()
+    kind, name = action.kind, action.name
+    return span_attributes(
+        {"cycles.action.kind": kind, "cycles.action.name": name, **genai_model_attributes(kind, name), **annotations}
+    )
+
+
+def current_trace_ids() -> dict[str, str]:
+    """The OpenTelemetry trace and span id current here, as hex (empty when Cycles is not
+    instrumented or no span is current): for a framework's own tracing to name the OTel trace."""
+    if _state is None:
+        return {}
+    from opentelemetry import trace
+
+    ctx = trace.get_current_span().get_span_context()
+    if not ctx.is_valid:
+        return {}
+    return {"otel.trace_id": format(ctx.trace_id, "032x"), "otel.span_id": format(ctx.span_id, "016x")}
+
+
 def _subject_attrs(subject: Subject, action: Any) -> dict[str, Any]:
     attrs: dict[str, Any] = {
         "cycles.scope": derive_scopes(subject)[-1],
@@ -127,13 +251,14 @@ def _subject_attrs(subject: Subject, action: Any) -> dict[str, Any]:
     }
     if subject.tenant:
         attrs["cycles.tenant"] = subject.tenant
-    if action.kind.split(".", 1)[0] in _LLM_PREFIXES:
-        system, _, model = action.name.rpartition(":")
-        attrs["gen_ai.request.model"] = model
-        if system:  # gen_ai.system before semconv 1.37, gen_ai.provider.name since
-            attrs["gen_ai.system"] = attrs["gen_ai.provider.name"] = system
-        attrs["gen_ai.operation.name"] = "chat" if "chat" in action.kind or "completion" in action.kind else action.kind
+    attrs.update(genai_model_attributes(action.kind, action.name))
     return attrs
+
+
+def _metrics_attrs(metrics: Any) -> dict[str, Any]:
+    return genai_usage_attributes(
+        input_tokens=metrics.tokens_input, output_tokens=metrics.tokens_output, response_model=metrics.model_version
+    )
 
 
 def _amount_attrs(name: str, amount: Amount | None) -> dict[str, Any]:
@@ -154,12 +279,8 @@ def _request_attrs(op: str, args: tuple[Any, ...]) -> dict[str, Any]:
     attrs.update(_amount_attrs("actual", getattr(req, "actual", None)))
     metrics = getattr(req, "metrics", None)
     if metrics is not None:
-        if metrics.tokens_input is not None:
-            attrs["gen_ai.usage.input_tokens"] = metrics.tokens_input
-        if metrics.tokens_output is not None:
-            attrs["gen_ai.usage.output_tokens"] = metrics.tokens_output
-        if metrics.model_version:
-            attrs["gen_ai.response.model"] = metrics.model_version
+        attrs.update(_metrics_attrs(metrics))
+    attrs.update(_extra.get())  # the step's framework ids (and what its adapter knows better)
     return attrs
 
 

@@ -85,3 +85,24 @@ def scope_value(text: str, default: str) -> str:
     """A CrewAI name (agent role, crew name) as a subject level: ``Support Agent`` -> ``support-agent``."""
     value = _NOT_SCOPE_CHARS.sub("-", text.strip().lower()).strip("-.")[:128]
     return value or default
+
+
+def crew_attributes(crew: Any, agent: Any, task: Any, llm: Any = None) -> dict[str, str | None]:
+    """Where a call sits in the crew, for its OpenTelemetry spans: crew, agent (its role as the GenAI
+    ``gen_ai.agent.name``), task, and the provider a CrewAI LLM names."""
+    provider = getattr(llm, "provider", None)
+    provider = provider if isinstance(provider, str) and provider else None
+    return {
+        "crewai.crew.id": _text(getattr(crew, "id", None)),
+        "crewai.crew.name": _text(getattr(crew, "name", None)),
+        "crewai.agent.id": _text(getattr(agent, "id", None)),
+        "gen_ai.agent.name": _text(getattr(agent, "role", None)),
+        "crewai.task.id": _text(getattr(task, "id", None)),
+        "crewai.task.name": _text(getattr(task, "name", None)),
+        "gen_ai.provider.name": provider,
+        "gen_ai.system": provider,  # its name before semconv 1.37
+    }
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)

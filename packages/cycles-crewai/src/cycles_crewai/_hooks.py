@@ -66,6 +66,7 @@ from cycles_crewai._common import (
     OnDeny,
     ToolCall,
     blocked_result,
+    crew_attributes,
     current_tool_call,
     scope_value,
 )
@@ -117,7 +118,7 @@ def _priced(model: str, price: Callable[[str], Amount]) -> Amount:
         return price(model.rsplit("/", 1)[1])
 
 
-def _usage_cost(model: str, usage: UsageMetrics) -> tuple[Amount, dict[str, int]]:
+def _usage_cost(model: str, usage: UsageMetrics) -> tuple[Amount, dict[str, Any]]:
     actual = _priced(
         model,
         lambda m: price_usage(
@@ -127,7 +128,11 @@ def _usage_cost(model: str, usage: UsageMetrics) -> tuple[Amount, dict[str, int]
             cached_input_tokens=min(usage.cached_prompt_tokens, usage.prompt_tokens),
         ),
     )
-    return actual, {"tokens_input": usage.prompt_tokens, "tokens_output": usage.completion_tokens}
+    return actual, {
+        "tokens_input": usage.prompt_tokens,
+        "tokens_output": usage.completion_tokens,
+        "model_version": model[:128],  # the model that answered: gen_ai.response.model on the commit span
+    }
 
 
 class CyclesHooks:
@@ -306,6 +311,7 @@ class CyclesHooks:
                 if run is not None
                 else self.cycles.guard(subject, action, estimate)
             )
+            guard.annotate(crew_attributes(ctx.crew, ctx.agent, ctx.task, llm))
             guard.start()
         except CyclesError as error:  # Denied, or a call nobody can price or record: fail closed
             if self.cycles.mode == "shadow":  # never blocks (the guard itself logs its would-denies)
@@ -372,6 +378,7 @@ class CyclesHooks:
             if run is not None
             else self.cycles.guard(subject, action, cost, on_failure=on_failure)
         )
+        guard.annotate(crew_attributes(ctx.crew, ctx.agent, ctx.task))
         try:
             guard.start(begin=False)  # runs only if no other hook blocks it
         except CyclesError as error:  # Denied (incl. the budget's tool caps), or no budget in this unit

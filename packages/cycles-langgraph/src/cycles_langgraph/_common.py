@@ -11,9 +11,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any, Literal, NamedTuple
+from uuid import UUID
 
 from langchain_core.messages import AIMessage, BaseMessage, UsageMetadata, get_buffer_string
-from langchain_core.runnables import RunnableConfig
+from langchain_core.runnables import RunnableConfig, ensure_config
 
 from cycles import (
     Action,
@@ -143,7 +144,7 @@ def answered_by(requested: Model | None, messages: Iterable[object]) -> Model | 
 
 def actual_cost(
     requested: Model | None, messages: Sequence[object], usage: UsageMetadata | None
-) -> tuple[Amount, dict[str, int]] | None:
+) -> tuple[Amount, dict[str, Any]] | None:
     """What a response cost, priced by the model that answered (None: no usage to price)."""
     answered = answered_by(requested, messages)
     if usage is None or answered is None:
@@ -151,7 +152,7 @@ def actual_cost(
     return priced(answered, usage, requested)
 
 
-def partial_cost(model: Model | None, prompt_tokens: int, text: str) -> tuple[Amount, dict[str, int]] | None:
+def partial_cost(model: Model | None, prompt_tokens: int, text: str) -> tuple[Amount, dict[str, Any]] | None:
     """A stream stopped early without usage: the prompt plus the tokens generated so far."""
     if model is None:
         return None
@@ -160,7 +161,7 @@ def partial_cost(model: Model | None, prompt_tokens: int, text: str) -> tuple[Am
     return actual, {"tokens_input": prompt_tokens, "tokens_output": out}
 
 
-def priced(model: Model, usage: UsageMetadata, requested: Model | None = None) -> tuple[Amount, dict[str, int]]:
+def priced(model: Model, usage: UsageMetadata, requested: Model | None = None) -> tuple[Amount, dict[str, Any]]:
     """The actual cost of ``usage`` priced by the core (by ``model``, the one that answered), and
     the metrics to record with it. LangChain's ``input_tokens`` counts cached prompt tokens too."""
     cached = (usage.get("input_token_details") or {}).get("cache_read", 0)
@@ -172,7 +173,11 @@ def priced(model: Model, usage: UsageMetadata, requested: Model | None = None) -
         cached_input_tokens=cached,
         provider=model.provider,
     )
-    return actual, {"tokens_input": usage["input_tokens"], "tokens_output": usage["output_tokens"]}
+    return actual, {
+        "tokens_input": usage["input_tokens"],
+        "tokens_output": usage["output_tokens"],
+        "model_version": model.name[:128],  # the model that answered: gen_ai.response.model on the commit span
+    }
 
 
 def tool_cost(spec: Amount | Mapping[str, Amount], name: str) -> Amount:
@@ -194,12 +199,45 @@ def run_of(cycles: Cycles | AsyncCycles) -> Run | AsyncRun | None:
     return run if run is not None and run._client is cycles else None
 
 
-def step(cycles: Cycles, subject: Subject, action: Action, estimate: Amount, **options: Any) -> Guard:
-    """A guard for one call: a step of the current run when there is one, else a plain guard."""
+def langchain_attributes(
+    config: RunnableConfig, *, run_id: UUID | None = None, parent_run_id: UUID | None = None
+) -> dict[str, str | int | None]:
+    """Where a step sits in LangChain's run tree and LangGraph's graph, as attributes of its
+    OpenTelemetry spans: the call's run id (callbacks know it), its parent run (else the runnable
+    running now, e.g. the graph node), the node, the superstep and the thread."""
+    metadata = config.get("metadata") or {}
+    configurable = config.get("configurable") or {}
+    if parent_run_id is None:
+        parent_run_id = getattr(config.get("callbacks"), "parent_run_id", None)
+    node_step = metadata.get("langgraph_step")
+    thread = configurable.get("thread_id") or metadata.get("thread_id")
+    return {
+        "langchain.run_id": str(run_id) if run_id else None,
+        "langchain.parent_run_id": str(parent_run_id) if parent_run_id else None,
+        "langgraph.node": str(metadata["langgraph_node"]) if metadata.get("langgraph_node") else None,
+        "langgraph.step": node_step if isinstance(node_step, int) else None,
+        "langgraph.thread_id": str(thread) if thread else None,
+    }
+
+
+def step(
+    cycles: Cycles,
+    subject: Subject,
+    action: Action,
+    estimate: Amount,
+    *,
+    attributes: Mapping[str, str | int | None] | None = None,
+    **options: Any,
+) -> Guard:
+    """A guard for one call: a step of the current run when there is one, else a plain guard. Its
+    spans carry ``attributes`` (default: the current runnable's place in the run tree)."""
     run = run_of(cycles)
     if isinstance(run, Run):
-        return run.guard(action, estimate, subject=subject, **options)
-    return cycles.guard(subject, action, estimate, **options)
+        guard = run.guard(action, estimate, subject=subject, **options)
+    else:
+        guard = cycles.guard(subject, action, estimate, **options)
+    guard.annotate(langchain_attributes(ensure_config()) if attributes is None else attributes)
+    return guard
 
 
 @asynccontextmanager
@@ -214,6 +252,7 @@ async def aguard(
             if isinstance(run, AsyncRun)
             else cycles.guard(subject, action, estimate, **options)
         )
+        async_step.annotate(langchain_attributes(ensure_config()))
         async with async_step as guard:
             yield guard
     else:

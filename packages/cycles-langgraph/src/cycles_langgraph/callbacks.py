@@ -32,6 +32,7 @@ from cycles_langgraph._common import (
     actual_cost,
     covered,
     estimate_prompt,
+    langchain_attributes,
     max_output_tokens,
     model_of,
     partial_cost,
@@ -104,7 +105,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._model_start(run_id, serialized, messages[0] if messages else [], metadata, kwargs)
+        self._model_start(run_id, parent_run_id, serialized, messages[0] if messages else [], metadata, kwargs)
 
     def on_llm_start(
         self,
@@ -117,7 +118,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         metadata: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._model_start(run_id, serialized, prompts, metadata, kwargs)
+        self._model_start(run_id, parent_run_id, serialized, prompts, metadata, kwargs)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         call = self._pop(run_id)
@@ -163,7 +164,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         if covered.get():
             return  # CyclesMiddleware reserved this call
         action = with_args_fingerprint(Action("tool.call", name), input_str if inputs is None else inputs)
-        self._start(run_id, metadata, action, estimate, None)
+        self._start(run_id, parent_run_id, metadata, action, estimate, None)
 
     def on_tool_end(self, output: Any, *, run_id: UUID, **kwargs: Any) -> None:
         call = self._pop(run_id)
@@ -184,6 +185,7 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     def _model_start(
         self,
         run_id: UUID,
+        parent_run_id: UUID | None,
         serialized: Mapping[str, Any],
         messages: Sequence[BaseMessage] | Sequence[str],
         metadata: Mapping[str, Any] | None,
@@ -196,11 +198,13 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         cap = max_output_tokens(self.max_output_tokens, params, metadata)
         estimate = self.estimate or estimate_prompt(model, messages, params.get("tools"), cap)
         name = model.ref if model else str(serialized.get("name") or "unknown-model")
-        self._start(run_id, metadata, Action("llm.completion", name), estimate, model, prompt_tokens(messages, None))
+        action = Action("llm.completion", name)
+        self._start(run_id, parent_run_id, metadata, action, estimate, model, prompt_tokens(messages, None))
 
     def _start(
         self,
         run_id: UUID,
+        parent_run_id: UUID | None,
         metadata: Mapping[str, Any] | None,
         action: Action,
         estimate: Amount,
@@ -209,7 +213,9 @@ class CyclesCallbackHandler(BaseCallbackHandler):
     ) -> None:
         config = ensure_config({"metadata": dict(metadata or {})})
         on_failure = "charge" if action.is_tool and action.name in self.charge_failed_tools else "release"
-        guard = step(self.cycles, resolve_subject(self.subject, config), action, estimate, on_failure=on_failure)
+        where = langchain_attributes(config, run_id=run_id, parent_run_id=parent_run_id)
+        subject = resolve_subject(self.subject, config)
+        guard = step(self.cycles, subject, action, estimate, attributes=where, on_failure=on_failure)
         guard.start()  # a Denied raised here stops the call: the handler sets raise_error
         with self._lock:
             self._open[run_id] = _Open(guard, model, tokens)

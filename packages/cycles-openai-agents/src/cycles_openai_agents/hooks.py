@@ -53,6 +53,7 @@ from pydantic import BaseModel
 from cycles import Action, Amount, AsyncCycles, AsyncRun, Decision, Denied, Subject, usd, with_args_fingerprint
 from cycles.guard import AsyncGuard, OnFailure
 from cycles.pricing import approx_messages_tokens, estimate_cost
+from cycles_openai_agents import tracing
 from cycles_openai_agents.model import CyclesModel, usage_price
 
 __all__ = ["CyclesRunHooks", "OnExhausted", "OnToolDenied"]
@@ -160,10 +161,13 @@ class CyclesRunHooks(RunHooks[Any]):
         guard = run.guard(
             Action("llm.completion", model), estimate, subject=self.subject_for(agent), metadata={"agent": agent.name}
         )
+        tracing.annotate(guard, agent.name)
         try:
             await guard.start()  # raises the Denied before anything runs
             call.guard = guard
+            tracing.record(guard)
         except Denied as denial:
+            tracing.record(guard, denial)
             if self.on_exhausted != "finish" or not isinstance(agent.model, CyclesModel):
                 raise
             call.denied = self.stopped = denial  # CyclesModel answers with final_message instead
@@ -183,6 +187,7 @@ class CyclesRunHooks(RunHooks[Any]):
                 actual, metrics={"tokens_input": usage.input_tokens, "tokens_output": usage.output_tokens}
             )
         await call.guard.finish()  # no usage: the core commits the estimate and flags it
+        tracing.record(call.guard)
 
     # ---- tool calls -------------------------------------------------------------------------
 
@@ -194,7 +199,9 @@ class CyclesRunHooks(RunHooks[Any]):
             guard = self._tool_guard(run, agent, context, tool.name, None)
             try:
                 await guard.start()
+                tracing.record(guard)
             except Denied as denial:
+                tracing.record(guard, denial)
                 # The denial aborts the SDK run: settle its run now (tools that already ran are
                 # committed, reserved ones that never started are released), even under Runner.run.
                 await run.end(denial)
@@ -211,6 +218,7 @@ class CyclesRunHooks(RunHooks[Any]):
             await guard.fail(RuntimeError(f"tool {tool.name} failed: {result}"))
         else:
             await guard.finish()  # a tool costs what it reserved
+        tracing.record(guard)
 
     async def on_handoff(self, context: RunContextWrapper[Any], from_agent: Agent[Any], to_agent: Agent[Any]) -> None:
         self.handoffs.append((from_agent.name, to_agent.name))
@@ -275,7 +283,9 @@ class CyclesRunHooks(RunHooks[Any]):
             guard = self._tool_guard(run, data.agent, context, context.tool_name, cost)
             try:
                 await guard.start(begin=False)  # reserved ahead: it begins in on_tool_start
+                tracing.record(guard)
             except Denied as denial:
+                tracing.record(guard, denial)
                 info = {"reason_code": denial.reason_code, "message": denial.message, "scope": denial.scope}
                 if on_deny == "raise":
                     return ToolGuardrailFunctionOutput.raise_exception(output_info=info)
@@ -420,13 +430,9 @@ class CyclesRunHooks(RunHooks[Any]):
         action = Action("tool.call", tool_name)
         if isinstance(context, ToolContext):  # the model's arguments (JSON text), for the loop guard
             action = with_args_fingerprint(action, context.tool_arguments)
-        return run.guard(
-            action,
-            estimate,
-            subject=subject,
-            metadata={"agent": agent.name},
-            on_failure=on_failure,
-        )
+        guard = run.guard(action, estimate, subject=subject, metadata={"agent": agent.name}, on_failure=on_failure)
+        tracing.annotate(guard, agent.name)
+        return guard
 
     def _call_for_prompt(self, prompt: object) -> _Call | None:
         """The model call on_llm_start reserved for this input list (the SDK passes the same list)."""

@@ -34,6 +34,7 @@ from openai.types.responses.response_prompt_param import ResponsePromptParam
 
 from cycles import Amount, Caps
 from cycles.pricing import approx_tokens, price_answer, price_usage
+from cycles_openai_agents.tracing import record as record_decision
 
 if TYPE_CHECKING:
     from cycles_openai_agents.hooks import CyclesRunHooks, _Call
@@ -87,6 +88,7 @@ class CyclesModel(Model):
         except BaseException as exc:
             if call is not None and call.guard is not None:
                 await call.guard.fail(exc)  # the core's rule: released, or (cancelled) charged
+                record_decision(call.guard)
             raise
         return response
 
@@ -132,8 +134,12 @@ class CyclesModel(Model):
                             output_tokens=u.output_tokens,
                             input_tokens_details=u.input_tokens_details,
                         )
-                        metrics = {"tokens_input": u.input_tokens, "tokens_output": u.output_tokens}
                         answered = event.response.model or call.model
+                        metrics = {
+                            "tokens_input": u.input_tokens,
+                            "tokens_output": u.output_tokens,
+                            "model_version": answered[:128],  # gen_ai.response.model on the commit span
+                        }
                         call.guard.commit(usage_price(answered, usage, call.model), metrics=metrics)
                     elif isinstance(delta := getattr(event, "delta", None), str):
                         seen.append(delta)
@@ -147,6 +153,7 @@ class CyclesModel(Model):
                         metrics={"tokens_input": call.prompt_tokens, "tokens_output": out},
                     )
                 await call.guard.fail(exc)
+                record_decision(call.guard)
             raise
 
     def get_retry_advice(self, request: ModelRetryAdviceRequest) -> ModelRetryAdvice | None:
