@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers
 
 from cycles.errors import InvalidRequest, Unauthorized
-from cycles.server.keys import KeyInfo, KeyStore, key_digest
+from cycles.server.keys import KeyInfo, KeyStore, key_digest, permission_granted
 
 __all__ = ["ADMIN_HEADER", "API_KEY_HEADER", "AuthFailed", "Authenticator", "Principal", "key_id_prefix"]
 
@@ -58,6 +58,11 @@ class Principal:
     admin: bool = False
     permissions: frozenset[str] = frozenset()
     scope_filter: tuple[str, ...] = ()
+
+    def may(self, needed: str) -> bool:
+        """Whether this caller holds ``needed`` (the admin key holds every permission; a tenant
+        key's admin:* permissions count as the spec's wildcards)."""
+        return self.admin or permission_granted(self.permissions, needed)
 
 
 ADMIN = Principal(tenant=None, admin=True)

@@ -5,9 +5,10 @@ key) or 403 (a permission or scope the key lacks) on any endpoint of ``cycles se
 before it is answered. An attacker can send such requests without limit, so what they cost the
 store is bounded first:
 
-* **Sources.** Each refusal is counted against its source IP (``ip:<addr>``) and, when the
-  presented key parses as ``cyc_<key_id>_...``, its key id (``key:<key_id>``; never the secret),
-  in tumbling windows of ``window_s`` (default 60 s). The counts live in the record store
+* **Sources.** Each refusal is counted against its key id (``key:<key_id>``, never the secret)
+  when the presented key parses as ``cyc_<key_id>_...``, and a 401 also against its source IP
+  (``ip:<addr>``; a 403 comes with a key that verified, one of a tenant's few), in tumbling
+  windows of ``window_s`` (default 60 s). The counts live in the record store
   (``RecordStore.tally``), so every server and worker of a deployment adds to the same ones.
 * **Rate limit.** Once either source has more than ``limit`` (default 60, ``0``: off) refusals in
   the window, its further refusals are answered ``429 LIMIT_EXCEEDED`` with ``Retry-After`` (the
@@ -125,7 +126,9 @@ class AuthFailures:
         key_id = exc.key_id if isinstance(exc, AuthFailed) else p.key_id
         if key_id is None:
             key_id = key_id_prefix(request.headers.get(API_KEY_HEADER))
-        sources = [f"ip:{ip}", *([f"key:{key_id}"] if key_id else [])]
+        # A 403 comes with a key that verified: one of a tenant's few keys, counted as itself. A 401
+        # may come with anything, so its address counts too (key ids are free to invent).
+        sources = [*([f"ip:{ip}"] if failed or key_id is None else []), *([f"key:{key_id}"] if key_id else [])]
         counts = []
         for source in sources:
             buckets = await self.gov.run(
@@ -258,10 +261,12 @@ class AuthFailures:
         this process still holds. The server calls it every second."""
         await self.attempts.flush()
         now = self.clock()
-        for (source, window), summary in list(self._coalesced.items()):
+        for source, window in list(self._coalesced):
             if now < (window + 1) * self.window_s + _SUMMARY_GRACE_S:
                 continue
-            del self._coalesced[(source, window)]
+            summary = self._coalesced.pop((source, window), None)
+            if summary is None:  # taken by a flush running beside this one
+                continue
             mark = f"authfail-sum:{self.window_s:g}:{source}:{window}"
             if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(3 * self.window_s * 1000)):
                 continue  # another server wrote it
