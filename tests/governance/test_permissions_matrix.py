@@ -109,3 +109,27 @@ def test_admin_wildcards_allow_reads_or_writes(api: Api, ctx: dict[str, str]) ->
     assert _allowed(api, ctx, ["admin:read"]) == READS
     assert _allowed(api, ctx, ["admin:write"]) == WRITES
     assert _allowed(api, ctx, ["admin:budgets:read"]) == {"listBudgets", "lookupBudget"}
+
+
+def test_workspace_key_sees_nothing_outside_its_workspace_on_the_operator_paths(api: Api) -> None:
+    api.tenant("acme")
+    api.budget("tenant:acme", 10**10)
+    for scope in ("tenant:acme/workspace:prod", "tenant:acme/workspace:dev"):
+        api.budget(scope, 10**9)
+    full = api.key("acme")
+    for workspace in ("prod", "dev"):  # 90% of each workspace: threshold events in both
+        assert api.reserve(full, {"tenant": "acme", "workspace": workspace}, 9 * 10**8).status_code == 200
+    perms = ["budgets:read", "budgets:write", "events:read", "balances:read"]
+    prod = api.key("acme", permissions=perms, scope_filter=["workspace:prod"])
+    ledgers = api.k(prod, "GET", "/v1/admin/budgets").json()["ledgers"]
+    assert [x["scope"] for x in ledgers] == ["tenant:acme/workspace:prod"]
+    cases = (("tenant:acme/workspace:dev", 403), ("tenant:acme", 403), ("tenant:acme/workspace:prod", 200))
+    for scope, status in cases:
+        assert api.k(prod, "GET", f"/v1/admin/budgets/lookup?scope={scope}&unit={USD}").status_code == status
+        fund = api.k(prod, "POST", f"/v1/admin/budgets/fund?scope={scope}&unit={USD}",
+                     json={"operation": "CREDIT", "amount": {"unit": USD, "amount": 1}})  # fmt: skip
+        assert fund.status_code == status
+    scopes = {e.get("scope") for e in api.k(prod, "GET", "/v1/events?limit=100").json()["events"]}
+    assert scopes and all(str(s).startswith("tenant:acme/workspace:prod") for s in scopes)
+    everything = {e.get("scope") for e in api.a("GET", "/v1/admin/events?tenant_id=acme&limit=100").json()["events"]}
+    assert "tenant:acme/workspace:dev" in everything  # there was something to hide
