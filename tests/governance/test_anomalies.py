@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cycles.ledger.records import EVENTS, MemoryRecordStore, RecordStore, RedisRecordStore, SqliteRecordStore
 from cycles.models import Amount, Balance, SignedAmount, Unit
+from cycles.server import create_app
 from cycles.server.governance.context import Governance
+from cycles.server.testing import ServerThread
+
+from .conftest import ADMIN_KEY
 
 
 def _balance(spent: int, allocated: int = 10**9) -> Balance:
@@ -154,3 +160,42 @@ async def test_burn_rate_across_servers_against_the_previous_hour(two_servers: t
     assert len(shared) == len(alone) >= 1
     data = shared[0]["data"]
     assert isinstance(data, dict) and data["multiplier"] >= 3.0 and 90 <= data["baseline_rate"] <= 160
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    from tests.redis.backend import fresh_redis_url
+
+    return fresh_redis_url(request)
+
+
+def test_denial_spike_over_http_with_two_servers(shared_url: str) -> None:
+    """Two apps on one ledger, each serving every other reservation: the spike is measured on all
+    of them and announced once."""
+    apps = [create_app(shared_url, admin_key=ADMIN_KEY, sweep_interval_s=0, key_cache_ttl_s=0) for _ in range(2)]
+    for app in apps:
+        app.state.cycles.gov.alerts.denials.flush_after_s = 0  # every allowed one written at once: exact counts
+    with ServerThread(apps[0]) as a, ServerThread(apps[1]) as b:
+        admin = {"X-Admin-API-Key": ADMIN_KEY}
+        httpx.post(f"{a.url}/v1/admin/tenants", headers=admin, json={"tenant_id": "acme", "name": "A"})
+        budget = {"scope": "tenant:acme", "amount": {"unit": "USD_MICROCENTS", "amount": 12}}
+        assert httpx.post(f"{a.url}/admin/budgets", headers=admin, json=budget).is_success
+        key = httpx.post(f"{b.url}/v1/admin/api-keys", headers=admin, json={"tenant_id": "acme", "name": "k"})
+        headers = {"X-Cycles-API-Key": key.json()["key_secret"]}
+
+        def reserve(url: str, amount: int) -> int:
+            estimate = {"unit": "USD_MICROCENTS", "amount": amount}
+            body = {"idempotency_key": uuid.uuid4().hex, "subject": {"tenant": "acme"},
+                    "action": {"kind": "llm", "name": "m"}, "estimate": estimate}  # fmt: skip
+            return httpx.post(f"{url}/v1/reservations", headers=headers, json=body).status_code
+
+        urls = [a.url, b.url]
+        assert [reserve(urls[i % 2], 1) for i in range(12)] == [200] * 12
+        # 1 denial of 13 (7.7%), then 2 of 14 (14%): each server alone saw 7 decisions, under the
+        # 10-sample minimum, so measured per process this spike is never seen
+        assert [reserve(urls[i % 2], 5) for i in range(4)] == [409] * 4
+    store = apps[0].state.cycles.gov.records
+    spikes = store.events(event_type="reservation.denial_rate_spike")
+    assert len(spikes) == 1 and spikes[0]["data"]["sample_count"] == 14 and spikes[0]["tenant_id"] == "acme"
