@@ -27,7 +27,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from cycles.errors import CyclesError, Denied, Forbidden, InternalError, LedgerUnavailable, NotFound, Unauthorized
+from cycles.errors import (
+    CyclesError,
+    Denied,
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    LedgerUnavailable,
+    NotFound,
+    Unauthorized,
+)
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.models import Balance, Unit
 from cycles.otel import instrument, instrument_app, wrap_ledger
@@ -556,5 +565,14 @@ def _app_from(env: Mapping[str, str]) -> CyclesApp:
         sweep_interval_s=float(env.get("CYCLES_SERVER_SWEEP_INTERVAL_S", "5.0")),
         include_balances=env.get("CYCLES_SERVER_BALANCES", "1") != "0",
         metrics_token=env.get("CYCLES_METRICS_TOKEN") or None,
-        auth_failure_limit=int(env.get("CYCLES_SERVER_AUTH_FAILURE_LIMIT", "60")),
+        auth_failure_limit=_whole(env, "CYCLES_SERVER_AUTH_FAILURE_LIMIT", 60),
     )
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidRequest(f"{name} must be a whole number >= 0 (0 turns it off), got {raw[:32]!r}")
+    return int(raw)
