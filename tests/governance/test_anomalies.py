@@ -196,6 +196,5 @@ def test_denial_spike_over_http_with_two_servers(shared_url: str) -> None:
         # 1 denial of 13 (7.7%), then 2 of 14 (14%): each server alone saw 7 decisions, under the
         # 10-sample minimum, so measured per process this spike is never seen
         assert [reserve(urls[i % 2], 5) for i in range(4)] == [409] * 4
-    store = apps[0].state.cycles.gov.records
-    spikes = store.events(event_type="reservation.denial_rate_spike")
+        spikes = apps[0].state.cycles.gov.records.events(event_type="reservation.denial_rate_spike")
     assert len(spikes) == 1 and spikes[0]["data"]["sample_count"] == 14 and spikes[0]["tenant_id"] == "acme"

@@ -240,23 +240,9 @@ class Alerts:
         _, rates = await self.settings(tenant)
         window = float(rates.get("rate_window_seconds", 300))
         threshold = float(rates.get("denial_rate_threshold", 0.1))
-        now = self.clock()
-        counts = await self.denials.note(tenant, denied, window)
-        if counts is None:  # an allowed decision: counted, nothing to check
+        data = await self.denials.spike(tenant, denied, window, threshold)
+        if data is None:
             return
-        n_denied, total = counts
-        if total < 10 or n_denied / total <= threshold:
-            return
-        mark = f"spike:denial:{tenant}:{int(now // window)}"
-        if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(2 * window * 1000)):
-            return
-        data = {
-            "metric": "denial_rate",
-            "current_rate": round(n_denied / (window / 60), 6),
-            "threshold_rate": threshold,
-            "window_seconds": int(window),
-            "sample_count": total,
-        }
         await self._emit("reservation.denial_rate_spike", tenant, f"tenant:{tenant}", data)
 
     async def denied(self, req: ReservationCreateRequest, tenant: str | None, reason: str, scope: str | None) -> None:

@@ -237,23 +237,9 @@ class AuthFailures:
 
     async def _rate(self, request: Request) -> None:
         window, threshold = await self._rate_settings()
-        counts = await self.attempts.note("all", True, window)
-        if counts is None:
+        data = await self.attempts.spike("all", True, window, threshold)
+        if data is None:
             return
-        failures, total = counts
-        if total < 10 or failures / total <= threshold:
-            return
-        now = self.clock()
-        mark = f"spike:auth:{int(now // window)}"
-        if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(2 * window * 1000)):
-            return
-        data = {
-            "metric": "auth_failure_rate",
-            "current_rate": round(failures / (window / 60), 6),
-            "threshold_rate": threshold,
-            "window_seconds": int(window),
-            "sample_count": total,
-        }
         await self.gov.emit("api_key.auth_failure_rate_spike", request, None, tenant_id=SYSTEM_TENANT, data=data)
 
     async def flush(self) -> None:

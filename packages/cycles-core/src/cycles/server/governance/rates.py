@@ -16,15 +16,17 @@ refused key) is written at once and answered with the window's totals, which the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from cycles.server.governance.context import Governance
 
-__all__ = ["BUCKETS", "SharedRate"]
+__all__ = ["BUCKETS", "MIN_SAMPLES", "SharedRate"]
 
 #: Buckets per window: counts are exact to a tenth of the window.
 BUCKETS = 10
+#: Fewer samples than this in a window never make a spike (one denial of three is no trend).
+MIN_SAMPLES = 10
 
 
 class SharedRate:
@@ -89,6 +91,27 @@ class SharedRate:
             misses = int(pending[2])
         buckets = await self._write(key, window, bucket, 1, misses + 1)
         return (sum(b.get("hits", 0) for b in buckets.values()), sum(b.get("total", 0) for b in buckets.values()))
+
+    async def spike(self, key: str, hit: bool, window: float, threshold: float) -> dict[str, Any] | None:
+        """Count one sample; when it makes the share of hits over the window exceed ``threshold``
+        (over at least ``MIN_SAMPLES``) for the first time in this window, deployment-wide (a
+        compare-and-set mark), the spec's ``EventDataRateSpike`` to announce; else ``None``."""
+        counts = await self.note(key, hit, window)
+        if counts is None:
+            return None
+        hits, total = counts
+        if total < MIN_SAMPLES or hits / total <= threshold:
+            return None
+        mark = f"spike:{self.metric}:{key}:{int(self.clock() // window)}"
+        if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(2 * window * 1000)):
+            return None  # announced already, here or by another server
+        return {
+            "metric": self.metric,
+            "current_rate": round(hits / (window / 60), 6),
+            "threshold_rate": threshold,
+            "window_seconds": int(window),
+            "sample_count": total,
+        }
 
     async def flush(self, *, force: bool = False) -> None:
         """Write the misses that have waited ``flush_after_s`` (every pending one with ``force``)."""
