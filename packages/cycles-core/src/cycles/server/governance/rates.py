@@ -50,6 +50,7 @@ class SharedRate:
         self.max_keys = max_keys
         #: (key, window) -> [bucket, first pending at, misses pending]
         self._pending: dict[tuple[str, float], list[float]] = {}
+        self._announced: dict[str, int] = {}  # key -> the last window this process saw announced
 
     def _store_key(self, key: str, window: float) -> str:
         return f"rate:{self.metric}:{window:g}:{key}"
@@ -102,9 +103,15 @@ class SharedRate:
         hits, total = counts
         if total < MIN_SAMPLES or hits / total <= threshold:
             return None
-        mark = f"spike:{self.metric}:{key}:{int(self.clock() // window)}"
+        period = int(self.clock() // window)
+        if self._announced.get(key) == period:  # known taken: no store round trip per hit in a spike
+            return None
+        if len(self._announced) >= self.max_keys:
+            self._announced.clear()
+        self._announced[key] = period
+        mark = f"spike:{self.metric}:{key}:{period}"
         if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(2 * window * 1000)):
-            return None  # announced already, here or by another server
+            return None  # announced already, by another server
         return {
             "metric": self.metric,
             "current_rate": round(hits / (window / 60), 6),
