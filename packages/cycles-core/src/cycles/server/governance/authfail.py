@@ -150,7 +150,7 @@ class AuthFailures:
             )
         code, status = error_status(answer)
         reason = exc.reason if isinstance(exc, AuthFailed) else _forbidden_reason(exc)
-        tenant = UNAUTH_TENANT if failed or p.tenant is None else p.tenant
+        tenant = UNAUTH_TENANT if failed else ("__admin__" if p.admin else (p.tenant or UNAUTH_TENANT))
         owner = exc.tenant if isinstance(exc, AuthFailed) else p.tenant
         if all(c <= self.audit_per_source for c in counts):
             await self._audit(request, p, (operation, resource_type), status, code, reason, (tenant, owner), key_id, ip)
