@@ -39,18 +39,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 
 from cycles.errors import CyclesError, InsufficientPermissions, LimitExceeded
-from cycles.ledger.records import AUDIT, EVENTS, iso_ms, new_audit
+from cycles.ledger.records import AUDIT, EVENTS, iso_ms, new_audit, new_event
 from cycles.server._http import error_status
 from cycles.server.auth import API_KEY_HEADER, AuthFailed, Principal, key_id_prefix
+from cycles.server.governance.context import ADMIN_TENANT, Governance, ids_of
 from cycles.server.governance.rates import SharedRate
-
-if TYPE_CHECKING:
-    from cycles.server.governance.context import Governance
 
 __all__ = ["UNAUTH_TENANT", "AuthFailures"]
 
@@ -150,7 +148,7 @@ class AuthFailures:
             )
         code, status = error_status(answer)
         reason = exc.reason if isinstance(exc, AuthFailed) else _forbidden_reason(exc)
-        tenant = UNAUTH_TENANT if failed else ("__admin__" if p.admin else (p.tenant or UNAUTH_TENANT))
+        tenant = UNAUTH_TENANT if failed else (ADMIN_TENANT if p.admin else (p.tenant or UNAUTH_TENANT))
         owner = exc.tenant if isinstance(exc, AuthFailed) else p.tenant
         if all(c <= self.audit_per_source for c in counts):
             await self._audit(request, p, (operation, resource_type), status, code, reason, (tenant, owner), key_id, ip)
@@ -182,7 +180,7 @@ class AuthFailures:
         ip: str,
     ) -> None:
         (operation, resource_type), (tenant, owner) = what, tenants
-        request_id, trace_id = request.scope.get("cycles.ids") or (None, None)
+        request_id, trace_id = ids_of(request)
         note = request.scope.get("cycles.audit")  # what an audited handler noted before refusing
         actor = "admin" if p.admin else ("api_key" if p.key_id else "unauthenticated")
         metadata: dict[str, Any] = {"actor_type": actor, "failure_reason": reason}
@@ -214,9 +212,6 @@ class AuthFailures:
                 await self.gov.run(self.gov.records.trim_tenant, stream, UNAUTH_TENANT, self.max_unauth_records)
 
     async def _auth_failed_event(self, request: Request, tenant: str, key_id: str | None, reason: str, ip: str) -> None:
-        from cycles.ledger.records import new_event
-        from cycles.server.governance.context import ids_of
-
         request_id, trace_id = ids_of(request)
         data: dict[str, Any] = {"failure_reason": reason, "source_ip": ip}
         if key_id is not None:
