@@ -33,6 +33,9 @@ Python API (``cycles.ledger.records``)::
     for ev in store.iter(EVENTS, match=EventFilter(scope="tenant:acme")): ...   # every page
     store.purge()                              # forget records older than store.retention_ms
     store.cas("alert:tenant:acme:USD", expected=None, new="0.8")   # atomic state for alerts, leases
+    store.tally("rate:denial:acme", bucket, {"denied": 1, "total": 1}, keep=10, ttl_ms=600_000)
+                                               # windowed counters shared by every server: {bucket: {name: n}}
+    store.trim_tenant(AUDIT, "__unauth__", keep=10_000)   # bound one tenant's share of a stream
 
     to_jsonl(records) / to_csv(records, kind)  # exports
 
@@ -68,7 +71,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -431,6 +434,29 @@ def to_csv(records: Iterable[Record], kind: Kind) -> str:
     return out.getvalue()
 
 
+# ---- windowed counters (tally) ---------------------------------------------------------------
+
+
+def _fold(fields: dict[str, int], bucket: int, values: Mapping[str, int], keep: int, once: bool) -> dict[str, int]:
+    """``tally``'s step on a flat ``{"<bucket>|<name>": n}`` map (the memory and SQLite stores; the
+    Redis store does the same in Lua on a hash)."""
+    for name, n in values.items():
+        field = f"{bucket}|{name}"
+        if once:
+            fields.setdefault(field, int(n))
+        else:
+            fields[field] = fields.get(field, 0) + int(n)
+    return {f: v for f, v in fields.items() if int(f.split("|", 1)[0]) > bucket - keep}
+
+
+def _unflatten(fields: Iterable[tuple[str, int]]) -> dict[int, dict[str, int]]:
+    out: dict[int, dict[str, int]] = {}
+    for field, value in fields:
+        b, _, name = field.partition("|")
+        out.setdefault(int(b), {})[name] = int(value)
+    return out
+
+
 # ---- the store ------------------------------------------------------------------------------
 
 
@@ -526,6 +552,25 @@ class RecordStore(abc.ABC):
     def read(self, key: str) -> str | None:
         """The value ``cas`` left at ``key`` (``None`` if absent or expired)."""
 
+    @abc.abstractmethod
+    def tally(
+        self, key: str, bucket: int, values: Mapping[str, int], *, keep: int, ttl_ms: int, once: bool = False
+    ) -> dict[int, dict[str, int]]:
+        """Counters in tumbling buckets, shared by every server on the store, in one atomic step:
+        add ``values`` to bucket ``bucket`` of ``key`` (``once``: set each name only if that bucket
+        has none yet -- a sample, not a count), forget buckets at or before ``bucket - keep`` (memory
+        stays bounded), and return the buckets kept, ``{bucket: {name: value}}``. Empty ``values``
+        only reads. The whole key expires ``ttl_ms`` after its last write."""
+
+    def trim_tenant(self, kind: Kind, tenant: str, keep: int) -> int:
+        """Forget the oldest records of ``tenant`` in ``kind`` beyond its newest ``keep``: a bound
+        on one tenant's share of a stream (``max_records`` bounds the stream as a whole, oldest
+        first whoever wrote them). Returns how many were forgotten."""
+        return self._trim(kind, tenant, keep)
+
+    @abc.abstractmethod
+    def _trim(self, kind: Kind, tenant: str, keep: int) -> int: ...
+
     # -- documents: the governance objects (tenants, policies, webhooks, ...) -------------------
 
     def doc_get(self, kind: str, doc_id: str) -> Record | None:
@@ -616,6 +661,7 @@ class MemoryRecordStore(RecordStore):
         self._ids: dict[tuple[Kind, str | None], list[str]] = {}
         self._bodies: dict[Kind, dict[str, tuple[str, str]]] = {EVENTS: {}, AUDIT: {}}
         self._kv: dict[str, tuple[str, int | None]] = {}
+        self._tallies: dict[str, tuple[dict[str, int], int]] = {}
         self._docs: dict[str, dict[str, tuple[str, str]]] = {}
 
     def _doc_get(self, kind: str, doc_id: str) -> str | None:
@@ -701,6 +747,34 @@ class MemoryRecordStore(RecordStore):
         if found is None or (found[1] is not None and found[1] <= _now_ms()):
             return None
         return found[0]
+
+    def tally(
+        self, key: str, bucket: int, values: Mapping[str, int], *, keep: int, ttl_ms: int, once: bool = False
+    ) -> dict[int, dict[str, int]]:
+        with self._lock:
+            now = _now_ms()
+            found = self._tallies.get(key)
+            fields = dict(found[0]) if found is not None and found[1] > now else {}
+            fields = _fold(fields, bucket, values, keep, once)
+            if values:
+                if len(self._tallies) > 100_000:  # bounded: drop what has expired
+                    self._tallies = {k: v for k, v in self._tallies.items() if v[1] > now}
+                self._tallies[key] = (fields, now + ttl_ms)
+            return _unflatten(fields.items())
+
+    def _trim(self, kind: Kind, tenant: str, keep: int) -> int:
+        with self._lock:
+            ids = self._ids.get((kind, tenant), [])
+            gone = ids[: max(len(ids) - keep, 0)]
+            if not gone:
+                return 0
+            del ids[: len(gone)]
+            bodies = self._bodies[kind]
+            for rid in gone:
+                bodies.pop(rid, None)
+            dropped = set(gone)
+            self._ids[(kind, None)] = [r for r in self._ids.get((kind, None), []) if r not in dropped]
+            return len(gone)
 
 
 _SQLITE_SCHEMA = """
@@ -861,6 +935,42 @@ class SqliteRecordStore(RecordStore):
             row = db.execute("SELECT value, expires_ms FROM cycles_kv WHERE key=?", (key,)).fetchone()
         return row[0] if row and (row[1] is None or row[1] > _now_ms()) else None
 
+    def tally(
+        self, key: str, bucket: int, values: Mapping[str, int], *, keep: int, ttl_ms: int, once: bool = False
+    ) -> dict[int, dict[str, int]]:
+        now = _now_ms()
+        kv_key = f"tally:{key}"
+        with self._tx(write=bool(values)) as db:
+            row = db.execute("SELECT value, expires_ms FROM cycles_kv WHERE key=?", (kv_key,)).fetchone()
+            fields: dict[str, int] = json.loads(row[0]) if row and (row[1] is None or row[1] > now) else {}
+            fields = _fold(fields, bucket, values, keep, once)
+            if values:
+                db.execute(
+                    "INSERT OR REPLACE INTO cycles_kv VALUES (?,?,?)",
+                    (kv_key, json.dumps(fields, separators=(",", ":")), now + ttl_ms),
+                )
+        return _unflatten(fields.items())
+
+    def _trim(self, kind: Kind, tenant: str, keep: int) -> int:
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM cycles_records WHERE kind=? AND id IN (SELECT id FROM cycles_records "
+                "WHERE kind=? AND tenant=? ORDER BY id DESC LIMIT ? OFFSET ?)",
+                (kind, kind, tenant, _PURGE_BATCH, keep),
+            )
+            return int(cur.rowcount)
+
+    def purge(self, now_ms: int | None = None) -> int:
+        gone = super().purge(now_ms)
+        # expired leases, once-per-window marks and tallies (cas/tally keys are made per window)
+        now = _now_ms() if now_ms is None else now_ms
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM cycles_kv WHERE key IN (SELECT key FROM cycles_kv WHERE expires_ms < ? LIMIT ?)",
+                (now, _PURGE_BATCH),
+            )
+        return gone
+
     def close(self) -> None:
         with self._thread_lock:
             if self._db is not None and self._pid == os.getpid():
@@ -897,6 +1007,39 @@ for _, id in ipairs(ids) do
   end
   redis.call('HDEL', KEYS[2], id)
   redis.call('ZREM', KEYS[1], id)
+end
+return #ids
+"""
+
+
+_TALLY_LUA = """
+-- KEYS[1] hash of "<bucket>|<name>" -> n; ARGV: bucket, keep, ttl_ms, once ('1'), name, n, name, n...
+local b = tonumber(ARGV[1])
+for i = 5, #ARGV, 2 do
+  local f = ARGV[1] .. '|' .. ARGV[i]
+  if ARGV[4] == '1' then redis.call('HSETNX', KEYS[1], f, ARGV[i + 1])
+  else redis.call('HINCRBY', KEYS[1], f, ARGV[i + 1]) end
+end
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local fb = tonumber(string.match(all[i], '^(-?%d+)|'))
+  if fb == nil or fb <= b - tonumber(ARGV[2]) then redis.call('HDEL', KEYS[1], all[i])
+  else out[#out + 1] = all[i]; out[#out + 1] = all[i + 1] end
+end
+if #ARGV > 4 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return out
+"""
+
+_TRIM_LUA = """
+-- KEYS[1] tenant ids zset, KEYS[2] all ids zset, KEYS[3] bodies hash; ARGV: keep, batch
+local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if extra <= 0 then return 0 end
+local ids = redis.call('ZRANGE', KEYS[1], 0, math.min(extra, tonumber(ARGV[2])) - 1)
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
 end
 return #ids
 """
@@ -957,6 +1100,8 @@ class RedisRecordStore(RecordStore):
         self._cas = client.register_script(_CAS_LUA)
         self._purge_script = client.register_script(_PURGE_LUA)
         self._doc_swap_script = client.register_script(_DOC_SWAP_LUA)
+        self._tally_script = client.register_script(_TALLY_LUA)
+        self._trim_script = client.register_script(_TRIM_LUA)
 
     def _docs(self, kind: str) -> str:
         return f"{self.prefix}doc:{kind}"
@@ -1025,6 +1170,19 @@ class RedisRecordStore(RecordStore):
     def read(self, key: str) -> str | None:
         value = self._r.get(f"{self.prefix}kv:{key}")
         return _text(value) if value is not None else None
+
+    def tally(
+        self, key: str, bucket: int, values: Mapping[str, int], *, keep: int, ttl_ms: int, once: bool = False
+    ) -> dict[int, dict[str, int]]:
+        args: list[Any] = [bucket, keep, ttl_ms, "1" if once else "0"]
+        for name, n in values.items():
+            args += [name, int(n)]
+        flat = [_text(x) for x in self._tally_script(keys=[f"{self.prefix}tally:{key}"], args=args)]
+        return _unflatten(zip(flat[::2], (int(v) for v in flat[1::2]), strict=True))
+
+    def _trim(self, kind: Kind, tenant: str, keep: int) -> int:
+        keys = [self._tenant(kind, tenant), self._all(kind), self._bodies(kind)]
+        return int(self._trim_script(keys=keys, args=[keep, _PURGE_BATCH]))
 
     def close(self) -> None:
         self._r.close()

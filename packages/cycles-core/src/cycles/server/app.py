@@ -27,7 +27,16 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from cycles.errors import CyclesError, Denied, InternalError, LedgerUnavailable, NotFound
+from cycles.errors import (
+    CyclesError,
+    Denied,
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    LedgerUnavailable,
+    NotFound,
+    Unauthorized,
+)
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.models import Balance, Unit
 from cycles.otel import instrument, instrument_app, wrap_ledger
@@ -138,8 +147,13 @@ class CyclesServer:
                 principal = await self.auth.tenant_or_admin(headers)
             elif auth == "admin":
                 principal = self.auth.admin(headers)
+            if auth != "none":
+                await self.gov.auth_failures.accepted()
             status, body = await handler(self, request, principal)
-        except CyclesError as exc:
+        except CyclesError as caught:
+            exc = caught
+            if isinstance(exc, (Unauthorized, Forbidden)):
+                exc = await self._refused(request, principal, route, handler, exc)
             error, status = error_status(exc)
             extra_headers = retry_headers(exc, status, time.time())
             if status >= 500:
@@ -199,6 +213,17 @@ class CyclesServer:
                     client=client[0] if client else None,
                 )
             )
+
+    async def _refused(
+        self, request: Request, principal: Principal, route: str, handler: Handler, exc: CyclesError
+    ) -> CyclesError:
+        """A 401/403: audited, counted, maybe answered 429 (governance/authfail.py). Recording it
+        must never turn the refusal into a 500: if the store cannot take it, it is logged."""
+        try:
+            return await self.gov.auth_failures.refused(request, principal, route, handler, exc)
+        except Exception as failure:  # noqa: BLE001 - the refusal is answered whatever happens here
+            logger.warning("could not record a refused request: %s", type(failure).__name__)
+            return exc
 
     def error_response(
         self, request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -277,6 +302,16 @@ class CyclesServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
+    async def _flush_forever(self) -> None:
+        """Every second: refusal summaries of windows that are over, rate counts held back."""
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                await self.gov.auth_failures.flush()
+                await self.gov.alerts.denials.flush()
+            except Exception as exc:  # noqa: BLE001 - the next second tries again
+                logger.warning("flushing refusal records failed: %s", type(exc).__name__)
+
     async def _sweep_forever(self) -> None:
         """Expire abandoned reservations (returning their budget) even when no request does it."""
         while True:
@@ -290,10 +325,11 @@ class CyclesServer:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         sweeper = asyncio.create_task(self._sweep_forever()) if self.sweep_interval_s > 0 else None
         dispatcher = asyncio.create_task(self.gov.dispatcher.run_forever())  # webhooks (governance)
+        flusher = asyncio.create_task(self._flush_forever())
         try:
             yield
         finally:
-            for task in (sweeper, dispatcher):
+            for task in (sweeper, dispatcher, flusher):
                 if task is not None:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
@@ -419,11 +455,14 @@ def create_app(
     sweep_interval_s: float = 5.0,
     include_balances: bool = True,
     metrics_token: str | None = None,
+    auth_failure_limit: int = 60,
 ) -> CyclesApp:
     """An ASGI app serving protocol v0 over the ledger at ``ledger_url`` (or the given ``ledger``).
 
     API keys live in ``keys_url``, by default the ledger's own store (same SQLite file, same
     Redis), so every server over one ledger knows the same keys. ``admin_key`` enables ``/admin``.
+    ``auth_failure_limit``: refused requests (401/403) per source IP or key id per minute, across
+    every server on the ledger, before they are answered 429 (0: no limit; governance/authfail.py).
     ``include_balances`` asks the ledger for the optional ``balances`` snapshots in reserve, commit,
     release and event responses. ``metrics_token`` puts ``/metrics`` behind ``Authorization: Bearer``.
     The server is reachable as ``app.state.cycles`` (a ``CyclesServer``).
@@ -466,6 +505,7 @@ def create_app(
         )
 
     endpoints = governance.install(server, _endpoints(server))
+    server.gov.auth_failures.limit = auth_failure_limit
     starlette_routes: list[BaseRoute] = [
         Route(e.path, e, methods=[e.method], include_in_schema=False) for e in endpoints
     ]
@@ -525,4 +565,14 @@ def _app_from(env: Mapping[str, str]) -> CyclesApp:
         sweep_interval_s=float(env.get("CYCLES_SERVER_SWEEP_INTERVAL_S", "5.0")),
         include_balances=env.get("CYCLES_SERVER_BALANCES", "1") != "0",
         metrics_token=env.get("CYCLES_METRICS_TOKEN") or None,
+        auth_failure_limit=_whole(env, "CYCLES_SERVER_AUTH_FAILURE_LIMIT", 60),
     )
+
+
+def _whole(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise InvalidRequest(f"{name} must be a whole number >= 0 (0 turns it off), got {raw[:32]!r}")
+    return int(raw)

@@ -10,19 +10,42 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
 from dataclasses import dataclass
 
 from starlette.datastructures import Headers
 
 from cycles.errors import InvalidRequest, Unauthorized
-from cycles.server.keys import KeyInfo, KeyStore, key_digest
+from cycles.server.keys import KeyInfo, KeyStore, key_digest, permission_granted
 
-__all__ = ["ADMIN_HEADER", "API_KEY_HEADER", "Authenticator", "Principal"]
+__all__ = ["ADMIN_HEADER", "API_KEY_HEADER", "AuthFailed", "Authenticator", "Principal", "key_id_prefix"]
 
 API_KEY_HEADER = "x-cycles-api-key"
 ADMIN_HEADER = "x-admin-api-key"
 _MAX_KEY_LEN = 512
+_KEY_ID_PREFIX = re.compile(r"cyc_([0-9a-f]{16})_")
+
+
+def key_id_prefix(presented: str | None) -> str | None:
+    """The key id of a presented key that parses as ``cyc_<key_id>_...`` (the public part; never
+    the secret), whatever follows it."""
+    m = _KEY_ID_PREFIX.match(presented or "")
+    return m.group(1) if m else None
+
+
+class AuthFailed(Unauthorized):
+    """A refused credential, with why (the spec's ``failure_reason`` values: ``missing_key``,
+    ``invalid_format``, ``key_not_found``, ``key_revoked``, ``key_expired``, ``invalid_admin_key``,
+    ``admin_disabled``) for the audit log. On the wire it stays ``401 UNAUTHORIZED``: the reason is
+    recorded, not told. ``tenant`` is set when the key is one of ours (revoked or expired: the caller
+    holds the whole key)."""
+
+    def __init__(self, message: str, reason: str, *, key_id: str | None = None, tenant: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.key_id = key_id
+        self.tenant = tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +58,11 @@ class Principal:
     admin: bool = False
     permissions: frozenset[str] = frozenset()
     scope_filter: tuple[str, ...] = ()
+
+    def may(self, needed: str) -> bool:
+        """Whether this caller holds ``needed`` (the admin key holds every permission; a tenant
+        key's admin:* permissions count as the spec's wildcards)."""
+        return self.admin or permission_granted(self.permissions, needed)
 
 
 ADMIN = Principal(tenant=None, admin=True)
@@ -60,18 +88,18 @@ class Authenticator:
     async def tenant(self, headers: Headers) -> Principal:
         api_key = headers.get(API_KEY_HEADER)
         if not api_key:
-            raise Unauthorized("missing X-Cycles-API-Key header")
+            raise AuthFailed("missing X-Cycles-API-Key header", "missing_key")
         if len(api_key) > _MAX_KEY_LEN:
-            raise Unauthorized("invalid API key")
+            raise AuthFailed("invalid API key", "invalid_format", key_id=key_id_prefix(api_key))
         digest = key_digest(api_key)
         now = time.monotonic()
         hit = self._cache.get(digest)
         if hit is not None and hit[0] > now:
             return hit[1]
-        info: KeyInfo | None = await self.keys.verify(api_key)
-        if info is None:
+        info: KeyInfo | None = await self.keys.identify(api_key)
+        if info is None or not info.active:
             self._cache.pop(digest, None)
-            raise Unauthorized("invalid, revoked or expired API key")
+            raise _refused(api_key, info)
         principal = Principal(
             tenant=info.tenant,
             key_id=info.key_id,
@@ -91,12 +119,14 @@ class Authenticator:
     def admin(self, headers: Headers) -> Principal:
         presented = headers.get(ADMIN_HEADER)
         if self._admin_digest is None:
-            raise Unauthorized("the admin API is disabled: start the server with --admin-key or CYCLES_ADMIN_KEY")
+            raise AuthFailed(
+                "the admin API is disabled: start the server with --admin-key or CYCLES_ADMIN_KEY", "admin_disabled"
+            )
         if not presented:
-            raise Unauthorized("missing X-Admin-API-Key header")
+            raise AuthFailed("missing X-Admin-API-Key header", "missing_key")
         # Compare digests: equal length whatever was presented, so timing says nothing.
         if not hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), self._admin_digest):
-            raise Unauthorized("invalid admin key")
+            raise AuthFailed("invalid admin key", "invalid_admin_key")
         return ADMIN
 
     async def tenant_or_admin(self, headers: Headers) -> Principal:
@@ -104,6 +134,15 @@ class Authenticator:
         if headers.get(ADMIN_HEADER) and not headers.get(API_KEY_HEADER):
             return self.admin(headers)
         return await self.tenant(headers)
+
+
+def _refused(api_key: str, info: KeyInfo | None) -> AuthFailed:
+    message = "invalid, revoked or expired API key"  # one message: the reason is audited, not told
+    key_id = key_id_prefix(api_key)
+    if info is None:
+        return AuthFailed(message, "key_not_found" if key_id else "invalid_format", key_id=key_id)
+    reason = "key_revoked" if info.revoked_at_ms is not None else "key_expired"
+    return AuthFailed(message, reason, key_id=info.key_id, tenant=info.tenant)
 
 
 def require_tenant_param(principal: Principal, tenant: str | None) -> str | None:

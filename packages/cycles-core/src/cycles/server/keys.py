@@ -47,6 +47,7 @@ __all__ = [
     "SqliteKeyStore",
     "key_digest",
     "open_key_store",
+    "permission_granted",
 ]
 
 NEVER = "9999-12-31T23:59:59.999Z"
@@ -91,6 +92,30 @@ DEFAULT_PERMISSIONS: tuple[str, ...] = (
     "policies:read",
     "policies:write",
 )
+
+
+#: What the admin permissions a (legacy) tenant key may carry grant, beyond themselves: the spec's
+#: NORMATIVE wildcard semantics (admin:read satisfies any *:read, admin:write any *:write, never the
+#: other way) and its capabilities table (admin:read views reservations, admin:write manages them);
+#: a granular admin:<resource>:read|write satisfies <resource>:read|write.
+_WILDCARDS: dict[str, tuple[str, ...]] = {
+    "admin:read": ("balances:read", "budgets:read", "policies:read", "webhooks:read", "events:read",
+                   "reservations:list"),
+    "admin:write": ("budgets:write", "policies:write", "webhooks:write", "reservations:create",
+                    "reservations:commit", "reservations:release", "reservations:extend"),
+    "admin:budgets:read": ("budgets:read",),
+    "admin:budgets:write": ("budgets:write",),
+    "admin:policies:read": ("policies:read",),
+    "admin:policies:write": ("policies:write",),
+    "admin:webhooks:read": ("webhooks:read",),
+    "admin:webhooks:write": ("webhooks:write",),
+    "admin:events:read": ("events:read",),
+}  # fmt: skip
+
+
+def permission_granted(held: frozenset[str] | tuple[str, ...], needed: str) -> bool:
+    """Whether a key holding ``held`` may do what needs ``needed``."""
+    return needed in held or any(needed in _WILDCARDS.get(p, ()) for p in held)
 
 
 @dataclass(frozen=True, slots=True)

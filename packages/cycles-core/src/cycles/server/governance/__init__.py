@@ -85,7 +85,7 @@ def runtime_guard(route: str, permission: str, handler: Handler) -> Handler:
     async def run(s: CyclesServer, request: Request, p: Principal) -> Reply:
         current_request.set((request, p))  # for the events this call may cause
         if not p.admin and p.tenant is not None:
-            if permission not in p.permissions:
+            if not p.may(permission):
                 raise Forbidden(f"this API key lacks the {permission} permission")
             tenant = await s.gov.tenant(p.tenant)
             if tenant is not None and mutating:

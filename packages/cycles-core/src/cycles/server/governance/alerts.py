@@ -21,15 +21,16 @@ the balances the ledger returned (the server asks for them):
   (default 300 s) ran at ``burn_rate_multiplier`` (default 3x) its average rate over the previous
   hour; once per window.
 
-Rates are measured per server process (each sees its share of the traffic); the once-per-window
-marks are shared, so a spike is announced once per deployment.
+Rates are measured per deployment, not per server process: the decision counts and the spend
+samples live in the record store (``rates.SharedRate``, ``RecordStore.tally``), where every server
+adds to and reads the same numbers, so with N servers a spike is seen at all of its samples, not
+1/N of them; the once-per-window marks are shared too, so it is announced once per deployment.
 """
 
 from __future__ import annotations
 
 import contextvars
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +60,7 @@ from cycles.models import (
     Unit,
 )
 from cycles.scopes import derive_scopes, scope_tenant
+from cycles.server.governance.rates import BUCKETS, SharedRate
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -85,62 +87,15 @@ def utilization(b: Balance) -> float | None:
     return used / allocated
 
 
-class _Rates:
-    """Per-tenant decision counts and per-budget spend samples, in this process, in O(1) per call:
-    decisions are counted in buckets of a tenth of the window, spend is sampled once per bucket."""
-
-    def __init__(self) -> None:
-        # tenant -> deque of [bucket_start_s, denied, total]; plus running sums
-        self.decisions: dict[str, tuple[deque[list[float]], list[int]]] = {}
-        # budget -> deque of (bucket_start_s, spent at the first observation in that bucket)
-        self.spend: dict[str, deque[tuple[float, int]]] = {}
-
-    def decision(self, tenant: str, denied: bool, now: float, window: float) -> tuple[int, int]:
-        found = self.decisions.get(tenant)
-        if found is None:
-            if len(self.decisions) > 10_000:
-                self.decisions.clear()
-            found = self.decisions[tenant] = (deque(), [0, 0])
-        buckets, sums = found
-        step = window / 10
-        start = now - now % step
-        if not buckets or buckets[-1][0] != start:
-            buckets.append([start, 0, 0])
-        buckets[-1][1] += int(denied)
-        buckets[-1][2] += 1
-        sums[0] += int(denied)
-        sums[1] += 1
-        while buckets and buckets[0][0] <= now - window:
-            old = buckets.popleft()
-            sums[0] -= int(old[1])
-            sums[1] -= int(old[2])
-        return sums[0], sums[1]
-
-    def spent(self, key: str, spent: int, now: float, window: float, horizon: float) -> deque[tuple[float, int]] | None:
-        """The samples, when this observation opened a new bucket (else ``None``: nothing to check)."""
-        q = self.spend.get(key)
-        if q is None:
-            if len(self.spend) > 100_000:
-                self.spend.clear()
-            q = self.spend[key] = deque()
-        step = window / 10
-        start = now - now % step
-        if q and q[-1][0] == start:
-            return None
-        q.append((start, spent))
-        while len(q) > 2 and q[1][0] < now - horizon:
-            q.popleft()
-        return q
-
-
 class Alerts:
     """Turns ledger results into events (see the module docstring)."""
 
     def __init__(self, gov: Governance) -> None:
         self.gov = gov
-        self.rates = _Rates()
         #: seconds since the epoch (tests move it)
         self.clock: Callable[[], float] = time.time
+        self.denials = SharedRate(gov, "denial_rate", lambda: self.clock())
+        self._sampled: dict[str, int] = {}  # budget -> the last bucket this process sampled
         self._levels: dict[str, str] = {}  # local copy of the shared marks: skips CAS when nothing moved
         self._thresholds: dict[str, tuple[float, tuple[float, ...], dict[str, Any]]] = {}
 
@@ -233,9 +188,25 @@ class Alerts:
         now = self.clock()
         unit = b.spent.unit
         key = f"{b.scope}#{unit.value}"
-        samples = self.rates.spent(key, b.spent.amount, now, window, 12 * window)
-        if samples is None:  # checked at most once per tenth of a window
+        step = window / BUCKETS
+        bucket = int(now // step)
+        if self._sampled.get(key) == bucket:  # this process samples a budget once per tenth of a window
             return
+        if len(self._sampled) > 100_000:
+            self._sampled.clear()
+        self._sampled[key] = bucket
+        # the spend at the first observation in each bucket, by any server, for the last hour
+        # (12 windows) and the current bucket
+        found = await self.gov.run(
+            self.gov.records.tally,
+            f"burn:{window:g}:{key}",
+            bucket,
+            {"spent": b.spent.amount},
+            keep=12 * BUCKETS + 1,
+            ttl_ms=int(13 * window * 1000),
+            once=True,
+        )
+        samples = sorted((k * step, v["spent"]) for k, v in found.items() if "spent" in v)
         # the last sample at least a window old splits "recent" from the baseline before it
         split = next((s for s in reversed(samples) if s[0] <= now - window), None)
         first_t, first_spent = samples[0]
@@ -269,20 +240,9 @@ class Alerts:
         _, rates = await self.settings(tenant)
         window = float(rates.get("rate_window_seconds", 300))
         threshold = float(rates.get("denial_rate_threshold", 0.1))
-        now = self.clock()
-        n_denied, total = self.rates.decision(tenant, denied, now, window)
-        if not denied or total < 10 or n_denied / total <= threshold:
+        data = await self.denials.spike(tenant, denied, window, threshold)
+        if data is None:
             return
-        mark = f"spike:denial:{tenant}:{int(now // window)}"
-        if not await self.gov.run(self.gov.records.cas, mark, None, "1", ttl_ms=int(2 * window * 1000)):
-            return
-        data = {
-            "metric": "denial_rate",
-            "current_rate": round(n_denied / (window / 60), 6),
-            "threshold_rate": threshold,
-            "window_seconds": int(window),
-            "sample_count": total,
-        }
         await self._emit("reservation.denial_rate_spike", tenant, f"tenant:{tenant}", data)
 
     async def denied(self, req: ReservationCreateRequest, tenant: str | None, reason: str, scope: str | None) -> None:

@@ -254,7 +254,7 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
     elif req.tenant_id is not None:
         raise InvalidRequest("tenant_id must not be set with a tenant API key (it is the key's tenant)")
     _own(p, req.scope)
-    if "budgets:write" not in p.permissions and not p.admin:
+    if not p.may("budgets:write"):
         raise Forbidden("this API key lacks the budgets:write permission")
     for name in ("allocated", "overdraft_limit"):
         a = getattr(req, name)
@@ -317,7 +317,7 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
         if tenant is not None and tenant != p.tenant:
             raise Forbidden("budgets can only be listed within the tenant of this API key")
         tenant = p.tenant
-        if "budgets:read" not in p.permissions:
+        if not p.may("budgets:read"):
             raise Forbidden("this API key lacks the budgets:read permission")
     prefix = param(q, "scope_prefix", 1024)
     unit = enum_param(q, "unit", tuple(u.value for u in Unit))
@@ -360,6 +360,8 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
 async def lookup(s: CyclesServer, request: Request, p: Principal) -> Reply:
     scope, unit = _scope_q(request), _unit_q(request)
     _own(p, scope)
+    if not p.may("budgets:read"):
+        raise Forbidden("this API key lacks the budgets:read permission")
     b = await _balance(s, scope, unit)
     return 200, _dumps(ledger_view(b, await _doc(s, scope, unit)))
 
@@ -426,7 +428,7 @@ async def fund(s: CyclesServer, request: Request, p: Principal) -> Reply:
     if tenant is not None and scope_tenant(scope) != tenant:
         raise InvalidRequest(f"scope {scope!r} is not under tenant {tenant!r}")
     _own(p, scope)
-    if not p.admin and "budgets:write" not in p.permissions:
+    if not p.may("budgets:write"):
         raise Forbidden("this API key lacks the budgets:write permission")
     req = parse_body(BudgetFundingRequest, await read_body(request, s.max_body_bytes))
     if req.amount.unit != unit:

@@ -3,7 +3,8 @@
 ``Governance`` hangs off the server (``server.gov``). Every mutating operator call goes through
 ``audited``: it writes one ``AuditLogEntry`` whatever the outcome (status and error code
 included), with the request's ``request_id``/``trace_id`` and the ``before``/``after`` the handler
-noted in ``AuditNote``.
+noted in ``AuditNote``. A 401/403 refusal is written by ``authfail.AuthFailures`` instead, which
+bounds how many of them one source can make the store keep.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
-from cycles.errors import CyclesError, InvalidRequest
+from cycles.errors import CyclesError, Forbidden, InvalidRequest, Unauthorized
 from cycles.ledger.records import (
     AUDIT,
     EVENTS,
@@ -82,12 +83,14 @@ class Governance:
 
     def __init__(self, records: RecordStore) -> None:
         from cycles.server.governance.alerts import Alerts
+        from cycles.server.governance.authfail import AuthFailures
         from cycles.server.governance.webhooks import Dispatcher
 
         self.records = records
         self._inline = isinstance(records, MemoryRecordStore)
         self._tenants: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self.alerts = Alerts(self)
+        self.auth_failures = AuthFailures(self)
         self.dispatcher = Dispatcher(self)
 
     def alerts_forget(self, tenant: str) -> None:
@@ -189,6 +192,8 @@ def audited(operation: str, resource_type: str | None) -> Callable[[Handler], Ha
             note = note_of(request)
             try:
                 status, body = await handler(s, request, p)
+            except (Unauthorized, Forbidden):
+                raise  # audited (and coalesced, rate limited) with every refusal: authfail.py
             except CyclesError as exc:
                 code, status = error_status(exc)
                 await s.gov.audit(
@@ -198,6 +203,9 @@ def audited(operation: str, resource_type: str | None) -> Callable[[Handler], Ha
             await s.gov.audit(request, p, operation, status, resource_type=resource_type, note=note)
             return status, body
 
+        # named in the audit entries of refusals (authfail.py)
+        run.operation = operation  # type: ignore[attr-defined]
+        run.resource_type = resource_type  # type: ignore[attr-defined]
         return run
 
     return wrap

@@ -84,7 +84,7 @@ async def list_events(s: CyclesServer, request: Request, p: Principal) -> Reply:
 async def list_tenant_events(s: CyclesServer, request: Request, p: Principal) -> Reply:
     """``GET /v1/events`` for a tenant key with ``events:read``: its tenant's events, inside its
     scope filter (events without a scope are tenant-wide and hidden from a filtered key)."""
-    if "events:read" not in p.permissions:
+    if not p.may("events:read"):
         raise InsufficientPermissions("this API key lacks the events:read permission")
     q = request.query_params
     base = _event_filter(q, p.tenant)

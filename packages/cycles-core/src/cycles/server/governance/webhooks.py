@@ -312,7 +312,7 @@ def _tenant_side(p: Principal, write: bool) -> None:
     if p.admin:
         return
     need = "webhooks:write" if write else "webhooks:read"
-    if need not in p.permissions:
+    if not p.may(need):
         raise InsufficientPermissions(f"this API key lacks the {need} permission")
 
 
