@@ -4,12 +4,16 @@ alerts re-armed by funding at exactly the next real crossing (never fired by the
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
-from .conftest import Api
+from .conftest import ADMIN_KEY, Api
 from .spec import admin_validator
 from .test_alerts_webhooks import crossings, spend
 
@@ -218,3 +222,66 @@ def test_bulk_funding_applies_every_operation_once_per_key(api: Api) -> None:
     repay = api.a("POST", "/v1/admin/budgets/bulk-action",
                   json={**bulk, "action": "REPAY_DEBT", "amount": usd(1), "idempotency_key": "r"}).json()  # fmt: skip
     assert [f["error_code"] for f in repay["failed"]] == ["INVALID_REQUEST"] * 2  # no debt to repay
+
+
+# ---- the same from Python and the command line, embedded and against a server ---------------------
+
+
+def test_the_operator_funds_an_embedded_ledger(tmp_path: Path) -> None:
+    from cycles import Cycles, IdempotencyMismatch, usd
+
+    with Cycles(f"sqlite:///{tmp_path}/op.db") as cy, cy.operator as op:
+        op.tenants.create("acme", "Acme")
+        op.budgets.create("tenant:acme", usd(10))
+        body = op.budgets.fund("tenant:acme", "RESET_SPENT", usd(20), spent=usd(2), idempotency_key="p1")
+        admin_validator("BudgetFundingResponse").validate(body)
+        assert body["new_spent"]["amount"] == usd(2).amount and body["new_allocated"]["amount"] == usd(20).amount
+        assert op.budgets.fund("tenant:acme", "RESET_SPENT", usd(20), spent=usd(2), idempotency_key="p1") == body
+        with pytest.raises(IdempotencyMismatch):
+            op.budgets.fund("tenant:acme", "RESET_SPENT", usd(21), idempotency_key="p1")
+        assert [e["event_type"] for e in op.events(event_type="budget.reset_spent")] == ["budget.reset_spent"]
+        assert cy.budgets.get("tenant:acme").remaining.amount == usd(18).amount
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    from cycles.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("where", ["embedded", "server"])
+def test_cycles_budgets_fund_every_operation(
+    where: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/cli.db"
+    with contextlib.ExitStack() as stack:
+        if where == "server":
+            from cycles.server import create_app
+            from cycles.server.testing import ServerThread
+
+            url = stack.enter_context(ServerThread(create_app(url, admin_key=ADMIN_KEY, sweep_interval_s=0))).url
+            monkeypatch.setenv("CYCLES_ADMIN_KEY", ADMIN_KEY)
+        base = ("--ledger", url)
+        assert run(capsys, "tenants", "create", "acme", "--name", "Acme", *base)[0] == 0
+        assert run(capsys, "budgets", "create", "tenant:acme", "100", "--unit", "tokens", *base)[0] == 0
+        fund = ("budgets", "fund", "tenant:acme", "--unit", "tokens")
+        code, out, _ = run(capsys, *fund, "50", "--operation", "debit", *base)
+        assert code == 0 and "DEBIT: allocated 50" in out
+        code, out, _ = run(capsys, *fund, "80", "--operation", "RESET_SPENT", "--spent", "5", "--json",
+                           "--idempotency-key", "p2", *base)  # fmt: skip
+        body = json.loads(out)
+        admin_validator("BudgetFundingResponse").validate(body)
+        assert code == 0 and body["new_spent"]["amount"] == 5 and body["new_remaining"]["amount"] == 75
+        code, again, _ = run(capsys, *fund, "80", "--operation", "RESET_SPENT", "--spent", "5", "--json",
+                             "--idempotency-key", "p2", *base)  # fmt: skip
+        assert code == 0 and json.loads(again) == body
+        code, out, err = run(capsys, *fund, "1", "--operation", "REPAY_DEBT", *base)
+        assert code != 0 and out == "" and len(err.strip().splitlines()) == 1 and "INVALID_REQUEST" in err
+        code, _, err = run(capsys, *fund, "76", "--operation", "DEBIT", *base)
+        assert code != 0 and len(err.strip().splitlines()) == 1 and "BUDGET_EXCEEDED" in err
+        code, _, err = run(capsys, *fund, "1", "--operation", "TOP_UP", *base)
+        assert code == 2  # a usage error, from argparse
+        code, out, _ = run(capsys, "budgets", "show", "tenant:acme", "--unit", "tokens", "--json", *base)
+        assert json.loads(out)["remaining"]["amount"] == 75
