@@ -1262,13 +1262,7 @@ def set_budget(
 
 def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     """Add funds. Debt is repaid first (it becomes spent), as the spec's DEBT SEMANTICS require."""
-    parse_scope(scope)
-    row = txn.get_budget(scope, amount.unit)
-    if row is None:
-        raise _missing_budget(txn, [scope], amount.unit)
-    states = roll_periods(txn, [row])
-    if row.status == BUDGET_CLOSED:
-        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    row, states = _funding_target(txn, scope, amount.unit)
     if row.allocated + amount.amount > INT64_MAX:
         raise InvalidRequest(
             f"funding {scope} would take its allocation past the largest amount a ledger holds ({INT64_MAX})"
@@ -1280,6 +1274,18 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     _reconcile_over_limit(row)
     txn.put_budget(row)
     return with_period(row.to_budget(), states.get(row.scope))
+
+
+def _funding_target(txn: Txn, scope: str, unit: Unit) -> tuple[BudgetRow, dict[str, periods.PeriodState]]:
+    """The budget a funding applies to, rolled over to its current period, and not closed."""
+    parse_scope(scope)
+    row = txn.get_budget(scope, unit)
+    if row is None:
+        raise _missing_budget(txn, [scope], unit)
+    states = roll_periods(txn, [row])
+    if row.status == BUDGET_CLOSED:
+        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    return row, states
 
 
 def apply_funding(
@@ -1323,12 +1329,7 @@ def fund(
         if replayed is not None:
             replayed.replayed = True
             return replayed
-    row = txn.get_budget(scope, unit)
-    if row is None:
-        raise _missing_budget(txn, [scope], unit)
-    states = roll_periods(txn, [row])
-    if row.status == BUDGET_CLOSED:
-        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    row, states = _funding_target(txn, scope, unit)
     if row.status == BUDGET_FROZEN:
         raise BudgetFrozen(f"budget {scope} is frozen", details={"scope": scope})
     spent = req.spent.amount if req.spent is not None else None

@@ -17,17 +17,9 @@ if key ~= '' then
     return replay(rec.payload)
   end
 end
-expire_due(LAZY_EXPIRY)
-local b = load_budget(scope, unit)
-if b == nil then
-  return err(unpack(missing_budget({scope})))
-end
-local due = period_due({b})
-if due then
-  return due
-end
-if b.st == 'CLOSED' then
-  return err('BUDGET_CLOSED', scope)
+local b, reply = funding_target(scope, unit)
+if not b then
+  return reply
 end
 if b.st == 'FROZEN' then
   return err('BUDGET_FROZEN', scope)
