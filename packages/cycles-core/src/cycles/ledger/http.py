@@ -29,7 +29,10 @@ Wire rules (protocol v0):
 
 Budget administration is not part of protocol v0. With ``admin_key=`` the ledger uses this
 project's operator plane (``/admin/budgets...``, ``X-Admin-API-Key``); without it those methods
-raise ``InvalidRequest`` saying so. ``sweep()`` is a no-op: the server expires reservations.
+raise ``InvalidRequest`` saying so. ``fund()`` (the governance spec's funding operations) is the
+spec's ``POST /v1/admin/budgets/fund``, with the admin key or a tenant API key that has
+``budgets:write``; it always sends an idempotency key, so a retry never applies it twice.
+``sweep()`` is a no-op: the server expires reservations.
 """
 
 from __future__ import annotations
