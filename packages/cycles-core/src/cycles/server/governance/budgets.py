@@ -472,9 +472,7 @@ async def _fund_one(
         spent = None  # the spec: "only honoured for RESET_SPENT; ignored for other operations"
     try:
         result = await s.ledger.fund(scope, unit, operation, amount, spent=spent, idempotency_key=idempotency_key)
-    except NotFound as exc:
-        if isinstance(exc, UnitMismatch):
-            raise
+    except NotFound:
         raise BudgetNotFound(f"no {unit.value} budget at {scope}") from None
     doc = await _doc(s, scope, unit)
     before, view = ledger_view(result.before, doc), ledger_view(result.after, doc)
