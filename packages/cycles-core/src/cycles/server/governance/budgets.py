@@ -26,6 +26,7 @@ from cycles.errors import (
     BudgetNotFound,
     DuplicateResource,
     Forbidden,
+    InsufficientPermissions,
     InvalidRequest,
     NotFound,
     TenantClosed,
@@ -255,7 +256,7 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest("tenant_id must not be set with a tenant API key (it is the key's tenant)")
     _own(p, req.scope)
     if not p.may("budgets:write"):
-        raise Forbidden("this API key lacks the budgets:write permission")
+        raise InsufficientPermissions("this API key lacks the budgets:write permission")
     for name in ("allocated", "overdraft_limit"):
         a = getattr(req, name)
         if a is not None and a.unit != req.unit:
@@ -320,7 +321,7 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
             raise Forbidden("budgets can only be listed within the tenant of this API key")
         tenant = p.tenant
         if not p.may("budgets:read"):
-            raise Forbidden("this API key lacks the budgets:read permission")
+            raise InsufficientPermissions("this API key lacks the budgets:read permission")
     prefix = param(q, "scope_prefix", 1024)
     unit = enum_param(q, "unit", tuple(u.value for u in Unit))
     status = enum_param(q, "status", ("ACTIVE", "FROZEN", "CLOSED"))
@@ -363,7 +364,7 @@ async def lookup(s: CyclesServer, request: Request, p: Principal) -> Reply:
     scope, unit = _scope_q(request), _unit_q(request)
     _own(p, scope)
     if not p.may("budgets:read"):
-        raise Forbidden("this API key lacks the budgets:read permission")
+        raise InsufficientPermissions("this API key lacks the budgets:read permission")
     b = await _balance(s, scope, unit)
     return 200, _dumps(ledger_view(b, await _doc(s, scope, unit)))
 
@@ -437,7 +438,7 @@ async def fund(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest(f"scope {scope!r} is not under tenant {tenant!r}")
     _own(p, scope)
     if not p.may("budgets:write"):
-        raise Forbidden("this API key lacks the budgets:write permission")
+        raise InsufficientPermissions("this API key lacks the budgets:write permission")
     req = parse_body(BudgetFundingRequest, await read_body(request, s.max_body_bytes))
     note = note_of(request)
     note.resource_id, note.tenant = ledger_id_of(scope, unit.value), scope_tenant(scope)
