@@ -23,6 +23,7 @@ import pytest
 from mcp import Client, StdioServerParameters
 
 UPSTREAM = Path(__file__).with_name("upstream_server.py")
+ASKING = Path(__file__).with_name("asking_server.py")  #: asks its client things; tools that declare their kind
 
 
 class Env:

@@ -16,9 +16,8 @@ from cycles import Cycles, ReservationStatus, risk_points
 from cycles.testing import assert_ledger_invariant
 from cycles_mcp.kinds import FALLBACK_KIND, MCP_TOOL_PREFIXES, annotated_kind, kind_for_tool
 from cycles_mcp.policy import parse_policy
-from tests.mcp.conftest import Env
+from tests.mcp.conftest import ASKING, Env
 from tests.mcp.test_hook import hook
-from tests.mcp.test_relay import ASKING
 
 SPEC = Path(__file__).resolve().parents[2] / ".." / "shared" / "spec" / "cycles-action-kinds-v0.1.26.yaml"
 

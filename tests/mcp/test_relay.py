@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -16,9 +15,7 @@ from mcp.client.session import ClientRequestContext
 from cycles import Cycles, ReservationStatus, tokens
 from cycles.testing import assert_settled
 from cycles_mcp.proxy import connect_upstream
-from tests.mcp.conftest import Env
-
-ASKING = Path(__file__).with_name("asking_server.py")
+from tests.mcp.conftest import ASKING, Env
 
 POLICY = """
 tenant = "acme"

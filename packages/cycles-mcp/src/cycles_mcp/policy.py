@@ -9,6 +9,9 @@ session_budget = [{ risk_points = 60 }, { usd = 0.50 }]   # per MCP session, opt
 
 [tools."deploy*"]
 cost = { risk_points = 50 }
+
+[sampling]                             # a sampling request the upstream makes of the client
+cost = { usd = 0.02 }
 ```
 
 A tool name is matched, in this order: ``deny`` (refused), an exact ``[tools."name"]``, then the
