@@ -9,7 +9,6 @@ the error it gave, and each ``notifications/roots/list_changed`` it receives.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import warnings
 from typing import Any
@@ -20,15 +19,12 @@ from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.shared.exceptions import MCPError
 from pydantic import BaseModel
+from upstream_log import log_event  # run as a script: this directory is on sys.path
 
 app = MCPServer("asking-upstream", version="0.1.0")
 
 
-def _log(event: str, **fields: object) -> None:
-    path = os.environ.get("UPSTREAM_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"tool": event, "args": fields}) + "\n")
+_log = log_event
 
 
 @app.tool(description="What the client told this server it can do (its capabilities, as advertised).")
