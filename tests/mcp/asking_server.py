@@ -108,7 +108,12 @@ _annotated("sync_items", "storage.upload", where="_meta")
 
 
 async def _roots_changed(ctx: Any, params: Any) -> None:
+    """Asks for the new roots at once, outside any request of the client's (the usual reaction)."""
     _log("roots_list_changed")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        roots = await ctx.session.list_roots()
+    _log("roots_now", uris=[str(r.uri) for r in roots.roots])
 
 
 app._lowlevel_server.add_notification_handler(

@@ -154,7 +154,8 @@ async def test_the_upstream_is_told_only_what_the_client_can_do(env: Env) -> Non
 
 async def test_relayed_over_streamable_http_per_session_with_roots_changes(env: Env) -> None:
     """Two HTTP sessions at once, each with its own client: each one's requests come back to it
-    (on its own request's stream), and a client's roots/list_changed reaches the upstream."""
+    (on its own request's stream), and a client's roots/list_changed reaches the upstream, whose
+    roots/list in answer reaches that client on its session's own channel."""
     env.upstream = ASKING
     clients = [FakeClient(usage={"inputTokens": 10, "outputTokens": 5}) for _ in range(2)]
     texts: dict[int, list[str]] = {}
@@ -169,7 +170,7 @@ async def test_relayed_over_streamable_http_per_session_with_roots_changes(env: 
                 if n == 0:
                     await s.session.send_notification(types.RootsListChangedNotification())
                     with anyio.fail_after(30):  # a bound on a hang, not a timing assertion
-                        while not any(c["tool"] == "roots_list_changed" for c in env.upstream_calls()):
+                        while not any(c["tool"] == "roots_now" for c in env.upstream_calls()):
                             await anyio.sleep(0.05)
 
         async with anyio.create_task_group() as tg:
@@ -180,6 +181,8 @@ async def test_relayed_over_streamable_http_per_session_with_roots_changes(env: 
         assert texts[n][0] == f"test-model says: echo from {n}"
         assert json.loads(texts[n][1])["data"]["reason"] == f"Approve job {n}?"
     assert [c["tool"] for c in env.upstream_calls()].count("roots_list_changed") == 1
+    # asked outside any request of the client's: relayed on the session's own channel
+    assert [c["args"] for c in env.upstream_calls() if c["tool"] == "roots_now"] == [{"uris": ["file:///work/repo"]}]
     with Cycles(env.ledger) as cy:
         steps = _sampling_reservations(cy)
         assert sorted(s.committed.amount for s in steps if s.committed) == [15, 15]
