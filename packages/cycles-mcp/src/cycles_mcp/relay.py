@@ -45,6 +45,7 @@ __all__ = ["DECLINED", "Downstream", "SessionUpstreams", "Unanswered", "actual_f
 log = logging.getLogger("cycles.mcp")
 R = TypeVar("R", bound=BaseModel)
 _UPSTREAM_KEY = "cycles_mcp.upstream"
+_OPENING_KEY = "cycles_mcp.upstream_opening"
 #: how long a closing client connection waits for the upstream's requests to it to be answered
 #: (with errors, the client being gone) before the upstream session is closed
 _ANSWER_GRACE_S = 5.0
@@ -165,7 +166,6 @@ class SessionUpstreams:
         self.tasks = tasks
         #: connection -> its session's run (the proxy's ``run_of``, set when the proxy takes this in)
         self.run_for: Callable[[Any], AsyncRun] = _no_run
-        self._opening = anyio.Lock()
 
     @staticmethod
     def opened(connection: Any) -> Client | None:
@@ -175,7 +175,8 @@ class SessionUpstreams:
 
     async def for_connection(self, downstream: Downstream, capabilities: types.ClientCapabilities) -> Client:
         state = downstream.connection.state
-        async with self._opening:  # two first requests of one connection open one session
+        opening: anyio.Lock = state.setdefault(_OPENING_KEY, anyio.Lock())
+        async with opening:  # two first requests of one connection open one session
             client: Client | None = state.get(_UPSTREAM_KEY)
             if client is None:
                 closed, done = anyio.Event(), anyio.Event()
