@@ -17,12 +17,13 @@ import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 from mcp import Client, StdioServerParameters
 
 UPSTREAM = Path(__file__).with_name("upstream_server.py")
+ASKING = Path(__file__).with_name("asking_server.py")  #: asks its client things; tools that declare their kind
 
 
 class Env:
@@ -33,9 +34,10 @@ class Env:
         self.ledger = ledger
         self.log = tmp / "upstream-calls.jsonl"
         self.server_stderr: list[str] = []  #: what an HTTP server process wrote to stderr after it listened
+        self.upstream = UPSTREAM  #: the upstream server script the proxy runs
 
     def upstream_command(self) -> list[str]:
-        return [sys.executable, str(UPSTREAM)]
+        return [sys.executable, str(self.upstream)]
 
     def environ(self, **extra: str) -> dict[str, str]:
         env = dict(os.environ, UPSTREAM_LOG=str(self.log), PYTHONUNBUFFERED="1", **extra)
@@ -56,11 +58,14 @@ class Env:
         return ["-m", "cycles_mcp.cli", "proxy", "--policy", str(policy), *extra, "--", *self.upstream_command()]
 
     @asynccontextmanager
-    async def stdio_client(self, args: Sequence[str], mode: str = "legacy", **env: str) -> AsyncIterator[Client]:
+    async def stdio_client(
+        self, args: Sequence[str], mode: str = "legacy", callbacks: dict[str, Any] | None = None, **env: str
+    ) -> AsyncIterator[Client]:
         """A client over stdio; ``mode="legacy"`` is the handshake era Claude Desktop, Claude Code and
-        Cursor speak, ``"auto"`` lets the SDK pick the 2026-07-28 protocol."""
+        Cursor speak, ``"auto"`` lets the SDK pick the 2026-07-28 protocol. ``callbacks`` answer what
+        the server asks (``sampling_callback``, ...)."""
         params = StdioServerParameters(command=sys.executable, args=list(args), env=self.environ(**env))
-        async with Client(params, mode=mode, read_timeout_seconds=60) as client:
+        async with Client(params, mode=mode, read_timeout_seconds=60, **(callbacks or {})) as client:
             yield client
 
     @contextmanager

@@ -1,5 +1,6 @@
-"""Action kinds (the spec's MCP prefixes, a policy's per-tool ``kind``), per-kind quotas per session
-and the loop guard, through the real proxy over real transports and through the Claude Code hooks."""
+"""Action kinds (a policy's per-tool ``kind``, a tool's ``x-cycles-action-kind``, the spec's MCP
+prefixes), per-kind quotas per session and the loop guard, through the real proxy over real
+transports and through the Claude Code hooks."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from typing import Any
 
 import yaml
 from mcp import Client
+from mcp_types import Tool
 
 from cycles import Cycles, ReservationStatus, risk_points
 from cycles.testing import assert_ledger_invariant
-from cycles_mcp.kinds import FALLBACK_KIND, MCP_TOOL_PREFIXES, kind_for_tool
+from cycles_mcp.kinds import FALLBACK_KIND, MCP_TOOL_PREFIXES, annotated_kind, kind_for_tool
 from cycles_mcp.policy import parse_policy
-from tests.mcp.conftest import Env
+from tests.mcp.conftest import ASKING, Env
 from tests.mcp.test_hook import hook
 
 SPEC = Path(__file__).resolve().parents[2] / ".." / "shared" / "spec" / "cycles-action-kinds-v0.1.26.yaml"
@@ -125,3 +127,57 @@ def test_the_hooks_carry_the_fingerprint_of_the_tool_input(env: Env) -> None:
     reason = refused["hookSpecificOutput"]["permissionDecisionReason"]
     assert refused["hookSpecificOutput"]["permissionDecision"] == "deny" and "LOOP_DETECTED" in reason
     assert pre("toolu_4", "ls -la") is None  # other arguments
+
+
+def test_a_tools_annotation_is_read_from_its_schema_then_its_meta() -> None:
+    def tool(schema: dict[str, Any], meta: dict[str, Any] | None = None) -> Tool:
+        return Tool(name="t", input_schema={"type": "object", **schema}, _meta=meta)
+
+    assert (
+        annotated_kind(tool({"x-cycles-action-kind": "db.write"}, {"x-cycles-action-kind": "db.query"})) == "db.write"
+    )
+    assert annotated_kind(tool({}, {"x-cycles-action-kind": "db.query"})) == "db.query"
+    assert annotated_kind(tool({})) is None
+    assert annotated_kind(tool({"x-cycles-action-kind": 7}, {"x-cycles-action-kind": "db.query"})) == "db.query"
+    assert annotated_kind(tool({"x-cycles-action-kind": "x" * 65})) is None  # not a kind string: as if absent
+
+
+def test_the_annotation_sits_between_the_policys_kinds_and_the_prefixes() -> None:
+    policy = parse_policy(POLICY)
+    assert policy.match("send_email", "db.query").kind == "db.query"  # the annotation beats the prefix
+    assert policy.match("deploy", "code.exec").kind == "code.deploy"  # the policy's tool kind beats it
+    assert parse_policy('action_kind = "payment.charge"\n' + POLICY).match("x", "db.query").kind == "payment.charge"
+    assert policy.match("frob", "proprietary.action").kind == "proprietary.action"  # unregistered: accepted
+    refused = policy.match("erp_post", "custom.acme.erp.post")  # an undeclared custom.* kind: refused
+    assert refused.denied and "INVALID_REQUEST" in refused.rule
+    named = parse_policy(POLICY + '[tools."erp_post"]\nkind = "db.write"\ncost = { risk_points = 2 }\n')
+    assert named.match("erp_post", "custom.acme.erp.post").kind == "db.write"  # the operator's kind: allowed
+    assert not named.match("erp_post", "custom.acme.erp.post").denied
+
+
+async def test_annotated_kinds_through_the_proxy(env: Env) -> None:
+    """Tools whose definitions declare x-cycles-action-kind, called without listing them first:
+    each call is reserved under the kind the precedence gives; an undeclared custom.* kind is
+    refused before the upstream sees the call. The client sees the definitions unchanged."""
+    env.upstream = ASKING
+    policy = env.policy(POLICY.replace('[tools."deploy"]', '[tools."deploy_now"]'))
+    async with env.stdio_client(env.proxy_args(policy)) as client:
+        results = {name: await client.call_tool(name, {"item": "a"}) for name in CALLED}
+        listed = {t.name: t for t in (await client.list_tools()).tools}
+    assert listed["send_email_digest"].input_schema["x-cycles-action-kind"] == "db.query"
+    assert not any(results[n].is_error for n in CALLED if n != "erp_post")
+    refusal = _text(results["erp_post"])
+    assert results["erp_post"].is_error and "INVALID_REQUEST" in refusal and "custom.acme.erp.post" in refusal
+    assert [c["tool"] for c in env.upstream_calls()] == [n for n in CALLED if n != "erp_post"]
+    with Cycles(env.ledger) as cy:
+        kinds = {r.action.name: r.action.kind for r in cy.list_reservations(tenant="acme").reservations}
+        assert kinds == {
+            "send_email_digest": "db.query",  # annotation over the send_email prefix
+            "deploy_now": "code.deploy",  # the policy's kind over the annotation (code.exec)
+            "frob": "proprietary.action",  # unregistered, accepted as given
+            "sync_items": "storage.upload",  # from _meta
+        }
+        assert_ledger_invariant(cy)
+
+
+CALLED = ("send_email_digest", "deploy_now", "erp_post", "frob", "sync_items")

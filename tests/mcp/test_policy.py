@@ -11,7 +11,7 @@ import pytest
 from cycles import InvalidRequest, Subject, risk_points, tokens, usd
 from cycles_mcp.cli import main
 from cycles_mcp.policy import PolicyError, load_policy, parse_policy
-from tests.mcp.conftest import UPSTREAM
+from tests.mcp.conftest import ASKING, UPSTREAM
 
 FULL = """
 ledger = "memory://"
@@ -130,6 +130,26 @@ def test_check_prints_what_each_upstream_tool_costs(tmp_path: Path, capsys: pyte
     assert "denied" in lines["drop_table"]
     assert "$0.0100" in lines["search"]
     assert "1 risk points (by default_cost)" in lines["crash"]
+
+
+def test_check_shows_the_kinds_the_upstream_tools_declare(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    policy = tmp_path / "p.toml"
+    policy.write_text('tenant = "a"\ndefault_cost = { risk_points = 1 }\n[sampling]\ncost = { tokens = 500 }\n')
+    assert main(["proxy", "--check", str(policy), "--", sys.executable, str(ASKING)]) == 0
+    out = capsys.readouterr().out
+    assert "sampling:        500 tokens (by [sampling])" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith("    ")}
+    assert lines["send_email_digest"].endswith("kind db.query")
+    assert "denied" in lines["erp_post"] and "INVALID_REQUEST" in lines["erp_post"]
+
+
+def test_sampling_rule() -> None:
+    assert parse_policy('tenant = "a"\n').sampling_match().describe() == "forwarded ungated"
+    priced = parse_policy('tenant = "a"\n[sampling]\ncost = { usd = 0.02 }\nkind = "llm.structured_output"\n')
+    assert priced.sampling_match().cost == (usd(0.02),) and priced.sampling_match().kind == "llm.structured_output"
+    assert parse_policy('tenant = "a"\n[sampling]\ndeny = true\n').sampling_match().denied
+    with pytest.raises(PolicyError, match=r"\[sampling\]: needs cost"):
+        parse_policy('tenant = "a"\n[sampling]\nkind = "llm.completion"\n')
 
 
 def test_command_line_errors_are_one_line(tmp_path: Path) -> None:

@@ -7,22 +7,18 @@ JSON line to the file named by ``UPSTREAM_LOG`` (so a test can prove a refused c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from mcp.server import MCPServer
 from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ToolError
+from upstream_log import log_event  # run as a script: this directory is on sys.path
 
 app = MCPServer("upstream-demo", instructions="A demo upstream: deploys, searches and drops tables.", version="1.2.3")
 
 
-def _log(tool: str, **args: object) -> None:
-    path = os.environ.get("UPSTREAM_LOG")
-    if path:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"tool": tool, "args": args}) + "\n")
+_log = log_event
 
 
 @app.tool(description="Deploy a service to production.")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from cycles.scopes import derive_scopes
+from cycles_mcp.kinds import annotated_kind
 from cycles_mcp.policy import Policy
 
 __all__ = ["check_policy", "describe_policy"]
 
 
-def describe_policy(policy: Policy, tools: Sequence[str] = ()) -> str:
-    """A report: the subject, the session budgets, each rule, then each known tool's verdict."""
+def describe_policy(policy: Policy, tools: Sequence[str] = (), kinds: Mapping[str, str | None] | None = None) -> str:
+    """A report: the subject, the session budgets, each rule, then each known tool's verdict
+    (``kinds``: the ``x-cycles-action-kind`` each upstream tool declares)."""
     lines = [f"policy {policy.source}: valid"]
     lines.append(f"  ledger:          {policy.ledger or '(default: $CYCLES_URL, else the embedded SQLite)'}")
     lines.append(f"  charged to:      {derive_scopes(policy.subject)[-1]}/workflow:<session>")
@@ -22,6 +24,8 @@ def describe_policy(policy: Policy, tools: Sequence[str] = ()) -> str:
         lines.append(f"  allow only:      {', '.join(policy.allow) or 'nothing'}")
     default = " + ".join(str(a) for a in policy.default_cost) or "none (unmatched tools are forwarded ungated)"
     lines.append(f"  default cost:    {default}")
+    sampling = policy.sampling_match()
+    lines.append(f"  sampling:        {sampling.describe()} (the upstream's requests of the client's model)")
     if policy.shadow:
         lines.append("  mode:            shadow (nothing is refused; would-deny decisions are recorded)")
     if policy.fail_open:
@@ -37,13 +41,15 @@ def describe_policy(policy: Policy, tools: Sequence[str] = ()) -> str:
         lines.append("  known tools:" if not tools else "  upstream tools:")
         width = max(len(n) for n in names)
         for name in names:
-            lines.append(f"    {name:<{width}}  {policy.match(name).describe()}")
+            match = policy.match(name, (kinds or {}).get(name))
+            lines.append(f"    {name:<{width}}  {match.describe()}, kind {match.kind}")
     return "\n".join(lines)
 
 
 async def check_policy(policy: Policy, upstream: tuple[Sequence[str] | None, str | None] | None = None) -> str:
     """Describe the policy; with an upstream (command or URL), list its tools and what each costs."""
     tools: list[str] = []
+    kinds: dict[str, str | None] = {}
     if upstream is not None:
         from cycles_mcp.proxy import connect_upstream
 
@@ -53,7 +59,8 @@ async def check_policy(policy: Policy, upstream: tuple[Sequence[str] | None, str
             while True:
                 page = await client.list_tools(cursor=cursor)
                 tools.extend(t.name for t in page.tools)
+                kinds.update((t.name, annotated_kind(t)) for t in page.tools)
                 cursor = page.next_cursor
                 if not cursor:
                     break
-    return describe_policy(policy, tools)
+    return describe_policy(policy, tools, kinds)

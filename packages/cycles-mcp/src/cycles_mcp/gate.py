@@ -113,13 +113,21 @@ class Gate:
         )
 
     async def admit(
-        self, run: AsyncRun, tool: str, arguments: Any = None, *, idempotency_key: str | None = None
+        self,
+        run: AsyncRun,
+        tool: str,
+        arguments: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        match: Match | None = None,
     ) -> Admission:
         """Reserve every unit of the tool's cost as steps of ``run`` (all or none), ahead of the call:
         a step is begun only when the call is forwarded, so one that never was is released. The
         steps carry the action kind the policy gives the tool and the fingerprint of its name and
-        ``arguments`` (for a loop guard); the session's run id is the key of ``per_run`` quotas."""
-        match = self.policy.match(tool)
+        ``arguments`` (for a loop guard); the session's run id is the key of ``per_run`` quotas.
+        ``match`` is what the policy says of the call when the caller knows better than the tool's
+        name (its annotated kind, a sampling request)."""
+        match = match or self.policy.match(tool)
         if match.denied:
             text = (
                 f"Cycles refused the tool call {tool!r}: the policy denies it ({match.rule}). "
@@ -160,15 +168,23 @@ class Gate:
             )
         return admission
 
-    async def settle(self, admission: Admission, *, ran: bool, error: BaseException | None = None) -> None:
-        """End each step by the core's rule: ``ran`` commits; otherwise ``error`` says how the call
-        failed (a tool error or exception releases, an interruption commits). Shielded from cancel."""
+    async def settle(
+        self,
+        admission: Admission,
+        *,
+        ran: bool,
+        error: BaseException | None = None,
+        actual: Callable[[Amount], Amount | None] | None = None,
+    ) -> None:
+        """End each step by the core's rule: ``ran`` commits (``actual(estimate)`` when it knows the
+        step's actual, else the estimate); otherwise ``error`` says how the call failed (a tool
+        error or exception releases, an interruption commits). Shielded from cancel."""
         with anyio.CancelScope(shield=True):
             for guard in admission.guards:
                 try:
                     guard.begin()  # the call happened (a hook reports it after the fact)
                     if ran:
-                        await guard.finish()
+                        await guard.finish(actual(guard.estimate) if actual is not None else None)
                     else:
                         await guard.fail(error)
                 except CyclesError as exc:  # the call already happened: report, never mask its result
@@ -182,9 +198,14 @@ class Gate:
         forward: Callable[[], Awaitable[T]],
         failed: Callable[[T], bool],
         arguments: Any = None,
+        *,
+        match: Match | None = None,
+        actual: Callable[[T, Amount], Amount | None] | None = None,
     ) -> T | Admission:
-        """Admit, forward, settle. Returns the refused ``Admission`` instead of calling ``forward``."""
-        admission = await self.admit(run, tool, arguments)
+        """Admit, forward, settle. Returns the refused ``Admission`` instead of calling ``forward``.
+        ``actual(result, estimate)`` is a step's actual cost when the result tells it (else the
+        estimate is committed)."""
+        admission = await self.admit(run, tool, arguments, match=match)
         log.info(
             "%s %s in %s: %s", "forward" if admission.allowed else "refuse", tool, run.id, admission.match.describe()
         )
@@ -198,7 +219,8 @@ class Gate:
             await self.settle(admission, ran=False, error=exc)
             raise
         failure = failed(result)
-        await self.settle(admission, ran=not failure, error=ToolFailed(tool) if failure else None)
+        measured = None if actual is None else (lambda estimate: actual(result, estimate))
+        await self.settle(admission, ran=not failure, error=ToolFailed(tool) if failure else None, actual=measured)
         return result
 
     async def _release(self, admission: Admission, reason: str) -> None:

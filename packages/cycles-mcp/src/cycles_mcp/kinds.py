@@ -1,18 +1,40 @@
 """MCP tool name -> action kind, as the action-kinds spec (v0.1.26) says a gateway maps them.
 
-Order (spec, "ACTION KIND NORMALIZATION FOR MCP"): a kind the operator names (the policy's per-tool
-``kind``, then its ``action_kind``; the gate does not read tools' ``x-cycles-action-kind``
-annotations yet), then the registry's ``mcp_tool_prefixes`` (the longest matching prefix wins, so
+Order: a kind the operator names (the policy's per-tool ``kind``, then its ``action_kind``: the
+policy is the operator's word, a tool definition only the upstream's claim), then the spec's
+normalization ("ACTION KIND NORMALIZATION FOR MCP"): the tool's ``x-cycles-action-kind`` schema
+annotation, the registry's ``mcp_tool_prefixes`` (the longest matching prefix wins, so
 ``chat_send_x`` is ``message.chat.post``, not ``llm.completion``), then ``unknown.call``.
+
+The annotation is a top-level key of the tool's ``inputSchema`` (the spec's "tool schema"); a
+``_meta`` entry of the same name is read when the schema has none (the SDK drops unknown keys of
+``annotations``, so that is no place for it). An annotated kind that is not in the registry is
+handled per "UNREGISTERED KIND HANDLING": a ``custom.*`` kind must be declared, and nothing declares
+custom kinds yet, so the call is refused; any other unregistered kind is used as given (the core
+counts it ``side_effect``) and logged once.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["FALLBACK_KIND", "MCP_TOOL_PREFIXES", "kind_for_tool"]
+from cycles.ledger.quotas import KIND_RISK
+
+__all__ = [
+    "ANNOTATION",
+    "FALLBACK_KIND",
+    "MCP_TOOL_PREFIXES",
+    "annotated_kind",
+    "is_undeclared_custom",
+    "kind_for_tool",
+]
+
+log = logging.getLogger("cycles.mcp")
 
 FALLBACK_KIND = "unknown.call"
+ANNOTATION = "x-cycles-action-kind"
 
 #: The registry's ``mcp_tool_prefixes`` (cycles-action-kinds-v0.1.26.yaml), kind -> prefixes.
 MCP_TOOL_PREFIXES: Mapping[str, tuple[str, ...]] = {
@@ -89,3 +111,24 @@ def kind_for_tool(name: str) -> str:
     """The action kind the spec's prefix convention gives the MCP tool ``name``, else ``unknown.call``."""
     lowered = name.lower()
     return next((kind for prefix, kind in _BY_LENGTH if lowered.startswith(prefix)), FALLBACK_KIND)
+
+
+def annotated_kind(tool: Any) -> str | None:
+    """The ``x-cycles-action-kind`` a tool definition (an MCP ``Tool``) carries, if a usable one:
+    its ``inputSchema``'s, else its ``_meta``'s. A value that is not a kind string (1 to 64
+    characters) is ignored with a warning, as if absent."""
+    for where, holder in (("inputSchema", getattr(tool, "input_schema", None)), ("_meta", getattr(tool, "meta", None))):
+        value = holder.get(ANNOTATION) if isinstance(holder, Mapping) else None
+        if value is None:
+            continue
+        if isinstance(value, str) and 1 <= len(value) <= 64 and value.strip() == value:
+            if value not in KIND_RISK and not value.startswith("custom."):
+                log.warning("tool %s: unregistered action kind %r (%s): side_effect", tool.name, value, where)
+            return value
+        log.warning("tool %s: ignoring %s %s=%r (not an action kind string)", tool.name, where, ANNOTATION, value)
+    return None
+
+
+def is_undeclared_custom(kind: str) -> bool:
+    """A ``custom.*`` kind: the spec refuses it unless declared, and no declarations exist yet."""
+    return kind.startswith("custom.")

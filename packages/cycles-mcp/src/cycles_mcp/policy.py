@@ -9,6 +9,9 @@ session_budget = [{ risk_points = 60 }, { usd = 0.50 }]   # per MCP session, opt
 
 [tools."deploy*"]
 cost = { risk_points = 50 }
+
+[sampling]                             # a sampling request the upstream makes of the client
+cost = { usd = 0.02 }
 ```
 
 A tool name is matched, in this order: ``deny`` (refused), an exact ``[tools."name"]``, then the
@@ -27,7 +30,7 @@ from typing import Any
 
 from cycles import Amount, InvalidRequest, Subject, credits, risk_points, tokens, usd
 from cycles.models import CommitOveragePolicy
-from cycles_mcp.kinds import kind_for_tool
+from cycles_mcp.kinds import ANNOTATION, is_undeclared_custom, kind_for_tool
 
 __all__ = ["Match", "Policy", "PolicyError", "ToolRule", "load_policy", "parse_policy"]
 
@@ -49,9 +52,12 @@ _TOP_KEYS = {
     "shadow",
     "fail_open",
     "on_failure",
+    "sampling",
 }
 _TOOL_KEYS = {"cost", "gate", "deny", "kind", "on_failure"}
 _ON_FAILURE = ("release", "charge")
+SAMPLING = "sampling/createMessage"  #: the name a relayed sampling request is gated and recorded under
+SAMPLING_KIND = "llm.completion"
 
 
 class PolicyError(InvalidRequest):
@@ -106,6 +112,7 @@ class Policy:
     shadow: bool = False
     fail_open: bool = False
     on_failure: str = "release"
+    sampling: ToolRule | None = None  #: ``[sampling]``: what a sampling request the upstream makes costs
     source: str = "<policy>"
     _exact: dict[str, ToolRule] = field(default_factory=dict, compare=False, repr=False)
 
@@ -114,26 +121,45 @@ class Policy:
             if not _is_glob(rule.pattern):
                 self._exact.setdefault(rule.pattern, rule)
 
-    def match(self, tool: str) -> Match:
+    def match(self, tool: str, annotated: str | None = None) -> Match:
+        """What the policy does with ``tool``; ``annotated`` is the kind the tool's definition
+        declares (``x-cycles-action-kind``), below the kinds the policy names (``cycles_mcp.kinds``)."""
         for pattern in self.deny:
             if fnmatchcase(tool, pattern):
-                return Match(tool, True, (), pattern, self.kind_of(tool))
+                return Match(tool, True, (), pattern, self.kind_of(tool, annotated))
         if self.allow is not None and not any(fnmatchcase(tool, p) for p in self.allow):
-            return Match(tool, True, (), "allow (not listed)", self.kind_of(tool))
+            return Match(tool, True, (), "allow (not listed)", self.kind_of(tool, annotated))
         rule = self._exact.get(tool) or _most_specific(tool, self.tools)
+        kind = (rule.kind if rule is not None else None) or self.kind_of(tool, annotated)
+        from_annotation = annotated is not None and kind == annotated and (rule is None or not rule.kind)
+        if from_annotation and annotated is not None and is_undeclared_custom(annotated):  # the spec's rule
+            why = f"its {ANNOTATION} {annotated!r} is an undeclared custom.* kind: INVALID_REQUEST"
+            return Match(tool, True, (), why, kind)
         if rule is not None:
             where = f'[tools."{rule.pattern}"]'
             if rule.denied:
-                return Match(tool, True, (), where, rule.kind or self.kind_of(tool))
-            on_failure = rule.on_failure or self.on_failure
-            return Match(tool, False, rule.cost, where, rule.kind or self.kind_of(tool), on_failure)
+                return Match(tool, True, (), where, kind)
+            return Match(tool, False, rule.cost, where, kind, rule.on_failure or self.on_failure)
         if self.default_cost:
-            return Match(tool, False, self.default_cost, "default_cost", self.kind_of(tool), self.on_failure)
-        return Match(tool, False, (), "", self.kind_of(tool))
+            return Match(tool, False, self.default_cost, "default_cost", kind, self.on_failure)
+        return Match(tool, False, (), "", kind)
 
-    def kind_of(self, tool: str) -> str:
-        """The policy's ``action_kind`` if it names one, else the kind the spec's MCP prefixes give."""
-        return self.action_kind or kind_for_tool(tool)
+    def sampling_match(self) -> Match:
+        """What the policy does with a sampling request the upstream makes of the client: an LLM
+        call on the client's model, ``llm.completion`` unless ``[sampling]`` names a kind; relayed
+        ungated when ``[sampling]`` gives no cost."""
+        rule = self.sampling
+        kind = (rule.kind if rule is not None else None) or SAMPLING_KIND
+        if rule is None:
+            return Match(SAMPLING, False, (), "", kind)
+        if rule.denied:
+            return Match(SAMPLING, True, (), "[sampling]", kind)
+        return Match(SAMPLING, False, rule.cost, "[sampling]", kind, rule.on_failure or self.on_failure)
+
+    def kind_of(self, tool: str, annotated: str | None = None) -> str:
+        """The policy's ``action_kind`` if it names one, else the tool's annotated kind, else the
+        kind the spec's MCP prefixes give."""
+        return self.action_kind or annotated or kind_for_tool(tool)
 
 
 def _is_glob(pattern: str) -> bool:
@@ -234,6 +260,7 @@ class _Parser:
             shadow=self.flag(data, "shadow"),
             fail_open=self.flag(data, "fail_open"),
             on_failure=self.on_failure(data.get("on_failure", "release"), "on_failure"),
+            sampling=self.tool("sampling", data["sampling"], "[sampling]") if "sampling" in data else None,
             source=self.source,
         )
 
@@ -301,8 +328,8 @@ class _Parser:
             raise self.fail("session_budget", "names the same unit twice")
         return tuple(amounts)
 
-    def tool(self, name: str, spec: Any) -> ToolRule:
-        where = f'tools."{name}"'
+    def tool(self, name: str, spec: Any, where: str | None = None) -> ToolRule:
+        where = where or f'tools."{name}"'
         if not isinstance(spec, dict):
             raise self.fail(where, "must be a table with cost = { ... }")
         unknown = sorted(set(spec) - _TOOL_KEYS)
