@@ -480,8 +480,31 @@ class Counter:
 def _bucket(window: str, now_ms: int) -> tuple[str, str]:
     """(key part, window_key as the spec writes it) of a tumbling window at ``now_ms`` (UTC)."""
     index = now_ms // _BUCKET_MS[window]
-    label = datetime.fromtimestamp(index * _BUCKET_MS[window] / 1000, UTC).strftime(_BUCKET_FORMAT[window])
-    return str(index), label
+    return str(index), bucket_label(window, index)
+
+
+def bucket_label(window: str, index: int) -> str:
+    """The window_key of a tumbling window's bucket (``2026-04-09T14`` for an hour)."""
+    return datetime.fromtimestamp(index * _BUCKET_MS[window] / 1000, UTC).strftime(_BUCKET_FORMAT[window])
+
+
+def bucket_end(window: str, index: int) -> int:
+    """When the bucket's window ends (epoch ms)."""
+    return (index + 1) * _BUCKET_MS[window]
+
+
+def bucket_index(window: str, label: str) -> int:
+    """The bucket a window_key names; ``InvalidRequest`` unless it is written as the spec writes it."""
+    try:
+        at = datetime.strptime(label, _BUCKET_FORMAT[window]).replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"window_key {label[:64]!r} is not a {window} bucket ({_BUCKET_FORMAT[window]}, UTC)"
+        ) from exc
+    index = int(at.timestamp() * 1000) // _BUCKET_MS[window]
+    if bucket_label(window, index) != label:
+        raise InvalidRequest(f"window_key {label[:64]!r} is not a {window} bucket as the listing writes it")
+    return index
 
 
 def plan(

@@ -517,10 +517,10 @@ class _SqliteTxn:
         else:
             self._db.execute("INSERT OR REPLACE INTO kv VALUES (?,?)", (key, value))
 
-    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+    def scan_meta(self, prefix: str, limit: int | None = None, *, after: str | None = None) -> list[tuple[str, str]]:
         return self._db.execute(
-            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
-            (prefix, prefix + "\U0010ffff", -1 if limit is None else limit),
+            "SELECT key, value FROM kv WHERE key >= ? AND key > ? AND key < ? ORDER BY key LIMIT ?",
+            (prefix, after or "", prefix + "\U0010ffff", -1 if limit is None else limit),
         ).fetchall()
 
     def purge(self, older_than_ms: int, limit: int) -> int:

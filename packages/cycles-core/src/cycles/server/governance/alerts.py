@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from cycles.errors import Denied
 from cycles.ledger.base import AsyncLedger, BalanceQuery, ReservationQuery
+from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.models import (
@@ -384,6 +385,12 @@ class ObservedLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self.inner.list_policies(tenant=tenant)
+
+    async def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return await self.inner.list_quota_counters(query, tenant=tenant)
+
+    async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return await self.inner.reset_quota_counter(req, tenant=tenant)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
