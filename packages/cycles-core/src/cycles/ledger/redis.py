@@ -833,7 +833,10 @@ class _RedisCore:
         """Run ``flow``; when a script refuses with PERIOD_ROLL (a recurring budget's period ended),
         compute the new windows here (``periods``: time zones), roll them over with ``roll.lua``
         and send the same step again. Only at period boundaries; otherwise a pass-through."""
-        step = next(flow)
+        try:
+            step = next(flow)
+        except StopIteration as stop:  # a flow that had nothing to ask (an empty range)
+            return cast(T, stop.value)
         rolls = 0
         while True:
             reply = yield step
