@@ -20,7 +20,7 @@ def test_the_shipped_registry_is_the_specs_seed_data() -> None:
 
 
 def test_the_quota_rules_use_the_registrys_risk_classes() -> None:
-    assert KIND_RISK == {k.kind: k.risk_class for k in action_kinds.kinds(deprecated=True)}
+    assert {k.kind: k.risk_class for k in action_kinds.kinds(deprecated=True)} == KIND_RISK
 
 
 def test_every_page_and_entry_is_valid_against_the_spec() -> None:

@@ -105,7 +105,9 @@ class Api:
         )
         assert r.status_code in (200, 201), r.text
 
-    def reserve(self, key: str, subject: dict[str, str], amount: int) -> httpx.Response:
+    def reserve(
+        self, key: str, subject: dict[str, Any], amount: int, action: dict[str, str] | None = None
+    ) -> httpx.Response:
         return self.k(
             key,
             "POST",
@@ -113,7 +115,7 @@ class Api:
             json={
                 "idempotency_key": uuid.uuid4().hex,
                 "subject": subject,
-                "action": {"kind": "llm", "name": "m"},
+                "action": action or {"kind": "llm", "name": "m"},
                 "estimate": {"unit": "USD_MICROCENTS", "amount": amount},
             },
         )

@@ -5,7 +5,6 @@ spec (status declared, body valid against its schema, correlation headers)."""
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import httpx
@@ -26,18 +25,9 @@ def _quota(api: Api, scope: str, **quota: Any) -> None:
     assert r.status_code == 200, r.text
 
 
-def _email(api: Api, key: str, run_id: str, **levels: str) -> httpx.Response:
-    return api.k(
-        key,
-        "POST",
-        "/v1/reservations",
-        json={
-            "idempotency_key": uuid.uuid4().hex,
-            "subject": {"tenant": levels.pop("tenant", "acme"), "dimensions": {"run_id": run_id}, **levels},
-            "action": {"kind": "message.email.send", "name": "smtp"},
-            "estimate": {"unit": USD, "amount": 1},
-        },
-    )
+def _email(api: Api, key: str, run_id: str, tenant: str = "acme") -> httpx.Response:
+    subject = {"tenant": tenant, "dimensions": {"run_id": run_id}}
+    return api.reserve(key, subject, 1, {"kind": "message.email.send", "name": "smtp"})
 
 
 @pytest.fixture
@@ -165,17 +155,7 @@ def test_a_tenant_key_reads_only_its_own_tenant_with_action_quotas_read(api: Api
 
 def test_a_scope_filtered_key_sees_only_counters_inside_its_filter(api: Api, acme: dict[str, str]) -> None:
     _quota(api, "tenant:acme/workspace:ops", action_kind="http.post", max_calls=5, window="per_day_tumbling")
-    r = api.k(
-        acme["acme"],
-        "POST",
-        "/v1/reservations",
-        json={
-            "idempotency_key": uuid.uuid4().hex,
-            "subject": {"tenant": "acme", "workspace": "ops"},
-            "action": {"kind": "http.post", "name": "hook"},
-            "estimate": {"unit": USD, "amount": 1},
-        },
-    )
+    r = api.reserve(acme["acme"], {"tenant": "acme", "workspace": "ops"}, 1, {"kind": "http.post", "name": "hook"})
     assert r.status_code == 200, r.text
     ops = api.key("acme", permissions=["action_quotas:read"], scope_filter=["workspace:ops"])
     rows = api.k(ops, "GET", COUNTERS).json()["counters"]
