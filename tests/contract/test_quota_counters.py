@@ -238,3 +238,40 @@ def test_reads_and_resets_are_the_same_through_the_async_client(ledger: Backend,
             await acy.aclose()
 
     asyncio.run(main())
+
+
+def test_a_threshold_is_reached_once_per_window_instance(backend: str, qcy: Cycles, clock: Clock) -> None:
+    if backend == "http":
+        pytest.skip("the server turns crossings into events: tests/governance/test_action_kinds_plane.py")
+    from cycles.ledger.quotas import threshold_crossings
+
+    qcy.quotas.set("tenant:acme", action_kind="http.post", max_calls=10, window="per_run", threshold_pct=0.7)
+    seen: list[dict[str, object]] = []
+    token = threshold_crossings.set(seen)
+    try:
+        held = [qcy.reserve(run("t"), POST, tokens(1)).reservation_id for _ in range(8)]
+        assert [(d["used"], d["limit"], d["threshold_pct"], d["window_key"]) for d in seen] == [(7, 10, 0.7, "t")]
+        rid = held[-1]
+        assert rid
+        qcy.release(rid)  # 7 again, then 8: the threshold was announced in this run already
+        qcy.reserve(run("t"), POST, tokens(1))
+        qcy.reserve(run("t"), POST, tokens(1))
+        assert len(seen) == 1
+        # the hourly risk-class counter (100 calls) crosses at 80, once
+        for i in range(80 - 3 - 10):
+            qcy.reserve(run(f"x{i}"), EMAIL, tokens(1))
+        risk = [d for d in seen if d["action_kind"] == "__risk__"]
+        assert [(d["used"], d["risk_class"], d["window_key"]) for d in risk] == [(80, "external_side_effect", HOUR)]
+        # a reset lets the threshold announce again; so does the next window
+        reset(
+            qcy, action_kind="__risk__", risk_class="external_side_effect", window="per_hour_tumbling", window_key=HOUR
+        )
+        for i in range(80):
+            qcy.reserve(run(f"y{i}"), EMAIL, tokens(1))
+        clock.at(2026, 4, 9, 15, 0, 0)
+        for i in range(80):
+            qcy.reserve(run(f"z{i}"), EMAIL, tokens(1))
+        risk = [d for d in seen if d["action_kind"] == "__risk__"]
+        assert [d["window_key"] for d in risk] == [HOUR, HOUR, "2026-04-09T15"]
+    finally:
+        threshold_crossings.reset(token)

@@ -217,3 +217,30 @@ def test_reset_refusals(api: Api, acme: dict[str, str]) -> None:
     assert [c[3] for c in _counters(api.a("GET", COUNTERS, params={"tenant_id": "acme-corp"}))] == [1, 1]
     logs = api.a("GET", "/v1/admin/audit/logs?operation=resetActionQuotaCounter").json()["logs"]
     assert sorted(x["status"] for x in logs) == [200, 400, 400, 400, 400, 401, 404]  # refusals audited too
+
+
+def test_a_quota_threshold_is_announced_once_and_correlates_with_a_reset(api: Api, acme: dict[str, str]) -> None:
+    assert _email(api, acme["acme"], "run-1").status_code == 200  # 3 of 3: 80% is reached at the 3rd call
+    assert _email(api, acme["acme"], "run-2").status_code == 200
+    assert _email(api, acme["acme"], "run-2").status_code == 200  # run-2 reaches it too
+    params = {"tenant_id": "acme", "event_type": "quota.threshold_approaching"}
+    events = api.a("GET", "/v1/admin/events", params=params).json()["events"]
+    validator = schema_validator("cycles-protocol-extensions-v0.1.26.yaml", "EventDataQuotaThresholdApproaching")
+    for event in events:
+        assert not list(validator.iter_errors(event["data"])), event["data"]
+    assert sorted((e["data"]["window_key"], e["data"]["used"], e["data"]["limit"]) for e in events) == [
+        ("run-1", 3, 3),
+        ("run-2", 3, 3),
+    ]
+    body = {"tenant_id": "acme", "scope": "tenant:acme", "action_kind": "message.email.send", "window": "per_run",
+            "window_key": "run-1"}  # fmt: skip
+    assert api.a("POST", f"{COUNTERS}/reset", json=body).status_code == 200
+    (reset,) = api.a("GET", "/v1/admin/events", params={**params, "event_type": "quota.counter_reset"}).json()["events"]
+    crossing = next(e for e in events if e["data"]["window_key"] == "run-1")
+    assert reset["correlation_id"] == crossing["correlation_id"]
+    assert (
+        api.a(
+            "GET", "/v1/admin/events", params={"tenant_id": "acme-corp", **{"event_type": params["event_type"]}}
+        ).json()["events"]
+        == []
+    )  # acme-corp's single call reached nothing

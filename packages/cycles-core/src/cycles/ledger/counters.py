@@ -3,7 +3,8 @@ reset one (cycles-action-kinds v0.1.26, ``GET /v1/admin/action-quota-counters`` 
 /v1/admin/action-quota-counters/reset``), written once.
 
 A counter is stored under its name ``<scope>|<kind or __risk__:<class>>|<window>|<bucket>`` (see
-``quotas.Counter``) with the value ``<count>,<expires at>,<limit>,<ttl ms>,<last increment at>``:
+``quotas.Counter``) with the value ``<count>,<expires at>,<limit>,<ttl ms>,<last increment at>,<alerted>``
+(alerted: 1 once its threshold was announced in this window):
 the limit and TTL it was last counted under, so a reader needs no policy lookup (the quota may have
 changed or gone since) and a per_run reset can refresh its TTL. Values written before the limit was
 kept (``<count>,<expires at>``) still count and reset; they are not listed (no limit to show) and
@@ -61,18 +62,20 @@ class CounterValue:
     limit: int | None = None  # None: written before limits were kept
     ttl_ms: int | None = None
     last_ms: int | None = None
+    alerted: bool = False  # its threshold was announced in this window instance
 
     @classmethod
     def loads(cls, text: str) -> CounterValue:
         f = [int(x) for x in text.split(",")]
         if len(f) >= 5:
-            return cls(f[0], f[1], f[2], f[3], f[4])
+            return cls(f[0], f[1], f[2], f[3], f[4], len(f) > 5 and f[5] == 1)
         return cls(f[0], f[1])
 
     def dumps(self) -> str:
         if self.limit is None:
             return f"{self.count},{self.expires_ms}"
-        return f"{self.count},{self.expires_ms},{self.limit},{self.ttl_ms},{self.last_ms}"
+        flag = 1 if self.alerted else 0
+        return f"{self.count},{self.expires_ms},{self.limit},{self.ttl_ms},{self.last_ms},{flag}"
 
     def live(self, now_ms: int) -> int:
         """The count as the gate sees it: 0 once lapsed."""
@@ -239,11 +242,13 @@ def state_of(name: str, value: CounterValue, now_ms: int) -> CounterState | None
     )
 
 
-def correlation_id(tenant: str, state: CounterState) -> str:
+def correlation_id(tenant: str, counter: CounterState | dict[str, Any]) -> str:
     """The spec's deterministic hash over (tenant_id, scope, action_kind or risk_class, window,
-    window_key): a reset correlates with the counter's threshold crossings and denials."""
-    what = state.risk_class if state.risk_class is not None else state.action_kind
-    parts = [tenant, state.scope, what, state.window, state.window_key or ""]
+    window_key) of a counter (a state, or an event's data): a reset correlates with the counter's
+    threshold crossings and denials."""
+    c = counter.model_dump() if isinstance(counter, CounterState) else counter
+    what = c.get("risk_class") or c["action_kind"]
+    parts = [tenant, c["scope"], what, c["window"], c.get("window_key") or ""]
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
@@ -389,7 +394,7 @@ def reset_value(value: CounterValue, window: str, now_ms: int) -> CounterValue:
     expires = value.expires_ms
     if window == "per_run" and value.ttl_ms:
         expires = now_ms + value.ttl_ms
-    return CounterValue(0, expires, value.limit, value.ttl_ms, value.last_ms)
+    return CounterValue(0, expires, value.limit, value.ttl_ms, value.last_ms)  # the threshold may announce again
 
 
 def reset_state(name: str, value: CounterValue, req: CounterResetRequest, now_ms: int) -> CounterState:

@@ -894,6 +894,10 @@ class _RedisCore:
             if data.startswith(b'["E","QUOTA"'):
                 counts = from_json(data)[2]
                 return None, quotas.violation(counters, counts), observes
+            if counters and data.endswith(b"]]]"):  # reserve.lua's fifth element: thresholds reached
+                reply = from_json(data)
+                for index, used in reply[4] if len(reply) > 4 else ():
+                    quotas.note_threshold(counters[index], used)
             return raw, None, observes
         raise InternalError("the scope policies kept changing while a reservation was evaluated")
 

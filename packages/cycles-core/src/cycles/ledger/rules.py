@@ -1482,9 +1482,19 @@ def gate_quotas(txn: Txn, verdict: Verdict, subject: Subject, action: Action) ->
 def count_quotas(txn: Txn, counters: Sequence[quotas.Counter], reservation_id: str) -> None:
     """Step 5, with the budget: +1 on every counter (TTL refreshed, the limit it counted under
     kept for readers); remember the per_run ones."""
-    for c, n in zip(counters, _counts(txn, counters), strict=True):
+    found = txn.get_meta(["qc|" + c.key for c in counters])
+    for c in counters:
+        text = found.get("qc|" + c.key)
+        old = CounterValue.loads(text) if text is not None else None
+        n = old.live(txn.now_ms) if old is not None else 0
+        alerted = old is not None and old.expires_ms > txn.now_ms and old.alerted  # a new window starts over
+        threshold = c.threshold()
+        crossed = not alerted and threshold is not None and n + 1 >= threshold
+        if crossed:
+            quotas.note_threshold(c, n + 1)
         expires = txn.now_ms + c.ttl_ms
-        txn.put_meta("qc|" + c.key, CounterValue(n + 1, expires, c.limit, c.ttl_ms, txn.now_ms).dumps())
+        value = CounterValue(n + 1, expires, c.limit, c.ttl_ms, txn.now_ms, alerted or crossed)
+        txn.put_meta("qc|" + c.key, value.dumps())
         if n == 0:  # a new counter enters the purge index; a refreshed one is re-indexed when reached
             txn.put_meta(f"qx|{expires:016d}|{c.key}", "")
     runs = [c.key for c in counters if c.per_run]

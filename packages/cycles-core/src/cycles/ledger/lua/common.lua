@@ -532,14 +532,22 @@ local function quota_gate(version, plan, scopes)
 end
 
 -- +1 on every counter, TTL refreshed; the per_run ones are remembered on the reservation.
+-- Returns the counters that reached their threshold count (c[5]) in this window instance for the
+-- first time, as {index, used} (rules.count_quotas: once per window, marked in the value).
 local function quota_count(counters, rid)
-  local runs, created = {}, false
-  for _, c in ipairs(counters) do
+  local runs, created, crossed = {}, false, {}
+  for i, c in ipairs(counters) do
     local k = base .. 'q:' .. c[1]
-    local n = quota_read(k)
+    local n, was, rest = quota_read(k)
+    local alerted = was > now and string.match(rest, '^,%d+,%d+,%d+,1$') ~= nil -- a new window starts over
+    local flag = alerted
+    if not alerted and c[5] and c[5] > 0 and n + 1 >= c[5] then
+      crossed[#crossed + 1] = {i - 1, n + 1}
+      flag = true
+    end
     local exp = now + c[3]
-    redis.call('SET', k, fmt(n + 1) .. ',' .. fmt(exp) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(now),
-      'PX', c[3] + KEY_SAFETY_MS)
+    redis.call('SET', k, fmt(n + 1) .. ',' .. fmt(exp) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(now)
+      .. (flag and ',1' or ',0'), 'PX', c[3] + KEY_SAFETY_MS)
     if n == 0 then -- new (or lapsed): listed from now on; a refreshed one is re-indexed when reached
       redis.call('ZADD', QINDEX, 0, c[1])
       redis.call('ZADD', QEXPIRY, exp, c[1])
@@ -555,6 +563,7 @@ local function quota_count(counters, rid)
   if #runs > 0 then
     redis.call('HSET', rkey(rid), 'qk', table.concat(runs, '\30'))
   end
+  return crossed
 end
 
 -- PER_RUN COUNTER LIFECYCLE: a released or expired reservation gives its per_run counts back.

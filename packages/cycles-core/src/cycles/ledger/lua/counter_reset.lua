@@ -13,7 +13,11 @@ n, exp = tonumber(n), tonumber(exp)
 if exp <= now then
   return err('NOT_FOUND')
 end
-local ttl = tonumber(string.match(rest, '^,%d+,(%d+),%d+$') or '')
+local ttl = tonumber(string.match(rest, '^,%d+,(%d+),%d+') or '')
+local kept = string.match(rest, '^(,%d+,%d+,%d+)')
+if kept then -- the threshold may be announced again (counters.reset_value)
+  rest = kept .. ',0'
+end
 if ARGV[3] == '1' and ttl then
   exp = now + ttl
   redis.call('SET', k, '0,' .. fmt(exp) .. rest, 'PX', ttl + KEY_SAFETY_MS)

@@ -108,6 +108,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "system.webhook_delivery_failed",
         "system.webhook_test",
         "quota.counter_reset",  # protocol extensions v0.1.26
+        "quota.threshold_approaching",
     }
 )
 
