@@ -101,7 +101,7 @@ class Quotas:
     ) -> Quota:
         """Set (or replace) the quota on ``action_kind`` or ``risk_class`` for ``window`` on ``scope``.
         ``options``: per_run_counter_ttl_ms, host_allowlist, recipient_domain_allowlist,
-        resource_type_allowlist."""
+        resource_type_allowlist, threshold_pct (a server announces quota.threshold_approaching there)."""
         quota = _quota(action_kind, risk_class, window, max_calls=max_calls, **options)
         policy = self._ledger.update_policy(scope, PolicyEdit(set_quota=quota))
         return _find([policy], scope, quota)
