@@ -17,6 +17,7 @@ from typing import Any
 
 from cycles.ledger.base import BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
+from cycles.ledger.funding import FundingOperation, FundingResult
 from cycles.ledger.http import HttpLedger
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
@@ -152,6 +153,18 @@ class TenantRoutedLedger(Ledger):
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self.admin.fund_budget(scope, amount)
+
+    def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        return self.admin.fund(scope, unit, operation, amount, spent=spent, idempotency_key=idempotency_key)
 
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self.admin.set_budget_status(scope, status, unit=unit)

@@ -234,6 +234,15 @@ GOVERNANCE_BAD_INPUTS: list[tuple[list[str], int, str]] = [
     (["budgets", "create", "tenant:acme/workspace:w", "1e3", "--ledger", "{ledger}"], 2, "exponent"),
     (["budgets", "show", "tenant:acme", "--unit", "yen", "--ledger", "{ledger}"], 2, "unknown unit"),
     (["budgets", "show", "tenant:nobody", "--ledger", "{ledger}"], 1, "NOT_FOUND"),
+    (["budgets", "fund", "tenant:acme", "1", "--spent", "x", "--ledger", "{ledger}"], 2, "is not an amount"),
+    (["budgets", "fund", "tenant:acme", "1", "--operation", "top_up", "--ledger", "{ledger}"], 2, "invalid choice"),
+    (
+        ["budgets", "fund", "tenant:acme", "1", "--operation", "repay_debt", "--ledger", "{ledger}"],
+        2,
+        "more than the debt",
+    ),
+    (["budgets", "fund", "tenant:acme", "0", "--ledger", "{ledger}"], 2, "CREDIT needs an amount above 0"),
+    (["budgets", "fund", "tenant:nobody", "1", "--operation", "DEBIT", "--ledger", "{ledger}"], 1, "BUDGET_NOT_FOUND"),
     (
         ["webhooks", "create", "--url", "not-a-url", "--event", "budget.exhausted", "--ledger", "{ledger}"],
         2,

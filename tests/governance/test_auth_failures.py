@@ -209,3 +209,34 @@ async def test_auth_failure_rate_spike_once_per_window() -> None:
     data = spikes[0]["data"]
     assert data["metric"] == "auth_failure_rate" and data["sample_count"] == 23
     assert spikes[0]["tenant_id"] == "__system__"
+
+
+def test_dashboard_sign_in_and_metrics_refusals_are_limited(shared_url: str) -> None:
+    """The dashboard's form takes the admin key, which may be weak: past the limit an address is
+    turned away before its key is looked at, so even the right key waits out the window. /metrics
+    refusals count the same way; both are audited like the API's."""
+    now = [1_800_000_000.0]
+    app = create_app(
+        shared_url, admin_key=ADMIN_KEY, sweep_interval_s=0, auth_failure_limit=4, metrics_token="scrape-token"
+    )
+    gov: Governance = app.state.cycles.gov
+    gov.auth_failures.clock = lambda: now[0]
+    with ServerThread(app) as srv, httpx.Client(base_url=srv.url) as http:
+        wrong = [http.post("/dashboard/login", data={"key": f"guess-{i}"}) for i in range(3)]
+        assert [r.status_code for r in wrong] == [401] * 3
+        scrapes = [http.get("/metrics", headers={"Authorization": "Bearer nope"}) for _ in range(2)]
+        assert [r.status_code for r in scrapes] == [401, 429]  # the fifth refusal of this address
+        assert scrapes[1].json()["error"] == "LIMIT_EXCEEDED" and scrapes[1].headers["retry-after"] == "60"
+        # the right admin key from this address is not even tried until the window is over
+        blocked = http.post("/dashboard/login", data={"key": ADMIN_KEY}, follow_redirects=False)
+        assert blocked.status_code == 429 and blocked.headers["retry-after"] == "60"
+        assert "dashboard_session" not in blocked.headers.get("set-cookie", "")
+        assert http.get("/metrics", headers={"Authorization": "Bearer scrape-token"}).status_code == 200
+        now[0] += 60
+        signed_in = http.post("/dashboard/login", data={"key": ADMIN_KEY}, follow_redirects=False)
+        assert signed_in.status_code == 303 and signed_in.headers["set-cookie"]
+        audited = gov.records.audit(tenant="__unauth__")
+    operations = sorted(x["operation"] for x in audited)
+    assert operations == ["dashboardSignIn"] * 3 + ["getMetrics"] * 2
+    reasons = {x["operation"]: x["metadata"]["failure_reason"] for x in audited}
+    assert reasons == {"dashboardSignIn": "invalid_format", "getMetrics": "invalid_token"}

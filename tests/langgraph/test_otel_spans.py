@@ -98,3 +98,16 @@ def test_without_opentelemetry_the_handler_works_the_same(cy: Cycles, subject: S
     with without_opentelemetry():
         model.invoke("hi", config={"callbacks": [CyclesCallbackHandler(cy, subject)]})
     assert spent(cy, f"tenant:{tenant}") == CALL_COST.amount
+
+
+def test_a_text_completion_model_is_not_called_chat(backend: str, subject: Subject, tenant: str) -> None:
+    from langchain_core.language_models.fake import FakeListLLM
+
+    with instrumented() as otel, Cycles(backend) as cy:
+        cy.budgets.set(f"tenant:{tenant}", usd(1))
+        llm = FakeListLLM(responses=["done"])
+        handler = CyclesCallbackHandler(cy, subject, estimate=usd("0.01"))
+        assert llm.invoke("complete this", config={"callbacks": [handler]}) == "done"
+        (reserved,) = otel.finished("cycles.reserve")
+        assert reserved.attributes["gen_ai.operation.name"] == "text_completion"
+        assert_settled(cy, f"tenant:{tenant}")

@@ -157,6 +157,17 @@ def test_genai_attributes_and_step_records_need_no_opentelemetry() -> None:
         "gen_ai.request.model": "gpt-4o",
     }
     assert cycles.otel.genai_model_attributes("graph.node", "plan") == {}
+    operations = {
+        kind: cycles.otel.genai_model_attributes(kind, "m")["gen_ai.operation.name"]
+        for kind in ("llm.embedding", "llm.structured_output", "llm.text_completion", "llm.chat", "model.call")
+    }
+    assert operations == {
+        "llm.embedding": "embeddings",
+        "llm.structured_output": "chat",
+        "llm.text_completion": "text_completion",
+        "llm.chat": "chat",
+        "model.call": "chat",
+    }
     assert cycles.otel.genai_usage_attributes(input_tokens=0, output_tokens=None) == {"gen_ai.usage.input_tokens": 0}
     with without_opentelemetry(), Cycles("memory://", heartbeat=False) as cy:
         cy.budgets.set("tenant:acme", usd(1))

@@ -113,6 +113,15 @@ ops = st.one_of(
     tick_op,
     tick_op,
     st.tuples(st.just("fund"), st.sampled_from(SCOPES), units, st.integers(0, 80)),
+    st.tuples(
+        st.just("funding"),
+        st.sampled_from(SCOPES),
+        units,
+        st.sampled_from(["CREDIT", "DEBIT", "RESET", "RESET_SPENT", "REPAY_DEBT"]),
+        st.integers(0, 80),
+        st.one_of(st.none(), st.integers(0, 80)),
+        st.one_of(st.none(), keys),
+    ),
     st.tuples(st.just("status"), st.sampled_from(SCOPES), st.sampled_from(["ACTIVE", "FROZEN", "CLOSED"]), units),
     st.tuples(st.just("delete"), st.sampled_from(SCOPES), st.one_of(st.none(), units), st.booleans()),
     st.tuples(st.just("release"), refs, keys, callers),
@@ -201,6 +210,16 @@ def _apply(b: _Backend, op: tuple[Any, ...]) -> Any:
     if kind == "fund":
         _, scope, unit, amount = op
         return ledger.fund_budget(scope, Amount(unit=unit, amount=amount))
+    if kind == "funding":  # the governance operations: rules.fund against lua/funding.lua
+        _, scope, unit, operation, amount, spent, key = op
+        return ledger.fund(
+            scope,
+            unit,
+            operation,
+            Amount(unit=unit, amount=amount),
+            spent=None if spent is None else Amount(unit=unit, amount=spent),
+            idempotency_key=key,
+        )
     if kind == "status":
         _, scope, status, unit = op
         return ledger.set_budget_status(scope, status, unit=unit)

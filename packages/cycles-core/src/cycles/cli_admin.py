@@ -49,9 +49,10 @@ _CHANGES = {
 
 WHEN_BUDGETS = (
     "The governance spec's budget operations, each written to the audit log and announced as an event: "
-    "create (fails if the budget exists), fund with CREDIT, DEBIT or RESET, freeze/unfreeze with a "
-    "--reason, a budget's period_start/period_end. For everyday budgets (create-or-set, caps, overdraft, "
-    "recurring periods, close, every unit of a scope) use 'cycles budget'; both act on the same budgets."
+    "create (fails if the budget exists), fund with CREDIT, DEBIT, RESET, RESET_SPENT or REPAY_DEBT, "
+    "freeze/unfreeze with a --reason, a budget's period_start/period_end. For everyday budgets "
+    "(create-or-set, caps, overdraft, recurring periods, close, every unit of a scope) use 'cycles budget'; "
+    "both act on the same budgets."
 )
 WHEN_API_KEYS = (
     "API keys of the governance spec: permissions (e.g. balances:read only), scope filters "
@@ -164,7 +165,12 @@ def add_admin_commands(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> 
     p = action(bs, "show", "one budget in one unit")
     p.add_argument("scope", help=_SCOPE)
     p.add_argument("--unit", default="usd", help=_UNIT)
-    p = action(bs, "fund", "CREDIT (add), DEBIT (take away) or RESET (set the allocation)")
+    p = action(
+        bs,
+        "fund",
+        "CREDIT (add), DEBIT (take away), RESET (set the allocation), RESET_SPENT (a new billing period: "
+        "set the allocation, spent back to 0 or --spent) or REPAY_DEBT (pay off debt)",
+    )
     p.add_argument("scope", help=_SCOPE)
     p.add_argument("amount", help="the amount of the operation, in --unit")
     p.add_argument("--unit", default="usd", help=_UNIT)
@@ -172,8 +178,14 @@ def add_admin_commands(sub: Any, parents: Sequence[argparse.ArgumentParser]) -> 
         "--operation",
         default="CREDIT",
         type=str.upper,
-        choices=["CREDIT", "DEBIT", "RESET"],
+        choices=["CREDIT", "DEBIT", "RESET", "RESET_SPENT", "REPAY_DEBT"],
         help="what to do with the amount (default CREDIT)",
+    )
+    p.add_argument(
+        "--spent", default=None, metavar="AMOUNT", help="RESET_SPENT only: the spend the new period starts with"
+    )
+    p.add_argument(
+        "--idempotency-key", default=None, metavar="KEY", help="run again with the same key: applied once only"
     )
     p.add_argument("--reason", default=None, help="recorded in the audit log")
     for name, help_text in (
@@ -406,6 +418,7 @@ def _budgets(args: argparse.Namespace) -> int:
     a = args.admin_action
     unit = args.unit if hasattr(args, "unit") else "usd"
     amount = parse_amount(args.amount, unit) if hasattr(args, "amount") else None  # usage errors first
+    spent = parse_amount(args.spent, unit) if getattr(args, "spent", None) is not None else None
     fields: dict[str, Any] = {}
     if a == "create":
         if args.overdraft_limit:
@@ -430,7 +443,14 @@ def _budgets(args: argparse.Namespace) -> int:
             row = op.budgets.lookup(args.scope, wire_unit)
         elif a == "fund":
             assert amount is not None
-            res = op.budgets.fund(args.scope, args.operation, amount, reason=args.reason)
+            res = op.budgets.fund(
+                args.scope,
+                args.operation,
+                amount,
+                spent=spent,
+                reason=args.reason,
+                idempotency_key=args.idempotency_key,
+            )
             allocated, remaining = _money(res["new_allocated"]), _money(res["new_remaining"])
             _out(args, res, f"{res['operation']}: allocated {allocated}, remaining {remaining}")
             return 0

@@ -48,6 +48,7 @@ from cycles.ledger.base import (
     open_async_ledger,
     open_ledger,
 )
+from cycles.ledger.funding import FundingResult
 from cycles.ledger.records import RecordStore, records_of
 
 if TYPE_CHECKING:
@@ -494,6 +495,24 @@ class _BudgetOps(Group[S]):
     def fund(self, scope: str, amount: Amount) -> Flow[Balance]:
         balance: Balance = yield LedgerCall("fund_budget", scope, amount)
         return balance
+
+    @operation
+    def adjust(
+        self,
+        scope: str,
+        operation: str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> Flow[FundingResult]:
+        """One funding operation of the governance spec, atomic in the ledger: CREDIT, DEBIT, RESET,
+        RESET_SPENT (``spent``: the new period's starting spend, default 0) or REPAY_DEBT
+        (``cycles.ledger.funding``). Unlike ``fund``, CREDIT keeps any debt (REPAY_DEBT clears it)."""
+        result: FundingResult = yield LedgerCall(
+            "fund", scope, amount.unit, operation, amount, spent=spent, idempotency_key=idempotency_key
+        )
+        return result
 
     @operation
     def get(self, scope: str, unit: Unit | None = None) -> Flow[Balance]:

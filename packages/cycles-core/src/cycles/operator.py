@@ -341,14 +341,25 @@ class _Budgets(Group[S]):
         return result
 
     @operation
-    def fund(self, scope: str, operation: str, amount: Amount, *, reason: str | None = None) -> Flow[Json]:
-        """CREDIT, DEBIT or RESET."""
+    def fund(
+        self,
+        scope: str,
+        operation: str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        reason: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Flow[Json]:
+        """``fundBudget``: CREDIT, DEBIT, RESET, RESET_SPENT (``spent``: the new period's starting
+        spend, default 0) or REPAY_DEBT; returns the spec's BudgetFundingResponse. With an
+        ``idempotency_key`` the same request again returns the first answer and changes nothing."""
         from cycles.scopes import scope_tenant
 
         params = {"scope": scope, "unit": amount.unit.value, "tenant_id": scope_tenant(scope)}
         body: Json = {"operation": operation, "amount": _amount(amount)}
-        if reason is not None:
-            body["reason"] = reason
+        optional = {"spent": _amount(spent) if spent is not None else None, "reason": reason}
+        body.update({k: v for k, v in {**optional, "idempotency_key": idempotency_key}.items() if v is not None})
         result: Json = yield Call("POST", "/v1/admin/budgets/fund", params=params, json=body)
         return result
 

@@ -71,6 +71,14 @@ __all__ = [
 _OPS = ("reserve", "commit", "release", "extend", "decide", "event")
 _LLM_PREFIXES = ("llm", "gen_ai", "model")
 _TOOL_PREFIXES = ("tool",)
+#: the semconv's ``gen_ai.operation.name`` by the last part of a model call's kind (else ``chat``:
+#: completions, structured output and tool use are chat calls to the providers we price)
+_GENAI_OPERATIONS = {
+    "embedding": "embeddings",
+    "embeddings": "embeddings",
+    "text_completion": "text_completion",
+    "generate_content": "generate_content",
+}
 
 AttributeValue = str | bool | int | float
 _NONE: Mapping[str, AttributeValue] = MappingProxyType({})
@@ -162,7 +170,7 @@ def genai_model_attributes(kind: str, name: str) -> dict[str, Any]:
     cut = min((i for i in (name.find(":"), name.find("/")) if i > 0), default=-1)
     provider, model = (name[:cut], name[cut + 1 :]) if 0 < cut < len(name) - 1 else ("", name)
     attrs: dict[str, Any] = {
-        "gen_ai.operation.name": "chat" if "chat" in kind or "completion" in kind else kind,
+        "gen_ai.operation.name": _GENAI_OPERATIONS.get(kind.rsplit(".", 1)[-1], "chat"),
         "gen_ai.request.model": model,
     }
     if provider:  # gen_ai.system before semconv 1.37, gen_ai.provider.name since

@@ -199,7 +199,11 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         estimate = self.estimate or estimate_prompt(model, messages, params.get("tools"), cap)
         name = model.ref if model else str(serialized.get("name") or "unknown-model")
         action = Action("llm.completion", name)
-        self._start(run_id, parent_run_id, metadata, action, estimate, model, prompt_tokens(messages, None))
+        # on_llm_start hands plain prompts: a text completion model, not a chat model
+        text = bool(messages) and isinstance(messages[0], str)
+        operation = {"gen_ai.operation.name": "text_completion"} if text else {}
+        tokens = prompt_tokens(messages, None)
+        self._start(run_id, parent_run_id, metadata, action, estimate, model, tokens, operation)
 
     def _start(
         self,
@@ -210,10 +214,11 @@ class CyclesCallbackHandler(BaseCallbackHandler):
         estimate: Amount,
         model: Model | None,
         tokens: int = 0,
+        annotations: Mapping[str, Any] | None = None,
     ) -> None:
         config = ensure_config({"metadata": dict(metadata or {})})
         on_failure = "charge" if action.is_tool and action.name in self.charge_failed_tools else "release"
-        where = langchain_attributes(config, run_id=run_id, parent_run_id=parent_run_id)
+        where = {**langchain_attributes(config, run_id=run_id, parent_run_id=parent_run_id), **(annotations or {})}
         subject = resolve_subject(self.subject, config)
         guard = step(self.cycles, subject, action, estimate, attributes=where, on_failure=on_failure)
         guard.start()  # a Denied raised here stops the call: the handler sets raise_error

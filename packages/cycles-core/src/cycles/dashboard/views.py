@@ -7,6 +7,7 @@ import csv
 import functools
 import io
 import json
+import math
 import secrets
 import time
 import urllib.parse
@@ -24,12 +25,12 @@ from starlette.routing import BaseRoute, Route
 from cycles.dashboard import charts
 from cycles.dashboard.auth import COOKIE, LIFETIME_S, Session, SessionSigner, current, require_change, sign_in
 from cycles.dashboard.data import Reader, reader_for, tree, utilisation
-from cycles.errors import CyclesError, InvalidRequest, Unauthorized
+from cycles.errors import CyclesError, Forbidden, InvalidRequest, Unauthorized
 from cycles.ledger.records import parse_time, records_of
 from cycles.models import ReleaseRequest, ReservationStatus, Unit, format_amount, trusted
 from cycles.server._http import error_status, read_body
 from cycles.server.admin import parse_unit
-from cycles.server.auth import ADMIN
+from cycles.server.auth import ADMIN, Principal
 from cycles.server.governance.context import AuditNote
 from cycles.shadow import ShadowEvent, report_from_store
 
@@ -176,12 +177,22 @@ class Dashboard:
         return self.render("login.html", error=None)
 
     async def login(self, request: Request) -> Response:
-        try:
-            form = await _form(request)
-            session = await sign_in(self.server.auth, form.get("key", ""))
-        except CyclesError as exc:
-            return self.render("login.html", exc.http_status, error=exc.message)
-        return self._signed_in(session)
+        # An address with too many refused sign-ins is turned away before its key is looked at:
+        # the admin key may be guessable, and a right guess must not get through the limit.
+        answer: CyclesError | None = await self.server.gov.auth_failures.blocked(request)
+        if answer is None:
+            try:
+                form = await _form(request)
+                return self._signed_in(await sign_in(self.server.auth, form.get("key", "")))
+            except (Unauthorized, Forbidden) as exc:
+                nobody = Principal(tenant=None)
+                answer = await self.server.record_refusal(request, nobody, "POST /dashboard/login", None, exc)
+            except CyclesError as exc:
+                answer = exc
+        response = self.render("login.html", answer.http_status, error=answer.message)
+        if answer.retry_after_s is not None:
+            response.headers["retry-after"] = str(max(1, math.ceil(answer.retry_after_s)))
+        return response
 
     def _signed_in(self, session: Session) -> Response:
         response = RedirectResponse(PREFIX, 303)

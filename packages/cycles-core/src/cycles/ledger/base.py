@@ -22,6 +22,7 @@ from typing import Any, ParamSpec, TypeVar
 from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import counters, rules
 from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
+from cycles.ledger.funding import FundingOperation, FundingResult, check_request
 from cycles.ledger.limits import DEFAULT_LIMITS, RateLimiter, TenantLimits
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
@@ -109,6 +110,20 @@ class Ledger(abc.ABC):
 
     @abc.abstractmethod
     def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
+    @abc.abstractmethod
+    def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        """One funding operation of the governance spec (CREDIT, DEBIT, RESET, RESET_SPENT,
+        REPAY_DEBT), atomic; ``cycles.ledger.funding`` says what each does and refuses."""
+
     @abc.abstractmethod
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]: ...
     @abc.abstractmethod
@@ -198,6 +213,19 @@ class AsyncLedger(abc.ABC):
     ) -> Balance: ...
     @abc.abstractmethod
     async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
+    @abc.abstractmethod
+    async def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        """See ``Ledger.fund``."""
+
     @abc.abstractmethod
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]: ...
     @abc.abstractmethod
@@ -340,6 +368,19 @@ class TransactionalLedger(Ledger):
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._write(rules.fund_budget, scope, amount)
 
+    def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        req = check_request(scope, unit, operation, amount, spent, idempotency_key)
+        return self._write(rules.fund, req, idempotency_key)
+
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._write(rules.set_budget_status, scope, unit, status)
 
@@ -436,6 +477,20 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._call(self.sync.fund_budget, scope, amount)
+
+    async def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        return await self._call(
+            self.sync.fund, scope, unit, operation, amount, spent=spent, idempotency_key=idempotency_key
+        )
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self._call(self.sync.set_budget_status, scope, status, unit=unit)

@@ -29,7 +29,10 @@ Wire rules (protocol v0):
 
 Budget administration is not part of protocol v0. With ``admin_key=`` the ledger uses this
 project's operator plane (``/admin/budgets...``, ``X-Admin-API-Key``); without it those methods
-raise ``InvalidRequest`` saying so. ``sweep()`` is a no-op: the server expires reservations.
+raise ``InvalidRequest`` saying so. ``fund()`` (the governance spec's funding operations) is the
+spec's ``POST /v1/admin/budgets/fund``, with the admin key or a tenant API key that has
+``budgets:write``; it always sends an idempotency key, so a retry never applies it twice.
+``sweep()`` is a no-op: the server expires reservations.
 """
 
 from __future__ import annotations
@@ -67,9 +70,10 @@ from cycles.errors import (
 )
 from cycles.ledger.base import AsyncLedger, Ledger
 from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
+from cycles.ledger.funding import FundingOperation, FundingRequest, FundingResult, check_request
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import EXTENSIONS_VERSION, PolicyEdit, ScopePolicy
-from cycles.ledger.rules import BalanceQuery, ReservationQuery
+from cycles.ledger.rules import BalanceQuery, ReservationQuery, new_idempotency_key
 from cycles.models import (
     Amount,
     Balance,
@@ -91,8 +95,10 @@ from cycles.models import (
     ReservationExtendRequest,
     ReservationExtendResponse,
     ReservationListResponse,
+    SignedAmount,
     Unit,
 )
+from cycles.scopes import scope_tenant
 
 if TYPE_CHECKING:
     import aiohttp
@@ -230,6 +236,53 @@ _PARSE_BALANCE_LIST = _list_parser(_BUDGET_LIST)
 _PARSE_POLICY = _model_parser(ScopePolicy)
 _PARSE_COUNTERS = _model_parser(CounterPage)
 _PARSE_RESET = _model_parser(CounterReset)
+
+
+class _FundingWire(BaseModel):
+    """The spec's BudgetFundingResponse (unknown fields ignored, like every response here)."""
+
+    previous_allocated: Amount
+    new_allocated: Amount
+    previous_remaining: SignedAmount
+    new_remaining: SignedAmount
+    previous_debt: Amount | None = None
+    new_debt: Amount | None = None
+    previous_spent: Amount | None = None
+    new_spent: Amount | None = None
+    timestamp: str | None = None
+
+
+def _funding_parser(req: FundingRequest) -> Callable[[bytes], FundingResult]:
+    def side(allocated: Amount, remaining: SignedAmount, debt: Amount | None, spent: Amount | None) -> Balance:
+        reserved = None  # not on the wire: derived from the others when the server sent spent
+        if spent is not None:
+            held = allocated.amount - spent.amount - (debt.amount if debt else 0) - remaining.amount
+            reserved = Amount(unit=allocated.unit, amount=held) if held >= 0 else None
+        return Balance(
+            scope=req.scope,
+            scope_path=req.scope,
+            remaining=remaining,
+            allocated=allocated,
+            debt=debt,
+            spent=spent,
+            reserved=reserved,
+        )
+
+    def parse(body: bytes) -> FundingResult:
+        from cycles.ledger.records import parse_time
+
+        w = _FundingWire.model_validate_json(body)
+        at = parse_time(w.timestamp) if w.timestamp else None
+        return FundingResult(
+            operation=req.operation,
+            scope=req.scope,
+            unit=req.unit,
+            before=side(w.previous_allocated, w.previous_remaining, w.previous_debt, w.previous_spent),
+            after=side(w.new_allocated, w.new_remaining, w.new_debt, w.new_spent),
+            funded_at_ms=at if at is not None else int(time.time() * 1000),
+        )
+
+    return parse
 
 
 def _parse_policies(body: bytes) -> list[ScopePolicy]:
@@ -500,6 +553,22 @@ class _HttpCore:
     def fund_budget(self, scope: str, amount: Amount) -> _Call[Balance]:
         payload = {"scope": scope, "amount": amount.to_wire()}
         return self._admin_call("POST", "/budgets/fund", payload, _PARSE_BALANCE)
+
+    def fund(self, req: FundingRequest, idempotency_key: str | None) -> _Call[FundingResult]:
+        """The governance spec's fundBudget, with the admin key (or the tenant's API key: the
+        operation is dual-auth). A key is always sent, so a retried request is never applied twice."""
+        if not (self.admin_key or self.api_key):
+            raise InvalidRequest(_ADMIN_HINT)
+        key = idempotency_key or new_idempotency_key()
+        payload: dict[str, Any] = {"operation": req.operation.value, "amount": req.amount.to_wire()}
+        if req.spent is not None:
+            payload["spent"] = req.spent.to_wire()
+        payload["idempotency_key"] = key
+        query = _query([("tenant_id", scope_tenant(req.scope)), ("scope", req.scope), ("unit", req.unit.value)])
+        base = self._admin_headers if self.admin_key else self._runtime_headers
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        headers = self._headers(base, True, key)
+        return _Call("POST", self._v1 + "/admin/budgets/fund" + query, body, headers, 200, _funding_parser(req))
 
     def set_budget_status(self, scope: str, status: str, unit: Unit | None) -> _Call[list[Balance]]:
         payload: dict[str, Any] = {"scope": scope, "status": status}
@@ -1026,6 +1095,19 @@ class HttpLedger(Ledger):
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._core.fund_budget(scope, amount))
 
+    def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        req = check_request(scope, unit, operation, amount, spent, idempotency_key)
+        return self._run(self._core.fund(req, idempotency_key))
+
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._run(self._core.set_budget_status(scope, status, unit))
 
@@ -1160,6 +1242,19 @@ class AsyncHttpLedger(AsyncLedger):
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._core.fund_budget(scope, amount))
+
+    async def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        req = check_request(scope, unit, operation, amount, spent, idempotency_key)
+        return await self._run(self._core.fund(req, idempotency_key))
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self._run(self._core.set_budget_status(scope, status, unit))

@@ -117,7 +117,7 @@ from cycles.errors import (
 )
 from cycles.identifiers import is_identifier
 from cycles.ledger import counters as quota_counters
-from cycles.ledger import periods, quotas, rules
+from cycles.ledger import funding, periods, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.limits import (
     DEFAULT_LIMITS,
@@ -228,6 +228,7 @@ _SCRIPT_NAMES = (
     "decide",
     "set_budget",
     "fund",
+    "funding",
     "set_status",
     "delete_budget",
     "get_budget",
@@ -539,6 +540,10 @@ def _error(tag: str, args: list[Any], ctx: _Context) -> CyclesError:
         )
     if tag == "LIMIT_EXCEEDED":
         return active_limit_error(ctx.active_limit, args[0], ctx.owner)
+    if tag == "DEBIT_SHORT":
+        return funding.debit_refused(ctx.scope, unit, args[0], args[1])
+    if tag == "REPAY_EXCEEDS":
+        return funding.repay_refused(ctx.scope, unit, args[0], args[1])
     if tag == "TOO_LARGE":
         return InvalidRequest(f"the Redis ledger keeps amounts below 2**53; this would make {args[0]}")
     return InternalError(f"unexpected reply from a Cycles Lua script: {tag} {args}")
@@ -553,6 +558,14 @@ def _deny_detail(denial: list[Any] | None, scopes: Sequence[str], unit: Unit) ->
 
 def _balance(row: list[Any], unit: Unit) -> Balance:
     balance = _budget(row, unit).to_budget()  # the operator plane's view: status and caps too
+    if len(row) > 9 and row[9] is not None:
+        return rules.with_period(balance, periods.PeriodState(*row[9]))
+    return balance
+
+
+def _plain_balance(row: list[Any], unit: Unit) -> Balance:
+    """A budget row as a Balance (with its period), without the operator plane's status and caps."""
+    balance = _budget(row, unit).to_balance()
     if len(row) > 9 and row[9] is not None:
         return rules.with_period(balance, periods.PeriodState(*row[9]))
     return balance
@@ -1487,6 +1500,49 @@ class _RedisCore:
         reply = _open(raw, lambda: _Context([scope], amount.unit, scope=scope))
         return _balance(reply.payload, amount.unit)
 
+    def _fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: funding.FundingOperation | str,
+        amount: Amount,
+        spent: Amount | None,
+        idempotency_key: str | None,
+    ) -> _Flow[funding.FundingResult]:
+        """``rules.fund`` in one script (lua/funding.lua): no lease, no read-then-write."""
+        req = funding.check_request(scope, unit, operation, amount, spent, idempotency_key)
+        parse_scope(scope)
+        _check_amount(amount, spent)
+        tenant = scope_tenant(scope)
+        raw = yield self._call(
+            "funding",
+            tenant or NO_TENANT_TAG,
+            scope,
+            req.unit.value,
+            req.operation.value,
+            amount.amount,
+            "" if spent is None else spent.amount,
+            idempotency_key or "",
+            rules.fingerprint(req),
+            rules.idempotency_tenant(None, tenant),
+        )
+        reply = _open(
+            raw,
+            lambda: _Context(
+                [scope], req.unit, scope=scope, idempotency_key=idempotency_key or "", endpoint=funding.ENDPOINT
+            ),
+        )
+        funded_at, before, after = reply.payload
+        return funding.FundingResult(
+            operation=req.operation,
+            scope=scope,
+            unit=req.unit,
+            before=_plain_balance(before, req.unit),
+            after=_plain_balance(after, req.unit),
+            funded_at_ms=funded_at,
+            replayed=reply.replay,
+        )
+
     def _set_budget_status(self, scope: str, status: str, unit: Unit | None) -> _Flow[list[Balance]]:
         if status not in rules.BUDGET_STATUSES:
             raise InvalidRequest(f"status must be one of {', '.join(rules.BUDGET_STATUSES)}")
@@ -1730,6 +1786,18 @@ class RedisLedger(_RedisCore, Ledger):
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._fund_budget(scope, amount))
+
+    def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: funding.FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> funding.FundingResult:
+        return self._run(self._fund(scope, unit, operation, amount, spent, idempotency_key))
 
     def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return self._run(self._set_budget_status(scope, status, unit))
@@ -2145,6 +2213,18 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._fund_budget(scope, amount))
+
+    async def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: funding.FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> funding.FundingResult:
+        return await self._run(self._fund(scope, unit, operation, amount, spent, idempotency_key))
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self._run(self._set_budget_status(scope, status, unit))

@@ -48,7 +48,7 @@ from cycles.errors import (
     deny_detail_of,
 )
 from cycles.identifiers import is_identifier
-from cycles.ledger import periods, quotas
+from cycles.ledger import funding, periods, quotas
 from cycles.ledger.counters import CounterValue
 from cycles.ledger.limits import TenantLimits, check_active_limit, check_metadata
 from cycles.ledger.paging import ReservationScan, decode_position, encode_position, keyset_page
@@ -1265,13 +1265,7 @@ def set_budget(
 
 def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     """Add funds. Debt is repaid first (it becomes spent), as the spec's DEBT SEMANTICS require."""
-    parse_scope(scope)
-    row = txn.get_budget(scope, amount.unit)
-    if row is None:
-        raise _missing_budget(txn, [scope], amount.unit)
-    states = roll_periods(txn, [row])
-    if row.status == BUDGET_CLOSED:
-        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    row, states = _funding_target(txn, scope, amount.unit)
     if row.allocated + amount.amount > INT64_MAX:
         raise InvalidRequest(
             f"funding {scope} would take its allocation past the largest amount a ledger holds ({INT64_MAX})"
@@ -1283,6 +1277,87 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     _reconcile_over_limit(row)
     txn.put_budget(row)
     return with_period(row.to_budget(), states.get(row.scope))
+
+
+def _funding_target(txn: Txn, scope: str, unit: Unit) -> tuple[BudgetRow, dict[str, periods.PeriodState]]:
+    """The budget a funding applies to, rolled over to its current period, and not closed."""
+    parse_scope(scope)
+    row = txn.get_budget(scope, unit)
+    if row is None:
+        raise _missing_budget(txn, [scope], unit)
+    states = roll_periods(txn, [row])
+    if row.status == BUDGET_CLOSED:
+        raise BudgetClosed(f"budget {scope} is closed", details={"scope": scope})
+    return row, states
+
+
+def apply_funding(
+    row: BudgetRow, op: funding.FundingOperation, amount: int, spent: int | None, max_amount: int = INT64_MAX
+) -> tuple[int, int, int]:
+    """The new (allocated, spent, debt) of a funding operation on ``row`` (see ``funding``), or
+    the refusal. Pure: checks only, the caller writes. lua/funding.lua mirrors it line for line."""
+    allocated, used, debt = row.allocated, row.spent, row.debt
+    if op is funding.FundingOperation.CREDIT:
+        allocated += amount
+    elif op is funding.FundingOperation.DEBIT:
+        if row.remaining - amount < 0:
+            raise funding.debit_refused(row.scope, row.unit.value, row.remaining, amount)
+        allocated -= amount
+    elif op is funding.FundingOperation.RESET:
+        allocated = amount
+    elif op is funding.FundingOperation.RESET_SPENT:
+        allocated, used = amount, spent or 0
+    else:  # REPAY_DEBT: the consumption that ran into debt is paid for, and becomes spent
+        if amount > debt:
+            raise funding.repay_refused(row.scope, row.unit.value, debt, amount)
+        allocated, used, debt = allocated + amount, used + amount, debt - amount
+    if max(allocated, used) > max_amount:
+        raise InvalidRequest(
+            f"{op.value} on {row.scope} would take it past the largest amount a ledger holds ({max_amount})"
+        )
+    return allocated, used, debt
+
+
+def fund(
+    txn: Txn, req: funding.FundingRequest, idempotency_key: str | None, tenant: str | None = None
+) -> funding.FundingResult:
+    """One funding operation (``funding``), atomic: replay, roll the period over, refuse a frozen or
+    closed budget, apply, remember the result under the idempotency key."""
+    scope, unit = req.scope, req.unit
+    parse_scope(scope)
+    idem_tenant = idempotency_tenant(tenant, scope_tenant(scope))
+    digest = Fingerprint(req)
+    if idempotency_key is not None:
+        replayed = _replay(txn, idem_tenant, funding.ENDPOINT, idempotency_key, digest, funding.FundingResult)
+        if replayed is not None:
+            replayed.replayed = True
+            return replayed
+    row, states = _funding_target(txn, scope, unit)
+    if row.status == BUDGET_FROZEN:
+        raise BudgetFrozen(f"budget {scope} is frozen", details={"scope": scope})
+    spent = req.spent.amount if req.spent is not None else None
+    new = apply_funding(row, req.operation, req.amount.amount, spent)
+    state = states.get(scope)
+    before = with_period(row.to_balance(), state)
+    row.allocated, row.spent, row.debt = new
+    if row.spent + row.reserved > row.allocated:
+        row.is_over_limit = True  # a ceiling below what is already used: no new work until funded
+    else:
+        _reconcile_over_limit(row)
+    txn.put_budget(row)
+    result = trusted(
+        funding.FundingResult,
+        operation=req.operation,
+        scope=scope,
+        unit=unit,
+        before=before,
+        after=with_period(row.to_balance(), state),
+        funded_at_ms=txn.now_ms,
+        replayed=False,
+    )
+    if idempotency_key is not None:
+        _remember(txn, idem_tenant, funding.ENDPOINT, idempotency_key, digest, result)
+    return result
 
 
 def _reconcile_over_limit(row: BudgetRow) -> None:

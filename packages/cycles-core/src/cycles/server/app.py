@@ -50,7 +50,7 @@ from cycles.server._http import (
     trace_id_from,
 )
 from cycles.server.access_log import ACCESS_LOGGER, access_record, configure_logging
-from cycles.server.auth import Authenticator, Principal
+from cycles.server.auth import Authenticator, AuthFailed, Principal
 from cycles.server.keys import KeyStore, open_key_store
 from cycles.server.metrics import Metrics
 
@@ -154,7 +154,7 @@ class CyclesServer:
         except CyclesError as caught:
             exc = caught
             if isinstance(exc, (Unauthorized, Forbidden)):
-                exc = await self._refused(request, principal, route, handler, exc)
+                exc = await self.record_refusal(request, principal, route, handler, exc)
             error, status = error_status(exc)
             extra_headers = retry_headers(exc, status, time.time())
             if status >= 500:
@@ -215,8 +215,8 @@ class CyclesServer:
                 )
             )
 
-    async def _refused(
-        self, request: Request, principal: Principal, route: str, handler: Handler, exc: CyclesError
+    async def record_refusal(
+        self, request: Request, principal: Principal, route: str, handler: Handler | None, exc: CyclesError
     ) -> CyclesError:
         """A 401/403: audited, counted, maybe answered 429 (governance/authfail.py). Recording it
         must never turn the refusal into a 500: if the store cannot take it, it is logged."""
@@ -285,7 +285,12 @@ class CyclesServer:
             given = request.headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {self.metrics_token}".encode()):
                 self.metrics.auth_failures.inc("metrics")
-                return self.error_response(request, 401, "UNAUTHORIZED", "metrics need Authorization: Bearer <token>")
+                reason = "invalid_token" if given else "missing_token"
+                refused = AuthFailed("metrics need Authorization: Bearer <token>", reason)
+                answer = await self.record_refusal(request, NOBODY, "GET /metrics", None, refused)
+                code, status = error_status(answer)
+                headers = {k.decode(): v.decode() for k, v in retry_headers(answer, status, time.time())}
+                return self.error_response(request, status, code, answer.message, headers)
         await self._refresh_active_count()
         return Response(self.metrics.render(), 200, media_type="text/plain; version=0.0.4; charset=utf-8")
 

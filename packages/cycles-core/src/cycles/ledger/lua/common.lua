@@ -705,6 +705,26 @@ local function settle_prologue(endpoint, rid, tenant, key, fingerprint)
   return row, ikey
 end
 
+-- ---- funding ----------------------------------------------------------------------------------
+
+-- rules._funding_target: the budget a funding applies to, after lazy expiry and its period's
+-- rollover, and not closed. Returns it, or nil and the reply to send.
+local function funding_target(scope, unit)
+  expire_due(LAZY_EXPIRY)
+  local b = load_budget(scope, unit)
+  if b == nil then
+    return nil, err(unpack(missing_budget({scope})))
+  end
+  local due = period_due({b})
+  if due then
+    return nil, due
+  end
+  if b.st == 'CLOSED' then
+    return nil, err('BUDGET_CLOSED', scope)
+  end
+  return b
+end
+
 -- ---- the slot's entry in the global sweep index ----------------------------------------------
 -- redis.py keeps "<prefix>:{!}:due", one entry per slot scored at or below the earliest time
 -- something in the slot falls due, so a sweep visits only slots with work. The budgets field

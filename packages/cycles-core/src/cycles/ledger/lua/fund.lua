@@ -3,17 +3,9 @@
 -- ARGV: now, scope, unit, amount
 local scope, unit, amount = ARGV[2], ARGV[3], tonumber(ARGV[4])
 
-expire_due(LAZY_EXPIRY)
-local b = load_budget(scope, unit)
-if b == nil then
-  return err(unpack(missing_budget({scope})))
-end
-local due = period_due({b})
-if due then
-  return due
-end
-if b.st == 'CLOSED' then
-  return err('BUDGET_CLOSED', scope)
+local b, reply = funding_target(scope, unit)
+if not b then
+  return reply
 end
 if b.a + amount > MAX_AMOUNT then
   return err('TOO_LARGE', b.a + amount)

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from cycles.errors import Denied
 from cycles.ledger.base import AsyncLedger, BalanceQuery, ReservationQuery
 from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
+from cycles.ledger.funding import FundingOperation, FundingResult
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy, threshold_crossings
 from cycles.models import (
@@ -386,6 +387,24 @@ class ObservedLedger(AsyncLedger):
         b = await self.inner.fund_budget(scope, amount)
         await self._safely(self.alerts.balances([b]))  # funding lowers utilisation: the marks fall
         return b
+
+    async def fund(
+        self,
+        scope: str,
+        unit: Unit,
+        operation: FundingOperation | str,
+        amount: Amount,
+        *,
+        spent: Amount | None = None,
+        idempotency_key: str | None = None,
+    ) -> FundingResult:
+        result = await self.inner.fund(scope, unit, operation, amount, spent=spent, idempotency_key=idempotency_key)
+        # Funding moves the marks with utilisation: lower (CREDIT, RESET up, RESET_SPENT) re-arms the
+        # thresholds for the next real rise; higher (DEBIT, RESET down) is a crossing like any other.
+        # A replay changed nothing, so it is not looked at again.
+        if not result.replayed:
+            await self._safely(self.alerts.balances([result.after]))
+        return result
 
     async def set_budget_status(self, scope: str, status: str, *, unit: Unit | None = None) -> list[Balance]:
         return await self.inner.set_budget_status(scope, status, unit=unit)

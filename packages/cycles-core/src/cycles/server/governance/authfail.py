@@ -28,6 +28,11 @@ store is bounded first:
   more than ``auth_failure_rate_threshold`` (default 10%) of the deployment's authentications in
   ``rate_window_seconds`` (default 300 s) failed, over at least 10 of them -- settings from the
   ``__system__`` webhook subscriptions' ``thresholds``, like the other rate spikes.
+* **Sign-in forms.** The dashboard's sign-in takes the admin key, which an operator may have
+  chosen weakly; there a source address over the limit is refused (``blocked``) *before* the
+  key is looked at, so the limit also bounds guessing. Its refusals and those of ``/metrics``
+  are counted, audited and limited like the API's (operations ``dashboardSignIn``,
+  ``getMetrics``).
 * **Tenants.** A 401 is recorded under the spec's ``__unauth__`` sentinel tenant (its event under
   the key's tenant when the key is ours: revoked or expired, the caller holds all of it), a 403
   under the key's tenant. ``__unauth__``'s share of each stream is held to ``max_unauth_records``
@@ -68,6 +73,9 @@ _RUNTIME_OPERATIONS = {
     "GET /v1/reservations": "listReservations",
     "GET /v1/reservations/{reservation_id}": "getReservation",
     "GET /v1/balances": "getBalances",
+    # the two sign-ins outside the API: the dashboard's form and the /metrics bearer token
+    "POST /dashboard/login": "dashboardSignIn",
+    "GET /metrics": "getMetrics",
 }
 _TRIM_EVERY = 100
 #: Seconds after a window's end before its summaries are written (late increments land first).
@@ -138,14 +146,9 @@ class AuthFailures:
                 ttl_ms=int(3 * self.window_s * 1000),
             )
             counts.append(buckets.get(window, {}).get("n", 1))
-        answer = exc
+        answer: CyclesError = exc
         if self.limit and max(counts) > self.limit:
-            wait = (window + 1) * self.window_s - now
-            answer = LimitExceeded(
-                "too many refused requests from this address or key; retry later",
-                details={"limit": "auth_failures", "window_seconds": int(self.window_s)},
-                retry_after_s=wait,
-            )
+            answer = self._limited(now, window)
         code, status = error_status(answer)
         reason = exc.reason if isinstance(exc, AuthFailed) else _forbidden_reason(exc)
         tenant = UNAUTH_TENANT if failed else (ADMIN_TENANT if p.admin else (p.tenant or UNAUTH_TENANT))
@@ -166,6 +169,26 @@ class AuthFailures:
         if failed:
             await self._rate(request)
         return answer
+
+    async def blocked(self, request: Request) -> LimitExceeded | None:
+        """``LimitExceeded`` when the request's address is over the limit of refusals in this
+        window (read, not counted): for a sign-in form, asked before the key is checked."""
+        if not self.limit:
+            return None
+        now = self.clock()
+        window = int(now // self.window_s)
+        ip = request.client.host if request.client else "unknown"
+        buckets = await self.gov.run(
+            self.gov.records.tally, f"authfail:{self.window_s:g}:ip:{ip}", window, {}, keep=2, ttl_ms=0
+        )
+        return self._limited(now, window) if buckets.get(window, {}).get("n", 0) > self.limit else None
+
+    def _limited(self, now: float, window: int) -> LimitExceeded:
+        return LimitExceeded(
+            "too many refused requests from this address or key; retry later",
+            details={"limit": "auth_failures", "window_seconds": int(self.window_s)},
+            retry_after_s=(window + 1) * self.window_s - now,
+        )
 
     async def _audit(
         self,

@@ -5,17 +5,16 @@ The ledger keeps the money (allocated, spent, reserved, debt, overdraft limit, s
 ``budget`` document beside it keeps what the ledger does not (``created_at``, ``updated_at``,
 ``metadata``, ``commit_overage_policy``, the spec's status as last set here, alert thresholds).
 
-Funding operations: CREDIT (the ledger's fund: debt is repaid first, as protocol v0's DEBT
-SEMANTICS require, so remaining rises by the amount), DEBIT (allocated -= amount; 409 if remaining
-would go negative), RESET (allocated = amount; spent, reserved and debt kept). Allocation changes
-of one budget are serialised across servers by a short lease in the record store, so a DEBIT
-never reads an allocation another operator is changing. RESET_SPENT and REPAY_DEBT need ledger
-operations protocol v0's rules do not have yet: 400 until they land.
+Funding (CREDIT, DEBIT, RESET, RESET_SPENT, REPAY_DEBT) is one atomic ledger operation,
+``Ledger.fund`` (``cycles.ledger.funding`` says what each does and refuses): no lease and no
+read-then-write here, so a funding never races a reservation. The ledger keeps the idempotency
+record; a replay answers the first result again and emits no second event.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import secrets
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -27,11 +26,13 @@ from cycles.errors import (
     BudgetNotFound,
     DuplicateResource,
     Forbidden,
+    InsufficientPermissions,
     InvalidRequest,
     NotFound,
     TenantClosed,
     UnitMismatch,
 )
+from cycles.ledger.funding import FundingResult
 from cycles.ledger.records import iso_ms
 from cycles.models import Amount, Balance, CommitOveragePolicy, Unit
 from cycles.scopes import parse_scope, scope_tenant
@@ -255,7 +256,7 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest("tenant_id must not be set with a tenant API key (it is the key's tenant)")
     _own(p, req.scope)
     if not p.may("budgets:write"):
-        raise Forbidden("this API key lacks the budgets:write permission")
+        raise InsufficientPermissions("this API key lacks the budgets:write permission")
     for name in ("allocated", "overdraft_limit"):
         a = getattr(req, name)
         if a is not None and a.unit != req.unit:
@@ -290,6 +291,7 @@ async def _budget_event(
     operation: str,
     before: dict[str, Any] | None,
     reason: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     data: dict[str, Any] = {
         "ledger_id": view["ledger_id"],
@@ -305,6 +307,7 @@ async def _budget_event(
         } | {"status": before["status"]}
     if reason:
         data["reason"] = reason
+    data.update(extra or {})
     await s.gov.emit(
         event_type, request, p, tenant_id=view.get("tenant_id", "__system__"), scope=view["scope"], data=data
     )
@@ -318,7 +321,7 @@ async def list_budgets(s: CyclesServer, request: Request, p: Principal) -> Reply
             raise Forbidden("budgets can only be listed within the tenant of this API key")
         tenant = p.tenant
         if not p.may("budgets:read"):
-            raise Forbidden("this API key lacks the budgets:read permission")
+            raise InsufficientPermissions("this API key lacks the budgets:read permission")
     prefix = param(q, "scope_prefix", 1024)
     unit = enum_param(q, "unit", tuple(u.value for u in Unit))
     status = enum_param(q, "status", ("ACTIVE", "FROZEN", "CLOSED"))
@@ -361,7 +364,7 @@ async def lookup(s: CyclesServer, request: Request, p: Principal) -> Reply:
     scope, unit = _scope_q(request), _unit_q(request)
     _own(p, scope)
     if not p.may("budgets:read"):
-        raise Forbidden("this API key lacks the budgets:read permission")
+        raise InsufficientPermissions("this API key lacks the budgets:read permission")
     b = await _balance(s, scope, unit)
     return 200, _dumps(ledger_view(b, await _doc(s, scope, unit)))
 
@@ -417,7 +420,13 @@ async def unfreeze(s: CyclesServer, request: Request, p: Principal) -> Reply:
     return await _transition(s, request, p, "ACTIVE")
 
 
-_FUND_EVENTS = {"CREDIT": "budget.funded", "DEBIT": "budget.debited", "RESET": "budget.reset"}
+_FUND_EVENTS = {
+    "CREDIT": "budget.funded",
+    "DEBIT": "budget.debited",
+    "RESET": "budget.reset",
+    "RESET_SPENT": "budget.reset_spent",
+    "REPAY_DEBT": "budget.debt_repaid",
+}
 
 
 async def fund(s: CyclesServer, request: Request, p: Principal) -> Reply:
@@ -429,29 +438,19 @@ async def fund(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise InvalidRequest(f"scope {scope!r} is not under tenant {tenant!r}")
     _own(p, scope)
     if not p.may("budgets:write"):
-        raise Forbidden("this API key lacks the budgets:write permission")
+        raise InsufficientPermissions("this API key lacks the budgets:write permission")
     req = parse_body(BudgetFundingRequest, await read_body(request, s.max_body_bytes))
-    if req.amount.unit != unit:
-        raise UnitMismatch(f"amount must be in the budget's unit {unit.value}")
-    if req.operation in ("RESET_SPENT", "REPAY_DEBT"):
-        raise InvalidRequest(f"{req.operation} is not supported by this server yet (CREDIT, DEBIT, RESET are)")
     note = note_of(request)
     note.resource_id, note.tenant = ledger_id_of(scope, unit.value), scope_tenant(scope)
-    before, view = await _fund_one(s, request, p, scope, unit, req.operation, req.amount, req.reason)
+    result, before, view = await _fund_one(
+        s, request, p, scope, unit, req.operation, req.amount, req.reason, req.spent, req.idempotency_key
+    )
     note.before, note.after = before, view
     if req.reason:
         note.extra["reason"] = req.reason
-    body = {
-        "operation": req.operation,
-        "previous_allocated": before["allocated"],
-        "new_allocated": view["allocated"],
-        "previous_remaining": before["remaining"],
-        "new_remaining": view["remaining"],
-        "previous_debt": before["debt"],
-        "new_debt": view["debt"],
-        "timestamp": _now(),
-    }
-    return 200, _dumps(body)
+    if result.replayed:
+        note.extra["replayed"] = True
+    return 200, _dumps(result.to_wire())
 
 
 async def _fund_one(
@@ -463,30 +462,25 @@ async def _fund_one(
     operation: str,
     amount: Amount,
     reason: str | None,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One CREDIT / DEBIT / RESET under the budget's lease; returns (before, after) views."""
+    spent: Amount | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[FundingResult, dict[str, Any], dict[str, Any]]:
+    """One funding operation, atomic in the ledger (``Ledger.fund``: no read-then-write here);
+    returns the result and the (before, after) views. The event is emitted only when the ledger
+    applied it (an idempotent replay changed nothing)."""
     await _guard_tenant(s, scope)
-    async with _Lease(s, scope, unit):
-        b = await _balance(s, scope, unit)
-        doc = await _doc(s, scope, unit)
-        if (doc or {}).get("status") == "FROZEN":
-            from cycles.errors import BudgetFrozen
-
-            raise BudgetFrozen(f"budget {scope} ({unit.value}) is frozen", details={"scope": scope})
-        before = ledger_view(b, doc)
-        allocated = b.allocated.amount if b.allocated else 0
-        if operation == "CREDIT":
-            after = await s.ledger.fund_budget(scope, amount)
-        else:
-            new_alloc = allocated - amount.amount if operation == "DEBIT" else amount.amount
-            if operation == "DEBIT" and b.remaining.amount - amount.amount < 0:
-                raise DuplicateResource(
-                    f"DEBIT of {amount.amount} would take remaining below zero ({b.remaining.amount})"
-                )
-            after = await s.ledger.set_budget(scope, Amount(unit=unit, amount=new_alloc))
-    view = ledger_view(after, doc)
-    await _budget_event(s, request, p, _FUND_EVENTS[operation], view, operation, before, reason)
-    return before, view
+    if operation != "RESET_SPENT":
+        spent = None  # the spec: "only honoured for RESET_SPENT; ignored for other operations"
+    try:
+        result = await s.ledger.fund(scope, unit, operation, amount, spent=spent, idempotency_key=idempotency_key)
+    except NotFound:
+        raise BudgetNotFound(f"no {unit.value} budget at {scope}") from None
+    doc = await _doc(s, scope, unit)
+    before, view = ledger_view(result.before, doc), ledger_view(result.after, doc)
+    if not result.replayed:
+        extra = {"spent_override_provided": spent is not None} if operation == "RESET_SPENT" else None
+        await _budget_event(s, request, p, _FUND_EVENTS[operation], view, operation, before, reason, extra)
+    return result, before, view
 
 
 class BudgetBulkFilter(_Body):
@@ -518,8 +512,6 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
 
     req = parse_body(BudgetBulkActionRequest, await read_body(request, s.max_body_bytes))
     f = req.filter
-    if req.action in ("RESET_SPENT", "REPAY_DEBT"):
-        raise InvalidRequest(f"{req.action} is not supported by this server yet (CREDIT, DEBIT, RESET are)")
     if req.amount is None:
         raise InvalidRequest(f"{req.action} needs an amount")
     if req.expected_count is not None and req.expected_count < 0:
@@ -554,7 +546,11 @@ async def bulk_action(s: CyclesServer, request: Request, p: Principal) -> Reply:
             skipped.append({"id": v["ledger_id"], "reason": f"unit is {v['unit']}"})
             continue
         try:
-            await _fund_one(s, request, p, v["scope"], Unit(v["unit"]), req.action, req.amount, req.reason)
+            # one key per row, derived from the bulk's: a resubmitted bulk replays, never re-applies
+            row_key = hashlib.sha256(f"{req.idempotency_key}\n{v['ledger_id']}".encode()).hexdigest()
+            await _fund_one(
+                s, request, p, v["scope"], Unit(v["unit"]), req.action, req.amount, req.reason, req.spent, row_key
+            )
             succeeded.append({"id": v["ledger_id"]})
         except Exception as exc:  # noqa: BLE001 - reported per row
             code = str(getattr(exc, "code", "INTERNAL_ERROR"))
