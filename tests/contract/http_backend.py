@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cycles.ledger.base import BalanceQuery, Ledger, ReservationQuery
+from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
 from cycles.ledger.funding import FundingOperation, FundingResult
 from cycles.ledger.http import HttpLedger
 from cycles.ledger.periods import PeriodSpec
@@ -185,6 +186,13 @@ class TenantRoutedLedger(Ledger):
 
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return self.admin.list_policies(tenant=tenant)
+
+    # quota counters: the spec's admin endpoints (the admin key reads any tenant, tenant_id given)
+    def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return self.admin.list_quota_counters(query)
+
+    def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return self.admin.reset_quota_counter(req)
 
     def close(self) -> None:
         for client in [self.admin, *self._clients.values()]:

@@ -287,6 +287,54 @@ GOVERNANCE_BAD_INPUTS: list[tuple[list[str], int, str]] = [
         "memory:// keeps nothing",
     ),
     (["--ledger", "memory://", "webhooks", "security", "--allow-http"], 2, "memory:// keeps nothing"),
+    (
+        [
+            "quotas",
+            "reset",
+            "--tenant",
+            "a",
+            "--scope",
+            "tenant:a",
+            "--kind",
+            "k",
+            "--window",
+            "per_run",
+            "--window-key",
+            "r",
+            "--ledger",
+            "memory://",
+        ],
+        2,
+        "memory:// keeps nothing",
+    ),
+    # quota counters and the action kind registry
+    (["quotas", "counters", "--ledger", "{ledger}"], 2, "--tenant"),
+    (["quotas", "counters", "--tenant", "known", "--window", "per_week", "--ledger", "{ledger}"], 2, "invalid choice"),
+    (["quotas", "counters", "--tenant", "known", "--limit", "0", "--ledger", "{ledger}"], 2, "--limit"),
+    (
+        [
+            "quotas",
+            "reset",
+            "--tenant",
+            "known",
+            "--scope",
+            "tenant:known",
+            "--kind",
+            "__risk__",
+            "--risk-class",
+            "high_risk",
+            "--window",
+            "per_hour_tumbling",
+            "--window-key",
+            "noon",
+            "--ledger",
+            "{ledger}",
+        ],
+        2,
+        "not a per_hour_tumbling bucket",
+    ),
+    (["action-kinds", "message.email", "--ledger", "{ledger}"], 1, "not in the registry"),
+    (["action-kinds", "--risk-class", "scary"], 2, "invalid choice"),
     # ledgers that are not there or not ledgers
     (["tenants", "list", "--ledger", "sqlite:///{foreign}"], 2, "another program's SQLite"),
     (["audit", "--ledger", "sqlite:///{corrupt}"], 1, "not a readable SQLite database"),
@@ -509,6 +557,9 @@ def test_json_is_honoured_by_every_command_that_prints(world: World) -> None:
     assert created["api_key"].startswith("cyc_")
     (listed,) = as_json("keys", "list", *ledger)
     assert as_json("keys", "revoke", listed["key_id"], *ledger)["status"] == "REVOKED"
+    assert as_json("quotas", "counters", "--tenant", "acme", *ledger) == []
+    assert len(as_json("action-kinds")["kinds"]) == 62
+    assert as_json("action-kinds", "code.exec")["risk_class"] == "high_risk"
     demo = as_json("demo", "--fast")
     assert demo["with_cycles"]["stopped_by"] == "budget" and demo["without_cycles"]["stopped_by"] == "timer"
 

@@ -15,7 +15,7 @@ from cycles.server import create_app
 from cycles.server.testing import ServerThread
 from tests.server.spec import SpecValidator, find_spec
 
-from .spec import admin_spec_path
+from .spec import action_kinds_spec_path, admin_spec_path
 
 ADMIN_KEY = "gov-admin-key-0123456789"
 
@@ -23,6 +23,11 @@ ADMIN_KEY = "gov-admin-key-0123456789"
 @pytest.fixture(scope="session")
 def admin_spec() -> SpecValidator:
     return SpecValidator(admin_spec_path())
+
+
+@pytest.fixture(scope="session")
+def action_kinds_spec() -> SpecValidator:
+    return SpecValidator(action_kinds_spec_path())
 
 
 @pytest.fixture(scope="session")
@@ -53,13 +58,18 @@ def live(ledger_url: str) -> Iterator[ServerThread]:
 class Api:
     """Calls to the live server; every response validated against the admin spec."""
 
-    def __init__(self, url: str, spec: SpecValidator, runtime: SpecValidator) -> None:
+    def __init__(
+        self, url: str, spec: SpecValidator, runtime: SpecValidator, kinds: SpecValidator | None = None
+    ) -> None:
         def check(response: httpx.Response) -> None:
             response.read()
             # protocol v0's operations (GET /v1/balances is in both documents, in v0's shape here)
-            # are held to the protocol spec; everything else to the governance spec.
+            # are held to the protocol spec, the action-kinds plane to its spec; everything else to
+            # the governance spec.
             method, path = response.request.method, response.request.url.path
-            chosen = runtime if runtime.operation(method, path) is not None else spec
+            chosen = next(
+                (v for v in (runtime, kinds) if v is not None and v.operation(method, path) is not None), spec
+            )
             chosen.check(
                 response.request.method,
                 response.request.url.path,
@@ -95,7 +105,9 @@ class Api:
         )
         assert r.status_code in (200, 201), r.text
 
-    def reserve(self, key: str, subject: dict[str, str], amount: int) -> httpx.Response:
+    def reserve(
+        self, key: str, subject: dict[str, Any], amount: int, action: dict[str, str] | None = None
+    ) -> httpx.Response:
         return self.k(
             key,
             "POST",
@@ -103,7 +115,7 @@ class Api:
             json={
                 "idempotency_key": uuid.uuid4().hex,
                 "subject": subject,
-                "action": {"kind": "llm", "name": "m"},
+                "action": action or {"kind": "llm", "name": "m"},
                 "estimate": {"unit": "USD_MICROCENTS", "amount": amount},
             },
         )
@@ -113,7 +125,9 @@ class Api:
 
 
 @pytest.fixture
-def api(live: ServerThread, admin_spec: SpecValidator, runtime_spec: SpecValidator) -> Iterator[Api]:
-    client = Api(live.url, admin_spec, runtime_spec)
+def api(
+    live: ServerThread, admin_spec: SpecValidator, runtime_spec: SpecValidator, action_kinds_spec: SpecValidator
+) -> Iterator[Api]:
+    client = Api(live.url, admin_spec, runtime_spec, action_kinds_spec)
     yield client
     client.close()

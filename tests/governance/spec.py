@@ -40,3 +40,33 @@ def admin_validator(schema: str) -> Draft202012Validator:
         registry=registry,
         format_checker=Draft202012Validator.FORMAT_CHECKER,
     )
+
+
+# ---- the action-kinds spec and the protocol extensions (v0.1.26) ---------------------------------
+
+
+def action_kinds_spec_path() -> Path:
+    return admin_spec_path().parent / "cycles-action-kinds-v0.1.26.yaml"
+
+
+@cache
+def spec_doc(name: str) -> dict[str, Any]:
+    """One document of the shared spec directory, by file name."""
+    with (admin_spec_path().parent / name).open() as f:
+        loaded: dict[str, Any] = yaml.safe_load(f)
+    return loaded
+
+
+@cache
+def schema_validator(document: str, schema: str) -> Draft202012Validator:
+    """A validator for ``components/schemas/<schema>`` of ``document`` (e.g.
+    ``cycles-protocol-extensions-v0.1.26.yaml``, ``EventDataQuotaCounterReset``)."""
+    uri = f"urn:cycles:{document}"
+    registry: Registry[Any] = Registry().with_resource(
+        uri, Resource.from_contents(spec_doc(document), default_specification=DRAFT202012)
+    )
+    return Draft202012Validator(
+        {"$ref": f"{uri}#/components/schemas/{schema}"},
+        registry=registry,
+        format_checker=Draft202012Validator.FORMAT_CHECKER,
+    )

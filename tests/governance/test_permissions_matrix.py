@@ -67,10 +67,14 @@ OPERATIONS: dict[str, tuple[str, int, Call]] = {
     "updateTenantWebhook": ("webhooks:write", 200, lambda api, key, ctx: api.k(
         key, "PATCH", f"/v1/webhooks/{ctx['hook']}", json={"description": uuid.uuid4().hex})),
     "listTenantEvents": ("events:read", 200, lambda api, key, ctx: api.k(key, "GET", "/v1/events")),
+    "listActionQuotaCounters": ("action_quotas:read", 200, lambda api, key, ctx: api.k(
+        key, "GET", "/v1/admin/action-quota-counters")),
 }  # fmt: skip
+#: The action-kinds spec's deprecated fallback (v0.1.26 only): balances:read also reads quota counters.
+FALLBACKS = {"balances:read": {"listActionQuotaCounters"}}
 
 READS = {"getBalances", "listBudgets", "lookupBudget", "listTenantWebhooks", "getTenantWebhook", "listTenantEvents",
-         "listReservations", "getReservation"}  # fmt: skip
+         "listReservations", "getReservation", "listActionQuotaCounters"}  # fmt: skip
 WRITES = {"createReservation", "decide", "createEvent", "commitReservation", "releaseReservation",
           "extendReservation", "createBudget", "fundBudget", "createTenantWebhook", "updateTenantWebhook"}  # fmt: skip
 
@@ -102,6 +106,7 @@ def _allowed(api: Api, ctx: dict[str, str], permissions: list[str]) -> set[str]:
 def test_each_permission_allows_exactly_its_operations(api: Api, ctx: dict[str, str]) -> None:
     for permission in sorted({perm for perm, _, _ in OPERATIONS.values()}):
         expected = {name for name, (perm, _, _) in OPERATIONS.items() if perm == permission}
+        expected |= FALLBACKS.get(permission, set())
         assert _allowed(api, ctx, [permission]) == expected, permission
 
 

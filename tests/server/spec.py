@@ -87,6 +87,17 @@ class SpecValidator:
         if self.path.name == "cycles-protocol-v0.yaml" and extensions.exists():  # runtime extensions only
             with extensions.open() as f:
                 with_extensions(loaded, yaml.safe_load(f))
+        governance = self.path.parent / "cycles-governance-extensions-v0.1.26.yaml"
+        if self.path.name.startswith("cycles-governance-admin") and governance.exists():
+            with governance.open() as f:  # the Permission enum gains action_quotas:read (v0.1.26)
+                extended = yaml.safe_load(f)["components"]["schemas"]["PermissionExtension"]["enum"]
+            permissions = loaded["components"]["schemas"]["Permission"]["enum"]
+            permissions += [p for p in extended if p not in permissions]
+        if self.path.name.startswith("cycles-governance-admin") and extensions.exists():
+            with extensions.open() as f:  # and the EventType enum the four v0.1.26 event types
+                types = yaml.safe_load(f)["components"]["schemas"]["EventTypeExtension"]["enum"]
+            known = loaded["components"]["schemas"]["EventType"]["enum"]
+            known += [t for t in types if t not in known]
         return loaded
 
     @cached_property

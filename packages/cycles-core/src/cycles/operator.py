@@ -53,6 +53,7 @@ from cycles.flows import (
     pages,
 )
 from cycles.models import Amount
+from cycles.operator_quotas import ActionKinds, QuotaCounters
 
 __all__ = ["AsyncOperator", "Operator"]
 
@@ -69,6 +70,8 @@ class _OperatorBase(Group[S]):
         self.keys = _Keys(send)
         self.budgets = _Budgets(send)
         self.webhooks = _Webhooks(send)
+        self.action_kinds = ActionKinds(send)  # operator_quotas.py: the action-kinds spec's plane
+        self.quota_counters = QuotaCounters(send)
 
     @operation
     def call(self, method: str, path: str, *, params: Json | None = None, json: Any = None) -> Flow[Any]:

@@ -4,6 +4,11 @@
     cy.quotas.set("tenant:acme", risk_class="external_side_effect", max_calls=50, window="per_hour_tumbling")
     cy.quotas.deny_kinds("tenant:acme/agent:intern", ["code.deploy"])
     cy.quotas.list(tenant="acme"); cy.quotas.get(...); cy.quotas.delete(...)
+    cy.quotas.counters("acme", window="per_run", run_id="run-42")   # live counters (ActionQuotaState)
+    cy.quotas.counters_page("acme", limit=50, cursor=None)          # one page, with its next_cursor
+
+Resetting a counter is an audited operator action: ``cy.operator.quota_counters.reset(...)`` (or
+``cycles quotas reset``), which also emits the spec's ``quota.counter_reset`` event.
 
 The edits are built here once; ``Quotas`` and ``AsyncQuotas`` only send them.
 """
@@ -16,6 +21,7 @@ from pydantic import ValidationError
 
 from cycles.errors import InvalidRequest, NotFound, describe_validation_error
 from cycles.ledger.base import AsyncLedger, Ledger
+from cycles.ledger.counters import CounterPage, CounterQuery, CounterState
 from cycles.ledger.quotas import PolicyEdit, Quota, ScopePolicy
 from cycles.scopes import parse_scope, scope_tenant
 
@@ -57,6 +63,13 @@ def _policy(policies: _List[ScopePolicy], scope: str) -> ScopePolicy:
     return next((p for p in policies if p.scope == scope), ScopePolicy(scope=scope))
 
 
+def _counter_query(tenant: str, **filters: Any) -> CounterQuery:
+    try:
+        return CounterQuery.model_validate({"tenant": tenant, **filters})
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
 def _loop_edit(max_repeats: int | None, window: str) -> PolicyEdit:
     loop: dict[str, Any] | str = "off" if max_repeats is None else {"max_repeats": max_repeats, "window": window}
     try:
@@ -88,7 +101,7 @@ class Quotas:
     ) -> Quota:
         """Set (or replace) the quota on ``action_kind`` or ``risk_class`` for ``window`` on ``scope``.
         ``options``: per_run_counter_ttl_ms, host_allowlist, recipient_domain_allowlist,
-        resource_type_allowlist."""
+        resource_type_allowlist, threshold_pct (a server announces quota.threshold_approaching there)."""
         quota = _quota(action_kind, risk_class, window, max_calls=max_calls, **options)
         policy = self._ledger.update_policy(scope, PolicyEdit(set_quota=quota))
         return _find([policy], scope, quota)
@@ -126,6 +139,22 @@ class Quotas:
         """The tenant's default observe mode: ``OBSERVE`` (evaluate, record, never block or charge),
         ``ENFORCE`` (default) or ``DISABLED``. A reservation's own ``observe_mode`` overrides it."""
         return self._ledger.update_policy(tenant_scope, _observe_edit(mode))
+
+    def counters_page(self, tenant: str, **filters: Any) -> CounterPage:
+        """One page of ``tenant``'s live quota counters in name order. Filters: scope (a prefix),
+        action_kind (``"__risk__"``: the risk-class ones), window, run_id, include_zero, cursor, limit."""
+        return self._ledger.list_quota_counters(_counter_query(tenant, **filters))
+
+    def counters(self, tenant: str, **filters: Any) -> _List[CounterState]:
+        """Every live counter of ``tenant`` matching the filters (all pages)."""
+        out: _List[CounterState] = []
+        cursor = None
+        while True:
+            page = self.counters_page(tenant, **filters, cursor=cursor, limit=200)
+            out += page.counters
+            if not page.has_more:
+                return out
+            cursor = page.next_cursor
 
 
 class AsyncQuotas:
@@ -176,3 +205,16 @@ class AsyncQuotas:
 
     async def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
         return await self._ledger.update_policy(tenant_scope, _observe_edit(mode))
+
+    async def counters_page(self, tenant: str, **filters: Any) -> CounterPage:
+        return await self._ledger.list_quota_counters(_counter_query(tenant, **filters))
+
+    async def counters(self, tenant: str, **filters: Any) -> _List[CounterState]:
+        out: _List[CounterState] = []
+        cursor = None
+        while True:
+            page = await self.counters_page(tenant, **filters, cursor=cursor, limit=200)
+            out += page.counters
+            if not page.has_more:
+                return out
+            cursor = page.next_cursor

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from cycles.errors import CyclesError, InvalidRequest
-from cycles.ledger import rules
+from cycles.ledger import counters, rules
+from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
 from cycles.ledger.funding import FundingOperation, FundingResult, check_request
 from cycles.ledger.limits import DEFAULT_LIMITS, RateLimiter, TenantLimits
 from cycles.ledger.periods import PeriodSpec
@@ -145,6 +146,15 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
+    # action quota counters (ledger/counters.py)
+    @abc.abstractmethod
+    def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        """One page of a tenant's live quota counters (``query.tenant``, or the caller's)."""
+
+    @abc.abstractmethod
+    def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        """Set one counter to 0 (incident response); ``NotFound`` when no live counter has its name."""
+
     def count_active(self) -> int | None:
         """ACTIVE reservations across all tenants, from a maintained count (never a scan of rows),
         or ``None`` when the backend keeps no such total (Redis: the counts live per slot)."""
@@ -232,6 +242,10 @@ class AsyncLedger(abc.ABC):
     async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy: ...
     @abc.abstractmethod
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
+    @abc.abstractmethod
+    async def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage: ...
+    @abc.abstractmethod
+    async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset: ...
 
     async def count_active(self) -> int | None:
         """See ``Ledger.count_active``."""
@@ -390,6 +404,12 @@ class TransactionalLedger(Ledger):
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return self._write(rules.list_policies, tenant)
 
+    def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return self._read(counters.list_counters, query, tenant)
+
+    def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return self._write(counters.reset_counter, req, tenant)
+
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -492,6 +512,12 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self._call(self.sync.list_policies, tenant=tenant)
+
+    async def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return await self._call(self.sync.list_quota_counters, query, tenant=tenant)
+
+    async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return await self._call(self.sync.reset_quota_counter, req, tenant=tenant)
 
     async def count_active(self) -> int | None:
         return await self._call(self.sync.count_active)

@@ -69,6 +69,7 @@ from cycles.errors import (
     error_for,
 )
 from cycles.ledger.base import AsyncLedger, Ledger
+from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
 from cycles.ledger.funding import FundingOperation, FundingRequest, FundingResult, check_request
 from cycles.ledger.periods import PeriodSpec
 from cycles.ledger.quotas import EXTENSIONS_VERSION, PolicyEdit, ScopePolicy
@@ -233,6 +234,8 @@ _PARSE_LIST = _model_parser(ReservationListResponse)
 _PARSE_BALANCE = _model_parser(Budget)
 _PARSE_BALANCE_LIST = _list_parser(_BUDGET_LIST)
 _PARSE_POLICY = _model_parser(ScopePolicy)
+_PARSE_COUNTERS = _model_parser(CounterPage)
+_PARSE_RESET = _model_parser(CounterReset)
 
 
 class _FundingWire(BaseModel):
@@ -590,6 +593,33 @@ class _HttpCore:
 
     def list_policies(self, tenant: str | None) -> _Call[list[ScopePolicy]]:
         return self._admin_call("GET", "/policies" + _query([("tenant", tenant)]), None, _parse_policies)
+
+    # action quota counters (cycles-action-kinds): the admin key reads any tenant's (tenant_id
+    # required), a tenant key its own; only the admin key resets.
+    def list_quota_counters(self, q: CounterQuery) -> _Call[CounterPage]:
+        query = _query(
+            [
+                ("tenant_id", q.tenant),
+                ("scope", q.scope),
+                ("action_kind", q.action_kind),
+                ("window", q.window),
+                ("run_id", q.run_id),
+                ("include_zero", "true" if q.include_zero else None),
+                ("cursor", q.cursor),
+                ("limit", str(q.limit)),
+            ]
+        )
+        headers = self._headers(self._admin_headers if self.admin_key else self._runtime_headers, False, None)
+        return _Call("GET", self._v1 + "/admin/action-quota-counters" + query, None, headers, 200, _PARSE_COUNTERS)
+
+    def reset_quota_counter(self, req: CounterResetRequest) -> _Call[CounterReset]:
+        if not self.admin_key:
+            raise InvalidRequest(
+                "resetting a quota counter needs the admin key (AdminKeyAuth only): pass admin_key=..."
+            )
+        body = req.model_dump_json(exclude_none=True).encode()
+        headers = self._headers(self._admin_headers, True, None)
+        return _Call("POST", self._v1 + "/admin/action-quota-counters/reset", body, headers, 200, _PARSE_RESET)
 
     def sweep(self, limit: int) -> _Call[int] | None:
         """Our server's operator plane can sweep on demand; without an admin key (or against
@@ -1096,6 +1126,12 @@ class HttpLedger(Ledger):
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return self._run(self._core.list_policies(tenant))
 
+    def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return self._run(self._core.list_quota_counters(query))
+
+    def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return self._run(self._core.reset_quota_counter(req))
+
     def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)
         return self._run(call) if call is not None else 0
@@ -1237,6 +1273,12 @@ class AsyncHttpLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self._run(self._core.list_policies(tenant))
+
+    async def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return await self._run(self._core.list_quota_counters(query))
+
+    async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return await self._run(self._core.reset_quota_counter(req))
 
     async def sweep(self, limit: int = 1000) -> int:
         call = self._core.sweep(limit)

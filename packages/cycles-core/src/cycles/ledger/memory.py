@@ -315,9 +315,11 @@ class _MemoryTxn:
     def put_meta(self, key: str, value: str | None) -> None:
         self._meta[key] = value
 
-    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+    def scan_meta(self, prefix: str, limit: int | None = None, *, after: str | None = None) -> list[tuple[str, str]]:
         merged = {**self._store.meta, **self._meta}
-        found = sorted((k, v) for k, v in merged.items() if v is not None and k.startswith(prefix))
+        found = sorted(
+            (k, v) for k, v in merged.items() if v is not None and k.startswith(prefix) and (after is None or k > after)
+        )
         return found if limit is None else found[:limit]
 
     # end of transaction

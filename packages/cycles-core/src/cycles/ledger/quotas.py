@@ -28,7 +28,9 @@ import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -188,6 +190,8 @@ class Quota(BaseModel):
     host_allowlist: list[Annotated[str, StringConstraints(max_length=253)]] | None = None
     recipient_domain_allowlist: list[Annotated[str, StringConstraints(max_length=253)]] | None = None
     resource_type_allowlist: list[Annotated[str, StringConstraints(max_length=128)]] | None = None
+    #: share of max_calls at which a quota.threshold_approaching event is announced (default 0.80)
+    threshold_pct: Annotated[float, Field(ge=0.01, le=0.99, allow_inf_nan=False)] | None = None
     scope: str | None = None
 
     @model_validator(mode="after")
@@ -473,15 +477,75 @@ class Counter:
     loop: bool = False  # a loop-guard counter (step 3b): repeats count even when released
 
     def wire(self) -> list[Any]:
-        """What the Redis script needs: key, limit, ttl, per_run."""
-        return [self.key, self.limit, self.ttl_ms, 1 if self.per_run else 0]
+        """What the Redis script needs: key, limit, ttl, per_run, threshold count (0: none)."""
+        return [self.key, self.limit, self.ttl_ms, 1 if self.per_run else 0, self.threshold() or 0]
+
+    def threshold(self) -> int | None:
+        """The count at which the quota's threshold_pct is reached (``None`` for a loop guard)."""
+        if self.loop:
+            return None
+        pct = self.quota.threshold_pct or DEFAULT_THRESHOLD_PCT
+        return max(1, math.ceil(round(pct * self.limit, 9)))  # 0.7 * 10 is 7.000000000000001
+
+
+# ---- quota.threshold_approaching (protocol extensions: EventDataQuotaThresholdApproaching) -------
+# A counter announces its threshold once per window instance: the first increment that reaches it
+# marks the counter (counters.CounterValue.alerted; cleared when the window starts over or on a
+# reset), so a per_run count given back and counted again does not announce twice. The ledger
+# appends each crossing to ``threshold_crossings`` when the caller set it (the server does, and
+# turns them into events), and logs it on ``cycles.quota``.
+DEFAULT_THRESHOLD_PCT = 0.80
+threshold_crossings: ContextVar[list[dict[str, Any]] | None] = ContextVar("cycles_quota_thresholds", default=None)
+threshold_log = logging.getLogger("cycles.quota")
+
+
+def note_threshold(c: Counter, used: int) -> None:
+    q = c.quota
+    data: dict[str, Any] = {
+        "scope": c.scope,
+        "action_kind": "__risk__" if q.risk_class is not None else c.action_kind,
+        "window": q.window,
+        "window_key": c.window_key,
+        "used": used,
+        "limit": c.limit,
+        "threshold_pct": q.threshold_pct or DEFAULT_THRESHOLD_PCT,
+    }
+    if q.risk_class is not None:
+        data["risk_class"] = q.risk_class
+    found = threshold_crossings.get()
+    if found is not None:
+        found.append(data)
+    threshold_log.info("quota.threshold_approaching %s", json.dumps(data, separators=(",", ":")))
 
 
 def _bucket(window: str, now_ms: int) -> tuple[str, str]:
     """(key part, window_key as the spec writes it) of a tumbling window at ``now_ms`` (UTC)."""
     index = now_ms // _BUCKET_MS[window]
-    label = datetime.fromtimestamp(index * _BUCKET_MS[window] / 1000, UTC).strftime(_BUCKET_FORMAT[window])
-    return str(index), label
+    return str(index), bucket_label(window, index)
+
+
+def bucket_label(window: str, index: int) -> str:
+    """The window_key of a tumbling window's bucket (``2026-04-09T14`` for an hour)."""
+    return datetime.fromtimestamp(index * _BUCKET_MS[window] / 1000, UTC).strftime(_BUCKET_FORMAT[window])
+
+
+def bucket_end(window: str, index: int) -> int:
+    """When the bucket's window ends (epoch ms)."""
+    return (index + 1) * _BUCKET_MS[window]
+
+
+def bucket_index(window: str, label: str) -> int:
+    """The bucket a window_key names; ``InvalidRequest`` unless it is written as the spec writes it."""
+    try:
+        at = datetime.strptime(label, _BUCKET_FORMAT[window]).replace(tzinfo=UTC)
+    except ValueError as exc:
+        raise InvalidRequest(
+            f"window_key {label[:64]!r} is not a {window} bucket ({_BUCKET_FORMAT[window]}, UTC)"
+        ) from exc
+    index = int(at.timestamp() * 1000) // _BUCKET_MS[window]
+    if bucket_label(window, index) != label:
+        raise InvalidRequest(f"window_key {label[:64]!r} is not a {window} bucket as the listing writes it")
+    return index
 
 
 def plan(

@@ -116,6 +116,7 @@ from cycles.errors import (
     deny_detail_of,
 )
 from cycles.identifiers import is_identifier
+from cycles.ledger import counters as quota_counters
 from cycles.ledger import funding, periods, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.limits import (
@@ -239,6 +240,7 @@ _SCRIPT_NAMES = (
     "cas",
     "roll",
     "policy_put",
+    "counter_reset",
 )
 
 
@@ -709,8 +711,9 @@ class _Snapshot:
     def put_meta(self, key: str, value: str | None) -> None:
         raise RuntimeError("a Redis read snapshot is read-only")
 
-    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
-        return sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix))[:limit]
+    def scan_meta(self, prefix: str, limit: int | None = None, *, after: str | None = None) -> list[tuple[str, str]]:
+        found = sorted((k, v) for k, v in self._meta.items() if k.startswith(prefix) and (after is None or k > after))
+        return found[:limit]
 
 
 def _periods_of(rows: Iterable[tuple[str, list[Any]]]) -> dict[str, str]:
@@ -843,7 +846,10 @@ class _RedisCore:
         """Run ``flow``; when a script refuses with PERIOD_ROLL (a recurring budget's period ended),
         compute the new windows here (``periods``: time zones), roll them over with ``roll.lua``
         and send the same step again. Only at period boundaries; otherwise a pass-through."""
-        step = next(flow)
+        try:
+            step = next(flow)
+        except StopIteration as stop:  # a flow that had nothing to ask (an empty range)
+            return cast(T, stop.value)
         rolls = 0
         while True:
             reply = yield step
@@ -901,6 +907,10 @@ class _RedisCore:
             if data.startswith(b'["E","QUOTA"'):
                 counts = from_json(data)[2]
                 return None, quotas.violation(counters, counts), observes
+            if counters and data.endswith(b"]]]"):  # reserve.lua's fifth element: thresholds reached
+                reply = from_json(data)
+                for index, used in reply[4] if len(reply) > 4 else ():
+                    quotas.note_threshold(counters[index], used)
             return raw, None, observes
         raise InternalError("the scope policies kept changing while a reservation was evaluated")
 
@@ -940,6 +950,47 @@ class _RedisCore:
                 if scope != "~v" and (tenant is None or scope_tenant(scope) == tenant):
                     out.append(quotas.load_policy(scope, _str(text)))
         return sorted(out, key=lambda p: p.scope)
+
+    def _list_counters(
+        self, query: quota_counters.CounterQuery, tenant: str | None
+    ) -> _Flow[quota_counters.CounterPage]:
+        """counters.list_counters over the slot's name index (QINDEX in common.lua): a batch of
+        names in key order, then their values, until the page is complete."""
+        owner = quota_counters.effective_tenant(query.tenant, tenant)
+        pager = quota_counters.Pager(query, owner, self._now_ms())
+        base = self._base(owner)
+        batch = min(query.limit + 1, 256)
+        for prefix in quota_counters.tenant_ranges(owner, query.scope):
+            start = pager.start(prefix)
+            low = "(" + start if start is not None else "[" + prefix
+            high = "[" + prefix + "\U0010ffff"
+            while True:
+                names = yield _Command(("ZRANGEBYLEX", base + "qix", low, high, "LIMIT", "0", str(batch)))
+                if not names:
+                    break
+                values = yield _Command(("MGET", *(base + "q:" + _str(n) for n in names)))
+                for name, value in zip(names, values, strict=True):
+                    if value is not None and pager.feed(_str(name), _str(value)):
+                        return pager.page()
+                if len(names) < batch:
+                    break
+                low = "(" + _str(names[-1])
+        return pager.page()
+
+    def _reset_counter(
+        self, req: quota_counters.CounterResetRequest, tenant: str | None
+    ) -> _Flow[quota_counters.CounterReset]:
+        owner = quota_counters.effective_tenant(req.tenant_id, tenant)
+        name = quota_counters.counter_name(req, owner)
+        raw = yield self._call("counter_reset", owner, name, "1" if req.window == "per_run" else "0")
+        reply = from_json(raw)
+        if reply[0] == "E":
+            raise quota_counters.not_found(req)
+        previous, text = reply[2]
+        value = quota_counters.CounterValue.loads(text)
+        return quota_counters.CounterReset(
+            counter=quota_counters.reset_state(name, value, req, reply[1]), previous_used=int(previous)
+        )
 
     def _roll_calls(self, step: _Step, reply: Any) -> list[_Call | _Command]:
         pairs = list(zip(step, reply, strict=True)) if isinstance(step, list) else [(step, reply)]
@@ -1766,6 +1817,16 @@ class RedisLedger(_RedisCore, Ledger):
     def list_policies(self, *, tenant: str | None = None) -> list[quotas.ScopePolicy]:
         return self._run(self._list_policies(tenant))
 
+    def list_quota_counters(
+        self, query: quota_counters.CounterQuery, *, tenant: str | None = None
+    ) -> quota_counters.CounterPage:
+        return self._run(self._list_counters(query, tenant))
+
+    def reset_quota_counter(
+        self, req: quota_counters.CounterResetRequest, *, tenant: str | None = None
+    ) -> quota_counters.CounterReset:
+        return self._run(self._reset_counter(req, tenant))
+
     def sweep(self, limit: int = 1000) -> int:
         return self._run(self._sweep(limit))
 
@@ -2182,6 +2243,16 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[quotas.ScopePolicy]:
         return await self._run(self._list_policies(tenant))
+
+    async def list_quota_counters(
+        self, query: quota_counters.CounterQuery, *, tenant: str | None = None
+    ) -> quota_counters.CounterPage:
+        return await self._run(self._list_counters(query, tenant))
+
+    async def reset_quota_counter(
+        self, req: quota_counters.CounterResetRequest, *, tenant: str | None = None
+    ) -> quota_counters.CounterReset:
+        return await self._run(self._reset_counter(req, tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._run(self._sweep(limit))

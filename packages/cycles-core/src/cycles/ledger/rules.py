@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -48,6 +49,7 @@ from cycles.errors import (
 )
 from cycles.identifiers import is_identifier
 from cycles.ledger import funding, periods, quotas
+from cycles.ledger.counters import CounterValue
 from cycles.ledger.limits import TenantLimits, check_active_limit, check_metadata
 from cycles.ledger.paging import ReservationScan, decode_position, encode_position, keyset_page
 from cycles.models import (
@@ -357,8 +359,9 @@ class Txn(Protocol):
         """Write ``key`` (``None`` deletes it)."""
         ...
 
-    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
-        """Entries whose key starts with ``prefix``, in key order (the first ``limit``)."""
+    def scan_meta(self, prefix: str, limit: int | None = None, *, after: str | None = None) -> list[tuple[str, str]]:
+        """Entries whose key starts with ``prefix``, in key order (the first ``limit``; strictly
+        after the key ``after`` when given)."""
         ...
 
 
@@ -1515,7 +1518,7 @@ def current_view(
 
 
 # ---- action quotas and action-kind access (quotas.py holds the rules; this is their storage) ---
-# Meta entries: "policy|<scope>" the scope's ScopePolicy; "qc|<counter>" "<count>,<expires at>";
+# Meta entries: "policy|<scope>" the scope's ScopePolicy; "qc|<counter>" a counters.CounterValue;
 # "qx|<expires at, 16 digits>|<counter>" the expiry index a sweep purges by; "qr|<reservation id>"
 # the per_run counters a reservation incremented (given back on release and expiry).
 _RS = "\x1e"
@@ -1534,8 +1537,7 @@ def _counts(txn: Txn, counters: Sequence[quotas.Counter]) -> list[int]:
     counts = []
     for c in counters:
         text = found.get("qc|" + c.key)
-        n, _, expires = text.partition(",") if text is not None else ("0", "", "0")
-        counts.append(int(n) if int(expires) > txn.now_ms else 0)
+        counts.append(CounterValue.loads(text).live(txn.now_ms) if text is not None else 0)
     return counts
 
 
@@ -1553,10 +1555,21 @@ def gate_quotas(txn: Txn, verdict: Verdict, subject: Subject, action: Action) ->
 
 
 def count_quotas(txn: Txn, counters: Sequence[quotas.Counter], reservation_id: str) -> None:
-    """Step 5, with the budget: +1 on every counter (TTL refreshed); remember the per_run ones."""
-    for c, n in zip(counters, _counts(txn, counters), strict=True):
+    """Step 5, with the budget: +1 on every counter (TTL refreshed, the limit it counted under
+    kept for readers); remember the per_run ones."""
+    found = txn.get_meta(["qc|" + c.key for c in counters])
+    for c in counters:
+        text = found.get("qc|" + c.key)
+        old = CounterValue.loads(text) if text is not None else None
+        n = old.live(txn.now_ms) if old is not None else 0
+        alerted = old is not None and old.expires_ms > txn.now_ms and old.alerted  # a new window starts over
+        threshold = c.threshold()
+        crossed = not alerted and threshold is not None and n + 1 >= threshold
+        if crossed:
+            quotas.note_threshold(c, n + 1)
         expires = txn.now_ms + c.ttl_ms
-        txn.put_meta("qc|" + c.key, f"{n + 1},{expires}")
+        value = CounterValue(n + 1, expires, c.limit, c.ttl_ms, txn.now_ms, alerted or crossed)
+        txn.put_meta("qc|" + c.key, value.dumps())
         if n == 0:  # a new counter enters the purge index; a refreshed one is re-indexed when reached
             txn.put_meta(f"qx|{expires:016d}|{c.key}", "")
     runs = [c.key for c in counters if c.per_run]
@@ -1573,9 +1586,9 @@ def uncount_quotas(txn: Txn, reservation_id: str) -> None:
     for counter in text.split(_RS):
         found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
         if found is not None:
-            n, _, expires = found.partition(",")
-            if int(n) > 0 and int(expires) > txn.now_ms:
-                txn.put_meta("qc|" + counter, f"{int(n) - 1},{expires}")
+            value = CounterValue.loads(found)
+            if value.live(txn.now_ms) > 0:
+                txn.put_meta("qc|" + counter, dataclasses.replace(value, count=value.count - 1).dumps())
     txn.put_meta(key, None)
 
 
@@ -1589,7 +1602,7 @@ def purge_quota_counters(txn: Txn, limit: int) -> int:
         found = txn.get_meta(["qc|" + counter]).get("qc|" + counter)
         txn.put_meta(index_key, None)
         if found is not None:
-            alive_until = int(found.partition(",")[2])
+            alive_until = CounterValue.loads(found).expires_ms
             if alive_until <= txn.now_ms:
                 txn.put_meta("qc|" + counter, None)
             else:  # refreshed since it was indexed: index it at its current expiry

@@ -517,10 +517,12 @@ class _SqliteTxn:
         else:
             self._db.execute("INSERT OR REPLACE INTO kv VALUES (?,?)", (key, value))
 
-    def scan_meta(self, prefix: str, limit: int | None = None) -> list[tuple[str, str]]:
+    def scan_meta(self, prefix: str, limit: int | None = None, *, after: str | None = None) -> list[tuple[str, str]]:
+        # One lower bound, so the index seeks to it (two would leave SQLite scanning from the first).
+        low, op = (after, ">") if after is not None and after >= prefix else (prefix, ">=")
         return self._db.execute(
-            "SELECT key, value FROM kv WHERE key >= ? AND key < ? ORDER BY key LIMIT ?",
-            (prefix, prefix + "\U0010ffff", -1 if limit is None else limit),
+            f"SELECT key, value FROM kv WHERE key {op} ? AND key < ? ORDER BY key LIMIT ?",
+            (low, prefix + "\U0010ffff", -1 if limit is None else limit),
         ).fetchall()
 
     def purge(self, older_than_ms: int, limit: int) -> int:

@@ -150,6 +150,7 @@ class CyclesServer:
             if auth != "none":
                 await self.gov.auth_failures.accepted()
             status, body = await handler(self, request, principal)
+            extra_headers = scope.get("cycles.headers", extra_headers)  # a handler's own (ETag, ...)
         except CyclesError as caught:
             exc = caught
             if isinstance(exc, (Unauthorized, Forbidden)):

@@ -100,7 +100,7 @@ DEFAULT_PERMISSIONS: tuple[str, ...] = (
 #: a granular admin:<resource>:read|write satisfies <resource>:read|write.
 _WILDCARDS: dict[str, tuple[str, ...]] = {
     "admin:read": ("balances:read", "budgets:read", "policies:read", "webhooks:read", "events:read",
-                   "reservations:list"),
+                   "reservations:list", "action_quotas:read"),
     "admin:write": ("budgets:write", "policies:write", "webhooks:write", "reservations:create",
                     "reservations:commit", "reservations:release", "reservations:extend"),
     "admin:budgets:read": ("budgets:read",),

@@ -459,22 +459,44 @@ end
 -- "<p>:{t}:policy" hash: scope -> its quotas.ScopePolicy JSON, "~v" -> a version bumped on every
 -- change. Which counters apply is decided in Python (quotas.plan, over the policies it caches by
 -- version); a script checks that version, then the counters, atomically with the budget.
--- Counters are "<p>:{t}:q:<scope>|<kind or __risk__:class>|<window>|<bucket>" = "<count>,<expires at>"
--- (rules' "qc|" entries: the script's clock decides when a count lapses), with a key TTL an hour
--- longer for cleanup.
+-- Counters are "<p>:{t}:q:<scope>|<kind or __risk__:class>|<window>|<bucket>" =
+-- "<count>,<expires at>,<limit>,<ttl ms>,<last increment at>" (rules' "qc|" entries,
+-- counters.CounterValue: the script's clock decides when a count lapses), with a key TTL an hour
+-- longer for cleanup. Operators list them in name order from QINDEX (zset, all scores 0) and
+-- QEXPIRY (zset: name -> expiry when indexed) lets writers drop lapsed names, as
+-- rules.purge_quota_counters does with the "qx|" entries.
+local QINDEX = base .. 'qix'
+local QEXPIRY = base .. 'qixe'
 
--- The live count of a counter key (0 once lapsed), and its expiry.
+-- The live count of a counter key (0 once lapsed), its expiry, and the rest of its value
+-- (',<limit>,<ttl>,<last>' or '' for a value written before those were kept).
 local function quota_read(k)
   local v = redis.call('GET', k)
   if not v then
-    return 0, 0
+    return 0, 0, ''
   end
-  local n, exp = string.match(v, '^(%d+),(%d+)$')
+  local n, exp, rest = string.match(v, '^(%d+),(%d+)(.*)$')
   n, exp = tonumber(n), tonumber(exp)
   if exp <= now then
-    return 0, exp
+    return 0, exp, rest
   end
-  return n, exp
+  return n, exp, rest
+end
+
+-- Forget up to two names whose counters lapsed (a re-counted one is indexed at its new expiry):
+-- every new counter pays for the cleanup of two old ones, so the index tracks the live counters.
+local function quota_prune()
+  local due = redis.call('ZRANGEBYSCORE', QEXPIRY, '-inf', now, 'LIMIT', 0, 2)
+  for _, name in ipairs(due) do
+    local _, exp = quota_read(base .. 'q:' .. name)
+    if exp > now then
+      redis.call('ZADD', QEXPIRY, exp, name)
+    else
+      redis.call('ZREM', QINDEX, name)
+      redis.call('ZREM', QEXPIRY, name)
+      redis.call('DEL', base .. 'q:' .. name)
+    end
+  end
 end
 
 -- '' or an error reply (POLICY: the caller's policies are stale, here are the current ones;
@@ -510,19 +532,38 @@ local function quota_gate(version, plan, scopes)
 end
 
 -- +1 on every counter, TTL refreshed; the per_run ones are remembered on the reservation.
+-- Returns the counters that reached their threshold count (c[5]) in this window instance for the
+-- first time, as {index, used} (rules.count_quotas: once per window, marked in the value).
 local function quota_count(counters, rid)
-  local runs = {}
-  for _, c in ipairs(counters) do
+  local runs, created, crossed = {}, false, {}
+  for i, c in ipairs(counters) do
     local k = base .. 'q:' .. c[1]
-    local n = quota_read(k)
-    redis.call('SET', k, fmt(n + 1) .. ',' .. fmt(now + c[3]), 'PX', c[3] + KEY_SAFETY_MS)
+    local n, was, rest = quota_read(k)
+    local alerted = was > now and string.match(rest, '^,%d+,%d+,%d+,1$') ~= nil -- a new window starts over
+    local flag = alerted
+    if not alerted and c[5] and c[5] > 0 and n + 1 >= c[5] then
+      crossed[#crossed + 1] = {i - 1, n + 1}
+      flag = true
+    end
+    local exp = now + c[3]
+    redis.call('SET', k, fmt(n + 1) .. ',' .. fmt(exp) .. ',' .. fmt(c[2]) .. ',' .. fmt(c[3]) .. ',' .. fmt(now)
+      .. (flag and ',1' or ',0'), 'PX', c[3] + KEY_SAFETY_MS)
+    if n == 0 then -- new (or lapsed): listed from now on; a refreshed one is re-indexed when reached
+      redis.call('ZADD', QINDEX, 0, c[1])
+      redis.call('ZADD', QEXPIRY, exp, c[1])
+      created = true
+    end
     if c[4] == 1 then
       runs[#runs + 1] = c[1]
     end
   end
+  if created then
+    quota_prune()
+  end
   if #runs > 0 then
     redis.call('HSET', rkey(rid), 'qk', table.concat(runs, '\30'))
   end
+  return crossed
 end
 
 -- PER_RUN COUNTER LIFECYCLE: a released or expired reservation gives its per_run counts back.
@@ -531,9 +572,9 @@ local function quota_uncount(rid)
   if qk then
     for counter in string.gmatch(qk, '[^\30]+') do
       local k = base .. 'q:' .. counter
-      local n, exp = quota_read(k)
+      local n, exp, rest = quota_read(k)
       if n > 0 then
-        redis.call('SET', k, fmt(n - 1) .. ',' .. fmt(exp), 'KEEPTTL')
+        redis.call('SET', k, fmt(n - 1) .. ',' .. fmt(exp) .. rest, 'KEEPTTL')
       end
     end
   end

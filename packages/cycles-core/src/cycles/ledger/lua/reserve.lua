@@ -87,7 +87,7 @@ if redis.call('ZCARD', IDX) == 0 then -- a fresh slot: nothing written before th
   redis.call('SET', base .. 'ixv', '1')
 end
 redis.call('ZADD', IDX, deadline, rid)
-quota_count(counters, rid)
+local crossed = quota_count(counters, rid)
 redis.call('ZADD', owner_index(owner), 0, index_member(now, rid))
 redis.call('HSET', ACTIVE, owner or '', active + 1)
 keep_key(rid, deadline)
@@ -98,4 +98,7 @@ else
   payload = string.format('["%s",%d,null,null,%s]', rid, expires, enc(caps_list(rows)))
 end
 idem_put(KEYS[2], fingerprint, rid, payload)
+if #crossed > 0 then -- quota thresholds reached (redis.py announces them): a fifth element
+  return string.sub(ok(payload, publish), 1, -2) .. ',' .. enc(crossed) .. ']'
+end
 return ok(payload, publish)

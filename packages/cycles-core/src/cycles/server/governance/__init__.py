@@ -15,6 +15,8 @@ operator endpoint (the legacy ``/admin`` ones included).
     budgets     POST/GET/PATCH /v1/admin/budgets, POST .../freeze, .../unfreeze, .../fund,
                 GET .../lookup
     webhooks    /v1/admin/webhooks[/{id}[/test|/deliveries|/replay]], tenant /v1/webhooks[...]
+    action kinds  GET /v1/action-kinds[/{kind}] (public), GET /v1/admin/action-quota-counters,
+                POST /v1/admin/action-quota-counters/reset (action_kinds.py)
 
 The server's ledger is wrapped in ``alerts.ObservedLedger`` (threshold crossings, exhaustion,
 denials, anomalies become events), and each server process runs ``webhooks.Dispatcher`` (one
@@ -32,7 +34,7 @@ from starlette.requests import Request
 from cycles.errors import Forbidden, InvalidRequest, NotFound, TenantClosed
 from cycles.ledger.records import MemoryRecordStore, RecordStore, records_of
 from cycles.server.auth import Principal
-from cycles.server.governance import apikeys, budgets, overview, streams, tenants, webhooks
+from cycles.server.governance import action_kinds, apikeys, budgets, overview, streams, tenants, webhooks
 from cycles.server.governance.alerts import ObservedLedger, current_request
 from cycles.server.governance.authz import RUNTIME_PERMISSIONS, subject_allowed
 from cycles.server.governance.context import Governance, Handler, Reply, audited
@@ -188,4 +190,16 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/webhooks/{subscription_id}", "DELETE", audited("deleteTenantWebhook", "webhook")(w.delete), "dual"),
         ep("/v1/webhooks/{subscription_id}/test", "POST", audited("testTenantWebhook", "webhook")(w.test), "dual"),
         ep("/v1/webhooks/{subscription_id}/deliveries", "GET", w.deliveries, "dual"),
+        *_action_kind_endpoints(ep),
+    ]
+
+
+def _action_kind_endpoints(ep: Any) -> list[Endpoint]:
+    ak = action_kinds
+    reset = audited("resetActionQuotaCounter", "action_quota_counter")(ak.reset_counter)
+    return [
+        ep("/v1/action-kinds", "GET", ak.list_kinds, "none"),
+        ep("/v1/action-kinds/{kind}", "GET", ak.get_kind, "none"),
+        ep("/v1/admin/action-quota-counters", "GET", ak.list_counters, "dual"),
+        ep("/v1/admin/action-quota-counters/reset", "POST", reset, "admin"),
     ]

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 from cycles.errors import Denied
 from cycles.ledger.base import AsyncLedger, BalanceQuery, ReservationQuery
+from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
 from cycles.ledger.funding import FundingOperation, FundingResult
 from cycles.ledger.periods import PeriodSpec
-from cycles.ledger.quotas import PolicyEdit, ScopePolicy
+from cycles.ledger.quotas import PolicyEdit, ScopePolicy, threshold_crossings
 from cycles.models import (
     Amount,
     Balance,
@@ -260,6 +261,25 @@ class Alerts:
         }
         await self._emit("reservation.denied", owner, where, {k: v for k, v in data.items() if v is not None})
 
+    async def quota_thresholds(self, crossings: list[dict[str, Any]]) -> None:
+        """quota.threshold_approaching, one per counter that reached its threshold (the ledger
+        reports each once per window instance: ``quotas.note_threshold``)."""
+        from cycles.ledger.counters import correlation_id
+
+        ctx = current_request.get()
+        request, principal = ctx if ctx is not None else (None, None)
+        for data in crossings:
+            tenant = scope_tenant(data["scope"]) or "__system__"
+            await self.gov.emit(
+                "quota.threshold_approaching",
+                request,
+                principal,
+                tenant_id=tenant,
+                scope=data["scope"],
+                data=data,
+                correlation_id=correlation_id(tenant, data),
+            )
+
     async def _emit(self, event_type: str, tenant: str, scope: str | None, data: dict[str, Any]) -> None:
         ctx = current_request.get()
         request, principal = ctx if ctx is not None else (None, None)
@@ -297,6 +317,8 @@ class ObservedLedger(AsyncLedger):
             logging.getLogger("cycles.server").warning("could not record an event", exc_info=True)
 
     async def reserve(self, req: ReservationCreateRequest, *, tenant: str | None = None) -> ReservationCreateResponse:
+        crossings: list[dict[str, Any]] = []
+        token = threshold_crossings.set(crossings)  # the ledger notes quota thresholds reached here
         try:
             res = await self.inner.reserve(req, tenant=tenant)
         except Denied as exc:
@@ -304,6 +326,10 @@ class ObservedLedger(AsyncLedger):
                 await self._safely(self.alerts.denied(req, tenant, exc.code, exc.scope))
                 await self._safely(self.alerts.decision(tenant or req.subject.tenant, True))
             raise
+        finally:
+            threshold_crossings.reset(token)
+        if crossings:
+            await self._safely(self.alerts.quota_thresholds(crossings))
         if not req.dry_run:
             denied = res.decision.value == "DENY"
             if denied:
@@ -403,6 +429,12 @@ class ObservedLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self.inner.list_policies(tenant=tenant)
+
+    async def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage:
+        return await self.inner.list_quota_counters(query, tenant=tenant)
+
+    async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
+        return await self.inner.reset_quota_counter(req, tenant=tenant)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -50,6 +50,7 @@ ALL_PERMISSIONS: tuple[str, ...] = (
     "admin:webhooks:write",
     "admin:events:read",
     "admin:audit:read",
+    "action_quotas:read",  # governance extensions v0.1.26: GET /v1/admin/action-quota-counters
 )
 
 #: The spec's EventType enum.
@@ -106,6 +107,8 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "system.high_latency",
         "system.webhook_delivery_failed",
         "system.webhook_test",
+        "quota.counter_reset",  # protocol extensions v0.1.26
+        "quota.threshold_approaching",
     }
 )
 
