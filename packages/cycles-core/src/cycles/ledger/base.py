@@ -23,6 +23,7 @@ from cycles.errors import CyclesError, InvalidRequest
 from cycles.ledger import rules
 from cycles.ledger.limits import DEFAULT_LIMITS, RateLimiter, TenantLimits
 from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.policies import NamedPolicy
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
 from cycles.models import (
@@ -130,6 +131,17 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
 
+    # named policies (ledger/policies.py); a ledger that keeps none (a remote server's) refuses
+    def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        """Store a new named policy, or a new version of one (``rules.put_named_policy``)."""
+        raise _no_named_policies(self)
+
+    def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        raise _no_named_policies(self)
+
+    def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        raise _no_named_policies(self)
+
     def count_active(self) -> int | None:
         """ACTIVE reservations across all tenants, from a maintained count (never a scan of rows),
         or ``None`` when the backend keeps no such total (Redis: the counts live per slot)."""
@@ -204,6 +216,15 @@ class AsyncLedger(abc.ABC):
     async def update_policy(self, scope: str, edit: PolicyEdit) -> ScopePolicy: ...
     @abc.abstractmethod
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]: ...
+
+    async def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        raise _no_named_policies(self)
+
+    async def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        raise _no_named_policies(self)
+
+    async def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        raise _no_named_policies(self)
 
     async def count_active(self) -> int | None:
         """See ``Ledger.count_active``."""
@@ -349,6 +370,21 @@ class TransactionalLedger(Ledger):
     def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return self._write(rules.list_policies, tenant)
 
+    def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        return self._write(rules.put_named_policy, policy, create)
+
+    def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        return self._read(rules.get_named_policy, policy_id)
+
+    def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        return self._read(rules.list_named_policies, tenant)
+
+
+def _no_named_policies(ledger: object) -> CyclesError:
+    return InvalidRequest(
+        f"{type(ledger).__name__} keeps no named policies: manage them on the server (/v1/admin/policies)"
+    )
+
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -437,6 +473,15 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self._call(self.sync.list_policies, tenant=tenant)
+
+    async def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        return await self._call(self.sync.put_named_policy, policy, create=create)
+
+    async def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        return await self._call(self.sync.get_named_policy, policy_id)
+
+    async def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        return await self._call(self.sync.list_named_policies, tenant=tenant)
 
     async def count_active(self) -> int | None:
         return await self._call(self.sync.count_active)
