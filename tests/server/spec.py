@@ -60,6 +60,15 @@ def with_extensions(base: dict[str, Any], ext: dict[str, Any]) -> None:
     codes += [c for c in new["ErrorCodeExtension"]["enum"] if c not in codes]
 
 
+def with_governance_extensions(base: dict[str, Any], ext: dict[str, Any]) -> None:
+    """Fold the governance extensions' policy fields into the admin spec's Policy, as their PATH
+    COVERAGE says (responses carry the four v0.1.26 fields; strict validators must allow them)."""
+    schemas = base["components"]["schemas"]
+    new = ext["components"]["schemas"]
+    schemas["Policy"]["properties"].update(new["PolicyExtension"]["properties"])
+    schemas["PolicyCreateRequest"]["properties"].update(new["PolicyCreateRequestExtension"]["properties"])
+
+
 def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
@@ -87,6 +96,10 @@ class SpecValidator:
         if self.path.name == "cycles-protocol-v0.yaml" and extensions.exists():  # runtime extensions only
             with extensions.open() as f:
                 with_extensions(loaded, yaml.safe_load(f))
+        governance = self.path.parent / "cycles-governance-extensions-v0.1.26.yaml"
+        if self.path.name.startswith("cycles-governance-admin") and governance.exists():
+            with governance.open() as f:
+                with_governance_extensions(loaded, yaml.safe_load(f))
         return loaded
 
     @cached_property

@@ -15,6 +15,8 @@ operator endpoint (the legacy ``/admin`` ones included).
     budgets     POST/GET/PATCH /v1/admin/budgets, POST .../freeze, .../unfreeze, .../fund,
                 GET .../lookup
     webhooks    /v1/admin/webhooks[/{id}[/test|/deliveries|/replay]], tenant /v1/webhooks[...]
+    policies    POST/GET /v1/admin/policies, GET/PATCH /v1/admin/policies/{policy_id} (named policies,
+                kept and enforced by the ledger: cycles.ledger.policies)
 
 The server's ledger is wrapped in ``alerts.ObservedLedger`` (threshold crossings, exhaustion,
 denials, anomalies become events), and each server process runs ``webhooks.Dispatcher`` (one
@@ -32,7 +34,7 @@ from starlette.requests import Request
 from cycles.errors import Forbidden, InvalidRequest, NotFound, TenantClosed
 from cycles.ledger.records import MemoryRecordStore, RecordStore, records_of
 from cycles.server.auth import Principal
-from cycles.server.governance import apikeys, budgets, overview, streams, tenants, webhooks
+from cycles.server.governance import apikeys, budgets, overview, policies, streams, tenants, webhooks
 from cycles.server.governance.alerts import ObservedLedger, current_request
 from cycles.server.governance.authz import RUNTIME_PERMISSIONS, subject_allowed
 from cycles.server.governance.context import Governance, Handler, Reply, audited
@@ -148,6 +150,10 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/admin/budgets/fund", "POST", audited("fundBudget", "budget")(b.fund), "dual"),
         ep("/v1/admin/budgets/lookup", "GET", b.lookup, "dual"),
         ep("/v1/admin/budgets/bulk-action", "POST", audited("bulkActionBudgets", "budget")(b.bulk_action), "admin"),
+        ep("/v1/admin/policies", "POST", audited("createPolicy", "policy")(policies.create), "dual"),
+        ep("/v1/admin/policies", "GET", policies.list_policies, "dual"),
+        ep("/v1/admin/policies/{policy_id}", "GET", policies.get, "dual"),
+        ep("/v1/admin/policies/{policy_id}", "PATCH", audited("updatePolicy", "policy")(policies.update), "dual"),
         ep("/v1/admin/config/webhook-security", "GET", w.get_security, "admin"),
         ep(
             "/v1/admin/config/webhook-security",

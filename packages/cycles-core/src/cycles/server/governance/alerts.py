@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from cycles.errors import Denied
 from cycles.ledger.base import AsyncLedger, BalanceQuery, ReservationQuery
 from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.policies import NamedPolicy
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.models import (
     Amount,
@@ -384,6 +385,15 @@ class ObservedLedger(AsyncLedger):
 
     async def list_policies(self, *, tenant: str | None = None) -> list[ScopePolicy]:
         return await self.inner.list_policies(tenant=tenant)
+
+    async def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        return await self.inner.put_named_policy(policy, create=create)
+
+    async def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        return await self.inner.get_named_policy(policy_id)
+
+    async def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        return await self.inner.list_named_policies(tenant=tenant)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
