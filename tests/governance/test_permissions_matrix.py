@@ -1,6 +1,6 @@
 """Every tenant permission against every operation a tenant key can reach: each permission allows
 exactly its operations (and the admin:read / admin:write wildcards exactly theirs, the spec's
-NORMATIVE wildcard semantics), on memory, SQLite and Redis, every response checked against the spec.
+NORMATIVE wildcard semantics), on memory, SQLite and Redis, every response checked against the spec."""
 
 from __future__ import annotations
 
@@ -117,6 +117,8 @@ def test_admin_wildcards_allow_reads_or_writes(api: Api, ctx: dict[str, str]) ->
     assert _allowed(api, ctx, ["admin:read"]) == READS
     assert _allowed(api, ctx, ["admin:write"]) == WRITES
     assert _allowed(api, ctx, ["admin:budgets:read"]) == {"listBudgets", "lookupBudget"}
+    assert _allowed(api, ctx, ["admin:policies:read"]) == {"listPolicies", "getPolicy"}
+    assert _allowed(api, ctx, ["admin:policies:write"]) == {"createPolicy", "updatePolicy"}
 
 
 def test_workspace_key_sees_nothing_outside_its_workspace_on_the_operator_paths(api: Api) -> None:
