@@ -153,8 +153,13 @@ def test_action_quotas_count_at_the_patterns_anchor(pcy: Cycles) -> None:
     qv = err.value.deny_detail["quota_violation"]
     assert (qv["used"], qv["limit"], qv["scope"]) == (2, 2, "tenant:acme/workspace:eng/agent:a1")
     assert pcy.reserve(A2, POST, tokens(1)).reservation_id  # each agent is its own anchor
-    policy(pcy, "tenant:acme/*", name="tenant-wide", priority=1,
-           action_quotas=[{"action_kind": "http.post", "max_calls": 4, "window": "per_hour_tumbling"}])  # fmt: skip
+    policy(
+        pcy,
+        "tenant:acme/*",
+        name="tenant-wide",
+        priority=1,
+        action_quotas=[{"action_kind": "http.post", "max_calls": 4, "window": "per_hour_tumbling"}],
+    )
     pcy.reserve(A1, POST, tokens(1))  # the tenant-wide rule now decides, counted at tenant:acme: 1
     pcy.reserve(A2, POST, tokens(1))
     pcy.reserve(A2, POST, tokens(1))
@@ -233,10 +238,20 @@ def test_effective_window_and_status_decide_when_a_policy_is_in_force(pcy: Cycle
 
 
 def test_policies_are_listed_read_and_updated_as_stored(pcy: Cycles) -> None:
-    pid = policy(pcy, "tenant:acme/*", name="base", priority=3, denied_action_kinds=["code.exec"],
-                 risk_class_quotas=[{"risk_class": "high_risk", "max_calls": 5, "window": "per_day_tumbling"}])  # fmt: skip
-    policy(pcy, "agent:*", name="agents", action_quotas=[
-        {"action_kind": "http.post", "max_calls": 5, "window": "per_hour_tumbling"}])  # fmt: skip
+    pid = policy(
+        pcy,
+        "tenant:acme/*",
+        name="base",
+        priority=3,
+        denied_action_kinds=["code.exec"],
+        risk_class_quotas=[{"risk_class": "high_risk", "max_calls": 5, "window": "per_day_tumbling"}],
+    )
+    policy(
+        pcy,
+        "agent:*",
+        name="agents",
+        action_quotas=[{"action_kind": "http.post", "max_calls": 5, "window": "per_hour_tumbling"}],
+    )
     got = pcy.policies.get(pid)
     assert got["priority"] == 3 and got["denied_action_kinds"] == ["code.exec"] and got["action_quotas"] == []
     assert got["risk_class_quotas"] == [{"risk_class": "high_risk", "max_calls": 5, "window": "per_day_tumbling"}]

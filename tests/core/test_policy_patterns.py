@@ -68,8 +68,11 @@ def test_the_lookup_is_linear_in_the_depth(path: list[str]) -> None:
         ("tenant:acme", ["tenant:acme", "tenant:acme/agent:x"], "tenant:acme"),  # and below it
         ("tenant:acme/*", ["tenant:acme"], None),  # below only
         ("tenant:acme/*", ["tenant:acme", "tenant:acme/agent:x"], "tenant:acme"),
-        ("agent:*", ["tenant:acme", "tenant:acme/workspace:w", "tenant:acme/workspace:w/agent:x"],
-         "tenant:acme/workspace:w/agent:x"),  # fmt: skip
+        (
+            "agent:*",
+            ["tenant:acme", "tenant:acme/workspace:w", "tenant:acme/workspace:w/agent:x"],
+            "tenant:acme/workspace:w/agent:x",
+        ),
         ("agent:*", ["tenant:acme", "tenant:acme/workspace:w"], None),
         ("*/agent:x", ["tenant:acme", "tenant:acme/agent:x", "tenant:acme/agent:x/toolset:t"], "tenant:acme/agent:x"),
         ("*/agent:y", ["tenant:acme", "tenant:acme/agent:x"], None),
@@ -82,9 +85,20 @@ def test_what_each_shape_matches(pattern: str, path: list[str], anchor: str | No
 
 @pytest.mark.parametrize(
     "pattern",
-    ["", "tenant:rival", "tenant:rival/*", "*/tenant:rival", "planet:*", "tenant:acme/**", "*/agent:x/tool:y",
-     "workspace:w", "tenant:acme/agent:x/workspace:w", "tenant:acme/*/agent:x", "tenant:ac me"],
-)  # fmt: skip
+    [
+        "",
+        "tenant:rival",
+        "tenant:rival/*",
+        "*/tenant:rival",
+        "planet:*",
+        "tenant:acme/**",
+        "*/agent:x/tool:y",
+        "workspace:w",
+        "tenant:acme/agent:x/workspace:w",
+        "tenant:acme/*/agent:x",
+        "tenant:ac me",
+    ],
+)
 def test_bad_or_foreign_patterns_are_refused(pattern: str) -> None:
     with pytest.raises(InvalidRequest):
         check_pattern(pattern, "acme")
@@ -98,8 +112,13 @@ def _stored(*items: NamedPolicy) -> dict[str, str | None]:
 
 
 def _policy(pattern: str, tokens: int, priority: int = 0, **extra: object) -> NamedPolicy:
-    body = {"name": f"{pattern}-{tokens}", "scope_pattern": pattern, "priority": priority,
-            "caps": {"max_tokens": tokens}, **extra}  # fmt: skip
+    body = {
+        "name": f"{pattern}-{tokens}",
+        "scope_pattern": pattern,
+        "priority": priority,
+        "caps": {"max_tokens": tokens},
+        **extra,
+    }
     return NamedPolicy.create("acme", body, NOW)
 
 
@@ -108,8 +127,13 @@ NOW_MS = int(NOW.timestamp() * 1000)
 
 
 def test_ranking_is_priority_then_anchor_depth_then_literalness() -> None:
-    shapes = [_policy("*", 1), _policy("tenant:acme/*", 2), _policy("agent:*", 3), _policy("*/agent:x", 4),
-              _policy("tenant:acme/workspace:w/agent:x", 5)]  # fmt: skip
+    shapes = [
+        _policy("*", 1),
+        _policy("tenant:acme/*", 2),
+        _policy("agent:*", 3),
+        _policy("*/agent:x", 4),
+        _policy("tenant:acme/workspace:w/agent:x", 5),
+    ]
     assert resolve(_stored(*shapes), {}, PATH, NOW_MS).caps.max_tokens == 5  # type: ignore[union-attr]
     assert resolve(_stored(*shapes[:4]), {}, PATH, NOW_MS).caps.max_tokens == 4  # type: ignore[union-attr]
     assert resolve(_stored(*shapes[:3]), {}, PATH, NOW_MS).caps.max_tokens == 3  # type: ignore[union-attr]

@@ -30,8 +30,13 @@ def _audit(api: Api, request_id: str) -> dict[str, Any]:
 
 def test_admin_creates_on_behalf_of_a_tenant_and_the_tenant_key_for_itself(api: Api) -> None:
     api.tenant("acme")
-    body = {"name": "eng", "scope_pattern": "tenant:acme/workspace:eng/*", "priority": 10,
-            "caps": {"max_tokens": 4096}, "rate_limits": {"max_reservations_per_minute": 100}}  # fmt: skip
+    body = {
+        "name": "eng",
+        "scope_pattern": "tenant:acme/workspace:eng/*",
+        "priority": 10,
+        "caps": {"max_tokens": 4096},
+        "rate_limits": {"max_reservations_per_minute": 100},
+    }
     assert api.a("POST", "/v1/admin/policies", json=body).status_code == 400  # tenant_id required (admin)
     r = api.a("POST", "/v1/admin/policies", json={"tenant_id": "acme", **body})
     assert r.status_code == 201
@@ -61,11 +66,18 @@ def test_bad_bodies_are_400_and_write_nothing(api: Api) -> None:
         {"name": "x", "scope_pattern": "*", "priority": -1},
         {"name": "x", "scope_pattern": "*", "allowed_action_kinds": ["a"], "denied_action_kinds": ["b"]},
         {"name": "x", "scope_pattern": "*", "action_quotas": [{"action_kind": "http.post", "max_calls": 1}]},
-        {"name": "x", "scope_pattern": "*", "risk_class_quotas": [{"risk_class": "nope", "max_calls": 1,
-                                                                    "window": "per_run"}]},  # fmt: skip
+        {
+            "name": "x",
+            "scope_pattern": "*",
+            "risk_class_quotas": [{"risk_class": "nope", "max_calls": 1, "window": "per_run"}],
+        },
         {"name": "x", "scope_pattern": "*", "reservation_ttl_override": {"max_ttl_ms": 10}},
-        {"name": "x", "scope_pattern": "*", "effective_from": "2026-02-01T00:00:00Z",
-         "effective_until": "2026-01-01T00:00:00Z"},  # fmt: skip
+        {
+            "name": "x",
+            "scope_pattern": "*",
+            "effective_from": "2026-02-01T00:00:00Z",
+            "effective_until": "2026-01-01T00:00:00Z",
+        },
         {"name": "x", "scope_pattern": "*", "status": "ACTIVE"},  # not a create field
         {"name": "x", "scope_pattern": "*", "surprise": 1},
     ]
@@ -79,8 +91,12 @@ def test_list_filters_and_cursor_pages_within_one_tenant(api: Api) -> None:
     api.tenant("acme")
     api.tenant("rival")
     made = [_create(api, name=f"p{i}", scope_pattern="*", priority=i) for i in range(5)]
-    _create(api, name="quota", scope_pattern="agent:*",
-            action_quotas=[{"action_kind": "payment.charge", "max_calls": 1, "window": "per_day_tumbling"}])  # fmt: skip
+    _create(
+        api,
+        name="quota",
+        scope_pattern="agent:*",
+        action_quotas=[{"action_kind": "payment.charge", "max_calls": 1, "window": "per_day_tumbling"}],
+    )
     disabled = _create(api, name="off", scope_pattern="tenant:acme")
     api.a("PATCH", f"/v1/admin/policies/{disabled['policy_id']}", json={"status": "DISABLED"})
     r = api.a("POST", "/v1/admin/policies", json={"tenant_id": "rival", "name": "r", "scope_pattern": "*"})
@@ -94,8 +110,11 @@ def test_list_filters_and_cursor_pages_within_one_tenant(api: Api) -> None:
             break
         cursor = page["next_cursor"]
     assert sorted(seen) == sorted([p["name"] for p in made] + ["quota", "off"]) and len(seen) == 7
-    q = lambda **f: sorted(p["name"] for p in api.a("GET", "/v1/admin/policies", params={"tenant_id": "acme", **f})  # noqa: E731
-                           .json()["policies"])  # fmt: skip
+
+    def q(**f: str) -> list[str]:
+        page = api.a("GET", "/v1/admin/policies", params={"tenant_id": "acme", **f}).json()
+        return sorted(p["name"] for p in page["policies"])
+
     assert q(status="DISABLED") == ["off"]
     assert q(has_action_quotas="true") == ["quota"]
     assert q(references_action_kind="payment.charge") == ["quota"]
@@ -112,8 +131,9 @@ def test_get_and_patch_pin_the_owner_audit_before_after_and_emit_changed_fields(
     pid = _create(api, name="base", scope_pattern="tenant:acme/*", caps={"max_tokens": 10})["policy_id"]
     got = api.a("GET", f"/v1/admin/policies/{pid}")
     assert got.status_code == 200 and not list(admin_validator("Policy").iter_errors(got.json()))
-    r = api.a("PATCH", f"/v1/admin/policies/{pid}",
-              json={"priority": 7, "denied_action_kinds": ["code.exec"], "name": "base"})  # fmt: skip
+    r = api.a(
+        "PATCH", f"/v1/admin/policies/{pid}", json={"priority": 7, "denied_action_kinds": ["code.exec"], "name": "base"}
+    )
     assert r.status_code == 200 and r.json()["priority"] == 7
     entry = _audit(api, r.headers["x-request-id"])
     assert entry["operation"] == "updatePolicy"
@@ -136,8 +156,13 @@ def test_get_and_patch_pin_the_owner_audit_before_after_and_emit_changed_fields(
 def test_a_scope_filtered_key_writes_only_literal_patterns_inside_its_filter(api: Api) -> None:
     api.tenant("acme")
     key = api.key("acme", permissions=["policies:read", "policies:write"], scope_filter=["workspace:eng"])
-    for pattern, status in (("agent:*", 403), ("*", 403), ("tenant:acme/workspace:ops/*", 403),
-                            ("tenant:acme/workspace:eng/*", 201), ("tenant:acme/workspace:eng", 201)):  # fmt: skip
+    for pattern, status in (
+        ("agent:*", 403),
+        ("*", 403),
+        ("tenant:acme/workspace:ops/*", 403),
+        ("tenant:acme/workspace:eng/*", 201),
+        ("tenant:acme/workspace:eng", 201),
+    ):
         r = api.k(key, "POST", "/v1/admin/policies", json={"name": pattern, "scope_pattern": pattern})
         assert r.status_code == status, (pattern, r.text)
     _create(api, name="wide", scope_pattern="*")
@@ -149,14 +174,23 @@ def test_the_runtime_plane_enforces_what_the_operator_set(api: Api) -> None:
     api.tenant("acme")
     api.budget("tenant:acme", 10**9)
     key = api.key("acme")
-    pid = _create(api, name="guard", scope_pattern="agent:*", denied_action_kinds=["llm"],
-                  rate_limits={"max_reservations_per_minute": 1})["policy_id"]  # fmt: skip
+    pid = _create(
+        api,
+        name="guard",
+        scope_pattern="agent:*",
+        denied_action_kinds=["llm"],
+        rate_limits={"max_reservations_per_minute": 1},
+    )["policy_id"]
     r = api.reserve(key, {"tenant": "acme", "agent": "a"}, 1)
     assert (r.status_code, r.json()["error"]) == (409, "ACTION_KIND_DENIED")
     api.a("PATCH", f"/v1/admin/policies/{pid}", json={"denied_action_kinds": []})
     assert api.reserve(key, {"tenant": "acme", "agent": "a"}, 1).status_code == 200
-    body = {"idempotency_key": uuid.uuid4().hex, "subject": {"tenant": "acme", "agent": "a"},
-            "action": {"kind": "llm", "name": "m"}, "estimate": {"unit": USD, "amount": 1}}  # fmt: skip
+    body = {
+        "idempotency_key": uuid.uuid4().hex,
+        "subject": {"tenant": "acme", "agent": "a"},
+        "action": {"kind": "llm", "name": "m"},
+        "estimate": {"unit": USD, "amount": 1},
+    }
     # 429 is the protocol's throttling answer (ERROR SEMANTICS), which createReservation does not
     # list among its responses: checked here, not by the spec validator.
     url = str(api.http.base_url).rstrip("/") + "/v1/reservations"

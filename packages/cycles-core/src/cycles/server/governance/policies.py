@@ -49,8 +49,9 @@ def _json_object(raw: bytes) -> dict[str, Any]:
 
 def _invalid(exc: ValidationError) -> InvalidRequest:
     first = exc.errors()[0]
-    where = ".".join(str(x) for x in first["loc"]) or "body"
-    return InvalidRequest(f"{where}: {first['msg']}"[:500])
+    message = first["msg"].removeprefix("Value error, ").removeprefix("INVALID_REQUEST: ")
+    where = ".".join(str(x) for x in first["loc"])
+    return InvalidRequest((f"{where}: {message}" if where else message)[:500])
 
 
 def _literal(pattern: str) -> str | None:
@@ -111,9 +112,9 @@ async def create(s: CyclesServer, request: Request, p: Principal) -> Reply:
         raise Forbidden("the scope_pattern is outside this API key's scope_filter")
     await _guard_tenant(s, tenant)
     note = note_of(request)
-    note.resource_id, note.tenant = policy.policy_id, tenant
+    note.tenant = tenant
     stored = await s.ledger.put_named_policy(policy, create=True)
-    note.after = stored.wire()
+    note.resource_id, note.after = stored.policy_id, stored.wire()
     await _emit(s, request, p, "policy.created", stored, [])
     return 201, _dumps(stored.wire())
 
