@@ -156,3 +156,10 @@ def test_a_patch_reports_exactly_what_changed() -> None:
     assert same is p and changed == []
     new, changed = p.patched(policies.PolicyPatch(priority=3, denied_action_kinds=["x"]), NOW)
     assert changed == ["priority", "denied_action_kinds"] and new.priority == 3 and new.updated_at == NOW
+
+
+def test_a_rate_limit_beyond_any_quota_bound_still_plans() -> None:
+    p = _policy("agent:*", 1, rate_limits={"max_reservations_per_minute": 10**9})
+    resolved = resolve(_stored(p), {}, PATH, NOW_MS)
+    counter = policies.rate_counter(resolved, "llm.completion", NOW_MS)
+    assert counter is not None and counter.limit == 10**9 and counter.scope == PATH[-1] and counter.rate

@@ -414,7 +414,8 @@ def rate_counter(resolved: Resolved, kind: str, now_ms: int) -> quotas.Counter |
     anchor, limit = resolved.rate
     bucket = now_ms // RATE_WINDOW_MS
     label = now_utc(bucket * RATE_WINDOW_MS).strftime("%Y-%m-%dT%H:%M")
-    q = quotas.Quota(action_kind=kind, max_calls=limit, window="per_minute_tumbling", scope=anchor)
+    # constructed, not validated: a rate limit is no quota (it may exceed a quota's max_calls bound)
+    q = quotas.Quota.model_construct(action_kind=kind, max_calls=limit, window="per_minute_tumbling", scope=anchor)
     return quotas.Counter(
         f"{anchor}|__rate__:reserve|per_minute_tumbling|{bucket}",
         limit,
