@@ -412,21 +412,17 @@ def rate_counter(resolved: Resolved, kind: str, now_ms: int) -> quotas.Counter |
     if resolved.rate is None:
         return None
     anchor, limit = resolved.rate
-    bucket = now_ms // RATE_WINDOW_MS
+    return _rate_counter(anchor, limit, kind, now_ms // RATE_WINDOW_MS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _rate_counter(anchor: str, limit: int, kind: str, bucket: int) -> quotas.Counter:
+    """One per (anchor, limit, kind, minute): the hot path builds it once a minute, not per call."""
     label = now_utc(bucket * RATE_WINDOW_MS).strftime("%Y-%m-%dT%H:%M")
     # constructed, not validated: a rate limit is no quota (it may exceed a quota's max_calls bound)
     q = quotas.Quota.model_construct(action_kind=kind, max_calls=limit, window="per_minute_tumbling", scope=anchor)
-    return quotas.Counter(
-        f"{anchor}|__rate__:reserve|per_minute_tumbling|{bucket}",
-        limit,
-        _RATE_CLEANUP_MS,
-        False,
-        q,
-        anchor,
-        label,
-        kind,
-        rate=True,
-    )
+    key = f"{anchor}|__rate__:reserve|per_minute_tumbling|{bucket}"
+    return quotas.Counter(key, limit, _RATE_CLEANUP_MS, False, q, anchor, label, kind, rate=True)
 
 
 def valid_policy_id(policy_id: str) -> bool:
