@@ -163,3 +163,11 @@ def test_a_rate_limit_beyond_any_quota_bound_still_plans() -> None:
     resolved = resolve(_stored(p), {}, PATH, NOW_MS)
     counter = policies.rate_counter(resolved, "llm.completion", NOW_MS)
     assert counter is not None and counter.limit == 10**9 and counter.scope == PATH[-1] and counter.rate
+
+
+@pytest.mark.parametrize("tenant", ["a|b", "a}b", "", "a b"])
+def test_a_tenant_id_that_cannot_be_a_storage_key_is_refused(tenant: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        NamedPolicy.create(tenant, {"name": "n", "scope_pattern": "*"}, NOW)

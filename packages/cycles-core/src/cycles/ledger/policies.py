@@ -150,6 +150,13 @@ class NamedPolicy(_Editable):
     allowed_action_kinds: Annotated[list[Kind], Field(max_length=200)] = Field(default_factory=list)
     denied_action_kinds: Annotated[list[Kind], Field(max_length=200)] = Field(default_factory=list)
 
+    @field_validator("tenant_id", "policy_id")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not is_identifier(value):  # both end up in storage keys (and Redis hash tags)
+            raise ValueError(f"{value[:64]!r} must match ^[a-zA-Z0-9_.-]+$")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> NamedPolicy:
         if self.allowed_action_kinds and self.denied_action_kinds:
