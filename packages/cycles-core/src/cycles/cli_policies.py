@@ -47,7 +47,7 @@ def _json_object(text: str) -> dict[str, Any]:
 
 def _field_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--priority", type=_non_negative_int, default=None, help="higher wins (default 0)")
-    p.add_argument("--description", default=None)
+    p.add_argument("--description", default=None, help="free text shown with the policy")
     p.add_argument("--max-tokens", type=_non_negative_int, default=None, help="caps.max_tokens")
     p.add_argument(
         "--overage",
@@ -92,13 +92,13 @@ def add_policy_commands(sub: Any, parents: Sequence[argparse.ArgumentParser]) ->
     p.add_argument("--pattern", required=True, help="scope pattern, e.g. 'tenant:acme/*' or 'agent:*'")
     _field_args(p)
     p = action("list", "a tenant's policies")
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--status", default=None, type=str.upper, choices=["ACTIVE", "DISABLED"])
+    p.add_argument("--tenant", required=True, help="whose policies")
+    p.add_argument("--status", default=None, type=str.upper, choices=["ACTIVE", "DISABLED"], help="only this status")
     p.add_argument("--pattern", default=None, help="only this exact scope_pattern")
     p.add_argument("--kind", default=None, help="only policies mentioning this action kind")
     p = action("update", "change a policy (only the fields given)")
-    p.add_argument("policy_id")
-    p.add_argument("--name", default=None)
+    p.add_argument("policy_id", help="as printed by policies create / list")
+    p.add_argument("--name", default=None, help="a new name (unique within the tenant)")
     _field_args(p)
     for name, help_text in (("show", "one policy"), ("disable", "stop applying it"), ("enable", "apply it again")):
         action(name, help_text).add_argument("policy_id", help="as printed by policies create / list")
