@@ -28,7 +28,7 @@ from cycles import (
 from cycles.errors import DuplicateResource, LimitExceeded, NotFound
 
 from .clocked import Clock, at, clocked_client
-from .conftest import Backend
+from .conftest import MULTI_PROCESS, Backend
 from .helpers import amounts, bal
 
 LLM = Action("llm.completion", "m")
@@ -272,3 +272,20 @@ def test_policies_are_listed_read_and_updated_as_stored(pcy: Cycles) -> None:
     with pytest.raises(NotFound):
         pcy.policies.get("pol_missing")
     assert pcy.policies.get(pid)["name"] == "base"  # refused changes wrote nothing
+
+
+def test_a_policy_written_by_another_client_applies_at_once(backend: str, ledger: Backend) -> None:
+    """Clients that cache policies (Redis: by version) see another client's change on their next
+    reservation; a shared ledger only (memory:// is one process's)."""
+    if backend not in MULTI_PROCESS:
+        pytest.skip("memory:// is not shared between clients")
+    with ledger.open() as a, ledger.open() as b:
+        a.budgets.set("tenant:acme", tokens(1000))
+        assert caps_of(a, A1) is None  # a has read (and cached) the policies of this path: none
+        pid = policy(b, "agent:*", caps={"max_tokens": 9})
+        assert caps_of(a, A1) == 9
+        b.policies.update(pid, denied_action_kinds=["llm.completion"])
+        with pytest.raises(ActionKindDenied):
+            a.reserve(A1, LLM, tokens(1))
+        b.policies.disable(pid)
+        assert caps_of(a, A1) is None
