@@ -52,6 +52,34 @@ def per_op_us(fn: Callable[[], None], n: int, repeats: int = 5) -> float:
 # ---- baselines ------------------------------------------------------------------------------
 
 
+def on_fresh_redis(url: str, tag: str, bench: Callable[[Callable[[], str]], None]) -> None:
+    """Run ``bench(fresh_url)`` against Redis at ``url`` (each fresh_url a new key prefix), then
+    remove every key it made: a shared Redis keeps nothing of a benchmark (tests scan it)."""
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - optional part of a benchmark
+        print(f"  redis   skipped: {exc}")
+        return
+    import uuid
+
+    prefixes: list[str] = []
+
+    def fresh() -> str:
+        prefixes.append(f"{tag}-{uuid.uuid4().hex[:8]}")
+        return f"{url}?prefix={prefixes[-1]}"
+
+    try:
+        bench(fresh)
+    finally:
+        for prefix in prefixes:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            for start in range(0, len(keys), 500):
+                client.unlink(*keys[start : start + 500])
+
+
 def raw_dict_reserve() -> Callable[[], None]:
     lock = threading.Lock()
     balances = dict.fromkeys(SCOPES, 10**15)

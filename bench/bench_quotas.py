@@ -19,7 +19,7 @@ import tempfile
 import uuid
 from collections.abc import Callable
 
-from bench_core import per_op_us  # bench/ is on sys.path when run as a script
+from bench_core import on_fresh_redis, per_op_us  # bench/ is on sys.path when run as a script
 
 from cycles import Action, Cycles, Subject, tokens
 
@@ -83,27 +83,7 @@ def main() -> None:
     print("guarded step (reserve + commit), best of 5; ratio to 'plain' on the same ledger")
     bench_ledger("memory", lambda: "memory://", n, sizes)
     bench_ledger("sqlite", lambda: f"sqlite:///{tmp}/{uuid.uuid4().hex}.db", n, sizes)
-    try:
-        import redis
-
-        redis.Redis.from_url(args.redis).ping()
-    except Exception as exc:  # noqa: BLE001 - optional part of the benchmark
-        print(f"  redis   skipped: {exc}")
-        return
-    prefixes: list[str] = []
-
-    def fresh_redis() -> str:
-        prefixes.append(f"benchq-{uuid.uuid4().hex[:8]}")
-        return f"{args.redis}?prefix={prefixes[-1]}"
-
-    client = redis.Redis.from_url(args.redis)
-    try:
-        bench_ledger("redis", fresh_redis, n // 2, sizes)
-    finally:  # a shared Redis keeps nothing of a benchmark (tests scan it; 100k stale keys slow them)
-        for prefix in prefixes:
-            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-            for start in range(0, len(keys), 500):
-                client.unlink(*keys[start : start + 500])
+    on_fresh_redis(args.redis, "benchq", lambda fresh: bench_ledger("redis", fresh, n // 2, sizes))
 
 
 if __name__ == "__main__":

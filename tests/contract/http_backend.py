@@ -68,6 +68,7 @@ class TenantRoutedLedger(Ledger):
         self.url = url
         self._admin_key = admin_key
         self.admin = HttpLedger(url, admin_key=admin_key)
+        self._core = self.admin._core  # the operator (cy.policies, ...) finds the admin key here
         self._clients: dict[str, HttpLedger] = {}
         self._owner: dict[str, str] = {}
         self._lock = threading.Lock()

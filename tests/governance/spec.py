@@ -11,7 +11,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from tests.server.spec import find_spec
+from tests.server.spec import find_spec, with_governance_extensions
 
 _URI = "urn:cycles:governance-admin"
 
@@ -26,6 +26,8 @@ def admin_spec_path() -> Path:
 def admin_doc() -> dict[str, Any]:
     with admin_spec_path().open() as f:
         loaded: dict[str, Any] = yaml.safe_load(f)
+    with (admin_spec_path().parent / "cycles-governance-extensions-v0.1.26.yaml").open() as f:
+        with_governance_extensions(loaded, yaml.safe_load(f))
     return loaded
 
 

@@ -40,6 +40,9 @@ async def walkthrough(acy: AsyncCycles) -> None:
     hook = await acy.webhooks.create("https://hooks.example/x", ["budget.exhausted"], tenant_id="acme")
     sid = hook["subscription"]["subscription_id"]
     assert (await acy.webhooks.get(sid))["status"] == "ACTIVE"
+    policy = await acy.policies.create("acme", "agents", "agent:*", caps={"max_tokens": 8})
+    assert (await acy.policies.disable(policy["policy_id"]))["status"] == "DISABLED"
+    assert [p["name"] for p in await acy.policies.list(tenant_id="acme")] == ["agents"]
     assert (await acy.tenants.suspend("acme"))["status"] == "SUSPENDED"
     assert (await acy.tenants.close("acme"))["status"] == "CLOSED"
     assert (await acy.keys.validate(key["key_secret"]))["reason"] == "REVOKED"

@@ -149,3 +149,33 @@ def test_python_operator_on_every_local_ledger(tmp_path: Path, request: pytest.F
             )
             assert ops[-1] == "createTenant" and "updateTenant" in ops
             cy.records.close()
+
+
+def test_policies_from_the_command_line(served: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``cycles policies`` against a running server: the policy applies to the next reservation."""
+    base = ("--ledger", served, "--admin-key", ADMIN_KEY)
+    assert run(capsys, "tenants", "create", "acme", "--name", "Acme", *base)[0] == 0
+    code, out, _ = run(capsys, "policies", "create", "--tenant", "acme", "--name", "agents", "--pattern", "agent:*",
+                       "--priority", "5", "--max-tokens", "64", "--deny-kind", "code.exec",
+                       "--quota", "http.post:1:per_hour_tumbling", "--json", *base)  # fmt: skip
+    assert code == 0
+    created = json.loads(out)
+    assert created["caps"] == {"max_tokens": 64} and created["action_quotas"][0]["max_calls"] == 1
+    pid = created["policy_id"]
+    code, out, _ = run(capsys, "policies", "list", "--tenant", "acme", *base)
+    assert code == 0 and pid in out and "agent:*" in out
+    code, out, _ = run(capsys, "policies", "update", pid, "--max-reservations-per-minute", "9", "--json", *base)
+    assert json.loads(out)["rate_limits"] == {"max_reservations_per_minute": 9}
+    code, out, _ = run(capsys, "policies", "disable", pid, *base)
+    assert code == 0 and "DISABLED" in out
+    code, out, err = run(capsys, "policies", "create", "--tenant", "acme", "--name", "agents", "--pattern", "*", *base)
+    assert code == 1 and out == "" and err.count("\n") == 1 and "DUPLICATE_RESOURCE" in err
+    code, _, err = run(capsys, "policies", "create", "--tenant", "acme", "--name", "x", "--pattern", "tenant:zz/*",
+                       *base)  # fmt: skip
+    assert code == 2 and err.strip() == (  # bad input: exit status 2, one line
+        "error: INVALID_REQUEST: scope_pattern 'tenant:zz/*' must start with tenant:acme (the policy's tenant)"
+    )
+    code, _, err = run(capsys, "policies", "show", "pol_nope", *base)
+    assert code == 1 and "NOT_FOUND" in err
+    code, out, _ = run(capsys, "audit", "--operation", "updatePolicy", "--json", *base)
+    assert [e["resource_id"] for e in json.loads(out)] == [pid, pid]

@@ -17,13 +17,13 @@ from schemathesis.specs.openapi.checks import ignored_auth, positive_data_accept
 
 from cycles.server import create_app
 from cycles.server.testing import ServerThread
+from tests.server.spec import with_governance_extensions
 
 from .conftest import ADMIN_KEY
 from .spec import admin_spec_path
 
-# Operations this server does not implement yet (policies) and protocol v0's own GET /v1/balances
-# (fuzzed in tests/server).
-_NOT_YET = r"^/v1/(admin/policies|balances)"
+# Protocol v0's own GET /v1/balances (fuzzed in tests/server).
+_NOT_YET = r"^/v1/balances"
 
 
 def _as_served(doc: dict[str, Any]) -> dict[str, Any]:
@@ -33,6 +33,10 @@ def _as_served(doc: dict[str, Any]) -> dict[str, Any]:
     schemas["WebhookCreateRequest"]["properties"]["url"]["pattern"] = "^https://[a-z]{1,20}\\.example$"
     schemas["WebhookUpdateRequest"]["properties"]["url"]["pattern"] = "^https://[a-z]{1,20}\\.example$"
     schemas["ApiKeyCreateRequest"]["properties"]["tenant_id"]["enum"] = ["acme"]
+    schemas["PolicyCreateRequest"]["properties"]["tenant_id"]["enum"] = ["acme"]
+    # Policy responses carry the extensions' quota and action-kind fields (their PATH COVERAGE)
+    with (admin_spec_path().parent / "cycles-governance-extensions-v0.1.26.yaml").open() as f:
+        with_governance_extensions(doc, yaml.safe_load(f))
     # The same server serves protocol v0's POST /v1/events beside listTenantEvents (GET).
     doc["paths"]["/v1/events"]["post"] = {
         "operationId": "createEvent",

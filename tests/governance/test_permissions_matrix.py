@@ -1,7 +1,6 @@
 """Every tenant permission against every operation a tenant key can reach: each permission allows
 exactly its operations (and the admin:read / admin:write wildcards exactly theirs, the spec's
-NORMATIVE wildcard semantics), on memory, SQLite and Redis, every response checked against the spec.
-(policies:read / policies:write have no tenant-key endpoint on this server yet.)"""
+NORMATIVE wildcard semantics), on memory, SQLite and Redis, every response checked against the spec."""
 
 from __future__ import annotations
 
@@ -69,14 +68,21 @@ OPERATIONS: dict[str, tuple[str, int, Call]] = {
     "listTenantEvents": ("events:read", 200, lambda api, key, ctx: api.k(key, "GET", "/v1/events")),
     "listActionQuotaCounters": ("action_quotas:read", 200, lambda api, key, ctx: api.k(
         key, "GET", "/v1/admin/action-quota-counters")),
+    "listPolicies": ("policies:read", 200, lambda api, key, ctx: api.k(key, "GET", "/v1/admin/policies")),
+    "getPolicy": ("policies:read", 200, lambda api, key, ctx: api.k(key, "GET", f"/v1/admin/policies/{ctx['policy']}")),
+    "createPolicy": ("policies:write", 201, lambda api, key, ctx: api.k(
+        key, "POST", "/v1/admin/policies", json={"name": uuid.uuid4().hex, "scope_pattern": "tenant:acme/*"})),
+    "updatePolicy": ("policies:write", 200, lambda api, key, ctx: api.k(
+        key, "PATCH", f"/v1/admin/policies/{ctx['policy']}", json={"description": uuid.uuid4().hex})),
 }  # fmt: skip
 #: The action-kinds spec's deprecated fallback (v0.1.26 only): balances:read also reads quota counters.
 FALLBACKS = {"balances:read": {"listActionQuotaCounters"}}
 
 READS = {"getBalances", "listBudgets", "lookupBudget", "listTenantWebhooks", "getTenantWebhook", "listTenantEvents",
-         "listReservations", "getReservation", "listActionQuotaCounters"}  # fmt: skip
+         "listReservations", "getReservation", "listActionQuotaCounters", "listPolicies", "getPolicy"}  # fmt: skip
 WRITES = {"createReservation", "decide", "createEvent", "commitReservation", "releaseReservation",
-          "extendReservation", "createBudget", "fundBudget", "createTenantWebhook", "updateTenantWebhook"}  # fmt: skip
+          "extendReservation", "createBudget", "fundBudget", "createTenantWebhook", "updateTenantWebhook",
+          "createPolicy", "updatePolicy"}  # fmt: skip
 
 
 @pytest.fixture
@@ -87,7 +93,9 @@ def ctx(api: Api) -> dict[str, str]:
     full = api.key("acme", permissions=sorted({perm for perm, _, _ in OPERATIONS.values()}))
     hook = api.k(full, "POST", "/v1/webhooks", json={"url": HOOK_URL, "event_types": ["budget.exhausted"]})
     assert hook.status_code == 201, hook.text
-    out = {"full": full, "hook": hook.json()["subscription"]["subscription_id"]}
+    policy = api.a("POST", "/v1/admin/policies", json={"tenant_id": "acme", "name": "p", "scope_pattern": "agent:*"})
+    assert policy.status_code == 201, policy.text
+    out = {"full": full, "hook": hook.json()["subscription"]["subscription_id"], "policy": policy.json()["policy_id"]}
     out["reservation"] = _held(api, out)
     return out
 
@@ -114,6 +122,8 @@ def test_admin_wildcards_allow_reads_or_writes(api: Api, ctx: dict[str, str]) ->
     assert _allowed(api, ctx, ["admin:read"]) == READS
     assert _allowed(api, ctx, ["admin:write"]) == WRITES
     assert _allowed(api, ctx, ["admin:budgets:read"]) == {"listBudgets", "lookupBudget"}
+    assert _allowed(api, ctx, ["admin:policies:read"]) == {"listPolicies", "getPolicy"}
+    assert _allowed(api, ctx, ["admin:policies:write"]) == {"createPolicy", "updatePolicy"}
 
 
 def test_workspace_key_sees_nothing_outside_its_workspace_on_the_operator_paths(api: Api) -> None:

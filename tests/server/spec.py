@@ -60,6 +60,26 @@ def with_extensions(base: dict[str, Any], ext: dict[str, Any]) -> None:
     codes += [c for c in new["ErrorCodeExtension"]["enum"] if c not in codes]
 
 
+def with_governance_extensions(base: dict[str, Any], ext: dict[str, Any]) -> None:
+    """Fold the governance extensions' policy fields into the admin spec's Policy, as their PATH
+    COVERAGE says (responses carry the four v0.1.26 fields; strict validators must allow them)."""
+    schemas = base["components"]["schemas"]
+    new = ext["components"]["schemas"]
+    schemas["Policy"]["properties"].update(new["PolicyExtension"]["properties"])
+    schemas["PolicyCreateRequest"]["properties"].update(new["PolicyCreateRequestExtension"]["properties"])
+    # PATH COVERAGE names GET /v1/admin/policies/{policy_id}, which the base spec does not declare:
+    # declared here as the extension describes it (the extended Policy; the update's error shapes).
+    item = base["paths"]["/v1/admin/policies/{policy_id}"]
+    if "get" not in item:
+        patch = item["patch"]
+        item["get"] = {
+            "operationId": "getPolicy",
+            "security": patch["security"],
+            "parameters": patch["parameters"],
+            "responses": {c: r for c, r in patch["responses"].items() if c in ("200", "401", "403", "404", "500")},
+        }
+
+
 def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
@@ -89,8 +109,11 @@ class SpecValidator:
                 with_extensions(loaded, yaml.safe_load(f))
         governance = self.path.parent / "cycles-governance-extensions-v0.1.26.yaml"
         if self.path.name.startswith("cycles-governance-admin") and governance.exists():
-            with governance.open() as f:  # the Permission enum gains action_quotas:read (v0.1.26)
-                extended = yaml.safe_load(f)["components"]["schemas"]["PermissionExtension"]["enum"]
+            with governance.open() as f:
+                governance_ext = yaml.safe_load(f)
+            with_governance_extensions(loaded, governance_ext)
+            # the Permission enum gains action_quotas:read (v0.1.26)
+            extended = governance_ext["components"]["schemas"]["PermissionExtension"]["enum"]
             permissions = loaded["components"]["schemas"]["Permission"]["enum"]
             permissions += [p for p in extended if p not in permissions]
         if self.path.name.startswith("cycles-governance-admin") and extensions.exists():

@@ -708,11 +708,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_server_commands(sub, [common])
     from cycles.cli_admin import add_admin_commands  # the governance plane (tenants, keys, events, ...)
+    from cycles.cli_policies import add_policy_commands  # named policies (/v1/admin/policies)
     from cycles.cli_quotas import add_quota_commands  # quota counters, the action kind registry
     from cycles.ops_cli import add_ops_commands  # shadow report, dashboard
 
     add_admin_commands(sub, [common])
     add_quota_commands(sub, [common])
+    add_policy_commands(sub, [common])
     add_ops_commands(sub, [common])
     return parser
 

@@ -45,6 +45,7 @@ _CHANGES = {
     "api-keys": {"create", "revoke"},
     "budgets": {"create", "fund", "freeze", "unfreeze"},
     "webhooks": {"create", "delete", "test", "enable", "pause", "replay"},
+    "policies": {"create", "update", "disable", "enable"},  # cli_policies.py
 }
 
 WHEN_BUDGETS = (

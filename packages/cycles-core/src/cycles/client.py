@@ -341,6 +341,11 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         """``cy.operator.webhooks``: create, list, get, update, delete, test, deliveries, replay."""
         return cast(Any, self.operator).webhooks
 
+    @property
+    def policies(self) -> Any:
+        """``cy.operator.policies``: create, list, get, update, disable, enable (named policies)."""
+        return cast(Any, self.operator).policies
+
     def _reserve_request(
         self,
         subject: Subject,

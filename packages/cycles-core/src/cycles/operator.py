@@ -1,4 +1,4 @@
-"""The governance plane from Python: tenants, API keys, budgets, webhooks, events, audit.
+"""The governance plane from Python: tenants, API keys, budgets, webhooks, policies, events, audit.
 
 One implementation: every call is the governance spec's HTTP operation. Against a server
 (``http(s)://``) it goes over the network with the admin key; against a local ledger (memory,
@@ -72,6 +72,7 @@ class _OperatorBase(Group[S]):
         self.webhooks = _Webhooks(send)
         self.action_kinds = ActionKinds(send)  # operator_quotas.py: the action-kinds spec's plane
         self.quota_counters = QuotaCounters(send)
+        self.policies = _Policies(send)
 
     @operation
     def call(self, method: str, path: str, *, params: Json | None = None, json: Any = None) -> Flow[Any]:
@@ -426,3 +427,36 @@ class _Webhooks(Group[S]):
     def replay(self, /, subscription_id: str, **window: Any) -> Flow[Json]:
         result: Json = yield Call("POST", f"/v1/admin/webhooks/{subscription_id}/replay", json=_params(window))
         return result
+
+
+class _Policies(Group[S]):
+    """Named policies (``cycles.ledger.policies``): caps, overage policy, TTL ceiling, rate limit,
+    quotas and action-kind lists for the scopes a pattern matches, applied by the ledger at reserve."""
+
+    @operation
+    def create(self, /, tenant_id: str, name: str, scope_pattern: str, **fields: Any) -> Flow[Json]:
+        """``createPolicy``: fields as the spec's PolicyCreateRequest (priority, caps, rate_limits, ...)."""
+        body = {"tenant_id": tenant_id, "name": name, "scope_pattern": scope_pattern, **fields}
+        result: Json = yield Call("POST", "/v1/admin/policies", json=body)
+        return result
+
+    list = _listing("/v1/admin/policies", "policies")  # tenant_id= is required with the admin key
+
+    @operation
+    def get(self, policy_id: str) -> Flow[Json]:
+        result: Json = yield Call("GET", f"/v1/admin/policies/{policy_id}")
+        return result
+
+    @operation
+    def update(self, /, policy_id: str, **fields: Any) -> Flow[Json]:
+        """``updatePolicy``: only the fields given change; a list given replaces the stored one."""
+        result: Json = yield Call("PATCH", f"/v1/admin/policies/{policy_id}", json=fields)
+        return result
+
+    @operation
+    def disable(self, policy_id: str) -> Flow[Json]:
+        return (yield from _Policies.update.flow(self, policy_id, status="DISABLED"))
+
+    @operation
+    def enable(self, policy_id: str) -> Flow[Json]:
+        return (yield from _Policies.update.flow(self, policy_id, status="ACTIVE"))

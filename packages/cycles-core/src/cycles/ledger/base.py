@@ -25,6 +25,7 @@ from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, Coun
 from cycles.ledger.funding import FundingOperation, FundingResult, check_request
 from cycles.ledger.limits import DEFAULT_LIMITS, RateLimiter, TenantLimits
 from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.policies import NamedPolicy
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy
 from cycles.ledger.rules import BalanceQuery, ReservationQuery, Txn
 from cycles.models import (
@@ -155,6 +156,17 @@ class Ledger(abc.ABC):
     def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
         """Set one counter to 0 (incident response); ``NotFound`` when no live counter has its name."""
 
+    # named policies (ledger/policies.py); a ledger that keeps none (a remote server's) refuses
+    def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        """Store a new named policy, or a new version of one (``rules.put_named_policy``)."""
+        raise _no_named_policies(self)
+
+    def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        raise _no_named_policies(self)
+
+    def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        raise _no_named_policies(self)
+
     def count_active(self) -> int | None:
         """ACTIVE reservations across all tenants, from a maintained count (never a scan of rows),
         or ``None`` when the backend keeps no such total (Redis: the counts live per slot)."""
@@ -246,6 +258,15 @@ class AsyncLedger(abc.ABC):
     async def list_quota_counters(self, query: CounterQuery, *, tenant: str | None = None) -> CounterPage: ...
     @abc.abstractmethod
     async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset: ...
+
+    async def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        raise _no_named_policies(self)
+
+    async def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        raise _no_named_policies(self)
+
+    async def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        raise _no_named_policies(self)
 
     async def count_active(self) -> int | None:
         """See ``Ledger.count_active``."""
@@ -410,6 +431,21 @@ class TransactionalLedger(Ledger):
     def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
         return self._write(counters.reset_counter, req, tenant)
 
+    def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        return self._write(rules.put_named_policy, policy, create)
+
+    def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        return self._read(rules.get_named_policy, policy_id)
+
+    def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        return self._read(rules.list_named_policies, tenant)
+
+
+def _no_named_policies(ledger: object) -> CyclesError:
+    return InvalidRequest(
+        f"{type(ledger).__name__} keeps no named policies: manage them on the server (/v1/admin/policies)"
+    )
+
 
 def _wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -518,6 +554,15 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
         return await self._call(self.sync.reset_quota_counter, req, tenant=tenant)
+
+    async def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        return await self._call(self.sync.put_named_policy, policy, create=create)
+
+    async def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        return await self._call(self.sync.get_named_policy, policy_id)
+
+    async def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        return await self._call(self.sync.list_named_policies, tenant=tenant)
 
     async def count_active(self) -> int | None:
         return await self._call(self.sync.count_active)

@@ -43,6 +43,7 @@ from cycles.errors import (
     ActionQuotaExceeded,
     CyclesError,
     InvalidRequest,
+    LimitExceeded,
     LoopDetected,
     PriorityHeadroomExceeded,
 )
@@ -475,6 +476,7 @@ class Counter:
     window_key: str
     action_kind: str
     loop: bool = False  # a loop-guard counter (step 3b): repeats count even when released
+    rate: bool = False  # a named policy's reservation rate limit (policies.rate_counter): 429, not DENY
 
     def wire(self) -> list[Any]:
         """What the Redis script needs: key, limit, ttl, per_run, threshold count (0: none)."""
@@ -559,10 +561,19 @@ def plan(
     an access denial (nothing to count), or the counters to check, risk-class ones first."""
     if not policies:
         return None, []
-    path = [s for s in reversed(scopes) if s in policies]  # most specific first
+    return plan_ranked([(s, policies[s]) for s in reversed(scopes) if s in policies], subject, action, now_ms)
+
+
+def plan_ranked(
+    ranked: Sequence[tuple[str, ScopePolicy]],
+    subject: Subject,
+    action: Action,
+    now_ms: int,
+) -> tuple[CyclesError | None, list[Counter]]:
+    """``plan`` over policies already in precedence order (the first that has a rule for a step
+    decides it): the most specific scope first, or the named policies' ranking (policies.resolve)."""
     kind = action.kind
-    for scope in path:  # step 1: the most specific scope with an access list decides
-        p = policies[scope]
+    for scope, p in ranked:  # step 1: the first policy with an access list decides
         if p.denied_action_kinds:
             if kind in p.denied_action_kinds:
                 return ActionKindDenied(
@@ -579,20 +590,20 @@ def plan(
             break
     counters: list[Counter] = []
     risk: str | None = None
-    if any(q.risk_class is not None for scope in path for q in policies[scope].quotas):
+    if any(q.risk_class is not None for _, p in ranked for q in p.quotas):
         risk = risk_class_of(kind)
-        for scope in path:  # step 2
-            rules = [q for q in policies[scope].quotas if q.risk_class == risk]
+        for scope, p in ranked:  # step 2
+            rules = [q for q in p.quotas if q.risk_class == risk]
             if rules:
                 counters += [_counter(q, scope, subject, kind, now_ms) for q in rules]
                 break
-    for scope in path:  # step 3
-        rules = [q for q in policies[scope].quotas if q.action_kind == kind]
+    for scope, p in ranked:  # step 3
+        rules = [q for q in p.quotas if q.action_kind == kind]
         if rules:
             counters += [_counter(q, scope, subject, kind, now_ms) for q in rules if q.selects(action)]
             break
     fingerprint = _fingerprint_of(action)
-    guard = next((policies[s] for s in path if policies[s].loop_guard is not None), None)
+    guard = next((p for _, p in ranked if p.loop_guard is not None), None)
     if fingerprint and guard is not None and guard.loop_guard is not None:  # step 3b: identical steps
         lg = guard.loop_guard
         if lg.window != "per_run" or (subject.dimensions or {}).get("run_id"):
@@ -633,10 +644,10 @@ def _counter(q: Quota, scope: str, subject: Subject, kind: str, now_ms: int) -> 
     return Counter(key, q.max_calls, ttl, q.window == "per_run", q, scope, label, kind)
 
 
-def violation(counters: Sequence[Counter], counts: Sequence[int]) -> ActionQuotaExceeded | None:
+def violation(counters: Sequence[Counter], counts: Sequence[int]) -> ActionQuotaExceeded | LimitExceeded | None:
     """The denial for the first step (risk class, then kind) with a counter at its limit: of its
     violated counters, the one with the least headroom."""
-    for step in ("risk", "kind", "loop"):
+    for step in ("rate", "risk", "kind", "loop"):
         over = [
             (c.limit - n, i)
             for i, (c, n) in enumerate(zip(counters, counts, strict=True))
@@ -645,12 +656,25 @@ def violation(counters: Sequence[Counter], counts: Sequence[int]) -> ActionQuota
         if over:
             c = counters[min(over)[1]]
             used = counts[min(over)[1]]
+            if c.rate:
+                return _rate_denial(c, used)
             return _loop_denial(c, used) if c.loop else _quota_denial(c, used)
     return None
 
 
 def _step(c: Counter) -> str:
+    if c.rate:
+        return "rate"
     return "loop" if c.loop else ("risk" if c.quota.risk_class is not None else "kind")
+
+
+def _rate_denial(c: Counter, used: int) -> LimitExceeded:
+    """429 LIMIT_EXCEEDED (protocol v0: server-side rate limiting), not a budget decision."""
+    return LimitExceeded(
+        f"rate limit: {used} of {c.limit} reservations per minute used on {c.scope} ({c.window_key})",
+        details={"scope": c.scope, "limit": c.limit, "used": used, "window_key": c.window_key},
+        retry_after_s=60,  # at most: the window is the UTC minute in window_key
+    )
 
 
 def _loop_denial(c: Counter, used: int) -> LoopDetected:

@@ -117,7 +117,7 @@ from cycles.errors import (
 )
 from cycles.identifiers import is_identifier
 from cycles.ledger import counters as quota_counters
-from cycles.ledger import funding, periods, quotas, rules
+from cycles.ledger import funding, periods, policies, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.limits import (
     DEFAULT_LIMITS,
@@ -869,35 +869,52 @@ class _RedisCore:
         scopes: list[str],
         subject: Subject,
         action: Action,
-        call: Callable[[str, str, bool], _Call],
-    ) -> _Flow[tuple[Any, CyclesError | None, bool]]:
-        """Send a reserve/decide script with the quota counters ``quotas.plan`` finds over this
-        client's cached policies of the slot, refreshing the cache when the script says they are
-        stale (POLICY). Returns the script's raw reply or the quota/access denial, and whether the
-        tenant's observe_mode is OBSERVE (as of the policy version the script confirmed)."""
-        for _ in range(4):
+        call: Callable[[str, str, bool, policies.Resolved], _Call],
+        reserving: bool = False,
+    ) -> _Flow[tuple[Any, CyclesError | None, bool, policies.Resolved]]:
+        """Send a reserve/decide script with the quota counters planned over this client's cached
+        policies of the slot -- the path's per-scope policies and the named policies of its
+        candidate patterns (``policies.resolve``, then ``rules.gate``) -- refreshing the cache when
+        the script says they are stale (POLICY). Returns the script's raw reply or the
+        quota/access/rate denial, whether the tenant's observe_mode is OBSERVE, and what the named
+        policies give the reservation, all as of the policy version the script confirmed."""
+        named = ["pat|" + p for p in policies.anchor_candidates(scopes)] if subject.tenant else []
+        for _ in range(6):
             cached = self._policies.get(tag)
             version, plan, observes = "", "", False
+            resolved = policies.NO_POLICIES
             counters: list[quotas.Counter] = []
             if cached is not None and all(s in cached[1] for s in scopes):
-                version = cached[0]
-                docs = cached[1]
-                policies = {s: quotas.load_policy(s, d) for s in scopes if (d := docs[s]) is not None}
-                observes = quotas.tenant_observes(policies, subject)
+                version, docs = cached
+                missing = [f for f in named if f not in docs]
+                if missing:  # the named candidates, read with the version they belong to
+                    reply = yield _Command(("HMGET", self._base(tag) + "policy", "~v", *missing))
+                    got = dict(zip(missing, [None if d is None else _str(d) for d in reply[1:]], strict=True))
+                    if reply[0] is not None and _str(reply[0]) == version:
+                        docs.update(got)
+                    else:
+                        self._policies[tag] = ("" if reply[0] is None else _str(reply[0]), got)
+                    continue
+                scoped = {s: quotas.load_policy(s, d) for s in scopes if (d := docs[s]) is not None}
+                observes = quotas.tenant_observes(scoped, subject)
+                now_ms = self._now_ms()
+                resolved = policies.resolve({f[4:]: docs[f] for f in named}, scoped, scopes, now_ms)
+                verdict = rules.Verdict(scopes)
                 try:
-                    denial, counters = quotas.plan(policies, scopes, subject, action, self._now_ms())
+                    denial = rules.gate(resolved, subject, action, now_ms, reserving, None, verdict)
                 except InvalidRequest as exc:  # no run_id for a per_run quota: as current as a denial?
                     denial = exc
+                counters = verdict.counters
                 if denial is not None:  # decided here: confirm the policies are current
                     current = yield _Command(("HGET", self._base(tag) + "policy", "~v"))
                     if current is not None and _str(current) == version:
                         if isinstance(denial, InvalidRequest):
                             raise denial
-                        return None, denial, observes
+                        return None, denial, observes, resolved
                     self._policies.pop(tag, None)
                     continue
                 plan = to_json([c.wire() for c in counters]).decode() if counters else ""
-            raw = yield call(version, plan, observes)
+            raw = yield call(version, plan, observes, resolved)
             data = raw.encode() if isinstance(raw, str) else raw
             if data.startswith(b'["E","POLICY"'):
                 _, _, new_version, docs_list = from_json(data)
@@ -906,12 +923,12 @@ class _RedisCore:
                 continue
             if data.startswith(b'["E","QUOTA"'):
                 counts = from_json(data)[2]
-                return None, quotas.violation(counters, counts), observes
+                return None, quotas.violation(counters, counts), observes, resolved
             if counters and data.endswith(b"]]]"):  # reserve.lua's fifth element: thresholds reached
                 reply = from_json(data)
                 for index, used in reply[4] if len(reply) > 4 else ():
                     quotas.note_threshold(counters[index], used)
-            return raw, None, observes
+            return raw, None, observes, resolved
         raise InternalError("the scope policies kept changing while a reservation was evaluated")
 
     def _now_ms(self) -> int:
@@ -947,7 +964,7 @@ class _RedisCore:
             items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
             for field, text in items:
                 scope = _str(field)
-                if scope != "~v" and (tenant is None or scope_tenant(scope) == tenant):
+                if scope != "~v" and "|" not in scope and (tenant is None or scope_tenant(scope) == tenant):
                     out.append(quotas.load_policy(scope, _str(text)))
         return sorted(out, key=lambda p: p.scope)
 
@@ -992,6 +1009,42 @@ class _RedisCore:
             counter=quota_counters.reset_state(name, value, req, reply[1]), previous_used=int(previous)
         )
 
+    # -- named policies: "pat|<pattern>" fields of the tenant's policy hash (written by policy_put,
+    # which bumps the version every cached plan is checked against); "<p>:{g}:npid" id -> tenant.
+
+    def _named_of(self, tenant: str) -> _Flow[list[policies.NamedPolicy]]:
+        reply = yield _Command(("HGETALL", self._base(tenant) + "policy"))
+        items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+        out = [p for f, text in items if _str(f).startswith("pat|") for p in policies.load_list(_str(text))]
+        return sorted(out, key=lambda p: (p.created_at, p.policy_id))
+
+    def _get_named_policy(self, policy_id: str) -> _Flow[policies.NamedPolicy]:
+        tenant = yield _Command(("HGET", self._global + "npid", policy_id))
+        if tenant is not None:
+            for p in (yield from self._named_of(_str(tenant))):
+                if p.policy_id == policy_id:
+                    return p
+        raise NotFound(f"policy {policy_id} not found", details={"policy_id": policy_id})
+
+    def _put_named_policy(self, policy: policies.NamedPolicy, create: bool) -> _Flow[policies.NamedPolicy]:
+        tag = policy.tenant_id
+        field = "pat|" + policy.scope_pattern
+        if not create:
+            yield from self._get_named_policy(policy.policy_id)
+        for _ in range(8):
+            policies.check_unique_name((yield from self._named_of(tag)), policy)
+            current = yield _Command(("HGET", self._base(tag) + "policy", field))
+            text = _str(current) if current is not None else ""
+            _, _, raw = yield [
+                _Command(("SADD", self._registry, tag)),
+                _Command(("HSET", self._global + "npid", policy.policy_id, tag)),
+                self._call("policy_put", tag, field, text, policies.put_in_list(text or None, policy)),
+            ]
+            if not _str(raw).startswith('["E"'):
+                self._policies.pop(tag, None)
+                return policy
+        raise LedgerUnavailable("the policies of this pattern kept changing under concurrent updates; retry")
+
     def _roll_calls(self, step: _Step, reply: Any) -> list[_Call | _Command]:
         pairs = list(zip(step, reply, strict=True)) if isinstance(step, list) else [(step, reply)]
         calls: list[_Call | _Command] = []
@@ -1031,16 +1084,16 @@ class _RedisCore:
         if not req.dry_run:
             self._rate.take(owner)
 
-        def call(version: str, plan: str, tenant_observes: bool) -> _Call:
+        def call(version: str, plan: str, tenant_observes: bool, named: policies.Resolved) -> _Call:
             dry = req.dry_run or quotas.observing(req.observe_mode, tenant_observes)
             return self._call(
                 "reserve",
                 tag,
                 unit.value,
                 req.estimate.amount,
-                req.ttl_ms,
+                named.ttl(req.ttl_ms),
                 req.grace_period_ms,
-                req.overage_policy.value,
+                (named.overage or req.overage_policy).value,
                 "1" if dry else "0",
                 rid_new,
                 digest,
@@ -1055,7 +1108,9 @@ class _RedisCore:
                 key=f"i:reserve:{idem_tenant}:{req.idempotency_key}",
             )
 
-        raw, quota_denial, tenant_observes = yield from self._gated(tag, scopes, subject, req.action, call)
+        raw, quota_denial, tenant_observes, named = yield from self._gated(
+            tag, scopes, subject, req.action, call, reserving=not req.dry_run
+        )
         observe = quotas.observing(req.observe_mode, tenant_observes)
         if quota_denial is not None:
             if not (req.dry_run or observe):
@@ -1076,7 +1131,7 @@ class _RedisCore:
             ),
         )
         rid, expires_at, rows, denial, caps_list = reply.payload
-        caps = _merge(caps_list) if denial is None else None
+        caps = rules.merge_caps([named.caps, _merge(caps_list)]) if denial is None else None
         if denial is not None:
             decision = Decision.DENY
         else:
@@ -1100,7 +1155,7 @@ class _RedisCore:
             # Publish the slot's earliest deadline to the sweep index. Best effort: a lost update is
             # repaired by the next reserve within a second, or by the sweep's round-robin.
             yield _Call(_SCRIPTS["touch"], (self._global,), ("", tag, reply.extra), best_effort=True)
-        ttl = _ttl_left(reply.extra, expires_at, reply.now_ms) if reply.replay else req.ttl_ms
+        ttl = _ttl_left(reply.extra, expires_at, reply.now_ms) if reply.replay else named.ttl(req.ttl_ms)
         return trusted(
             ReservationCreateResponse,
             decision=decision,
@@ -1125,7 +1180,7 @@ class _RedisCore:
         digest = rules.fingerprint(req)
         pct = quotas.headroom_pct(req.action) if req.action.tags else 0
 
-        def call(version: str, plan: str, tenant_observes: bool) -> _Call:
+        def call(version: str, plan: str, tenant_observes: bool, named: policies.Resolved) -> _Call:
             return self._call(
                 "decide",
                 tag,
@@ -1139,7 +1194,7 @@ class _RedisCore:
                 key=f"i:decide:{idem_tenant}:{req.idempotency_key}",
             )
 
-        raw, quota_denial, _ = yield from self._gated(tag, scopes, subject, req.action, call)
+        raw, quota_denial, _, named = yield from self._gated(tag, scopes, subject, req.action, call)
         if quota_denial is not None:
             return rules.denied_decision(scopes, quota_denial)
         reply = _open(raw, lambda: _Context(scopes, unit, idempotency_key=req.idempotency_key, endpoint="decide"))
@@ -1153,7 +1208,7 @@ class _RedisCore:
                 affected_scopes=scopes,
                 deny_detail=_deny_detail(denial, scopes, unit),
             )
-        caps = _merge(caps_list)
+        caps = rules.merge_caps([named.caps, _merge(caps_list)])
         return trusted(
             DecisionResponse,
             decision=Decision.ALLOW_WITH_CAPS if caps is not None else Decision.ALLOW,
@@ -1827,6 +1882,15 @@ class RedisLedger(_RedisCore, Ledger):
     ) -> quota_counters.CounterReset:
         return self._run(self._reset_counter(req, tenant))
 
+    def put_named_policy(self, policy: policies.NamedPolicy, *, create: bool) -> policies.NamedPolicy:
+        return self._run(self._put_named_policy(policy, create))
+
+    def get_named_policy(self, policy_id: str) -> policies.NamedPolicy:
+        return self._run(self._get_named_policy(policy_id))
+
+    def list_named_policies(self, *, tenant: str) -> list[policies.NamedPolicy]:
+        return self._run(self._named_of(tenant))
+
     def sweep(self, limit: int = 1000) -> int:
         return self._run(self._sweep(limit))
 
@@ -2253,6 +2317,15 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
         self, req: quota_counters.CounterResetRequest, *, tenant: str | None = None
     ) -> quota_counters.CounterReset:
         return await self._run(self._reset_counter(req, tenant))
+
+    async def put_named_policy(self, policy: policies.NamedPolicy, *, create: bool) -> policies.NamedPolicy:
+        return await self._run(self._put_named_policy(policy, create))
+
+    async def get_named_policy(self, policy_id: str) -> policies.NamedPolicy:
+        return await self._run(self._get_named_policy(policy_id))
+
+    async def list_named_policies(self, *, tenant: str) -> list[policies.NamedPolicy]:
+        return await self._run(self._named_of(tenant))
 
     async def sweep(self, limit: int = 1000) -> int:
         return await self._run(self._sweep(limit))

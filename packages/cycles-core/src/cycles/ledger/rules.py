@@ -48,7 +48,7 @@ from cycles.errors import (
     deny_detail_of,
 )
 from cycles.identifiers import is_identifier
-from cycles.ledger import funding, periods, quotas
+from cycles.ledger import funding, periods, policies, quotas
 from cycles.ledger.counters import CounterValue
 from cycles.ledger.limits import TenantLimits, check_active_limit, check_metadata
 from cycles.ledger.paging import ReservationScan, decode_position, encode_position, keyset_page
@@ -460,6 +460,7 @@ class Verdict:
     caps: Caps | None = None
     counters: list[quotas.Counter] = field(default_factory=list)  # quota counters a grant increments
     observe: bool = False  # the tenant's observe_mode is OBSERVE
+    policy: policies.Resolved = field(default_factory=lambda: policies.NO_POLICIES)  # named policies in force
 
     @property
     def decision(self) -> Decision:
@@ -497,13 +498,17 @@ def _status_denial(budgets: Sequence[BudgetRow]) -> CyclesError | None:
     return None
 
 
-def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None = None) -> Verdict:
-    """Decide a reservation without writing. Order: action-kind access, risk-class quotas, per-kind
-    quotas (``gate_quotas``), then budget exists, status, over-limit, debt, remaining."""
+def evaluate(
+    txn: Txn, subject: Subject, estimate: Amount, action: Action | None = None, *, reserving: bool = False
+) -> Verdict:
+    """Decide a reservation without writing. Order: a named policy's rate limit (``reserving``: a
+    reservation would be created), action-kind access, risk-class quotas, per-kind quotas
+    (``gate_quotas``), then budget exists, status, over-limit, debt, remaining; caps are the
+    tightest of the budgets' and the deciding named policy's."""
     scopes = derive_scopes(subject)
     verdict = Verdict(scopes)
     if action is not None:
-        verdict.denial = gate_quotas(txn, verdict, subject, action)
+        verdict.denial = gate_quotas(txn, verdict, subject, action, reserving)
         if verdict.denial is not None:
             return verdict
     budgets = _budgets_for(txn, scopes, estimate.unit)
@@ -521,7 +526,8 @@ def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None
         and (not pct or b.remaining - needed >= b.allocated * pct // 100)
         for b in budgets
     ):  # the common case in one pass; the checks below only decide *which* denial it is
-        verdict.caps = merge_caps(b.caps for b in budgets) if any(b.caps for b in budgets) else None
+        if verdict.policy.caps is not None or any(b.caps for b in budgets):
+            verdict.caps = merge_caps([verdict.policy.caps, *(b.caps for b in budgets)])
         return verdict
     verdict.denial = _status_denial(budgets)
     if verdict.denial is not None:
@@ -557,7 +563,7 @@ def evaluate(txn: Txn, subject: Subject, estimate: Amount, action: Action | None
             if row.remaining - needed < row.allocated * pct // 100:
                 verdict.denial = quotas.headroom_denial(row.scope, estimate.unit.value, row.remaining, needed, pct)
                 return verdict
-    verdict.caps = merge_caps(row.caps for row in budgets)
+    verdict.caps = merge_caps([verdict.policy.caps, *(row.caps for row in budgets)])
     return verdict
 
 
@@ -641,11 +647,11 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         return replay
 
     check_metadata(txn.limits, req.metadata)
-    verdict = evaluate(txn, req.subject, req.estimate, req.action)
+    verdict = evaluate(txn, req.subject, req.estimate, req.action, reserving=not req.dry_run)
     observe = quotas.observing(req.observe_mode, verdict.observe)
     # Lazy expiry: budget held by dead clients goes back before we say no.
     if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and not observe and expire_due(txn, limit=1000):
-        verdict = evaluate(txn, req.subject, req.estimate, req.action)
+        verdict = evaluate(txn, req.subject, req.estimate, req.action, reserving=True)
 
     if req.dry_run or observe:
         if isinstance(verdict.denial, UnitMismatch):
@@ -670,6 +676,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         raise verdict.denial
     owner = tenant if tenant is not None else req.subject.tenant
     check_active_limit(txn.limits, txn.active_reservations(owner), owner)
+    ttl = verdict.policy.ttl(req.ttl_ms)
 
     amount = req.estimate.amount
     for budget in verdict.budgets:
@@ -687,9 +694,9 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         [b.scope for b in verdict.budgets],
         verdict.scopes,
         now,
-        now + req.ttl_ms,
+        now + ttl,
         req.grace_period_ms,
-        req.overage_policy,
+        verdict.policy.overage or req.overage_policy,
         req.idempotency_key,
         None,
         None,
@@ -705,7 +712,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
         reservation_id=row_r.reservation_id,
         reserved=req.estimate,
         expires_at_ms=row_r.expires_at_ms,
-        remaining_ttl_ms=req.ttl_ms,
+        remaining_ttl_ms=ttl,
         scope_path=row_r.scope_path,
         affected_scopes=verdict.scopes,
         caps=verdict.caps,
@@ -1541,17 +1548,47 @@ def _counts(txn: Txn, counters: Sequence[quotas.Counter]) -> list[int]:
     return counts
 
 
-def gate_quotas(txn: Txn, verdict: Verdict, subject: Subject, action: Action) -> CyclesError | None:
-    """Steps 1-3 of the evaluation order; on a pass ``verdict.counters`` holds what a grant counts."""
-    policies = load_policies(txn, verdict.scopes)
-    if not policies:
+def gate_quotas(
+    txn: Txn, verdict: Verdict, subject: Subject, action: Action, reserving: bool = False
+) -> CyclesError | None:
+    """Steps 1-3 of the evaluation order over the per-scope and the named policies of the path
+    (one lookup of O(depth) keys); on a pass ``verdict.counters`` holds what a grant counts."""
+    scopes = verdict.scopes
+    tenant = subject.tenant
+    named = [policies.index_key(tenant, p) for p in policies.anchor_candidates(scopes)] if tenant else []
+    found = txn.get_meta([quotas.meta_key(s) for s in scopes] + named)
+    if not found:
         return None
-    verdict.observe = quotas.tenant_observes(policies, subject)
-    denial, counters = quotas.plan(policies, verdict.scopes, subject, action, txn.now_ms)
-    if denial is not None or not counters:
+    scoped = {s: quotas.load_policy(s, found[k]) for s in scopes if (k := quotas.meta_key(s)) in found}
+    verdict.observe = quotas.tenant_observes(scoped, subject)
+    npat = len("npat|") + len(subject.tenant or "") + 1
+    resolved = policies.resolve({k[npat:]: found.get(k) for k in named if k in found}, scoped, scopes, txn.now_ms)
+    verdict.policy = resolved
+    return gate(resolved, subject, action, txn.now_ms, reserving, lambda cs: _counts(txn, cs), verdict)
+
+
+def gate(
+    resolved: policies.Resolved,
+    subject: Subject,
+    action: Action,
+    now_ms: int,
+    reserving: bool,
+    counts: Callable[[list[quotas.Counter]], Sequence[int]] | None,
+    verdict: Verdict,
+) -> CyclesError | None:
+    """Plan the counters of the ranked policies (+ the rate limit when a reservation would be
+    created) and check them against ``counts`` (None: the Redis script checks them, atomically);
+    ``verdict.counters`` holds them."""
+    denial, counters = quotas.plan_ranked(resolved.entries, subject, action, now_ms)
+    if denial is not None:
         return denial
+    rate = policies.rate_counter(resolved, action.kind, now_ms) if reserving else None
+    if rate is not None:
+        counters.append(rate)
+    if not counters:
+        return None
     verdict.counters = counters
-    return quotas.violation(counters, _counts(txn, counters))
+    return None if counts is None else quotas.violation(counters, counts(counters))
 
 
 def count_quotas(txn: Txn, counters: Sequence[quotas.Counter], reservation_id: str) -> None:
@@ -1629,3 +1666,36 @@ def list_policies(txn: Txn, tenant: str | None) -> list[quotas.ScopePolicy]:
         if tenant is None or scope_tenant(scope) == tenant:
             out.append(quotas.load_policy(scope, text))
     return out
+
+
+# ---- named policies (policies.py holds the model and the ranking; this is their storage) -------
+# Meta entries: "npat|<tenant>|<pattern>" the JSON list of that pattern's policies (what a
+# reservation looks up); "npid|<policy id>" "<tenant>|<pattern>" (where a policy is).
+
+
+def get_named_policy(txn: Txn, policy_id: str) -> policies.NamedPolicy:
+    where = txn.get_meta([policies.id_key(policy_id)]).get(policies.id_key(policy_id))
+    if where is not None:
+        tenant, _, pattern = where.partition("|")
+        text = txn.get_meta([policies.index_key(tenant, pattern)]).get(policies.index_key(tenant, pattern))
+        for p in policies.load_list(text) if text else ():
+            if p.policy_id == policy_id:
+                return p
+    raise NotFound(f"policy {policy_id} not found", details={"policy_id": policy_id})
+
+
+def list_named_policies(txn: Txn, tenant: str) -> list[policies.NamedPolicy]:
+    out = [p for _, text in txn.scan_meta(f"npat|{tenant}|") for p in policies.load_list(text)]
+    return sorted(out, key=lambda p: (p.created_at, p.policy_id))
+
+
+def put_named_policy(txn: Txn, policy: policies.NamedPolicy, create: bool) -> policies.NamedPolicy:
+    """Store a new policy (``create``) or the new version of one (its pattern never changes);
+    a name is unique within its tenant (409 DUPLICATE_RESOURCE)."""
+    if not create:
+        get_named_policy(txn, policy.policy_id)  # NotFound first
+    policies.check_unique_name(list_named_policies(txn, policy.tenant_id), policy)
+    key = policies.index_key(policy.tenant_id, policy.scope_pattern)
+    txn.put_meta(key, policies.put_in_list(txn.get_meta([key]).get(key), policy))
+    txn.put_meta(policies.id_key(policy.policy_id), f"{policy.tenant_id}|{policy.scope_pattern}")
+    return policy

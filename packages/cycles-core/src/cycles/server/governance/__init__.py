@@ -17,6 +17,8 @@ operator endpoint (the legacy ``/admin`` ones included).
     webhooks    /v1/admin/webhooks[/{id}[/test|/deliveries|/replay]], tenant /v1/webhooks[...]
     action kinds  GET /v1/action-kinds[/{kind}] (public), GET /v1/admin/action-quota-counters,
                 POST /v1/admin/action-quota-counters/reset (action_kinds.py)
+    policies    POST/GET /v1/admin/policies, GET/PATCH /v1/admin/policies/{policy_id} (named policies,
+                kept and enforced by the ledger: cycles.ledger.policies)
 
 The server's ledger is wrapped in ``alerts.ObservedLedger`` (threshold crossings, exhaustion,
 denials, anomalies become events), and each server process runs ``webhooks.Dispatcher`` (one
@@ -34,7 +36,7 @@ from starlette.requests import Request
 from cycles.errors import Forbidden, InvalidRequest, NotFound, TenantClosed
 from cycles.ledger.records import MemoryRecordStore, RecordStore, records_of
 from cycles.server.auth import Principal
-from cycles.server.governance import action_kinds, apikeys, budgets, overview, streams, tenants, webhooks
+from cycles.server.governance import action_kinds, apikeys, budgets, overview, policies, streams, tenants, webhooks
 from cycles.server.governance.alerts import ObservedLedger, current_request
 from cycles.server.governance.authz import RUNTIME_PERMISSIONS, subject_allowed
 from cycles.server.governance.context import Governance, Handler, Reply, audited
@@ -150,6 +152,10 @@ def install(server: CyclesServer, endpoints: list[Endpoint]) -> list[Endpoint]:
         ep("/v1/admin/budgets/fund", "POST", audited("fundBudget", "budget")(b.fund), "dual"),
         ep("/v1/admin/budgets/lookup", "GET", b.lookup, "dual"),
         ep("/v1/admin/budgets/bulk-action", "POST", audited("bulkActionBudgets", "budget")(b.bulk_action), "admin"),
+        ep("/v1/admin/policies", "POST", audited("createPolicy", "policy")(policies.create), "dual"),
+        ep("/v1/admin/policies", "GET", policies.list_policies, "dual"),
+        ep("/v1/admin/policies/{policy_id}", "GET", policies.get, "dual"),
+        ep("/v1/admin/policies/{policy_id}", "PATCH", audited("updatePolicy", "policy")(policies.update), "dual"),
         ep("/v1/admin/config/webhook-security", "GET", w.get_security, "admin"),
         ep(
             "/v1/admin/config/webhook-security",

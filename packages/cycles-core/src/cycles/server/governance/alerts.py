@@ -39,6 +39,7 @@ from cycles.ledger.base import AsyncLedger, BalanceQuery, ReservationQuery
 from cycles.ledger.counters import CounterPage, CounterQuery, CounterReset, CounterResetRequest
 from cycles.ledger.funding import FundingOperation, FundingResult
 from cycles.ledger.periods import PeriodSpec
+from cycles.ledger.policies import NamedPolicy
 from cycles.ledger.quotas import PolicyEdit, ScopePolicy, threshold_crossings
 from cycles.models import (
     Amount,
@@ -435,6 +436,15 @@ class ObservedLedger(AsyncLedger):
 
     async def reset_quota_counter(self, req: CounterResetRequest, *, tenant: str | None = None) -> CounterReset:
         return await self.inner.reset_quota_counter(req, tenant=tenant)
+
+    async def put_named_policy(self, policy: NamedPolicy, *, create: bool) -> NamedPolicy:
+        return await self.inner.put_named_policy(policy, create=create)
+
+    async def get_named_policy(self, policy_id: str) -> NamedPolicy:
+        return await self.inner.get_named_policy(policy_id)
+
+    async def list_named_policies(self, *, tenant: str) -> list[NamedPolicy]:
+        return await self.inner.list_named_policies(tenant=tenant)
 
     async def aclose(self) -> None:
         await self.inner.aclose()
