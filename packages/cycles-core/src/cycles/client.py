@@ -80,7 +80,7 @@ from cycles.models import (
     Unit,
 )
 from cycles.otel import wrap_ledger
-from cycles.quotas_api import AsyncQuotas, Quotas
+from cycles.quotas_api import Quotas
 from cycles.run import AsyncRun, EndedRuns, Run, _RunCore
 from cycles.shadow import ShadowEvent, ShadowRecorder, ShadowReport, ShadowStore, report_from_store, shadow_store_for
 
@@ -597,7 +597,7 @@ class Cycles(_ClientBase[Guard, Run, "Operator"]):
         )
         self.ledger: Ledger = wrap_ledger(ledger if ledger is not None else open_ledger(url, **ledger_options))
         self.budgets = Budgets(self.ledger)
-        self.quotas = Quotas(self.ledger)
+        self.quotas: Quotas[SyncSender] = Quotas(LedgerSender(self.ledger))
 
     @property
     def url(self) -> str:
@@ -829,7 +829,7 @@ class AsyncCycles(_ClientBase[AsyncGuard, AsyncRun, "AsyncOperator"]):
             ledger if ledger is not None else open_async_ledger(url, **ledger_options)
         )
         self.budgets = AsyncBudgets(self.ledger)
-        self.quotas = AsyncQuotas(self.ledger)
+        self.quotas: Quotas[AsyncSender] = Quotas(AsyncLedgerSender(self.ledger))
 
     @property
     def url(self) -> str:

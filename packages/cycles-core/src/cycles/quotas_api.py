@@ -10,7 +10,9 @@
 Resetting a counter is an audited operator action: ``cy.operator.quota_counters.reset(...)`` (or
 ``cycles quotas reset``), which also emits the spec's ``quota.counter_reset`` event.
 
-The edits are built here once; ``Quotas`` and ``AsyncQuotas`` only send them.
+Each operation is written once, as a flow of ledger calls (``cycles.flows``): ``Quotas`` over a
+``LedgerSender`` answers directly (``Cycles``), over an ``AsyncLedgerSender`` it is awaited
+(``AsyncCycles``).
 """
 
 from __future__ import annotations
@@ -20,12 +22,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from cycles.errors import InvalidRequest, NotFound, describe_validation_error
-from cycles.ledger.base import AsyncLedger, Ledger
+from cycles.flows import Flow, Group, LedgerCall, S, operation
 from cycles.ledger.counters import CounterPage, CounterQuery, CounterState
 from cycles.ledger.quotas import PolicyEdit, Quota, ScopePolicy
 from cycles.scopes import parse_scope, scope_tenant
 
-__all__ = ["AsyncQuotas", "Quotas"]
+__all__ = ["Quotas"]
 
 _List = list  # shadowed by the ``list`` methods below
 
@@ -85,12 +87,19 @@ def _observe_edit(mode: str) -> PolicyEdit:
         raise InvalidRequest(describe_validation_error(exc)) from None
 
 
-class Quotas:
-    def __init__(self, ledger: Ledger) -> None:
-        self._ledger = ledger
+def _edit(scope: str, edit: PolicyEdit) -> Flow[ScopePolicy]:
+    policy: ScopePolicy = yield LedgerCall("update_policy", scope, edit)
+    return policy
 
+
+class Quotas(Group[S]):
+    """``cy.quotas``: quotas, action-kind lists, loop guard and observe mode of scopes, and the live
+    quota counters."""
+
+    @operation
     def set(
         self,
+        /,
         scope: str,
         *,
         max_calls: int,
@@ -98,122 +107,76 @@ class Quotas:
         action_kind: str | None = None,
         risk_class: str | None = None,
         **options: Any,
-    ) -> Quota:
+    ) -> Flow[Quota]:
         """Set (or replace) the quota on ``action_kind`` or ``risk_class`` for ``window`` on ``scope``.
         ``options``: per_run_counter_ttl_ms, host_allowlist, recipient_domain_allowlist,
         resource_type_allowlist, threshold_pct (a server announces quota.threshold_approaching there)."""
         quota = _quota(action_kind, risk_class, window, max_calls=max_calls, **options)
-        policy = self._ledger.update_policy(scope, PolicyEdit(set_quota=quota))
+        policy = yield from _edit(scope, PolicyEdit(set_quota=quota))
         return _find([policy], scope, quota)
 
-    def get(self, scope: str, *, window: str, action_kind: str | None = None, risk_class: str | None = None) -> Quota:
-        policies = self._ledger.list_policies(tenant=_tenant_of(scope))
+    @operation
+    def get(
+        self, scope: str, *, window: str, action_kind: str | None = None, risk_class: str | None = None
+    ) -> Flow[Quota]:
+        policies: _List[ScopePolicy] = yield LedgerCall("list_policies", tenant=_tenant_of(scope))
         return _find(policies, scope, _selector(action_kind, risk_class, window))
 
-    def list(self, scope: str | None = None, *, tenant: str | None = None) -> _List[Quota]:
+    @operation
+    def list(self, scope: str | None = None, *, tenant: str | None = None) -> Flow[_List[Quota]]:
         if scope is not None:
             tenant = _tenant_of(scope)
-        return _quotas(self._ledger.list_policies(tenant=tenant), scope)
+        policies: _List[ScopePolicy] = yield LedgerCall("list_policies", tenant=tenant)
+        return _quotas(policies, scope)
 
-    def delete(self, scope: str, *, window: str, action_kind: str | None = None, risk_class: str | None = None) -> None:
-        self._ledger.update_policy(scope, PolicyEdit(delete_quota=_selector(action_kind, risk_class, window)))
+    @operation
+    def delete(
+        self, scope: str, *, window: str, action_kind: str | None = None, risk_class: str | None = None
+    ) -> Flow[None]:
+        yield from _edit(scope, PolicyEdit(delete_quota=_selector(action_kind, risk_class, window)))
 
-    def policy(self, scope: str) -> ScopePolicy:
+    @operation
+    def policy(self, scope: str) -> Flow[ScopePolicy]:
         """Everything set on ``scope``: quotas and allowed/denied action kinds."""
-        return _policy(self._ledger.list_policies(tenant=_tenant_of(scope)), scope)
+        policies: _List[ScopePolicy] = yield LedgerCall("list_policies", tenant=_tenant_of(scope))
+        return _policy(policies, scope)
 
-    def allow_kinds(self, scope: str, kinds: _List[str]) -> ScopePolicy:
+    @operation
+    def allow_kinds(self, scope: str, kinds: _List[str]) -> Flow[ScopePolicy]:
         """Only these action kinds may run under ``scope`` (``[]`` lifts the allowlist)."""
-        return self._ledger.update_policy(scope, PolicyEdit(allowed_action_kinds=kinds))
+        return (yield from _edit(scope, PolicyEdit(allowed_action_kinds=kinds)))
 
-    def deny_kinds(self, scope: str, kinds: _List[str]) -> ScopePolicy:
+    @operation
+    def deny_kinds(self, scope: str, kinds: _List[str]) -> Flow[ScopePolicy]:
         """These action kinds never run under ``scope`` (``[]`` lifts the denylist)."""
-        return self._ledger.update_policy(scope, PolicyEdit(denied_action_kinds=kinds))
+        return (yield from _edit(scope, PolicyEdit(denied_action_kinds=kinds)))
 
-    def set_loop_guard(self, scope: str, max_repeats: int | None, *, window: str = "per_run") -> ScopePolicy:
+    @operation
+    def set_loop_guard(self, scope: str, max_repeats: int | None, *, window: str = "per_run") -> Flow[ScopePolicy]:
         """Deny a step once the same action with the same arguments fingerprint (see
         ``with_args_fingerprint``) ran ``max_repeats`` times in a run (or ``window``); ``None``: off."""
-        return self._ledger.update_policy(scope, _loop_edit(max_repeats, window))
+        return (yield from _edit(scope, _loop_edit(max_repeats, window)))
 
-    def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
+    @operation
+    def set_observe_mode(self, tenant_scope: str, mode: str) -> Flow[ScopePolicy]:
         """The tenant's default observe mode: ``OBSERVE`` (evaluate, record, never block or charge),
         ``ENFORCE`` (default) or ``DISABLED``. A reservation's own ``observe_mode`` overrides it."""
-        return self._ledger.update_policy(tenant_scope, _observe_edit(mode))
+        return (yield from _edit(tenant_scope, _observe_edit(mode)))
 
-    def counters_page(self, tenant: str, **filters: Any) -> CounterPage:
+    @operation
+    def counters_page(self, /, tenant: str, **filters: Any) -> Flow[CounterPage]:
         """One page of ``tenant``'s live quota counters in name order. Filters: scope (a prefix),
         action_kind (``"__risk__"``: the risk-class ones), window, run_id, include_zero, cursor, limit."""
-        return self._ledger.list_quota_counters(_counter_query(tenant, **filters))
+        page: CounterPage = yield LedgerCall("list_quota_counters", _counter_query(tenant, **filters))
+        return page
 
-    def counters(self, tenant: str, **filters: Any) -> _List[CounterState]:
+    @operation
+    def counters(self, /, tenant: str, **filters: Any) -> Flow[_List[CounterState]]:
         """Every live counter of ``tenant`` matching the filters (all pages)."""
         out: _List[CounterState] = []
         cursor = None
         while True:
-            page = self.counters_page(tenant, **filters, cursor=cursor, limit=200)
-            out += page.counters
-            if not page.has_more:
-                return out
-            cursor = page.next_cursor
-
-
-class AsyncQuotas:
-    def __init__(self, ledger: AsyncLedger) -> None:
-        self._ledger = ledger
-
-    async def set(
-        self,
-        scope: str,
-        *,
-        max_calls: int,
-        window: str,
-        action_kind: str | None = None,
-        risk_class: str | None = None,
-        **options: Any,
-    ) -> Quota:
-        quota = _quota(action_kind, risk_class, window, max_calls=max_calls, **options)
-        policy = await self._ledger.update_policy(scope, PolicyEdit(set_quota=quota))
-        return _find([policy], scope, quota)
-
-    async def get(
-        self, scope: str, *, window: str, action_kind: str | None = None, risk_class: str | None = None
-    ) -> Quota:
-        policies = await self._ledger.list_policies(tenant=_tenant_of(scope))
-        return _find(policies, scope, _selector(action_kind, risk_class, window))
-
-    async def list(self, scope: str | None = None, *, tenant: str | None = None) -> _List[Quota]:
-        if scope is not None:
-            tenant = _tenant_of(scope)
-        return _quotas(await self._ledger.list_policies(tenant=tenant), scope)
-
-    async def delete(
-        self, scope: str, *, window: str, action_kind: str | None = None, risk_class: str | None = None
-    ) -> None:
-        await self._ledger.update_policy(scope, PolicyEdit(delete_quota=_selector(action_kind, risk_class, window)))
-
-    async def policy(self, scope: str) -> ScopePolicy:
-        return _policy(await self._ledger.list_policies(tenant=_tenant_of(scope)), scope)
-
-    async def allow_kinds(self, scope: str, kinds: _List[str]) -> ScopePolicy:
-        return await self._ledger.update_policy(scope, PolicyEdit(allowed_action_kinds=kinds))
-
-    async def deny_kinds(self, scope: str, kinds: _List[str]) -> ScopePolicy:
-        return await self._ledger.update_policy(scope, PolicyEdit(denied_action_kinds=kinds))
-
-    async def set_loop_guard(self, scope: str, max_repeats: int | None, *, window: str = "per_run") -> ScopePolicy:
-        return await self._ledger.update_policy(scope, _loop_edit(max_repeats, window))
-
-    async def set_observe_mode(self, tenant_scope: str, mode: str) -> ScopePolicy:
-        return await self._ledger.update_policy(tenant_scope, _observe_edit(mode))
-
-    async def counters_page(self, tenant: str, **filters: Any) -> CounterPage:
-        return await self._ledger.list_quota_counters(_counter_query(tenant, **filters))
-
-    async def counters(self, tenant: str, **filters: Any) -> _List[CounterState]:
-        out: _List[CounterState] = []
-        cursor = None
-        while True:
-            page = await self.counters_page(tenant, **filters, cursor=cursor, limit=200)
+            page = yield from Quotas.counters_page.flow(self, tenant, **filters, cursor=cursor, limit=200)
             out += page.counters
             if not page.has_more:
                 return out
