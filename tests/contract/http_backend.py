@@ -155,6 +155,9 @@ class TenantRoutedLedger(Ledger):
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self.admin.fund_budget(scope, amount)
 
+    def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return self.admin.set_overdraft_limit(scope, limit)
+
     def fund(
         self,
         scope: str,

@@ -302,6 +302,45 @@ def test_reset_spent_on_a_recurring_budget_keeps_its_window(tcy: Cycles, clock: 
     assert (b.period_start, b.period_end) == ("2026-03-10T00:00:00Z", "2026-03-11T00:00:00Z")
 
 
+def test_changing_the_overdraft_limit_keeps_amounts_and_the_period_allocation(tcy: Cycles, clock: Clock) -> None:
+    """The limit alone changes: a top-up before it stays, and the next period starts from the
+    budget's own allocation, not from what the top-up made of this one."""
+    tcy.budgets.set(SCOPE, tokens(100), period="day")
+    tcy.budgets.adjust(SCOPE, "CREDIT", tokens(25))
+    b = tcy.ledger.set_overdraft_limit(SCOPE, tokens(40))
+    assert amounts(b) == (125, 0, 0, 0, 125) and b.overdraft_limit == tokens(40)
+    assert bal(tcy, SCOPE).overdraft_limit == tokens(40)
+    clock.at(2026, 3, 11, 9)
+    assert amounts(bal(tcy, SCOPE)) == (100, 0, 0, 0, 100)
+    assert bal(tcy, SCOPE).overdraft_limit == tokens(40)
+
+
+def test_an_overdraft_limit_needs_a_live_budget_in_its_unit(cy: Cycles, backend: str) -> None:
+    cy.budgets.set(SCOPE, tokens(100))
+    with pytest.raises(NotFound):
+        cy.ledger.set_overdraft_limit("tenant:acme/workspace:none", tokens(10))
+    # the scope's budget is in tokens; the spec's updateBudget names (scope, unit): no such budget
+    with pytest.raises(NotFound if backend == "http" else UnitMismatch):
+        cy.ledger.set_overdraft_limit(SCOPE, usd(1))
+    cy.budgets.close(SCOPE)
+    with pytest.raises(BudgetClosed):
+        cy.ledger.set_overdraft_limit(SCOPE, tokens(10))
+
+
+def test_an_overdraft_limit_below_the_debt_marks_the_budget_over_its_limit(cy: Cycles) -> None:
+    _in_debt(cy)  # debt 10 under a limit of 50
+    assert cy.ledger.set_overdraft_limit(SCOPE, tokens(5)).is_over_limit is True
+    with pytest.raises(OverdraftLimitExceeded):
+        cy.reserve(ACME, LLM, tokens(1))
+    # raising the limit again is not enough while the scope is short of funds (remaining -10):
+    # the over-limit state ends the way the protocol says, when the debt is repaid
+    assert cy.ledger.set_overdraft_limit(SCOPE, tokens(50)).is_over_limit is True
+    cy.budgets.adjust(SCOPE, "REPAY_DEBT", tokens(10))
+    assert not bal(cy, SCOPE).is_over_limit
+    with pytest.raises(BudgetExceeded):  # no longer over the limit: just nothing left (remaining 0)
+        cy.reserve(ACME, LLM, tokens(1))
+
+
 # ---- the async client: the same flow, awaited ---------------------------------------------------
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,21 @@ def test_cycles_budgets_fund_every_operation(
         assert code == 2  # a usage error, from argparse
         code, out, _ = run(capsys, "budgets", "show", "tenant:acme", "--unit", "tokens", "--json", *base)
         assert json.loads(out)["remaining"]["amount"] == 75
+
+
+def test_overdraft_changes_beside_fundings_lose_none_of_them(api: Api) -> None:
+    """PATCH changes the limit alone in one ledger step, so no funding that lands beside it is
+    undone (re-setting an allocation read a moment before would drop it)."""
+    acme(api, 1000)
+    query = f"scope=tenant:acme&unit={USD}"
+
+    def step(i: int) -> int:
+        if i % 2:
+            return fund(api, "CREDIT", 10).status_code
+        return api.a("PATCH", f"/v1/admin/budgets?{query}", json={"overdraft_limit": usd(i)}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        assert set(pool.map(step, range(80))) == {200}
+    assert figures(api) == (1000 + 40 * 10, 0, 0, 0, 1400)
+    b = api.a("GET", f"/v1/admin/budgets/lookup?{query}").json()
+    assert b["overdraft_limit"]["amount"] in range(0, 80, 2)

@@ -112,6 +112,10 @@ class Ledger(abc.ABC):
     @abc.abstractmethod
     def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
     @abc.abstractmethod
+    def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        """Change only the overdraft limit of the budget of ``scope`` in ``limit``'s unit."""
+
+    @abc.abstractmethod
     def fund(
         self,
         scope: str,
@@ -225,6 +229,8 @@ class AsyncLedger(abc.ABC):
     ) -> Balance: ...
     @abc.abstractmethod
     async def fund_budget(self, scope: str, amount: Amount) -> Balance: ...
+    @abc.abstractmethod
+    async def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance: ...
     @abc.abstractmethod
     async def fund(
         self,
@@ -389,6 +395,9 @@ class TransactionalLedger(Ledger):
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._write(rules.fund_budget, scope, amount)
 
+    def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return self._write(rules.set_overdraft_limit, scope, limit)
+
     def fund(
         self,
         scope: str,
@@ -513,6 +522,9 @@ class ThreadedAsyncLedger(AsyncLedger):
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._call(self.sync.fund_budget, scope, amount)
+
+    async def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return await self._call(self.sync.set_overdraft_limit, scope, limit)
 
     async def fund(
         self,

@@ -232,6 +232,7 @@ _PARSE_BALANCES = _model_parser(BalanceResponse)
 _PARSE_DETAIL = _model_parser(ReservationDetail)
 _PARSE_LIST = _model_parser(ReservationListResponse)
 _PARSE_BALANCE = _model_parser(Budget)
+_PARSE_LEDGER_BALANCE = _model_parser(Balance)  # the admin spec's BudgetLedger: its Balance fields
 _PARSE_BALANCE_LIST = _list_parser(_BUDGET_LIST)
 _PARSE_POLICY = _model_parser(ScopePolicy)
 _PARSE_COUNTERS = _model_parser(CounterPage)
@@ -553,6 +554,16 @@ class _HttpCore:
     def fund_budget(self, scope: str, amount: Amount) -> _Call[Balance]:
         payload = {"scope": scope, "amount": amount.to_wire()}
         return self._admin_call("POST", "/budgets/fund", payload, _PARSE_BALANCE)
+
+    def set_overdraft_limit(self, scope: str, limit: Amount) -> _Call[Balance]:
+        """The governance spec's updateBudget with only ``overdraft_limit`` (admin key): the server
+        changes the limit alone, never the amounts."""
+        if not self.admin_key:
+            raise InvalidRequest(_ADMIN_HINT)
+        query = _query([("scope", scope), ("unit", limit.unit.value)])
+        body = json.dumps({"overdraft_limit": limit.to_wire()}, separators=(",", ":")).encode()
+        headers = self._headers(self._admin_headers, True, None)
+        return _Call("PATCH", self._v1 + "/admin/budgets" + query, body, headers, 200, _PARSE_LEDGER_BALANCE)
 
     def fund(self, req: FundingRequest, idempotency_key: str | None) -> _Call[FundingResult]:
         """The governance spec's fundBudget, with the admin key (or the tenant's API key: the
@@ -1095,6 +1106,9 @@ class HttpLedger(Ledger):
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._core.fund_budget(scope, amount))
 
+    def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return self._run(self._core.set_overdraft_limit(scope, limit))
+
     def fund(
         self,
         scope: str,
@@ -1242,6 +1256,9 @@ class AsyncHttpLedger(AsyncLedger):
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._core.fund_budget(scope, amount))
+
+    async def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return await self._run(self._core.set_overdraft_limit(scope, limit))
 
     async def fund(
         self,

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs, urlsplit
 from pydantic import BaseModel
 
 from cycles.errors import CyclesError
+from cycles.ledger import rules
 from cycles.ledger.base import TransactionalLedger
 from cycles.ledger.limits import DEFAULT_LIMITS, TenantLimits, limits_from_query
 from cycles.ledger.paging import ReservationScan, sorted_after
@@ -250,19 +251,29 @@ class _MemoryTxn:
     def active_reservations(self, owner: str | None) -> int:
         return self._store.active.get(owner, 0)
 
-    def due_reservations(self, now_ms: int, limit: int) -> list[str]:
+    def due_reservations(
+        self, now_ms: int, limit: int, tenant: str | rules.AllTenants | None = rules.ALL_TENANTS
+    ) -> list[str]:
         heap = self._store.deadlines
         due: list[str] = []
-        while heap and heap[0][0] < now_ms and len(due) < limit:
+        others: list[tuple[int, str]] = []  # another tenant's: back on the heap, untouched
+        while heap and heap[0][0] < now_ms and len(due) < limit and len(others) < 4 * limit:
             entry = heapq.heappop(heap)
-            self._popped.append(entry)
             row = self._store.reservations.get(entry[1])
-            if (
+            live = (
                 isinstance(row, ReservationRow)
                 and row.status is ReservationStatus.ACTIVE
                 and row.deadline_ms == entry[0]
-            ):
+            )
+            mine = isinstance(tenant, rules.AllTenants) or (isinstance(row, ReservationRow) and row.tenant == tenant)
+            if live and not mine:
+                others.append(entry)
+                continue
+            self._popped.append(entry)
+            if live:
                 due.append(entry[1])
+        for entry in others:
+            heapq.heappush(heap, entry)
         return due
 
     # idempotency

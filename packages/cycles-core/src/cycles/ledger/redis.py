@@ -229,6 +229,7 @@ _SCRIPT_NAMES = (
     "set_budget",
     "fund",
     "funding",
+    "overdraft",
     "set_status",
     "delete_budget",
     "get_budget",
@@ -693,7 +694,9 @@ class _Snapshot:
     def active_reservations(self, owner: str | None) -> int:
         return 0
 
-    def due_reservations(self, now_ms: int, limit: int) -> list[str]:
+    def due_reservations(
+        self, now_ms: int, limit: int, tenant: str | rules.AllTenants | None = rules.ALL_TENANTS
+    ) -> list[str]:
         return []
 
     def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None:
@@ -1548,6 +1551,16 @@ class _RedisCore:
         reply = _open(raw, lambda: _Context(scope=scope))
         return _balance(reply.payload, amount.unit)
 
+    def _set_overdraft_limit(self, scope: str, limit: Amount) -> _Flow[Balance]:
+        parse_scope(scope)
+        _check_amount(limit)
+        if limit.amount < 0:
+            raise InvalidRequest("overdraft_limit must not be negative")
+        tag = scope_tenant(scope) or NO_TENANT_TAG
+        raw = yield self._call("overdraft", tag, scope, limit.unit.value, limit.amount)
+        reply = _open(raw, lambda: _Context([scope], limit.unit, scope=scope))
+        return _balance(reply.payload, limit.unit)
+
     def _fund_budget(self, scope: str, amount: Amount) -> _Flow[Balance]:
         parse_scope(scope)
         _check_amount(amount)
@@ -1841,6 +1854,9 @@ class RedisLedger(_RedisCore, Ledger):
 
     def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return self._run(self._fund_budget(scope, amount))
+
+    def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return self._run(self._set_overdraft_limit(scope, limit))
 
     def fund(
         self,
@@ -2277,6 +2293,9 @@ class AsyncRedisLedger(_RedisCore, AsyncLedger):
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         return await self._run(self._fund_budget(scope, amount))
+
+    async def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return await self._run(self._set_overdraft_limit(scope, limit))
 
     async def fund(
         self,

@@ -311,6 +311,13 @@ class IdempotencyRecord:
     created_at_ms: int
 
 
+class AllTenants:
+    """``due_reservations``' default: every tenant's (``None`` is a tenant value: no tenant)."""
+
+
+ALL_TENANTS = AllTenants()
+
+
 class Txn(Protocol):
     """One atomic unit of work against a store. Reads see this transaction's own writes."""
 
@@ -346,7 +353,11 @@ class Txn(Protocol):
         """How many ACTIVE reservations ``owner`` holds (a maintained count, not a scan)."""
         ...
 
-    def due_reservations(self, now_ms: int, limit: int) -> list[str]: ...
+    def due_reservations(self, now_ms: int, limit: int, tenant: str | AllTenants | None = ALL_TENANTS) -> list[str]:
+        """Up to ``limit`` ACTIVE reservations past their deadline (of one tenant, ``None``: the
+        subjects without one), earliest first."""
+        ...
+
     def get_idempotency(self, tenant: str, endpoint: str, key: str) -> IdempotencyRecord | None: ...
     def put_idempotency(self, tenant: str, endpoint: str, key: str, record: IdempotencyRecord) -> None: ...
     def purge(self, older_than_ms: int, limit: int) -> int:
@@ -650,7 +661,8 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
     verdict = evaluate(txn, req.subject, req.estimate, req.action, reserving=not req.dry_run)
     observe = quotas.observing(req.observe_mode, verdict.observe)
     # Lazy expiry: budget held by dead clients goes back before we say no.
-    if isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and not observe and expire_due(txn, limit=1000):
+    lazy = isinstance(verdict.denial, BudgetExceeded) and not req.dry_run and not observe
+    if lazy and expire_due(txn, 1000, req.subject.tenant):
         verdict = evaluate(txn, req.subject, req.estimate, req.action, reserving=True)
 
     if req.dry_run or observe:
@@ -800,10 +812,12 @@ def _expire(txn: Txn, row: ReservationRow) -> None:
     uncount_quotas(txn, row.reservation_id)
 
 
-def expire_due(txn: Txn, limit: int) -> int:
-    """Expire up to ``limit`` reservations whose deadline has passed. Returns how many."""
+def expire_due(txn: Txn, limit: int, tenant: str | AllTenants | None = ALL_TENANTS) -> int:
+    """Expire up to ``limit`` reservations whose deadline has passed (of ``tenant`` only, for the
+    lazy expiry of a write: Redis's scripts see only the slot of the tenant they write, and every
+    backend must answer alike). Returns how many."""
     count = 0
-    for reservation_id in txn.due_reservations(txn.now_ms, limit):
+    for reservation_id in txn.due_reservations(txn.now_ms, limit, tenant):
         row = txn.get_reservation(reservation_id)
         if row is not None and row.status is _ACTIVE and txn.now_ms > row.deadline_ms:
             _expire(txn, row)
@@ -1281,6 +1295,21 @@ def fund_budget(txn: Txn, scope: str, amount: Amount) -> Balance:
     row.debt -= repay
     row.spent += repay
     row.allocated += amount.amount
+    _reconcile_over_limit(row)
+    txn.put_budget(row)
+    return with_period(row.to_budget(), states.get(row.scope))
+
+
+def set_overdraft_limit(txn: Txn, scope: str, limit: Amount) -> Balance:
+    """Change only a budget's overdraft limit (governance ``PATCH /v1/admin/budgets``). Its amounts
+    and period are left as they are: re-setting the allocation read a moment before would undo a
+    funding that landed in between. lua/overdraft.lua mirrors it."""
+    if limit.amount < 0:
+        raise InvalidRequest("overdraft_limit must not be negative")
+    row, states = _funding_target(txn, scope, limit.unit)
+    row.overdraft_limit = limit.amount
+    if row.debt > row.overdraft_limit:  # the spec: is_over_limit is recalculated with the limit
+        row.is_over_limit = True
     _reconcile_over_limit(row)
     txn.put_budget(row)
     return with_period(row.to_budget(), states.get(row.scope))

@@ -480,12 +480,19 @@ class _SqliteTxn:
         found = self._db.execute("SELECT active FROM active_counts WHERE owner=?", (owner or "",)).fetchone()
         return int(found[0]) if found else 0
 
-    def due_reservations(self, now_ms: int, limit: int) -> list[str]:
+    def due_reservations(
+        self, now_ms: int, limit: int, tenant: str | rules.AllTenants | None = rules.ALL_TENANTS
+    ) -> list[str]:
+        sql, args = "", [now_ms]  # type: list[int | str | None]
+        if not isinstance(tenant, rules.AllTenants):  # "IS": a subject without a tenant has NULL here
+            sql, args = " AND tenant IS ?", [now_ms, tenant]
         return [
             r[0]
             for r in self._db.execute(
-                "SELECT id FROM reservations WHERE status='ACTIVE' AND deadline_ms < ? ORDER BY deadline_ms LIMIT ?",
-                (now_ms, limit),
+                "SELECT id FROM reservations WHERE status='ACTIVE' AND deadline_ms < ?"
+                + sql
+                + " ORDER BY deadline_ms LIMIT ?",
+                (*args, limit),
             )
         ]
 

@@ -384,6 +384,9 @@ class ObservedLedger(AsyncLedger):
         await self._safely(self.alerts.balances([b]))  # a smaller allocation may cross a threshold
         return b
 
+    async def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
+        return await self.inner.set_overdraft_limit(scope, limit)
+
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         b = await self.inner.fund_budget(scope, amount)
         await self._safely(self.alerts.balances([b]))  # funding lowers utilisation: the marks fall

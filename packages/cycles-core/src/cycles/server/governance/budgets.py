@@ -13,10 +13,8 @@ record; a replay answers the first result again and emits no second event.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import secrets
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
@@ -216,23 +214,6 @@ async def _save_doc(s: CyclesServer, scope: str, unit: Unit, **changes: Any) -> 
     return doc
 
 
-class _Lease:
-    """Serialise allocation changes of one budget across servers (a lease in the record store)."""
-
-    def __init__(self, s: CyclesServer, scope: str, unit: Unit) -> None:
-        self.s, self.key, self.token = s, f"fundlock:{ledger_id_of(scope, unit.value)}", secrets.token_hex(8)
-
-    async def __aenter__(self) -> None:
-        for _ in range(500):
-            if await self.s.gov.run(self.s.gov.records.cas, self.key, None, self.token, ttl_ms=10_000):
-                return
-            await asyncio.sleep(0.01)
-        raise InvalidRequest("the budget is being changed by another request: retry")
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.s.gov.run(self.s.gov.records.cas, self.key, self.token, None)
-
-
 def _state(b: Balance) -> dict[str, int]:
     return {
         "allocated": b.allocated.amount if b.allocated else 0,
@@ -377,11 +358,10 @@ async def update(s: CyclesServer, request: Request, p: Principal) -> Reply:
     await _guard_tenant(s, scope)
     note = note_of(request)
     note.resource_id, note.tenant = ledger_id_of(scope, unit.value), scope_tenant(scope)
-    async with _Lease(s, scope, unit):
-        b = await _balance(s, scope, unit)
-        before = ledger_view(b, await _doc(s, scope, unit))
-        if req.overdraft_limit is not None and b.allocated is not None:
-            b = await s.ledger.set_budget(scope, b.allocated, overdraft_limit=req.overdraft_limit)
+    b = await _balance(s, scope, unit)
+    before = ledger_view(b, await _doc(s, scope, unit))
+    if req.overdraft_limit is not None:  # the limit alone, in one ledger step: a funding beside it stays
+        b = await s.ledger.set_overdraft_limit(scope, req.overdraft_limit)
     changes = req.model_dump(exclude_none=True, include={"commit_overage_policy", "metadata"}, mode="json")
     view = ledger_view(b, await _save_doc(s, scope, unit, **changes))
     note.before, note.after = before, view
