@@ -483,7 +483,8 @@ class _SqliteTxn:
     def due_reservations(
         self, now_ms: int, limit: int, tenant: str | rules.AllTenants | None = rules.ALL_TENANTS
     ) -> list[str]:
-        sql, args = "", [now_ms]  # type: list[int | str | None]
+        args: list[int | str | None]
+        sql, args = "", [now_ms]
         if not isinstance(tenant, rules.AllTenants):  # "IS": a subject without a tenant has NULL here
             sql, args = " AND tenant IS ?", [now_ms, tenant]
         return [
