@@ -7,6 +7,7 @@ ledger, over the server's /v1/admin/policies on HTTP)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -289,3 +290,23 @@ def test_a_policy_written_by_another_client_applies_at_once(backend: str, ledger
             a.reserve(A1, LLM, tokens(1))
         b.policies.disable(pid)
         assert caps_of(a, A1) is None
+
+
+def test_creates_racing_for_one_name_leave_exactly_one(pcy: Cycles) -> None:
+    """A name is unique in its tenant even when creates under different patterns race (Redis:
+    checked against every policy of the tenant at one version, written only at that version)."""
+    patterns = [f"tenant:acme/workspace:w{i}" for i in range(6)]
+    for race in range(4):
+        name = f"race-{race}"
+
+        def create(pattern: str, name: str = name) -> str:
+            try:
+                pcy.policies.create("acme", name, pattern, caps={"max_tokens": 5})
+            except DuplicateResource:
+                return "duplicate"
+            return "created"
+
+        with ThreadPoolExecutor(len(patterns)) as pool:
+            outcomes = list(pool.map(create, patterns))
+        assert sorted(outcomes) == ["created"] + ["duplicate"] * (len(patterns) - 1)
+        assert [p["name"] for p in pcy.policies.list(tenant_id="acme")].count(name) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
@@ -168,6 +169,7 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         self._shadow_recorder: ShadowRecorder | None = None
         #: Runs that ended and deleted their budgets: a step on their scope is refused (``cycles.run``).
         self._ended_runs = EndedRuns()
+        self._operator_lock = threading.Lock()  # one operator per client, whichever thread asks first
 
     def publish_shadow(self, record: ShadowRecord) -> None:
         """Keep a settled shadow decision next to the ledger (a background thread writes it), where
@@ -322,7 +324,10 @@ class _ClientBase(Generic[GuardT, RunT, OperatorT]):
         On ``AsyncCycles`` every operation is awaited."""
         op: OperatorT | None = self.__dict__.get("_operator")
         if op is None:
-            op = self.__dict__["_operator"] = self._open_operator()
+            with self._operator_lock:  # two threads must not each open one (in process: an app each)
+                op = self.__dict__.get("_operator")
+                if op is None:
+                    op = self.__dict__["_operator"] = self._open_operator()
         return op
 
     # One property per operator group, for both shells.

@@ -1016,10 +1016,16 @@ class _RedisCore:
     # which bumps the version every cached plan is checked against); "<p>:{g}:npid" id -> tenant.
 
     def _named_of(self, tenant: str) -> _Flow[list[policies.NamedPolicy]]:
+        _, named = yield from self._named_at_version(tenant)
+        return named
+
+    def _named_at_version(self, tenant: str) -> _Flow[tuple[str, list[policies.NamedPolicy]]]:
+        """The tenant's named policies and the version of its policy hash they were read at."""
         reply = yield _Command(("HGETALL", self._base(tenant) + "policy"))
-        items = reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+        items = list(reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True))
         out = [p for f, text in items if _str(f).startswith("pat|") for p in policies.load_list(_str(text))]
-        return sorted(out, key=lambda p: (p.created_at, p.policy_id))
+        version = next((_str(text) for f, text in items if _str(f) == "~v"), "")
+        return version, sorted(out, key=lambda p: (p.created_at, p.policy_id))
 
     def _get_named_policy(self, policy_id: str) -> _Flow[policies.NamedPolicy]:
         tenant = yield _Command(("HGET", self._global + "npid", policy_id))
@@ -1035,13 +1041,17 @@ class _RedisCore:
         if not create:
             yield from self._get_named_policy(policy.policy_id)
         for _ in range(8):
-            policies.check_unique_name((yield from self._named_of(tag)), policy)
+            # unique names: checked against every policy of the tenant at one version, written
+            # only if no policy of the tenant changed since (policy_put's version check)
+            version, named = yield from self._named_at_version(tag)
+            policies.check_unique_name(named, policy)
             current = yield _Command(("HGET", self._base(tag) + "policy", field))
             text = _str(current) if current is not None else ""
+            new = policies.put_in_list(text or None, policy)
             _, _, raw = yield [
                 _Command(("SADD", self._registry, tag)),
                 _Command(("HSET", self._global + "npid", policy.policy_id, tag)),
-                self._call("policy_put", tag, field, text, policies.put_in_list(text or None, policy)),
+                self._call("policy_put", tag, field, text, new, "=" + version),
             ]
             if not _str(raw).startswith('["E"'):
                 self._policies.pop(tag, None)
