@@ -177,6 +177,7 @@ BAD_INPUTS: list[tuple[list[str], int, str, dict[str, str] | None]] = [
         None,
     ),
     (["serve", "--workers", "2", "--ledger", "memory://"], 2, "shared ledger", None),
+    (["serve", "--port", "0", "--ledger", "memory://", "--custom-kinds", "{adir}/none.json"], 2, "custom kinds", None),
     (
         ["keys", "create", "--tenant", "a", "--ledger", "redis://127.0.0.1:{closed_port}/0"],
         1,

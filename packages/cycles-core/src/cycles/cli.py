@@ -524,6 +524,11 @@ def add_server_commands(subparsers: Any, parents: Sequence[argparse.ArgumentPars
         "through another server stops working here within this time; 0 checks every request)",
     )
     serve.add_argument(
+        "--custom-kinds",
+        metavar="FILE",
+        help="a JSON file declaring custom.* action kinds (kind, risk_class, ...): undeclared ones are refused",
+    )
+    serve.add_argument(
         "--no-balances",
         action="store_true",
         help="leave the optional balances snapshots out of reserve/commit/release/event responses (faster)",

@@ -9,9 +9,9 @@ annotation, the registry's ``mcp_tool_prefixes`` (the longest matching prefix wi
 The annotation is a top-level key of the tool's ``inputSchema`` (the spec's "tool schema"); a
 ``_meta`` entry of the same name is read when the schema has none (the SDK drops unknown keys of
 ``annotations``, so that is no place for it). An annotated kind that is not in the registry is
-handled per "UNREGISTERED KIND HANDLING": a ``custom.*`` kind must be declared, and nothing declares
-custom kinds yet, so the call is refused; any other unregistered kind is used as given (the core
-counts it ``side_effect``) and logged once.
+handled per "UNREGISTERED KIND HANDLING": a ``custom.*`` kind must be declared (``CYCLES_CUSTOM_KINDS``
+or ``cycles.ledger.custom_kinds.declare``, in the gate's process), else the call is refused; any other
+unregistered kind is used as given (the core counts it ``side_effect``) and logged once.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from cycles.ledger import custom_kinds
 from cycles.ledger.quotas import KIND_RISK
 
 __all__ = [
@@ -130,5 +131,6 @@ def annotated_kind(tool: Any) -> str | None:
 
 
 def is_undeclared_custom(kind: str) -> bool:
-    """A ``custom.*`` kind: the spec refuses it unless declared, and no declarations exist yet."""
-    return kind.startswith("custom.")
+    """A ``custom.*`` kind this process has not declared (``cycles.ledger.custom_kinds``): the spec
+    refuses it. The gate refuses it before reserving; the ledger would too."""
+    return kind.startswith("custom.") and custom_kinds.declared(kind) is None

@@ -99,7 +99,7 @@ _BUCKET_FORMAT = {
 }
 
 # The built-in registry's risk classes (x-action-kind-registry, v0.1.26). Unregistered kinds are
-# side_effect; undeclared custom.* kinds are refused when a risk-class quota needs their class.
+# side_effect; custom.* kinds have the class they were declared with (ledger/custom_kinds.py).
 KIND_RISK: dict[str, str] = {
     "llm.completion": "side_effect",
     "llm.embedding": "read_only",
@@ -172,8 +172,13 @@ def risk_class_of(kind: str) -> str:
     found = KIND_RISK.get(kind)
     if found is not None:
         return found
-    if kind.startswith("custom."):
-        raise InvalidRequest(f"action kind {kind!r} is not registered: custom.* kinds must be declared")
+    if kind.startswith("custom."):  # the declared class, or a 400 (custom_kinds imports this module)
+        from cycles.ledger import custom_kinds
+
+        custom_kinds.check(kind)
+        declared = custom_kinds.declared(kind)
+        assert declared is not None
+        return declared.risk_class
     return "side_effect"
 
 

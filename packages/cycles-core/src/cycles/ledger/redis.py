@@ -117,7 +117,7 @@ from cycles.errors import (
 )
 from cycles.identifiers import is_identifier
 from cycles.ledger import counters as quota_counters
-from cycles.ledger import funding, periods, policies, quotas, rules
+from cycles.ledger import custom_kinds, funding, periods, policies, quotas, rules
 from cycles.ledger.base import AsyncLedger, BalanceQuery, Ledger, ReservationQuery
 from cycles.ledger.limits import (
     DEFAULT_LIMITS,
@@ -1084,6 +1084,7 @@ class _RedisCore:
 
     def _reserve(self, req: ReservationCreateRequest, tenant: str | None) -> _Flow[ReservationCreateResponse]:
         rules.check_subject_tenant(req.subject, tenant)
+        custom_kinds.check(req.action.kind)
         _check_amount(req.estimate)
         subject = req.subject
         tag = subject.tenant or NO_TENANT_TAG
@@ -1184,6 +1185,7 @@ class _RedisCore:
 
     def _decide(self, req: DecisionRequest, tenant: str | None) -> _Flow[DecisionResponse]:
         rules.check_subject_tenant(req.subject, tenant)
+        custom_kinds.check(req.action.kind)
         _check_amount(req.estimate)
         subject = req.subject
         scopes = derive_scopes(subject)
@@ -1315,6 +1317,7 @@ class _RedisCore:
 
     def _event(self, req: EventCreateRequest, tenant: str | None) -> _Flow[EventCreateResponse]:
         rules.check_subject_tenant(req.subject, tenant)
+        custom_kinds.check(req.action.kind)
         _check_amount(req.actual)
         subject = req.subject
         scopes = derive_scopes(subject)

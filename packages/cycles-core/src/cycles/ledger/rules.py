@@ -48,7 +48,7 @@ from cycles.errors import (
     deny_detail_of,
 )
 from cycles.identifiers import is_identifier
-from cycles.ledger import funding, periods, policies, quotas
+from cycles.ledger import custom_kinds, funding, periods, policies, quotas
 from cycles.ledger.counters import CounterValue
 from cycles.ledger.limits import TenantLimits, check_active_limit, check_metadata
 from cycles.ledger.paging import ReservationScan, decode_position, encode_position, keyset_page
@@ -647,6 +647,7 @@ def _snapshot(txn: Txn, budgets: Sequence[BudgetRow]) -> list[Balance] | None:
 
 def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> ReservationCreateResponse:
     check_subject_tenant(req.subject, tenant)
+    custom_kinds.check(req.action.kind)
     idem_tenant = idempotency_tenant(tenant, req.subject.tenant)
     endpoint = "reserve"
     digest = Fingerprint(req)
@@ -736,6 +737,7 @@ def reserve(txn: Txn, req: ReservationCreateRequest, tenant: str | None) -> Rese
 
 def decide(txn: Txn, req: DecisionRequest, tenant: str | None) -> DecisionResponse:
     check_subject_tenant(req.subject, tenant)
+    custom_kinds.check(req.action.kind)
     idem_tenant = idempotency_tenant(tenant, req.subject.tenant)
     digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, "decide", req.idempotency_key, digest, DecisionResponse)
@@ -978,6 +980,7 @@ def extend(
 def event(txn: Txn, req: EventCreateRequest, tenant: str | None) -> EventCreateResponse:
     """Post-only accounting: charge ``actual`` with no reservation, under the event's overage policy."""
     check_subject_tenant(req.subject, tenant)
+    custom_kinds.check(req.action.kind)
     idem_tenant = idempotency_tenant(tenant, req.subject.tenant)
     digest = Fingerprint(req)
     replay = _replay(txn, idem_tenant, "event", req.idempotency_key, digest, EventCreateResponse)

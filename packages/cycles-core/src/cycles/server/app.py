@@ -37,6 +37,7 @@ from cycles.errors import (
     NotFound,
     Unauthorized,
 )
+from cycles.ledger import custom_kinds
 from cycles.ledger.base import AsyncLedger, default_ledger_url, open_async_ledger
 from cycles.models import Balance, Unit
 from cycles.otel import instrument, instrument_app, wrap_ledger
@@ -561,6 +562,8 @@ def app_from_env(env: Mapping[str, str] | None = None) -> CyclesApp:
 
 
 def _app_from(env: Mapping[str, str]) -> CyclesApp:
+    if env.get(custom_kinds.ENV):  # validated now: a bad declaration stops the server at start
+        custom_kinds.load_file(env[custom_kinds.ENV])
     return create_app(
         env.get("CYCLES_SERVER_LEDGER") or default_ledger_url(),
         admin_key=env.get("CYCLES_ADMIN_KEY") or None,

@@ -97,6 +97,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     }
     if args.keys:
         settings["CYCLES_SERVER_KEYS"] = args.keys
+    if args.custom_kinds:  # each worker declares them at start (ledger/custom_kinds.py)
+        settings["CYCLES_CUSTOM_KINDS"] = os.path.abspath(args.custom_kinds)
     key = admin_key(args)
     if key:
         settings["CYCLES_ADMIN_KEY"] = key
