@@ -1587,14 +1587,13 @@ def gate_quotas(
     (one lookup of O(depth) keys); on a pass ``verdict.counters`` holds what a grant counts."""
     scopes = verdict.scopes
     tenant = subject.tenant
-    named = [policies.index_key(tenant, p) for p in policies.anchor_candidates(scopes)] if tenant else []
-    found = txn.get_meta([quotas.meta_key(s) for s in scopes] + named)
+    named = {policies.index_key(tenant, p): p for p in policies.anchor_candidates(scopes)} if tenant else {}
+    found = txn.get_meta([quotas.meta_key(s) for s in scopes] + list(named))
     if not found:
         return None
     scoped = {s: quotas.load_policy(s, found[k]) for s in scopes if (k := quotas.meta_key(s)) in found}
     verdict.observe = quotas.tenant_observes(scoped, subject)
-    npat = len("npat|") + len(subject.tenant or "") + 1
-    resolved = policies.resolve({k[npat:]: found.get(k) for k in named if k in found}, scoped, scopes, txn.now_ms)
+    resolved = policies.resolve({p: found[k] for k, p in named.items() if k in found}, scoped, scopes, txn.now_ms)
     verdict.policy = resolved
     return gate(resolved, subject, action, txn.now_ms, reserving, lambda cs: _counts(txn, cs), verdict)
 
@@ -1717,7 +1716,7 @@ def get_named_policy(txn: Txn, policy_id: str) -> policies.NamedPolicy:
 
 
 def list_named_policies(txn: Txn, tenant: str) -> list[policies.NamedPolicy]:
-    out = [p for _, text in txn.scan_meta(f"npat|{tenant}|") for p in policies.load_list(text)]
+    out = [p for _, text in txn.scan_meta(policies.index_key(tenant, "")) for p in policies.load_list(text)]
     return sorted(out, key=lambda p: (p.created_at, p.policy_id))
 
 
