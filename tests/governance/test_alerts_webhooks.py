@@ -373,6 +373,12 @@ def test_overdraft_debt_becomes_an_event(api: Api) -> None:
     assert len(events) == 1
     assert events[0]["data"]["debt_incurred"] == 200 and events[0]["data"]["total_debt"] == 200
     assert events[0]["data"]["overdraft_limit"] == 500
+    # a limit lowered below the debt (PATCH changes the limit alone) enters over-limit, announced
+    patched = api.a("PATCH", f"/v1/admin/budgets?scope=tenant:acme&unit={USD}",
+                    json={"overdraft_limit": {"unit": USD, "amount": 100}})  # fmt: skip
+    assert patched.status_code == 200 and patched.json()["is_over_limit"] is True
+    entered = api.a("GET", "/v1/admin/events?event_type=budget.over_limit_entered").json()["events"]
+    assert [(e["data"]["debt"], e["data"]["overdraft_limit"]) for e in entered] == [(200, 100)]
 
 
 def test_bulk_actions_on_budgets_and_webhooks(api: Api, receiver: Receiver) -> None:

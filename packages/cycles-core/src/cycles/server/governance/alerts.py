@@ -385,7 +385,9 @@ class ObservedLedger(AsyncLedger):
         return b
 
     async def set_overdraft_limit(self, scope: str, limit: Amount) -> Balance:
-        return await self.inner.set_overdraft_limit(scope, limit)
+        b = await self.inner.set_overdraft_limit(scope, limit)
+        await self._safely(self.alerts.balances([b]))  # a limit below the debt enters over-limit
+        return b
 
     async def fund_budget(self, scope: str, amount: Amount) -> Balance:
         b = await self.inner.fund_budget(scope, amount)
